@@ -1,0 +1,218 @@
+"""The public Python API. The CLI is a thin layer over these functions.
+
+    >>> import qtune
+    >>> clf = qtune.load("out/best")                       # a trained pair classifier
+    >>> clf.predict([("How do I reset my password?", "I forgot my password")])
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from qtune.config import PairClsConfig, config_to_yaml
+from qtune.errors import QtuneError
+from qtune.io import write_text
+from qtune.modeling.loading import LoadedModel, LoraSettings, load_model
+
+
+@dataclass(frozen=True)
+class PairPrediction:
+    label: str
+    score: float  # probability of the positive (last) label
+    probs: tuple[float, ...]
+
+
+class PairClassifier:
+    """A loaded pair classifier: `predict([(a, b), ...])`."""
+
+    def __init__(self, loaded: LoadedModel):
+        self.loaded = loaded
+
+    @property
+    def labels(self) -> list[str]:
+        return list(self.loaded.meta.labels)
+
+    def _encoder(self):
+        from qtune.tasks.pair_classification import PairEncoder
+
+        return PairEncoder(self.loaded.tokenizer, self.loaded.family.is_decoder, self.loaded.meta.max_length)
+
+    def predict_proba(self, pairs: Iterable[tuple[str, str]], batch_size: int = 64,
+                      progress: bool = False) -> np.ndarray:
+        """(len(pairs), num_labels) class probabilities, in input order."""
+        from qtune.tasks.pair_classification import predict_probs
+
+        encoder = self._encoder()
+        features = [encoder.encode(a, b) for a, b in pairs]
+        if not features:
+            return np.zeros((0, len(self.labels)), dtype=np.float32)
+        return predict_probs(self.loaded, features, batch_size=batch_size, progress=progress)
+
+    def predict(self, pairs: Iterable[tuple[str, str]], batch_size: int = 64, threshold: float | None = None,
+                progress: bool = False) -> list[PairPrediction]:
+        """Label and probabilities per pair. With two labels, `threshold` on the positive
+        probability replaces argmax (e.g. the one `qtune eval pair-cls` found)."""
+        probs = self.predict_proba(pairs, batch_size=batch_size, progress=progress)
+        if threshold is not None and len(self.labels) != 2:
+            raise QtuneError("a threshold needs exactly two labels")
+        if threshold is None:
+            chosen = probs.argmax(axis=1)
+        else:
+            chosen = (probs[:, 1] >= threshold).astype(int)
+        return [PairPrediction(self.labels[c], float(p[-1]), tuple(float(x) for x in p)) for c, p in zip(chosen, probs)]
+
+
+def load(name_or_path: str | Path, task: str | None = None, *, device: str = "auto", precision: str = "auto",
+         labels: Sequence[str] | None = None):
+    """Load a trained qtune folder (or a base model with `task=`) for inference."""
+    loaded = load_model(name_or_path, task=task, labels=labels, device=device, precision=precision)
+    if loaded.meta.task == "pair-cls":
+        return PairClassifier(loaded)
+    raise QtuneError(f"no inference API for task {loaded.meta.task!r} yet")
+
+
+def _seed_everything(seed: int) -> None:
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def train_pair_cls(config: PairClsConfig) -> dict:
+    """Fine-tune a pair classifier; returns the metrics also written to `output/metrics.json`."""
+    return _train_pair_cls(config)[1]
+
+
+def _train_pair_cls(config: PairClsConfig) -> tuple[LoadedModel, dict]:
+    """Training, returning the model as it stands at the end too (it equals `output/last`)."""
+    from functools import partial
+
+    from qtune.data.pairs import read_pairs
+    from qtune.tasks import pair_classification as task
+    from qtune.training.trainer import STATE_FILE, TaskHooks, fit
+
+    read = partial(read_pairs, text_columns=config.text_columns, label_column=config.label_column,
+                   labels=config.labels)
+    # Every data problem surfaces here, before a model is loaded or a file written.
+    train_pairs = read(config.train)
+    eval_pairs = read(config.eval) if config.eval else None
+
+    output = Path(config.output)
+    last = output / "last"
+    if config.resume and not (last / STATE_FILE).is_file():
+        raise QtuneError(f"nothing to resume: {last / STATE_FILE} does not exist")
+    if not config.resume and last.exists():
+        raise QtuneError(f"{output} already holds a run; pass --resume to continue it or choose another --output")
+
+    _seed_everything(config.seed)
+    common = dict(trainable=True, device=config.device, precision=config.precision)
+    if config.resume:
+        loaded = load_model(last, task="pair-cls", **common)
+    else:
+        lora = None if config.full else LoraSettings(config.lora_r, config.lora_alpha, config.lora_dropout,
+                                                     config.lora_targets)
+        loaded = load_model(config.model, task="pair-cls", labels=config.labels, max_length=config.max_length,
+                            lora=lora, **common)
+    write_text(output / "config.yaml", config_to_yaml(dataclasses.replace(config, resume=False)))
+
+    encoder = task.PairEncoder(loaded.tokenizer, loaded.family.is_decoder, config.max_length)
+    features = encoder.encode_pairs(train_pairs)
+    evaluate = None
+    if eval_pairs is not None:
+        eval_features = encoder.encode_pairs(eval_pairs)
+        y_true = [p.label for p in eval_pairs]
+
+        def evaluate(model: LoadedModel) -> dict:
+            probs = task.predict_probs(model, eval_features, batch_size=config.eval_batch_size)
+            return task.metrics_from_probs(y_true, probs, config.labels)
+
+    hooks = TaskHooks(collate=partial(task.collate, loaded.tokenizer), loss=task.loss, evaluate=evaluate,
+                      best_metric="macro_f1")
+    result = fit(config, loaded, features, hooks, resume_state=last / STATE_FILE if config.resume else None)
+    return loaded, result
+
+
+TRAINERS = {"pair-cls": train_pair_cls}
+
+
+def train(task: str, config) -> dict:
+    try:
+        return TRAINERS[task](config)
+    except KeyError:
+        raise QtuneError(f"unknown task {task!r}; known: {', '.join(TRAINERS)}") from None
+
+
+def evaluate_pair_cls(model: str, data: str, *, compare: str | None = None, output: str | None = None,
+                      batch_size: int = 64, device: str = "auto", precision: str = "auto",
+                      text_columns: Sequence[str] = ("sentence1", "sentence2"), label_column: str = "label") -> dict:
+    """Metrics for one model (or two side by side) on a labelled pair file; optional report folder."""
+    from qtune.data.pairs import read_pairs
+    from qtune.evaluation.report import write_pair_cls_outputs
+    from qtune.modeling.loading import read_meta
+    from qtune.tasks.pair_classification import metrics_from_probs
+
+    results = {}
+    for name in [model] + ([compare] if compare else []):
+        meta = read_meta(name)
+        labels = meta.labels if meta else ["0", "1"]
+        pairs = read_pairs(data, text_columns=text_columns, label_column=label_column, labels=labels)
+        clf = load(name, task="pair-cls", device=device, precision=precision)
+        probs = clf.predict_proba([(p.sentence1, p.sentence2) for p in pairs], batch_size=batch_size, progress=True)
+        results[name] = metrics_from_probs([p.label for p in pairs], probs, labels)
+    if output:
+        write_pair_cls_outputs(results, str(data), output)
+    return results
+
+
+def predict_pair_cls_file(model: str, input: str, output: str, *, batch_size: int = 64, threshold: float | None = None,
+                          device: str = "auto", precision: str = "auto",
+                          text_columns: Sequence[str] = ("sentence1", "sentence2")) -> int:
+    """Predict every row of `input` and write it, with `predicted_label` and `probability`
+    (of the positive label), to `output` (CSV, TSV or JSONL by extension). Returns the row count."""
+    from qtune.data.pairs import pairs_from_rows
+    from qtune.data.tables import read_table, table_format, write_table
+
+    table_format(output)  # fail on an unsupported output type before any work
+    rows, names = read_table(input, text_columns)
+    pairs = pairs_from_rows(rows, input, text_columns=text_columns, labels=None)
+    clf = load(model, task="pair-cls", device=device, precision=precision)
+    predictions = clf.predict([(p.sentence1, p.sentence2) for p in pairs], batch_size=batch_size,
+                              threshold=threshold, progress=True)
+    out_rows = [{**row.fields, "predicted_label": pred.label, "probability": round(pred.score, 6)}
+                for row, pred in zip(rows, predictions)]
+    write_table(output, out_rows, [*names, "predicted_label", "probability"])
+    return len(out_rows)
+
+
+def export(model_dir: str, output: str) -> Path:
+    """Merge LoRA weights into a plain transformers checkpoint."""
+    from qtune.modeling.checkpoint import export_merged
+
+    return export_merged(model_dir, output)
+
+
+def pair_length_stats(data: str, model: str, *, text_columns: Sequence[str] = ("sentence1", "sentence2"),
+                      plot: str | Path | None = None) -> tuple[dict, list[int]]:
+    """Token lengths of each pair exactly as training encodes it (both sentences, special tokens)."""
+    from qtune.data.pairs import pairs_from_rows
+    from qtune.data.stats import length_summary, plot_lengths
+    from qtune.data.tables import read_table
+    from qtune.modeling.loading import load_tokenizer_only
+    from qtune.tasks.pair_classification import PairEncoder
+
+    rows, _ = read_table(data, text_columns)
+    pairs = pairs_from_rows(rows, data, text_columns=text_columns, labels=None)
+    tokenizer, family = load_tokenizer_only(model)
+    encoder = PairEncoder(tokenizer, family.is_decoder, max_length=None)
+    lengths = [len(encoder.encode(p.sentence1, p.sentence2)["input_ids"]) for p in pairs]
+    summary = length_summary(lengths)
+    if plot:
+        plot_lengths(lengths, summary, plot, f"{Path(data).name}: tokens per pair ({Path(str(model)).name})")
+    return summary, lengths

@@ -1,0 +1,154 @@
+"""`qtune` command line: parses flags and calls qtune.api. Nothing else lives here."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from qtune import __version__
+from qtune.config import TASK_CONFIGS, add_config_flags, config_from_args
+from qtune.errors import QtuneError
+
+
+def _device_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--batch-size", type=int, default=64, help="rows per forward pass (default: 64)")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
+    parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"),
+                        help="auto: bf16 on a GPU that supports it, else fp32")
+    parser.add_argument("--text-columns", nargs=2, default=["sentence1", "sentence2"], metavar=("COL1", "COL2"),
+                        help="the two text columns (default: sentence1 sentence2)")
+
+
+def cmd_data_stats(args) -> None:
+    from qtune.api import pair_length_stats
+    from qtune.data.stats import text_histogram
+
+    plot = args.plot or f"{Path(args.file).stem}.lengths.png"
+    summary, lengths = pair_length_stats(args.file, args.model, text_columns=args.text_columns, plot=plot)
+    if args.json:
+        print(json.dumps(summary, indent=2))
+        return
+    print(f"{args.file}: {summary['rows']} rows, tokens per pair with {args.model}")
+    print("  ".join(f"{k} {summary[k]}" for k in ("min", "p50", "p90", "p95", "p99", "max")) +
+          f"  mean {summary['mean']:.1f}")
+    print(text_histogram(lengths))
+    print(f"suggested --max-length {summary['suggested_max_length']} (covers {summary['coverage']:.0%} of rows; "
+          f"{summary['rows_truncated_at_suggestion']} rows would be truncated)")
+    print(f"plot: {plot}")
+
+
+def cmd_train(args) -> None:
+    from qtune.api import train
+
+    config = config_from_args(TASK_CONFIGS[args.task], args)
+    result = train(args.task, config)
+    best = result.get("best") or {}
+    shown = {k: v for k, v in best.items() if isinstance(v, (int, float))}
+    print(f"done: {config.output}  best {result['best_metric']}: "
+          + (", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in shown.items()) or "n/a"))
+
+
+def cmd_eval(args) -> None:
+    from qtune.api import evaluate_pair_cls
+    from qtune.evaluation.report import pair_cls_report
+
+    results = evaluate_pair_cls(args.model, args.data, compare=args.compare, output=args.output,
+                                batch_size=args.batch_size, device=args.device, precision=args.precision,
+                                text_columns=args.text_columns, label_column=args.label_column)
+    print(pair_cls_report(results, args.data))
+    if args.output:
+        print(f"wrote {args.output}/metrics.json, report.md, confusion.png")
+
+
+def cmd_predict(args) -> None:
+    from qtune.api import predict_pair_cls_file
+
+    count = predict_pair_cls_file(args.model, args.input, args.output, batch_size=args.batch_size,
+                                  threshold=args.threshold, device=args.device, precision=args.precision,
+                                  text_columns=args.text_columns)
+    print(f"wrote {count} predictions to {args.output}")
+
+
+def cmd_export(args) -> None:
+    from qtune.api import export
+
+    print(f"wrote merged model to {export(args.model, args.output)}")
+
+
+def cmd_demo(args) -> None:
+    from qtune.demo import run_demo
+
+    run_demo(args.output, epochs=args.epochs)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="qtune", description="Adapt small open models to your own text.")
+    parser.add_argument("--version", action="version", version=f"qtune {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    data = commands.add_parser("data", help="inspect data files").add_subparsers(dest="data_command", required=True)
+    stats = data.add_parser("stats", help="token-length percentiles, histogram and a suggested --max-length")
+    stats.add_argument("file")
+    stats.add_argument("--model", required=True, help="model or tokenizer (hub id or folder)")
+    stats.add_argument("--text-columns", nargs=2, default=["sentence1", "sentence2"], metavar=("COL1", "COL2"))
+    stats.add_argument("--plot", help="PNG histogram path (default: FILE-STEM.lengths.png here)")
+    stats.add_argument("--json", action="store_true", help="print the summary as JSON")
+    stats.set_defaults(func=cmd_data_stats)
+
+    train = commands.add_parser("train", help="fine-tune a model").add_subparsers(dest="task", required=True)
+    for task, cls in TASK_CONFIGS.items():
+        sub = train.add_parser(task, help=(cls.__doc__ or "").strip().splitlines()[0])
+        add_config_flags(sub, cls)
+        sub.set_defaults(func=cmd_train)
+
+    evaluate = commands.add_parser("eval", help="evaluate a model").add_subparsers(dest="task", required=True)
+    sub = evaluate.add_parser("pair-cls", help="accuracy, macro-F1, per-class P/R, confusion, best threshold")
+    sub.add_argument("--model", required=True, help="trained folder, exported folder or base model")
+    sub.add_argument("--data", required=True, help="labelled pair file")
+    sub.add_argument("--compare", help="a second model, evaluated side by side")
+    sub.add_argument("--output", help="folder for metrics.json, report.md and confusion.png")
+    sub.add_argument("--label-column", default="label")
+    _device_flags(sub)
+    sub.set_defaults(func=cmd_eval)
+
+    predict = commands.add_parser("predict", help="predict a file").add_subparsers(dest="task", required=True)
+    sub = predict.add_parser("pair-cls", help="probability and label for every row, in input order")
+    sub.add_argument("--model", required=True)
+    sub.add_argument("--input", required=True, help="pair file (CSV, TSV or JSONL; labels not needed)")
+    sub.add_argument("--output", required=True, help="output file (CSV, TSV or JSONL by extension)")
+    sub.add_argument("--threshold", type=float, help="positive when P(positive) >= this (default: argmax)")
+    _device_flags(sub)
+    sub.set_defaults(func=cmd_predict)
+
+    sub = commands.add_parser("export", help="merge LoRA into a plain transformers checkpoint")
+    sub.add_argument("--model", required=True, help="a qtune training folder (e.g. OUT/best)")
+    sub.add_argument("--output", required=True)
+    sub.set_defaults(func=cmd_export)
+
+    sub = commands.add_parser("demo", help="the whole loop on a small offline example")
+    sub.add_argument("--output", default="demo-output", help="working folder (default: demo-output)")
+    sub.add_argument("--epochs", type=float, default=4.0, help="training epochs (default: 4)")
+    sub.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        args.func(args)
+    except QtuneError as e:
+        print(f"qtune: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("qtune: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,165 @@
+"""One dataclass per task. YAML recipes (configs/*.yaml) and CLI flags are generated from them.
+
+Precedence: dataclass defaults < `--config YAML` < flags given on the command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from qtune.errors import QtuneError
+
+
+def _opt(default: Any, help: str, choices: tuple | None = None, required: bool = False):
+    meta = {"help": help, "choices": choices, "required": required}
+    if isinstance(default, (list, tuple)):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    """Settings every training task shares."""
+
+    model: str = _opt("", "base model: hub id, local folder or qtune checkpoint", required=True)
+    train: str = _opt("", "training data file", required=True)
+    eval: str | None = _opt(None, "evaluation data file (evaluated every epoch or --eval-steps)")
+    output: str = _opt("", "output folder (config.yaml, best/, last/, metrics.json, runs/)", required=True)
+    epochs: float = _opt(3.0, "training epochs (fractions allowed)")
+    batch_size: int = _opt(32, "training batch size (per optimizer step: times --grad-accum)")
+    eval_batch_size: int = _opt(64, "evaluation batch size")
+    grad_accum: int = _opt(1, "gradient accumulation steps")
+    lr: float = _opt(2e-4, "peak learning rate (AdamW)")
+    weight_decay: float = _opt(0.01, "AdamW weight decay")
+    scheduler: str = _opt("linear", "learning-rate schedule: linear warmup+decay, cosine, constant, or "
+                          "plateau (reduce on eval plateau)", choices=("linear", "cosine", "constant", "plateau"))
+    warmup_ratio: float = _opt(0.1, "share of steps with a linear warmup (linear, cosine, constant)")
+    plateau_patience: int = _opt(1, "plateau: evaluations without improvement before the LR drops")
+    plateau_factor: float = _opt(0.5, "plateau: factor the LR is multiplied by")
+    max_grad_norm: float = _opt(1.0, "gradient clipping norm (0: off)")
+    max_length: int = _opt(128, "maximum tokens per example (see `qtune data stats`)")
+    eval_steps: int = _opt(0, "evaluate every N optimizer steps (0: once per epoch)")
+    logging_steps: int = _opt(10, "log training loss every N optimizer steps")
+    group_by_length: bool = _opt(True, "length-grouped batches (less padding)")
+    seed: int = _opt(42, "random seed (data order, initialisation, dropout)")
+    full: bool = _opt(False, "full fine-tuning instead of LoRA")
+    lora_r: int = _opt(8, "LoRA rank")
+    lora_alpha: int = _opt(32, "LoRA alpha")
+    lora_dropout: float = _opt(0.1, "LoRA dropout")
+    lora_targets: list[str] | None = _opt(None, "LoRA target modules (default: the attention projections)")
+    precision: str = _opt("auto", "auto (bf16 on a GPU that supports it, else fp32), fp32 or bf16",
+                          choices=("auto", "fp32", "bf16"))
+    device: str = _opt("auto", "auto, cpu, cuda or cuda:N")
+    resume: bool = _opt(False, "continue the run saved in --output (last/)")
+
+
+@dataclass(kw_only=True)
+class PairClsConfig(TrainConfig):
+    """`qtune train pair-cls`: LoRA on a sequence-classification head over sentence pairs."""
+
+    text_columns: list[str] = _opt(["sentence1", "sentence2"], "the two text columns")
+    label_column: str = _opt("label", "the label column")
+    labels: list[str] = _opt(["0", "1"], "label values in the file, in class order (last = positive)")
+    max_length: int = _opt(128, "maximum tokens per pair, both sentences together")
+
+
+TASK_CONFIGS: dict[str, type[TrainConfig]] = {"pair-cls": PairClsConfig}
+
+
+def _field_type(cls, f: dataclasses.Field):
+    hint = typing.get_type_hints(cls)[f.name]
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if typing.get_origin(hint) in (list, tuple):
+        return list, typing.get_args(hint)[0]
+    if args and typing.get_origin(args[0]) in (list, tuple):
+        return list, typing.get_args(args[0])[0]
+    return (args[0] if args else hint), None
+
+
+def add_config_flags(parser: argparse.ArgumentParser, cls: type) -> None:
+    """One flag per field. Defaults are left out so only flags the user typed override YAML."""
+    parser.add_argument("--config", help="YAML recipe with any of these settings (flags override it)")
+    for f in dataclasses.fields(cls):
+        kind, item = _field_type(cls, f)
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        help_text = f.metadata.get("help", "") + ("" if default in (None, "") else f" (default: {default})")
+        common = dict(dest=f.name, default=argparse.SUPPRESS, help=help_text)
+        if kind is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **common)
+        elif kind is list:
+            parser.add_argument(flag, nargs="+", type=item, metavar=f.name.upper(), **common)
+        else:
+            parser.add_argument(flag, type=kind, choices=f.metadata.get("choices"), **common)
+
+
+def load_yaml(path: str | Path) -> dict:
+    try:
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+    except FileNotFoundError:
+        raise QtuneError(f"{path}: config file not found") from None
+    except yaml.YAMLError as e:
+        raise QtuneError(f"{path}: invalid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise QtuneError(f"{path}: expected a mapping of settings, got {type(data).__name__}")
+    return {str(k).replace("-", "_"): v for k, v in data.items()}
+
+
+def build_config(cls: type, values: dict, source: str = "config") -> Any:
+    """Make a config from a dict of settings, checking names, types and required values."""
+    names = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(names))
+    if unknown:
+        raise QtuneError(f"{source}: unknown setting(s) {', '.join(unknown)}; known: {', '.join(names)}")
+    checked = {}
+    for name, value in values.items():
+        kind, item = _field_type(cls, names[name])
+        checked[name] = _coerce(value, kind, item, f"{source}: '{name}'")
+        choices = names[name].metadata.get("choices")
+        if choices and checked[name] not in choices:
+            raise QtuneError(f"{source}: '{name}' must be one of {', '.join(choices)}, got {value!r}")
+    config = cls(**checked)
+    missing = [f.name for f in dataclasses.fields(cls) if f.metadata.get("required") and not getattr(config, f.name)]
+    if missing:
+        raise QtuneError(f"missing required setting(s): {', '.join('--' + m.replace('_', '-') for m in missing)}")
+    return config
+
+
+def _coerce(value: Any, kind: type, item: type | None, where: str) -> Any:
+    if value is None:
+        return None
+    if kind is list:
+        if not isinstance(value, (list, tuple)):
+            value = [value]
+        return [_coerce(v, item or str, None, where) for v in value]
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        raise QtuneError(f"{where} must be true or false, got {value!r}")
+    if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if kind is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if kind is str:
+        return str(value)
+    try:
+        return kind(value)
+    except (TypeError, ValueError):
+        raise QtuneError(f"{where} must be {kind.__name__}, got {value!r}") from None
+
+
+def config_from_args(cls: type, args: argparse.Namespace) -> Any:
+    values = load_yaml(args.config) if getattr(args, "config", None) else {}
+    values.update({f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)})
+    return build_config(cls, values, source=getattr(args, "config", None) or "flags")
+
+
+def config_to_yaml(config: Any) -> str:
+    return yaml.safe_dump(dataclasses.asdict(config), sort_keys=False, allow_unicode=True)

@@ -1,0 +1,1 @@
+"""Reading data files into typed records, and batching them."""

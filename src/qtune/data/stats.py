@@ -1,0 +1,64 @@
+"""Token-length statistics of a data file as the model sees it, and a suggested --max-length."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+PERCENTILES = (50, 90, 95, 99)
+
+
+def length_summary(lengths: Sequence[int], coverage: float = 0.99, multiple: int = 8) -> dict:
+    """Percentiles, mean and max, and the smallest multiple of `multiple` that covers
+    `coverage` of the rows (no row is cut below that share)."""
+    values = np.asarray(lengths, dtype=np.int64)
+    if values.size == 0:
+        raise ValueError("no lengths")
+    summary = {"rows": int(values.size), "mean": float(values.mean()), "min": int(values.min())}
+    for p in PERCENTILES:
+        # "higher": a percentile is a real row length, so p99 rows are really covered by it.
+        summary[f"p{p}"] = int(np.percentile(values, p, method="higher"))
+    summary["max"] = int(values.max())
+    needed = int(np.percentile(values, coverage * 100, method="higher"))
+    summary["suggested_max_length"] = int(math.ceil(needed / multiple) * multiple)
+    summary["coverage"] = coverage
+    summary["rows_truncated_at_suggestion"] = int((values > summary["suggested_max_length"]).sum())
+    return summary
+
+
+def text_histogram(lengths: Sequence[int], bins: int = 12, width: int = 40) -> str:
+    values = np.asarray(lengths)
+    counts, edges = np.histogram(values, bins=bins)
+    top = counts.max() or 1
+    lines = []
+    for count, lo, hi in zip(counts, edges[:-1], edges[1:]):
+        bar = "#" * int(round(width * count / top))
+        lines.append(f"{int(lo):>6}-{int(hi):<6} {bar:<{width}} {count}")
+    return "\n".join(lines)
+
+
+def plot_lengths(lengths: Sequence[int], summary: dict, path: str | Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from qtune.io import atomic_path
+
+    fig, ax = plt.subplots(figsize=(7, 3.8))
+    ax.hist(lengths, bins=min(60, max(10, len(set(lengths)))), color="#4C72B0")
+    for key, style in (("p50", ":"), ("p99", "--")):
+        ax.axvline(summary[key], color="black", linestyle=style, label=f"{key} = {summary[key]}")
+    ax.axvline(summary["suggested_max_length"], color="#C44E52",
+               label=f"suggested --max-length {summary['suggested_max_length']}")
+    ax.set_xlabel("tokens per row")
+    ax.set_ylabel("rows")
+    ax.set_title(title, fontsize=10)
+    ax.legend()
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)

@@ -1,0 +1,130 @@
+"""Read CSV, TSV and JSONL tables with or without a header row, UTF-8 with or without a BOM.
+
+Every row keeps the line it started on, so later checks can name file, line and field.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+from qtune.errors import DataError
+
+TABLE_FORMATS = {".csv": "csv", ".tsv": "tsv", ".txt": "tsv", ".jsonl": "jsonl", ".json": "jsonl"}
+
+
+@dataclass(frozen=True, slots=True)
+class Row:
+    line: int
+    fields: dict[str, object]
+
+
+def table_format(path: str | Path) -> str:
+    fmt = TABLE_FORMATS.get(Path(path).suffix.lower())
+    if fmt is None:
+        raise DataError(f"unsupported file type '{Path(path).suffix}'; use one of "
+                        f"{', '.join(sorted(TABLE_FORMATS))}", path=str(path))
+    return fmt
+
+
+def _decode(path: Path) -> str:
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise DataError("file not found", path=str(path)) from None
+    except IsADirectoryError:
+        raise DataError("is a folder, expected a file", path=str(path)) from None
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise DataError(f"not valid UTF-8 (byte {e.start})", path=str(path), line=line) from None
+
+
+def read_table(path: str | Path, columns: Sequence[str], *, header: bool | None = None) -> tuple[list[Row], list[str]]:
+    """Rows of a table as dicts, and the column names in file order.
+
+    `columns` are the names the caller needs. For CSV/TSV, `header=None` detects a header row:
+    it is one when it contains any name in `columns` (a missing one is then reported by name);
+    a file without one maps its columns to `columns` by position.
+    """
+    path = Path(path)
+    fmt = table_format(path)
+    text = _decode(path)
+    rows, names = _read_jsonl(path, text) if fmt == "jsonl" else _read_delimited(path, text, fmt, columns, header)
+    if not rows:
+        raise DataError("no data rows", path=str(path))
+    return rows, names
+
+
+def _read_jsonl(path: Path, text: str) -> tuple[list[Row], list[str]]:
+    rows: list[Row] = []
+    names: dict[str, None] = {}
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"malformed JSON: {e.msg} (column {e.colno})", path=str(path), line=lineno) from None
+        if not isinstance(obj, dict):
+            raise DataError(f"expected a JSON object, got {type(obj).__name__}", path=str(path), line=lineno)
+        names.update(dict.fromkeys(obj))
+        rows.append(Row(lineno, obj))
+    return rows, list(names)
+
+
+def _read_delimited(path: Path, text: str, fmt: str, columns: Sequence[str],
+                    header: bool | None) -> tuple[list[Row], list[str]]:
+    delimiter = "\t" if fmt == "tsv" else ","
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, strict=True)
+    records: list[tuple[int, list[str]]] = []
+    start = 1
+    try:
+        for values in reader:
+            if any(v.strip() for v in values):
+                records.append((start, values))
+            start = reader.line_num + 1
+    except csv.Error as e:
+        raise DataError(f"malformed {fmt.upper()} row: {e}", path=str(path), line=start) from None
+    if not records:
+        return [], []
+    first = [v.strip() for v in records[0][1]]
+    if header is None:
+        header = any(c in first for c in columns)
+    if header:
+        names = first
+        if len(set(names)) != len(names):
+            raise DataError(f"duplicate column names in header: {names}", path=str(path), line=records[0][0])
+        body = records[1:]
+    else:
+        names = list(columns) + [f"column{i + 1}" for i in range(len(columns), len(first))]
+        body = records
+    width = len(names)
+    rows: list[Row] = []
+    for lineno, values in body:
+        if len(values) != width:
+            raise DataError(f"expected {width} {fmt.upper()} fields, found {len(values)}",
+                            path=str(path), line=lineno)
+        rows.append(Row(lineno, dict(zip(names, values))))
+    return rows, names
+
+
+def write_table(path: str | Path, rows: Sequence[dict], columns: Sequence[str]) -> None:
+    """Write rows as CSV, TSV or JSONL (by extension), atomically."""
+    from qtune.io import atomic_path
+
+    fmt = table_format(path)
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8", newline="") as f:
+        if fmt == "jsonl":
+            for row in rows:
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        else:
+            writer = csv.DictWriter(f, fieldnames=list(columns), delimiter="\t" if fmt == "tsv" else ",",
+                                    extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(rows)

@@ -1,0 +1,1 @@
+"""Metrics (pure functions), evaluation runners and reports."""

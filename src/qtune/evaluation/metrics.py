@@ -1,0 +1,71 @@
+"""Classification metrics as pure functions of label arrays."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+
+def confusion_matrix(y_true: Sequence[int], y_pred: Sequence[int], num_classes: int) -> np.ndarray:
+    """(num_classes, num_classes) counts; rows are true classes, columns predicted ones."""
+    matrix = np.zeros((num_classes, num_classes), dtype=np.int64)
+    np.add.at(matrix, (np.asarray(y_true, dtype=np.int64), np.asarray(y_pred, dtype=np.int64)), 1)
+    return matrix
+
+
+def _per_class(matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Precision, recall, F1 per class; 0 where undefined (no prediction / no support)."""
+    tp = np.diag(matrix).astype(np.float64)
+    predicted = matrix.sum(axis=0)
+    actual = matrix.sum(axis=1)
+    precision = np.divide(tp, predicted, out=np.zeros_like(tp), where=predicted > 0)
+    recall = np.divide(tp, actual, out=np.zeros_like(tp), where=actual > 0)
+    denom = precision + recall
+    f1 = np.divide(2 * precision * recall, denom, out=np.zeros_like(tp), where=denom > 0)
+    return precision, recall, f1
+
+
+def classification_report(y_true: Sequence[int], y_pred: Sequence[int], labels: Sequence[str]) -> dict:
+    """Accuracy, macro-F1, per-class precision/recall/F1/support and the confusion matrix."""
+    matrix = confusion_matrix(y_true, y_pred, len(labels))
+    precision, recall, f1 = _per_class(matrix)
+    total = matrix.sum()
+    return {
+        "accuracy": float(np.trace(matrix) / total) if total else 0.0,
+        "macro_f1": float(f1.mean()),
+        "per_class": {
+            label: {"precision": float(precision[i]), "recall": float(recall[i]), "f1": float(f1[i]),
+                    "support": int(matrix[i].sum())}
+            for i, label in enumerate(labels)
+        },
+        "confusion_matrix": matrix.tolist(),
+    }
+
+
+def best_threshold(y_true: Sequence[int], scores: Sequence[float]) -> tuple[float, float]:
+    """The threshold on the positive-class score that maximises binary macro-F1.
+
+    A row is predicted positive when score >= threshold. Every distinct score is tried as a
+    cut (plus "everything negative"), vectorised over the sorted scores. Returns
+    (threshold, macro_f1); ties go to the higher threshold.
+    """
+    y = np.asarray(y_true, dtype=np.int64)
+    s = np.asarray(scores, dtype=np.float64)
+    order = np.argsort(-s, kind="stable")
+    s_sorted, y_sorted = s[order], y[order]
+    # Cut after position k (k = 0..n): the first k rows are predicted positive; only cuts
+    # between distinct scores are real thresholds.
+    tp = np.concatenate([[0], np.cumsum(y_sorted)])
+    fp = np.concatenate([[0], np.cumsum(1 - y_sorted)])
+    pos, neg = y.sum(), len(y) - y.sum()
+    fn, tn = pos - tp, neg - fp
+    f1_pos = np.divide(2 * tp, 2 * tp + fp + fn, out=np.zeros(len(tp)), where=(2 * tp + fp + fn) > 0)
+    f1_neg = np.divide(2 * tn, 2 * tn + fn + fp, out=np.zeros(len(tn)), where=(2 * tn + fn + fp) > 0)
+    macro = (f1_pos + f1_neg) / 2
+    valid = np.ones(len(tp), dtype=bool)
+    valid[1:-1] = s_sorted[:-1] != s_sorted[1:]
+    macro = np.where(valid, macro, -1.0)
+    k = int(np.argmax(macro))
+    threshold = float(np.nextafter(s_sorted[0], np.inf)) if k == 0 else float(s_sorted[k - 1])
+    return threshold, float(macro[k])

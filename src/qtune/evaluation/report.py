@@ -1,0 +1,68 @@
+"""Evaluation outputs: metrics.json, report.md and a confusion-matrix PNG, written atomically."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+from qtune.io import atomic_path, write_json, write_text
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    def cell(v: object) -> str:
+        return f"{v:.4f}" if isinstance(v, float) else str(v)
+
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def pair_cls_report(results: dict[str, dict], data: str) -> str:
+    """Markdown report; `results` maps a model name to its metrics, shown side by side."""
+    names = list(results)
+    summary_keys = ["accuracy", "macro_f1", "best_threshold", "best_threshold_macro_f1"]
+    rows = [[key] + [results[n].get(key, "") for n in names] for key in summary_keys]
+    parts = [f"# Pair classification: {data}", "", markdown_table(["metric", *names], rows), ""]
+    for name in names:
+        metrics = results[name]
+        labels = list(metrics["per_class"])
+        parts += [f"## {name}", "", markdown_table(
+            ["class", "precision", "recall", "f1", "support"],
+            [[c, m["precision"], m["recall"], m["f1"], m["support"]] for c, m in metrics["per_class"].items()]), "",
+            "Confusion matrix (rows: true, columns: predicted)", "",
+            markdown_table(["", *labels], [[labels[i], *row] for i, row in enumerate(metrics["confusion_matrix"])]), ""]
+    return "\n".join(parts)
+
+
+def plot_confusion(results: dict[str, dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, axes = plt.subplots(1, len(results), figsize=(4 * len(results), 3.6), squeeze=False)
+    for ax, (name, metrics) in zip(axes[0], results.items()):
+        matrix = np.asarray(metrics["confusion_matrix"])
+        labels = list(metrics["per_class"])
+        ax.imshow(matrix, cmap="Blues")
+        for (i, j), v in np.ndenumerate(matrix):
+            ax.text(j, i, str(v), ha="center", va="center",
+                    color="white" if v > matrix.max() / 2 else "black")
+        ax.set_xticks(range(len(labels)), labels)
+        ax.set_yticks(range(len(labels)), labels)
+        ax.set_xlabel("predicted")
+        ax.set_ylabel("true")
+        ax.set_title(f"{Path(name).name}\nacc {metrics['accuracy']:.3f}  macro-F1 {metrics['macro_f1']:.3f}",
+                     fontsize=9)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+    plt.close(fig)
+
+
+def write_pair_cls_outputs(results: dict[str, dict], data: str, output: str | Path) -> None:
+    output = Path(output)
+    write_json(output / "metrics.json", results)
+    write_text(output / "report.md", pair_cls_report(results, data))
+    plot_confusion(results, output / "confusion.png")

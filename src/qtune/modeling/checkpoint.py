@@ -1,0 +1,38 @@
+"""Saving checkpoints (adapter or full weights + tokenizer + qtune.json) and merging LoRA for export."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import replace
+from pathlib import Path
+
+from qtune.io import atomic_dir
+from qtune.modeling.loading import LoadedModel, load_model
+
+
+def save_model_files(loaded: LoadedModel, folder: str | os.PathLike) -> None:
+    """Write the model (LoRA adapter or full weights), tokenizer and qtune.json into `folder`."""
+    loaded.model.save_pretrained(folder)
+    loaded.tokenizer.save_pretrained(folder)
+    replace(loaded.meta, adapter=loaded.is_adapter).save(folder)
+
+
+def save_checkpoint(loaded: LoadedModel, folder: str | os.PathLike, extra_files: dict | None = None) -> None:
+    """Save atomically: `folder` is replaced as a whole, never left half-written.
+
+    `extra_files` maps file names to callables that write them (e.g. the trainer state).
+    """
+    with atomic_dir(folder) as tmp:
+        save_model_files(loaded, tmp)
+        for name, write in (extra_files or {}).items():
+            write(tmp / name)
+
+
+def export_merged(model_dir: str | os.PathLike, output: str | os.PathLike) -> Path:
+    """Merge a LoRA checkpoint into a plain transformers checkpoint (loadable without peft)."""
+    loaded = load_model(model_dir, device="cpu", precision="fp32")
+    if loaded.is_adapter:
+        loaded.model = loaded.model.merge_and_unload()
+    with atomic_dir(output) as tmp:
+        save_model_files(loaded, tmp)
+    return Path(output)

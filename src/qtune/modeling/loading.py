@@ -1,0 +1,239 @@
+"""The one model-loading path used by training, evaluation, prediction, export and serving.
+
+`load_model` accepts a hub id, a plain local transformers folder, a qtune checkpoint folder
+(LoRA adapter + qtune.json) or an exported (merged) qtune folder, and always returns the model
+with the same tokenizer settings (padding side, pad token), so a model behaves the same everywhere.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+from qtune import __version__
+from qtune.errors import QtuneError
+from qtune.modeling.family import Family, family_of
+
+log = logging.getLogger(__name__)
+
+META_FILE = "qtune.json"
+# Which transformers auto class carries each task's head.
+TASK_AUTO_CLASS = {"pair-cls": "AutoModelForSequenceClassification"}
+
+
+@dataclass
+class CheckpointMeta:
+    """What qtune needs to use a saved model exactly as it was trained (stored as qtune.json)."""
+
+    task: str
+    base_model: str
+    adapter: bool
+    labels: list[str] = field(default_factory=list)
+    max_length: int = 512
+    qtune_version: str = __version__
+
+    def save(self, folder: str | os.PathLike) -> None:
+        Path(folder, META_FILE).write_text(json.dumps(asdict(self), indent=2, ensure_ascii=False) + "\n",
+                                           encoding="utf-8")
+
+
+def read_meta(name_or_path: str | os.PathLike) -> CheckpointMeta | None:
+    path = Path(name_or_path, META_FILE)
+    if not path.is_file():
+        return None
+    data = json.loads(path.read_text(encoding="utf-8"))
+    known = CheckpointMeta.__dataclass_fields__
+    return CheckpointMeta(**{k: v for k, v in data.items() if k in known})
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    r: int = 8
+    alpha: int = 32
+    dropout: float = 0.1
+    targets: Sequence[str] | None = None  # None: the family's attention projections
+
+
+@dataclass
+class LoadedModel:
+    model: Any  # a transformers PreTrainedModel, or a peft PeftModel wrapping one
+    tokenizer: Any
+    family: Family
+    meta: CheckpointMeta
+    device: Any  # torch.device
+    precision: str  # "fp32" or "bf16"
+
+    @property
+    def is_adapter(self) -> bool:
+        from peft import PeftModel
+
+        return isinstance(self.model, PeftModel)
+
+    def autocast(self):
+        """bf16 autocast where chosen; a no-op context in fp32."""
+        import torch
+
+        if self.precision == "bf16":
+            return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+
+def resolve_device(device: str = "auto"):
+    import torch
+
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_precision(precision: str, device) -> str:
+    import torch
+
+    if precision == "auto":
+        return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    if precision not in {"fp32", "bf16"}:
+        raise QtuneError(f"unknown precision {precision!r}; use auto, fp32 or bf16")
+    return precision
+
+
+def load_tokenizer(name_or_path: str, family: Family):
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+    except (OSError, ValueError) as e:
+        raise QtuneError(f"cannot load the tokenizer of '{name_or_path}': {e}") from None
+    tokenizer.padding_side = family.padding_side
+    if tokenizer.pad_token is None:
+        # Decoders often ship without a pad token; any id works for padding because it is masked,
+        # but it must differ from real tokens at the pooled position, so prefer EOS over UNK.
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    if tokenizer.pad_token is None:
+        raise QtuneError(f"the tokenizer of '{name_or_path}' has no pad, eos or unk token to pad with")
+    return tokenizer
+
+
+def load_config(name_or_path: str):
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(name_or_path)
+    except (OSError, ValueError) as e:
+        raise QtuneError(f"cannot load model '{name_or_path}': {e}") from None
+
+
+def _auto_class(task: str):
+    import transformers
+
+    try:
+        return getattr(transformers, TASK_AUTO_CLASS[task])
+    except KeyError:
+        raise QtuneError(f"unknown task {task!r}; known: {', '.join(TASK_AUTO_CLASS)}") from None
+
+
+def load_model(name_or_path: str | os.PathLike, *, task: str | None = None, labels: Sequence[str] | None = None,
+               max_length: int | None = None, lora: LoraSettings | None = None, trainable: bool = False,
+               device: str = "auto", precision: str = "auto") -> LoadedModel:
+    """Load a model for `task`, ready to train (`trainable=True`) or to run.
+
+    A qtune folder brings its own task, labels and max length. For a base model, `lora` wraps it
+    with fresh LoRA adapters (training); `lora=None` keeps every weight trainable.
+    """
+    import torch
+
+    name_or_path = str(name_or_path)
+    saved = read_meta(name_or_path)
+    meta = saved
+    if meta is not None and task is not None and meta.task != task:
+        raise QtuneError(f"'{name_or_path}' was trained for {meta.task}, not {task}")
+    task = meta.task if meta is not None else task
+    if task is None:
+        raise QtuneError(f"'{name_or_path}' is not a qtune folder: say which task it is for")
+    torch_device = resolve_device(device)
+    chosen = resolve_precision(precision, torch_device)
+
+    base = meta.base_model if meta is not None and meta.adapter else name_or_path
+    config = load_config(base)
+    family = family_of(config)
+    tokenizer = load_tokenizer(name_or_path, family)
+    if meta is None:
+        labels = list(labels or ("0", "1"))
+        meta = CheckpointMeta(task=task, base_model=name_or_path, adapter=lora is not None, labels=labels,
+                              max_length=max_length or 512)
+    elif max_length is not None:
+        meta.max_length = max_length
+
+    num_labels = len(meta.labels)
+    head_kwargs = dict(num_labels=num_labels, id2label=dict(enumerate(meta.labels)),
+                       label2id={name: i for i, name in enumerate(meta.labels)}, pad_token_id=tokenizer.pad_token_id)
+    # Frozen base weights can live in bf16 (half the memory, faster); trained ones stay fp32.
+    frozen_base = chosen == "bf16" and (lora is not None or (meta.adapter and not trainable))
+    dtype = torch.bfloat16 if frozen_base else torch.float32
+    auto_class = _auto_class(task)
+    try:
+        model, info = auto_class.from_pretrained(base, dtype=dtype, output_loading_info=True, **head_kwargs)
+    except (OSError, ValueError) as e:
+        raise QtuneError(f"cannot load model '{base}': {e}") from None
+    model.config.pad_token_id = tokenizer.pad_token_id
+
+    if saved is not None and saved.adapter:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, name_or_path, is_trainable=trainable)
+    elif lora is not None:
+        model = _add_lora(model, family, lora, _untrained_modules(info.get("missing_keys", ())))
+    if trainable:
+        for p in model.parameters():
+            if p.requires_grad:
+                p.data = p.data.float()
+    model.to(torch_device)
+    model.train(trainable)
+    return LoadedModel(model=model, tokenizer=tokenizer, family=family, meta=meta, device=torch_device,
+                       precision=chosen)
+
+
+def _untrained_modules(missing_keys: Sequence[str]) -> list[str]:
+    """Modules the base checkpoint did not provide (so they were randomly initialised).
+
+    They must be trained and saved with the adapter; otherwise a reload would draw new random
+    weights and predict differently.
+    """
+    return sorted({key.rsplit(".", 1)[0] for key in missing_keys})
+
+
+def _add_lora(model, family: Family, lora: LoraSettings, extra_modules: Sequence[str]):
+    from peft import LoraConfig, TaskType, get_peft_model
+
+    targets = list(lora.targets) if lora.targets else family.attention_targets
+    config = LoraConfig(task_type=TaskType.SEQ_CLS, r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                        target_modules=targets, modules_to_save=list(extra_modules) or None)
+    try:
+        return get_peft_model(model, config)
+    except ValueError as e:
+        raise QtuneError(f"cannot add LoRA to {family.model_type} with targets {targets}: {e}") from None
+
+
+def load_tokenizer_only(name_or_path: str | os.PathLike):
+    """(tokenizer, family) without loading weights; works for a folder holding only a tokenizer."""
+    name_or_path = str(name_or_path)
+    meta = read_meta(name_or_path)
+    source = meta.base_model if meta is not None and meta.adapter else name_or_path
+    try:
+        family = family_of(load_config(source))
+    except QtuneError:
+        family = None
+    if family is None:
+        from transformers import AutoTokenizer
+
+        try:
+            probe = AutoTokenizer.from_pretrained(name_or_path)
+        except (OSError, ValueError) as e:
+            raise QtuneError(f"cannot load the tokenizer of '{name_or_path}': {e}") from None
+        # No model config: encoders' tokenizers have a pair template with [SEP]; decoders' do not.
+        family = Family(model_type="unknown", is_decoder=probe.sep_token is None)
+    return load_tokenizer(name_or_path, family), family

@@ -1,0 +1,1 @@
+"""One module per task: how its records become tensors, a loss and predictions."""

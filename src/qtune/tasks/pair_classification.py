@@ -1,0 +1,113 @@
+"""Pair classification (semantic matching): "do these two sentences mean the same thing?"
+
+Text format, per family:
+- encoders: the tokenizer's own pair template, `[CLS] a [SEP] b [SEP]` with segment ids;
+- decoders: `a \\n b <eos>`. Decoder tokenizers (Qwen) have no pair template and would glue the
+  two texts together; the closing EOS gives the last-token pooling of
+  `*ForSequenceClassification` the same summary position in every row. EOS is only added when it
+  differs from the pad token, because the head pools the last token that is not padding.
+Truncation is longest-first, so a long sentence cannot push the other one out.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+from qtune.records import Pair
+
+
+@dataclass(frozen=True)
+class PairEncoder:
+    tokenizer: object
+    is_decoder: bool
+    max_length: int | None = None  # None: no truncation (length statistics)
+
+    def encode(self, first: str, second: str) -> dict[str, list[int]]:
+        if not self.is_decoder:
+            return dict(self.tokenizer(first, second, truncation="longest_first" if self.max_length else False,
+                                       max_length=self.max_length))
+        tok = self.tokenizer
+        a = tok(first, add_special_tokens=False)["input_ids"]
+        b = tok(second, add_special_tokens=False)["input_ids"]
+        sep = tok("\n", add_special_tokens=False)["input_ids"]
+        end = [tok.eos_token_id] if tok.eos_token_id is not None and tok.eos_token_id != tok.pad_token_id else []
+        if self.max_length:
+            a, b = _truncate_longest_first(a, b, self.max_length - len(sep) - len(end))
+        ids = a + sep + b + end
+        return {"input_ids": ids, "attention_mask": [1] * len(ids)}
+
+    def encode_pairs(self, pairs: Sequence[Pair]) -> list[dict[str, list[int]]]:
+        features = []
+        for pair in pairs:
+            feature = self.encode(pair.sentence1, pair.sentence2)
+            if pair.label is not None:
+                feature["labels"] = pair.label
+            features.append(feature)
+        return features
+
+
+def _truncate_longest_first(a: list[int], b: list[int], budget: int) -> tuple[list[int], list[int]]:
+    """Trim the longer side first until both fit `budget` (ties: the second keeps one more)."""
+    budget = max(budget, 2)
+    if len(a) + len(b) <= budget:
+        return a, b
+    half = budget // 2
+    if min(len(a), len(b)) <= half:
+        return (a[: budget - len(b)], b) if len(a) > len(b) else (a, b[: budget - len(a)])
+    return a[:half], b[: budget - half]
+
+
+def collate(tokenizer, features: Sequence[dict]):
+    """Pad a batch to its own longest row (dynamic padding), on the tokenizer's padding side."""
+    import torch
+
+    labels = [f["labels"] for f in features if "labels" in f]
+    inputs = [{k: v for k, v in f.items() if k != "labels"} for f in features]
+    batch = dict(tokenizer.pad(inputs, padding=True, return_tensors="pt"))
+    if labels:
+        batch["labels"] = torch.tensor(labels, dtype=torch.long)
+    return batch
+
+
+def loss(model, batch):
+    """Cross-entropy over the classes; `batch` comes from `collate` with labels."""
+    import torch.nn.functional as F
+
+    logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits  # (batch, num_labels)
+    return F.cross_entropy(logits.float(), batch["labels"])
+
+
+def predict_probs(loaded, features: Sequence[dict], batch_size: int = 64, progress: bool = False) -> np.ndarray:
+    """Class probabilities (rows, num_labels) in input order; batches are length-sorted, no gradient."""
+    import torch
+    from tqdm.auto import tqdm
+
+    order = np.argsort([-len(f["input_ids"]) for f in features], kind="stable")
+    probs = np.zeros((len(features), len(loaded.meta.labels)), dtype=np.float32)
+    was_training = loaded.model.training
+    loaded.model.eval()
+    starts = range(0, len(order), batch_size)
+    with torch.inference_mode(), loaded.autocast():
+        for start in tqdm(starts, desc="predict", unit="batch", disable=not progress):
+            idx = order[start:start + batch_size]
+            batch = collate(loaded.tokenizer, [{k: v for k, v in features[i].items() if k != "labels"} for i in idx])
+            batch = {k: v.to(loaded.device) for k, v in batch.items()}
+            logits = loaded.model(**batch).logits.float()  # (batch, num_labels)
+            probs[idx] = torch.softmax(logits, dim=-1).cpu().numpy()
+    loaded.model.train(was_training)
+    return probs
+
+
+def metrics_from_probs(y_true: Sequence[int], probs: np.ndarray, labels: Sequence[str]) -> dict:
+    """Report for argmax predictions, plus (two classes) the threshold that maximises macro-F1."""
+    from qtune.evaluation.metrics import best_threshold, classification_report
+
+    report = classification_report(y_true, probs.argmax(axis=1), labels)
+    if len(labels) == 2:
+        threshold, macro_f1 = best_threshold(y_true, probs[:, 1])
+        report["best_threshold"] = threshold
+        report["best_threshold_macro_f1"] = macro_f1
+    return report

@@ -1,0 +1,199 @@
+"""The training loop every task uses: AdamW, schedules, gradient accumulation, bf16 autocast,
+length-grouped dynamic batches, periodic evaluation with best/ and last/ checkpoints,
+TensorBoard logs, a progress bar with throughput, and exact resume after a stop or crash.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+from qtune.config import TrainConfig
+from qtune.data.batching import length_grouped_batches
+from qtune.errors import QtuneError
+from qtune.io import write_json
+from qtune.modeling.checkpoint import save_checkpoint
+from qtune.modeling.loading import LoadedModel
+from qtune.training.schedulers import make_scheduler
+
+STATE_FILE = "trainer_state.pt"
+
+
+@dataclass
+class TaskHooks:
+    """What the loop needs from a task."""
+
+    collate: Callable[[Sequence[dict]], dict]  # unpadded features -> padded tensors
+    loss: Callable[[object, dict], object]  # (model, batch) -> scalar loss tensor
+    evaluate: Callable[[LoadedModel], dict] | None  # -> metrics; None when there is no eval data
+    best_metric: str  # higher is better
+
+
+@dataclass
+class Progress:
+    """Where the run stands; saved in last/ so a stopped run continues exactly where it was."""
+
+    step: int = 0  # optimizer steps done
+    epoch: int = 0
+    batches_done: int = 0  # micro-batches of `epoch` already consumed
+    best_value: float | None = None
+    best_step: int | None = None
+    history: list[dict] = field(default_factory=list)
+
+
+def fit(config: TrainConfig, loaded: LoadedModel, features: Sequence[dict], hooks: TaskHooks,
+        resume_state: Path | None = None) -> dict:
+    """Train `loaded.model` on `features`; write best/, last/, runs/ and metrics.json under config.output."""
+    import torch
+    from torch.utils.tensorboard import SummaryWriter
+    from tqdm.auto import tqdm
+
+    output = Path(config.output)
+    model = loaded.model
+    lengths = [len(f["input_ids"]) for f in features]
+    batches_per_epoch = math.ceil(len(features) / config.batch_size)
+    total_batches = max(1, math.ceil(batches_per_epoch * config.epochs))
+    full_epochs, rest = divmod(total_batches, batches_per_epoch)
+    total_steps = full_epochs * math.ceil(batches_per_epoch / config.grad_accum) + math.ceil(rest / config.grad_accum)
+
+    optimizer = torch.optim.AdamW(_param_groups(model, config.weight_decay), lr=config.lr)
+    scheduler = make_scheduler(optimizer, config.scheduler, total_steps, config.warmup_ratio,
+                               patience=config.plateau_patience, factor=config.plateau_factor)
+    progress = Progress()
+    rng_state = torch.get_rng_state()
+    if resume_state is not None:
+        state = torch.load(resume_state, weights_only=False)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        progress = Progress(**state["progress"])
+        rng_state = state["torch_rng"]
+        torch.set_rng_state(rng_state)
+    else:
+        torch.manual_seed(config.seed)
+        rng_state = torch.get_rng_state()
+
+    def save_last() -> None:
+        def write_state(path: Path) -> None:
+            torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                        "progress": progress.__dict__, "torch_rng": rng_state}, path)
+
+        save_checkpoint(loaded, output / "last", {STATE_FILE: write_state})
+
+    def evaluate_and_save() -> dict:
+        metrics = hooks.evaluate(loaded) if hooks.evaluate else {}
+        record = {"step": progress.step, "epoch": round(progress.epoch + progress.batches_done / batches_per_epoch, 4),
+                  **metrics}
+        progress.history.append(record)
+        for name, value in metrics.items():
+            if isinstance(value, (int, float)):
+                writer.add_scalar(f"eval/{name}", value, progress.step)
+        if hooks.best_metric in metrics:
+            value = metrics[hooks.best_metric]
+            if config.scheduler == "plateau":
+                scheduler.step(value)
+            if progress.best_value is None or value > progress.best_value:
+                progress.best_value, progress.best_step = value, progress.step
+                save_checkpoint(loaded, output / "best")
+        save_last()
+        model.train()
+        return record
+
+    writer = SummaryWriter(log_dir=str(output / "runs"))
+    done_batches = progress.epoch * batches_per_epoch + progress.batches_done
+    bar = tqdm(total=total_batches, initial=min(done_batches, total_batches), desc="train", unit="batch",
+               dynamic_ncols=True)
+    samples = tokens = 0
+    started = time.perf_counter()
+    saved_step = progress.step
+    model.train()
+    try:
+        while done_batches < total_batches:
+            order = length_grouped_batches(lengths, config.batch_size, seed=config.seed, epoch=progress.epoch,
+                                           group_by_length=config.group_by_length)
+            for batch_idx in order[progress.batches_done:]:
+                batch = hooks.collate([features[i] for i in batch_idx])
+                tokens += int(batch["attention_mask"].sum())  # counted on the host copy: no device sync
+                batch = {k: v.to(loaded.device, non_blocking=True) for k, v in batch.items()}
+                with loaded.autocast():
+                    loss = hooks.loss(model, batch)
+                (loss / config.grad_accum).backward()
+                samples += len(batch_idx)
+                done_batches += 1
+                progress.batches_done += 1
+                bar.update(1)
+                end_of_epoch = progress.batches_done == len(order)
+                finished = done_batches >= total_batches
+                # An epoch's last, shorter accumulation still makes a step, so no gradient is carried
+                # across an epoch boundary (and a checkpoint there is exact).
+                if progress.batches_done % config.grad_accum and not (end_of_epoch or finished):
+                    continue
+                if config.max_grad_norm > 0:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+                optimizer.step()
+                if config.scheduler != "plateau":
+                    scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                progress.step += 1
+                rng_state = torch.get_rng_state()
+                if end_of_epoch:
+                    progress.epoch += 1
+                    progress.batches_done = 0
+                if progress.step % config.logging_steps == 0 or finished:
+                    loss_value = float(loss.detach())
+                    elapsed = time.perf_counter() - started
+                    writer.add_scalar("train/loss", loss_value, progress.step)
+                    writer.add_scalar("train/lr", optimizer.param_groups[0]["lr"], progress.step)
+                    bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}",
+                                    samples_s=f"{samples / elapsed:.1f}", tok_s=f"{tokens / elapsed:.0f}")
+                due = (progress.step % config.eval_steps == 0) if config.eval_steps else end_of_epoch
+                if due or finished:
+                    record = evaluate_and_save()
+                    saved_step = progress.step
+                    if hooks.evaluate:
+                        bar.write(_format_record(record))
+                if finished or end_of_epoch:
+                    break
+    except KeyboardInterrupt:
+        # Weights only change at optimizer steps: drop the micro-batches of an unfinished
+        # accumulation, save, and let --resume continue from exactly here.
+        if progress.step > saved_step:
+            progress.batches_done -= progress.batches_done % config.grad_accum
+            save_last()
+        raise
+    finally:
+        bar.close()
+        writer.close()
+
+    if hooks.evaluate is None or progress.best_step is None:
+        save_checkpoint(loaded, output / "best")
+    elapsed = time.perf_counter() - started
+    result = {
+        "best": next((r for r in progress.history if r["step"] == progress.best_step), None),
+        "last": progress.history[-1] if progress.history else None,
+        "best_metric": hooks.best_metric,
+        "history": progress.history,
+        "train": {"steps": progress.step, "samples": samples, "tokens": tokens, "seconds": round(elapsed, 3),
+                  "samples_per_s": round(samples / elapsed, 2) if elapsed else None,
+                  "tokens_per_s": round(tokens / elapsed, 1) if elapsed else None},
+    }
+    write_json(output / "metrics.json", result)
+    return result
+
+
+def _format_record(record: dict) -> str:
+    shown = {k: v for k, v in record.items() if isinstance(v, (int, float))}
+    return "eval " + " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in shown.items())
+
+
+def _param_groups(model, weight_decay: float) -> list[dict]:
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim < 2 or "norm" in name.lower() else decay).append(p)
+    if not decay and not no_decay:
+        raise QtuneError("the model has no trainable parameters")
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]

