@@ -85,12 +85,15 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def train_pair_cls(config: PairClsConfig) -> dict:
-    """Fine-tune a pair classifier; returns the metrics also written to `output/metrics.json`."""
-    return _train_pair_cls(config)[1]
+def train_pair_cls(config: PairClsConfig, on_step=None) -> dict:
+    """Fine-tune a pair classifier; returns the metrics also written to `output/metrics.json`.
+
+    `on_step(counts)` is called after each optimizer step (see `qtune.training.trainer.fit`).
+    """
+    return _train_pair_cls(config, on_step)[1]
 
 
-def _train_pair_cls(config: PairClsConfig) -> tuple[LoadedModel, dict]:
+def _train_pair_cls(config: PairClsConfig, on_step=None) -> tuple[LoadedModel, dict]:
     """Training, returning the model as it stands at the end too (it equals `output/last`)."""
     from functools import partial
 
@@ -135,7 +138,8 @@ def _train_pair_cls(config: PairClsConfig) -> tuple[LoadedModel, dict]:
 
     hooks = TaskHooks(collate=partial(task.collate, loaded.tokenizer), loss=task.loss, evaluate=evaluate,
                       best_metric="macro_f1")
-    result = fit(config, loaded, features, hooks, resume_state=last / STATE_FILE if config.resume else None)
+    result = fit(config, loaded, features, hooks, resume_state=last / STATE_FILE if config.resume else None,
+                 on_step=on_step)
     return loaded, result
 
 

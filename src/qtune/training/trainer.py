@@ -45,8 +45,12 @@ class Progress:
 
 
 def fit(config: TrainConfig, loaded: LoadedModel, features: Sequence[dict], hooks: TaskHooks,
-        resume_state: Path | None = None) -> dict:
-    """Train `loaded.model` on `features`; write best/, last/, runs/ and metrics.json under config.output."""
+        resume_state: Path | None = None, on_step: Callable[[dict], None] | None = None) -> dict:
+    """Train `loaded.model` on `features`; write best/, last/, runs/ and metrics.json under config.output.
+
+    `on_step`, if given, is called after every optimizer step with the running counts
+    (step, samples, tokens), e.g. for benchmarks.
+    """
     import torch
     from torch.utils.tensorboard import SummaryWriter
     from tqdm.auto import tqdm
@@ -138,6 +142,8 @@ def fit(config: TrainConfig, loaded: LoadedModel, features: Sequence[dict], hook
                 optimizer.zero_grad(set_to_none=True)
                 progress.step += 1
                 rng_state = torch.get_rng_state()
+                if on_step is not None:
+                    on_step({"step": progress.step, "samples": samples, "tokens": tokens})
                 if end_of_epoch:
                     progress.epoch += 1
                     progress.batches_done = 0
