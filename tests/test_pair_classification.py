@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -146,3 +148,38 @@ def test_rerun_without_resume_refuses_to_overwrite(tiny_bert_dir, synthetic_file
         _train_pair_cls(_config(tiny_bert_dir, synthetic_files, tmp_path / "run", epochs=0.1))
     with pytest.raises(QtuneError, match="nothing to resume"):
         _train_pair_cls(_config(tiny_bert_dir, synthetic_files, tmp_path / "other", resume=True))
+
+
+def test_same_seed_same_model_other_seed_other_model(tiny_bert_dir, synthetic_files, tmp_path):
+    def run(name, seed):
+        loaded, _ = _train_pair_cls(_config(tiny_bert_dir, synthetic_files, tmp_path / name, epochs=0.5, seed=seed))
+        return PairClassifier(loaded).predict_proba(PROBE)
+
+    first, second, other = run("a", 1), run("b", 1), run("c", 2)
+    np.testing.assert_array_equal(first, second)
+    assert np.abs(first - other).max() > 1e-4
+
+
+def test_bf16_path_keeps_frozen_weights_in_bf16_and_trained_ones_in_fp32(tiny_qwen_dir, synthetic_files, tmp_path):
+    # The GPU default (bf16 autocast, frozen base in bf16) runs on a CPU too, so it is tested here.
+    loaded, result = _train_pair_cls(_config(tiny_qwen_dir, synthetic_files, tmp_path / "run", eval=None,
+                                             epochs=0.2, precision="bf16"))
+    dtypes = {p.dtype for p in loaded.model.parameters() if not p.requires_grad}
+    assert dtypes == {torch.bfloat16}
+    assert {p.dtype for p in loaded.model.parameters() if p.requires_grad} == {torch.float32}
+    probs = load(tmp_path / "run" / "last", device="cpu", precision="bf16").predict_proba(PROBE)
+    reference = load(tmp_path / "run" / "last", device="cpu", precision="fp32").predict_proba(PROBE)
+    assert np.isfinite(probs).all()
+    np.testing.assert_allclose(probs, reference, atol=0.05)  # bf16 has ~3 significant digits
+    assert result["train"]["steps"] == math.ceil(0.2 * 38)
+
+
+def test_the_shipped_yaml_recipe_is_a_valid_config():
+    from pathlib import Path
+
+    from qtune.config import build_config, load_yaml
+
+    recipe = Path(__file__).parents[1] / "configs" / "pair-cls.yaml"
+    config = build_config(PairClsConfig, load_yaml(recipe), source=str(recipe))
+    assert config.model == "Qwen/Qwen3-Embedding-0.6B"
+    assert (config.lora_r, config.lora_alpha, config.lora_dropout) == (8, 32, 0.1)

@@ -189,9 +189,10 @@ def predict_pair_cls_file(model: str, input: str, output: str, *, batch_size: in
     clf = load(model, task="pair-cls", device=device, precision=precision)
     predictions = clf.predict([(p.sentence1, p.sentence2) for p in pairs], batch_size=batch_size,
                               threshold=threshold, progress=True)
+    added = ["predicted_label", "probability"]  # replaced, not repeated, when the input has them
     out_rows = [{**row.fields, "predicted_label": pred.label, "probability": round(pred.score, 6)}
                 for row, pred in zip(rows, predictions)]
-    write_table(output, out_rows, [*names, "predicted_label", "probability"])
+    write_table(output, out_rows, [*[n for n in names if n not in added], *added])
     return len(out_rows)
 
 

@@ -17,8 +17,11 @@ import yaml
 from qtune.errors import QtuneError
 
 
-def _opt(default: Any, help: str, choices: tuple | None = None, required: bool = False):
-    meta = {"help": help, "choices": choices, "required": required}
+def _opt(default: Any, help: str, choices: tuple | None = None, required: bool = False,
+         low: float | None = None, low_open: bool = False, high: float | None = None, high_open: bool = False):
+    """A setting; `low`/`high` bound numbers (`*_open`: the bound itself is not allowed)."""
+    meta = {"help": help, "choices": choices, "required": required,
+            "bounds": (low, low_open, high, high_open)}
     if isinstance(default, (list, tuple)):
         return field(default_factory=lambda: list(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -32,27 +35,29 @@ class TrainConfig:
     train: str = _opt("", "training data file", required=True)
     eval: str | None = _opt(None, "evaluation data file (evaluated every epoch or --eval-steps)")
     output: str = _opt("", "output folder (config.yaml, best/, last/, metrics.json, runs/)", required=True)
-    epochs: float = _opt(3.0, "training epochs (fractions allowed)")
-    batch_size: int = _opt(32, "training batch size (per optimizer step: times --grad-accum)")
-    eval_batch_size: int = _opt(64, "evaluation batch size")
-    grad_accum: int = _opt(1, "gradient accumulation steps")
-    lr: float = _opt(2e-4, "peak learning rate (AdamW)")
-    weight_decay: float = _opt(0.01, "AdamW weight decay")
+    epochs: float = _opt(3.0, "training epochs (fractions allowed)", low=0, low_open=True)
+    batch_size: int = _opt(32, "training batch size (per optimizer step: times --grad-accum)", low=1)
+    eval_batch_size: int = _opt(64, "evaluation batch size", low=1)
+    grad_accum: int = _opt(1, "gradient accumulation steps", low=1)
+    lr: float = _opt(2e-4, "peak learning rate (AdamW)", low=0, low_open=True)
+    weight_decay: float = _opt(0.01, "AdamW weight decay", low=0)
     scheduler: str = _opt("linear", "learning-rate schedule: linear warmup+decay, cosine, constant, or "
                           "plateau (reduce on eval plateau)", choices=("linear", "cosine", "constant", "plateau"))
-    warmup_ratio: float = _opt(0.1, "share of steps with a linear warmup (linear, cosine, constant)")
-    plateau_patience: int = _opt(1, "plateau: evaluations without improvement before the LR drops")
-    plateau_factor: float = _opt(0.5, "plateau: factor the LR is multiplied by")
-    max_grad_norm: float = _opt(1.0, "gradient clipping norm (0: off)")
-    max_length: int = _opt(128, "maximum tokens per example (see `qtune data stats`)")
-    eval_steps: int = _opt(0, "evaluate every N optimizer steps (0: once per epoch)")
-    logging_steps: int = _opt(10, "log training loss every N optimizer steps")
+    warmup_ratio: float = _opt(0.1, "share of steps with a linear warmup (linear, cosine, constant)", low=0,
+                               high=1, high_open=True)
+    plateau_patience: int = _opt(1, "plateau: evaluations without improvement before the LR drops", low=0)
+    plateau_factor: float = _opt(0.5, "plateau: factor the LR is multiplied by", low=0, low_open=True, high=1,
+                                 high_open=True)
+    max_grad_norm: float = _opt(1.0, "gradient clipping norm (0: off)", low=0)
+    max_length: int = _opt(128, "maximum tokens per example (see `qtune data stats`)", low=4)
+    eval_steps: int = _opt(0, "evaluate every N optimizer steps (0: once per epoch)", low=0)
+    logging_steps: int = _opt(10, "log training loss every N optimizer steps", low=1)
     group_by_length: bool = _opt(True, "length-grouped batches (less padding)")
     seed: int = _opt(42, "random seed (data order, initialisation, dropout)")
     full: bool = _opt(False, "full fine-tuning instead of LoRA")
-    lora_r: int = _opt(8, "LoRA rank")
-    lora_alpha: int = _opt(32, "LoRA alpha")
-    lora_dropout: float = _opt(0.1, "LoRA dropout")
+    lora_r: int = _opt(8, "LoRA rank", low=1)
+    lora_alpha: int = _opt(32, "LoRA alpha", low=1)
+    lora_dropout: float = _opt(0.1, "LoRA dropout", low=0, high=1, high_open=True)
     lora_targets: list[str] | None = _opt(None, "LoRA target modules (default: the attention projections)")
     precision: str = _opt("auto", "auto (bf16 on a GPU that supports it, else fp32), fp32 or bf16",
                           choices=("auto", "fp32", "bf16"))
@@ -67,7 +72,7 @@ class PairClsConfig(TrainConfig):
     text_columns: list[str] = _opt(["sentence1", "sentence2"], "the two text columns")
     label_column: str = _opt("label", "the label column")
     labels: list[str] = _opt(["0", "1"], "label values in the file, in class order (last = positive)")
-    max_length: int = _opt(128, "maximum tokens per pair, both sentences together")
+    max_length: int = _opt(128, "maximum tokens per pair, both sentences together", low=4)
 
 
 TASK_CONFIGS: dict[str, type[TrainConfig]] = {"pair-cls": PairClsConfig}
@@ -125,11 +130,22 @@ def build_config(cls: type, values: dict, source: str = "config") -> Any:
         choices = names[name].metadata.get("choices")
         if choices and checked[name] not in choices:
             raise QtuneError(f"{source}: '{name}' must be one of {', '.join(choices)}, got {value!r}")
+        _check_bounds(checked[name], names[name].metadata.get("bounds"), f"{source}: '{name}'")
     config = cls(**checked)
     missing = [f.name for f in dataclasses.fields(cls) if f.metadata.get("required") and not getattr(config, f.name)]
     if missing:
         raise QtuneError(f"missing required setting(s): {', '.join('--' + m.replace('_', '-') for m in missing)}")
     return config
+
+
+def _check_bounds(value: Any, bounds: tuple | None, where: str) -> None:
+    if value is None or bounds is None or not isinstance(value, (int, float)):
+        return
+    low, low_open, high, high_open = bounds
+    if low is not None and (value < low or (low_open and value == low)):
+        raise QtuneError(f"{where} must be {'>' if low_open else '>='} {low}, got {value!r}")
+    if high is not None and (value > high or (high_open and value == high)):
+        raise QtuneError(f"{where} must be {'<' if high_open else '<='} {high}, got {value!r}")
 
 
 def _coerce(value: Any, kind: type, item: type | None, where: str) -> Any:

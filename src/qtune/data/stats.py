@@ -48,8 +48,12 @@ def plot_lengths(lengths: Sequence[int], summary: dict, path: str | Path, title:
 
     from qtune.io import atomic_path
 
+    import numpy as np
+
     fig, ax = plt.subplots(figsize=(7, 3.8))
-    ax.hist(lengths, bins=min(60, max(10, len(set(lengths)))), color="#4C72B0")
+    lo, hi = min(lengths), max(lengths)
+    step = max(1, (hi - lo) // 60 + 1)  # whole-token bins, at most about 60 of them
+    ax.hist(lengths, bins=np.arange(lo, hi + step + 1, step) - 0.5, color="#4C72B0")
     for key, style in (("p50", ":"), ("p99", "--")):
         ax.axvline(summary[key], color="black", linestyle=style, label=f"{key} = {summary[key]}")
     ax.axvline(summary["suggested_max_length"], color="#C44E52",

@@ -6,6 +6,7 @@ import os
 from dataclasses import replace
 from pathlib import Path
 
+from qtune.errors import QtuneError
 from qtune.io import atomic_dir
 from qtune.modeling.loading import LoadedModel, load_model
 
@@ -29,10 +30,16 @@ def save_checkpoint(loaded: LoadedModel, folder: str | os.PathLike, extra_files:
 
 
 def export_merged(model_dir: str | os.PathLike, output: str | os.PathLike) -> Path:
-    """Merge a LoRA checkpoint into a plain transformers checkpoint (loadable without peft)."""
+    """Merge a LoRA checkpoint into a plain transformers checkpoint (loadable without peft).
+
+    The output folder must not exist yet (or be empty): an export never replaces other files.
+    """
+    output = Path(output).resolve()
+    if output.exists() and (not output.is_dir() or any(output.iterdir())):
+        raise QtuneError(f"{output} already exists and is not empty; choose a new --output")
     loaded = load_model(model_dir, device="cpu", precision="fp32")
     if loaded.is_adapter:
         loaded.model = loaded.model.merge_and_unload()
     with atomic_dir(output) as tmp:
         save_model_files(loaded, tmp)
-    return Path(output)
+    return output
