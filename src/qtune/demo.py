@@ -57,9 +57,10 @@ def run_demo(output: str | Path = "demo-output", epochs: float = 6.0) -> dict:
     print(f"tokens per pair: p50 {summary['p50']}, p99 {summary['p99']}, max {summary['max']}; "
           f"suggested --max-length {summary['suggested_max_length']}")
 
-    run_dir = output / "pair-cls"
-    if run_dir.exists():  # the demo's own folder: a rerun starts afresh
-        shutil.rmtree(run_dir)
+    run_dir, merged = output / "pair-cls", output / "pair-cls-merged"
+    for own in (run_dir, merged):  # the demo's own folders: a rerun starts afresh
+        if own.exists():
+            shutil.rmtree(own)
     print(f"\n== 2. train: all-MiniLM-L6-v2 with a 2-way head, full fine-tuning -> {run_dir}")
     config = PairClsConfig(model=model, train=str(files["train"]), eval=str(files["dev"]), output=str(run_dir),
                            epochs=epochs, batch_size=16, lr=1e-4, full=True,
@@ -73,7 +74,6 @@ def run_demo(output: str | Path = "demo-output", epochs: float = 6.0) -> dict:
     _print_table(["metric", "before training", "fine-tuned"],
                  [[k, base[k], tuned[k]] for k in ("accuracy", "macro_f1", "best_threshold_macro_f1")])
 
-    merged = output / "pair-cls-merged"
     api.export(str(run_dir / "best"), str(merged))
     print(f"\n== 4. export: a plain transformers checkpoint (LoRA runs are merged) -> {merged}")
     clf = api.load(merged, device="cpu")
