@@ -15,7 +15,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from qtune.config import PairClsConfig, config_to_yaml
+from qtune.config import EmbeddingConfig, PairClsConfig, config_to_yaml
 from qtune.errors import QtuneError
 from qtune.io import write_text
 from qtune.modeling.loading import LoadedModel, LoraSettings, load_model
@@ -74,6 +74,10 @@ def load(name_or_path: str | Path, task: str | None = None, *, device: str = "au
     loaded = load_model(name_or_path, task=task, labels=labels, device=device, precision=precision)
     if loaded.meta.task == "pair-cls":
         return PairClassifier(loaded)
+    if loaded.meta.task == "embedding":
+        from qtune.modeling.embedding import Embedder
+
+        return Embedder(loaded)
     raise QtuneError(f"no inference API for task {loaded.meta.task!r} yet")
 
 
@@ -99,7 +103,7 @@ def _train_pair_cls(config: PairClsConfig, on_step=None) -> tuple[LoadedModel, d
 
     from qtune.data.pairs import read_pairs
     from qtune.tasks import pair_classification as task
-    from qtune.training.trainer import STATE_FILE, TaskHooks, fit
+    from qtune.training.trainer import TaskHooks, fit
 
     read = partial(read_pairs, text_columns=config.text_columns, label_column=config.label_column,
                    labels=config.labels)
@@ -107,24 +111,9 @@ def _train_pair_cls(config: PairClsConfig, on_step=None) -> tuple[LoadedModel, d
     train_pairs = read(config.train)
     eval_pairs = read(config.eval) if config.eval else None
 
-    output = Path(config.output)
-    last = output / "last"
-    if config.resume and not (last / STATE_FILE).is_file():
-        raise QtuneError(f"nothing to resume: {last / STATE_FILE} does not exist")
-    if not config.resume and last.exists():
-        raise QtuneError(f"{output} already holds a run; pass --resume to continue it or choose another --output")
-
-    _seed_everything(config.seed)
-    common = dict(trainable=True, device=config.device, precision=config.precision)
-    if config.resume:
-        loaded = load_model(last, task="pair-cls", **common)
-    else:
-        lora = None if config.full else LoraSettings(config.lora_r, config.lora_alpha, config.lora_dropout,
-                                                     config.lora_targets)
-        loaded = load_model(config.model, task="pair-cls", labels=config.labels, max_length=config.max_length,
-                            lora=lora, **common)
-    write_text(output / "config.yaml", config_to_yaml(dataclasses.replace(config, resume=False)))
-
+    lora = None if config.full else LoraSettings(config.lora_r, config.lora_alpha, config.lora_dropout,
+                                                 config.lora_targets)
+    loaded = _start_run(config, "pair-cls", lora=lora, labels=config.labels)
     encoder = task.PairEncoder(loaded.tokenizer, loaded.family.is_decoder, config.max_length)
     features = encoder.encode_pairs(train_pairs)
     evaluate = None
@@ -138,12 +127,84 @@ def _train_pair_cls(config: PairClsConfig, on_step=None) -> tuple[LoadedModel, d
 
     hooks = TaskHooks(collate=partial(task.collate, loaded.tokenizer), loss=task.loss, evaluate=evaluate,
                       best_metric="macro_f1")
-    result = fit(config, loaded, features, hooks, resume_state=last / STATE_FILE if config.resume else None,
-                 on_step=on_step)
+    result = fit(config, loaded, features, hooks, resume_state=_resume_state(config), on_step=on_step)
     return loaded, result
 
 
-TRAINERS = {"pair-cls": train_pair_cls}
+def _resume_state(config) -> Path | None:
+    from qtune.training.trainer import STATE_FILE
+
+    return Path(config.output, "last", STATE_FILE) if config.resume else None
+
+
+def _start_run(config, task: str, *, lora: LoraSettings | None, **load_kwargs) -> LoadedModel:
+    """Checks the output folder, seeds, loads the model (fresh or from last/) and writes config.yaml.
+
+    Called after the data was read, so bad data never gets this far.
+    """
+    from qtune.training.trainer import STATE_FILE
+
+    output = Path(config.output)
+    last = output / "last"
+    if config.resume and not (last / STATE_FILE).is_file():
+        raise QtuneError(f"nothing to resume: {last / STATE_FILE} does not exist")
+    if not config.resume and last.exists():
+        raise QtuneError(f"{output} already holds a run; pass --resume to continue it or choose another --output")
+    _seed_everything(config.seed)
+    common = dict(task=task, trainable=True, device=config.device, precision=config.precision)
+    if config.resume:
+        loaded = load_model(last, **common)
+    else:
+        loaded = load_model(config.model, max_length=config.max_length, lora=lora, **common, **load_kwargs)
+    write_text(output / "config.yaml", config_to_yaml(dataclasses.replace(config, resume=False)))
+    return loaded
+
+
+def train_embedding(config: EmbeddingConfig, on_step=None) -> dict:
+    """Contrastive fine-tuning of an embedder; returns the metrics written to `output/metrics.json`."""
+    return _train_embedding(config, on_step)[1]
+
+
+def _train_embedding(config: EmbeddingConfig, on_step=None) -> tuple[LoadedModel, dict]:
+    from functools import partial
+
+    from qtune.data.retrieval import read_beir, read_query_groups
+    from qtune.evaluation.retrieval import evaluate_retrieval
+    from qtune.modeling.embedding import Embedder
+    from qtune.tasks import embedding as task
+    from qtune.training.trainer import TaskHooks, fit
+
+    groups = read_query_groups(config.train)
+    eval_set = read_beir(config.eval) if config.eval else None
+    lora = None if config.full else LoraSettings(config.lora_r, config.lora_alpha, config.lora_dropout,
+                                                 config.lora_targets)
+    loaded = _start_run(config, "embedding", lora=lora)
+    if config.query_instruction is not None and not config.resume:
+        loaded.meta.query_instruction = config.query_instruction or None
+    embedder = Embedder(loaded)
+    if config.matryoshka_dims and max(config.matryoshka_dims) > embedder.dimension:
+        raise QtuneError(f"--matryoshka-dims must not exceed the model's {embedder.dimension} dimensions")
+    features = task.group_features(groups, embedder.features, config.hard_negatives)
+    settings = task.ContrastiveSettings(pooling=loaded.meta.pooling, temperature=config.temperature,
+                                        false_negative_offset=config.false_negative_offset,
+                                        matryoshka_dims=tuple(config.matryoshka_dims or ()),
+                                        mini_batch_size=config.mini_batch_size)
+    evaluate = None
+    if eval_set is not None:
+        def evaluate(model: LoadedModel) -> dict:
+            return evaluate_retrieval(Embedder(model), eval_set, top_k=config.eval_top_k,
+                                      batch_size=config.eval_batch_size)
+
+    hooks = TaskHooks(
+        collate=partial(task.collate, loaded.tokenizer), loss=partial(task.loss, settings=settings),
+        evaluate=evaluate, best_metric="ndcg@10",
+        batches=partial(task.unique_text_batches, features, config.batch_size, seed=config.seed),
+        backward=partial(task.cached_backward, settings=settings) if config.cached else None)
+    result = fit(config, loaded, features, hooks, resume_state=_resume_state(config), on_step=on_step)
+    return loaded, result
+
+
+TRAINERS = {"pair-cls": train_pair_cls, "embedding": train_embedding}
 
 
 def train(task: str, config) -> dict:
@@ -221,3 +282,70 @@ def pair_length_stats(data: str, model: str, *, text_columns: Sequence[str] = ("
     if plot:
         plot_lengths(lengths, summary, plot, f"{Path(data).name}: tokens per pair ({Path(str(model)).name})")
     return summary, lengths
+
+
+def evaluate_retrieval_models(model: str, data: str, *, compare: str | None = None, output: str | None = None,
+                              triplets: str | None = None, top_k: int = 100, batch_size: int = 64,
+                              device: str = "auto", precision: str = "auto") -> dict:
+    """nDCG/Recall/MRR/MAP of one embedder (or two side by side) on a BEIR folder; optional report."""
+    from qtune.data.retrieval import read_beir, read_query_groups
+    from qtune.evaluation.retrieval import evaluate_retrieval, triplet_margin, write_retrieval_outputs
+
+    data_set = read_beir(data)
+    groups = read_query_groups(triplets) if triplets else None
+    results = {}
+    for name in [model] + ([compare] if compare else []):
+        embedder = load(name, task="embedding", device=device, precision=precision)
+        results[name] = evaluate_retrieval(embedder, data_set, top_k=top_k, batch_size=batch_size, progress=True)
+        if groups is not None:
+            results[name]["triplet_margin"] = triplet_margin(embedder, groups, batch_size=batch_size)
+    if output:
+        write_retrieval_outputs(results, str(data), output)
+    return results
+
+
+def mine(model: str, queries: str, corpus: str, output: str, settings=None, *, fmt: str = "flagembedding",
+         batch_size: int = 64, device: str = "auto", precision: str = "auto") -> str:
+    """Add hard negatives from `corpus` to each query group of `queries`; write them to `output`.
+
+    Returns a one-line summary (how many queries got fewer negatives than asked).
+    """
+    from qtune.data.retrieval import read_corpus, read_query_groups, write_query_groups
+    from qtune.data.tables import table_format
+    from qtune.mining import MiningSettings, mine_hard_negatives, summarize
+
+    settings = settings or MiningSettings()
+    if table_format(output) != "jsonl":
+        raise QtuneError(f"{output}: mined data is written as JSONL (.jsonl)")
+    groups = read_query_groups(queries)
+    passages = read_corpus(corpus)
+    texts = list(passages.values())
+    ids_by_text: dict[str, list[int]] = {}
+    for i, text in enumerate(texts):
+        ids_by_text.setdefault(text, []).append(i)
+
+    embedder = load(model, task="embedding", device=device, precision=precision)
+    corpus_vecs = embedder.embed(texts, batch_size=batch_size, progress=True)
+    query_vecs = embedder.embed([g.query for g in groups], is_query=True, batch_size=batch_size, progress=True)
+    # Each group's lowest positive score (positives need not be in the corpus).
+    flat = [p for g in groups for p in g.positives]
+    pos_vecs = embedder.embed(flat, batch_size=batch_size, progress=True)
+    starts = np.cumsum([0] + [len(g.positives) for g in groups])
+    positive_scores = np.array([(pos_vecs[a:b] @ query_vecs[i]).min() for i, (a, b)
+                                in enumerate(zip(starts[:-1], starts[1:]))], dtype=np.float32)
+    positive_ids = [{j for p in g.positives for j in ids_by_text.get(p, ())} for g in groups]
+    result = mine_hard_negatives(query_vecs, corpus_vecs, positive_ids, positive_scores, settings)
+    # Mined negatives replace any the input had; a passage equal to a positive never becomes one.
+    mined = [dataclasses.replace(g, negatives=tuple(texts[j] for j in chosen if texts[j] not in g.positives))
+             for g, chosen in zip(groups, result.negatives)]
+    write_query_groups(output, mined, fmt=fmt)
+    return summarize(result, settings)
+
+
+def retrieval_split(table: str, output: str, *, question_column: str = "question", passage_column: str = "context",
+                    test_fraction: float = 0.1, seed: int = 42) -> dict:
+    """A QA table -> training JSONL + BEIR evaluation folder (seeded split by question)."""
+    from qtune.data.retrieval import qa_table_to_retrieval
+
+    return qa_table_to_retrieval(table, output, question_column=question_column, passage_column=passage_column,
+                                 test_fraction=test_fraction, seed=seed)

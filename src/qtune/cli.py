@@ -12,13 +12,14 @@ from qtune.config import TASK_CONFIGS, add_config_flags, config_from_args
 from qtune.errors import QtuneError
 
 
-def _device_flags(parser: argparse.ArgumentParser) -> None:
+def _device_flags(parser: argparse.ArgumentParser, pairs: bool = True) -> None:
     parser.add_argument("--batch-size", type=int, default=64, help="rows per forward pass (default: 64)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
     parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"),
                         help="auto: bf16 on a GPU that supports it, else fp32")
-    parser.add_argument("--text-columns", nargs=2, default=["sentence1", "sentence2"], metavar=("COL1", "COL2"),
-                        help="the two text columns (default: sentence1 sentence2)")
+    if pairs:
+        parser.add_argument("--text-columns", nargs=2, default=["sentence1", "sentence2"], metavar=("COL1", "COL2"),
+                            help="the two text columns (default: sentence1 sentence2)")
 
 
 def cmd_data_stats(args) -> None:
@@ -39,6 +40,32 @@ def cmd_data_stats(args) -> None:
     print(f"plot: {plot}")
 
 
+def cmd_data_retrieval_split(args) -> None:
+    from qtune.api import retrieval_split
+
+    stats = retrieval_split(args.table, args.output, question_column=args.question_column,
+                            passage_column=args.passage_column, test_fraction=args.test_fraction, seed=args.seed)
+    print(f"wrote {args.output}/train.jsonl ({stats['train_queries']} queries) and {args.output}/test/ "
+          f"({stats['test_queries']} queries, {stats['corpus']} passages)")
+    if stats.get("moved"):
+        print(f"moved {stats['moved']} training rows to test: their question is also a test question")
+
+
+def cmd_mine(args) -> None:
+    from qtune.api import mine
+    from qtune.mining import MiningSettings
+
+    try:
+        settings = MiningSettings(range_min=args.range_min, range_max=args.range_max, max_score=args.max_score,
+                                  margin=args.margin, num_negatives=args.num_negatives, sampling=args.sampling,
+                                  seed=args.seed)
+    except ValueError as e:
+        raise QtuneError(str(e)) from None
+    print(mine(args.model, args.queries, args.corpus, args.output, settings, fmt=args.format,
+               batch_size=args.batch_size, device=args.device, precision=args.precision))
+    print(f"wrote {args.output}")
+
+
 def cmd_train(args) -> None:
     from qtune.api import train
 
@@ -48,6 +75,18 @@ def cmd_train(args) -> None:
     shown = {k: v for k, v in best.items() if isinstance(v, (int, float))}
     print(f"done: {config.output}  best {result['best_metric']}: "
           + (", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in shown.items()) or "n/a"))
+
+
+def cmd_eval_retrieval(args) -> None:
+    from qtune.api import evaluate_retrieval_models
+    from qtune.evaluation.retrieval import retrieval_report
+
+    results = evaluate_retrieval_models(args.model, args.data, compare=args.compare, output=args.output,
+                                        triplets=args.triplets, top_k=args.top_k, batch_size=args.batch_size,
+                                        device=args.device, precision=args.precision)
+    print(retrieval_report(results, args.data))
+    if args.output:
+        print(f"wrote {args.output}/metrics.json, report.md, retrieval.png")
 
 
 def cmd_eval(args) -> None:
@@ -96,6 +135,32 @@ def build_parser() -> argparse.ArgumentParser:
     stats.add_argument("--plot", help="PNG histogram path (default: FILE-STEM.lengths.png here)")
     stats.add_argument("--json", action="store_true", help="print the summary as JSON")
     stats.set_defaults(func=cmd_data_stats)
+    split = data.add_parser("retrieval-split", help="QA table -> training JSONL + BEIR test folder (split by question)")
+    split.add_argument("table", help="CSV/TSV/JSONL with a question and a passage column")
+    split.add_argument("--output", required=True, help="folder for train.jsonl and test/")
+    split.add_argument("--question-column", default="question")
+    split.add_argument("--passage-column", default="context")
+    split.add_argument("--test-fraction", type=float, default=0.1)
+    split.add_argument("--seed", type=int, default=42)
+    split.set_defaults(func=cmd_data_retrieval_split)
+
+    sub = commands.add_parser("mine", help="hard negatives for retrieval training, from a base embedder")
+    sub.add_argument("--model", required=True, help="embedding model used to rank the corpus")
+    sub.add_argument("--queries", required=True, help="training JSONL: {query, pos} or {query, response}")
+    sub.add_argument("--corpus", required=True, help="BEIR corpus.jsonl or one passage per line")
+    sub.add_argument("--output", required=True, help="JSONL with the mined negatives")
+    sub.add_argument("--range-min", type=int, default=20, help="skip the top N candidates (default: 20)")
+    sub.add_argument("--range-max", type=int, default=50, help="look no deeper than rank N (default: 50)")
+    sub.add_argument("--max-score", type=float, default=0.8, help="drop candidates above this score (default: 0.8)")
+    sub.add_argument("--margin", type=float, default=0.1,
+                     help="drop candidates within this of the positive's score (default: 0.1)")
+    sub.add_argument("--num-negatives", type=int, default=5)
+    sub.add_argument("--sampling", choices=("top", "random"), default="top")
+    sub.add_argument("--seed", type=int, default=42)
+    sub.add_argument("--format", choices=("flagembedding", "swift"), default="flagembedding",
+                     help="{query,pos,neg} or {query,response,rejected_response}")
+    _device_flags(sub, pairs=False)
+    sub.set_defaults(func=cmd_mine)
 
     train = commands.add_parser("train", help="fine-tune a model").add_subparsers(dest="task", required=True)
     for task, cls in TASK_CONFIGS.items():
@@ -112,6 +177,15 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--label-column", default="label")
     _device_flags(sub)
     sub.set_defaults(func=cmd_eval)
+    sub = evaluate.add_parser("retrieval", help="nDCG@k, Recall@k, MRR@10, MAP@100 on a BEIR folder")
+    sub.add_argument("--model", required=True, help="embedding model: trained folder or base model")
+    sub.add_argument("--data", required=True, help="BEIR folder (corpus.jsonl, queries.jsonl, qrels/test.tsv)")
+    sub.add_argument("--compare", help="a second model, side by side (e.g. the base model)")
+    sub.add_argument("--output", help="folder for metrics.json, report.md and retrieval.png")
+    sub.add_argument("--triplets", help="JSONL with negatives: also report mean sim(q,pos) - sim(q,neg)")
+    sub.add_argument("--top-k", type=int, default=100, help="passages retrieved per query (default: 100)")
+    _device_flags(sub, pairs=False)
+    sub.set_defaults(func=cmd_eval_retrieval)
 
     predict = commands.add_parser("predict", help="predict a file").add_subparsers(dest="task", required=True)
     sub = predict.add_parser("pair-cls", help="probability and label for every row, in input order")

@@ -52,7 +52,6 @@ class TrainConfig:
     max_length: int = _opt(128, "maximum tokens per example (see `qtune data stats`)", low=4)
     eval_steps: int = _opt(0, "evaluate every N optimizer steps (0: once per epoch)", low=0)
     logging_steps: int = _opt(10, "log training loss every N optimizer steps", low=1)
-    group_by_length: bool = _opt(True, "length-grouped batches (less padding)")
     seed: int = _opt(42, "random seed (data order, initialisation, dropout)")
     full: bool = _opt(False, "full fine-tuning instead of LoRA")
     lora_r: int = _opt(8, "LoRA rank", low=1)
@@ -72,10 +71,31 @@ class PairClsConfig(TrainConfig):
     text_columns: list[str] = _opt(["sentence1", "sentence2"], "the two text columns")
     label_column: str = _opt("label", "the label column")
     labels: list[str] = _opt(["0", "1"], "label values in the file, in class order (last = positive)")
+    group_by_length: bool = _opt(True, "length-grouped batches (less padding)")
     max_length: int = _opt(128, "maximum tokens per pair, both sentences together", low=4)
 
 
-TASK_CONFIGS: dict[str, type[TrainConfig]] = {"pair-cls": PairClsConfig}
+@dataclass(kw_only=True)
+class EmbeddingConfig(TrainConfig):
+    """`qtune train embedding`: InfoNCE over in-batch and mined hard negatives."""
+
+    eval: str | None = _opt(None, "BEIR folder (corpus.jsonl, queries.jsonl, qrels/test.tsv) evaluated during training")
+    batch_size: int = _opt(64, "query groups per batch (in-batch negatives grow with it)", low=1)
+    lr: float = _opt(2e-4, "peak learning rate (AdamW); about 2e-5 for --full", low=0, low_open=True)
+    epochs: float = _opt(1.0, "training epochs (fractions allowed)", low=0, low_open=True)
+    max_length: int = _opt(256, "maximum tokens per query or passage", low=4)
+    temperature: float = _opt(0.05, "InfoNCE temperature", low=0, low_open=True)
+    hard_negatives: int = _opt(7, "mined negatives used per query (0: in-batch negatives only)", low=0)
+    false_negative_offset: float | None = _opt(None, "mask in-batch candidates scoring above the positive plus "
+                                               "this (Qwen3-Embedding uses 0.1); off when unset")
+    cached: bool = _opt(False, "GradCache: same gradients, memory of --mini-batch-size rows")
+    mini_batch_size: int = _opt(32, "rows per forward pass with --cached", low=1)
+    matryoshka_dims: list[int] | None = _opt(None, "also train these leading dimensions (e.g. 256 128 64)")
+    query_instruction: str | None = _opt(None, "instruction for queries (default: the model family's; '' for none)")
+    eval_top_k: int = _opt(100, "passages retrieved per query when evaluating", low=1)
+
+
+TASK_CONFIGS: dict[str, type[TrainConfig]] = {"pair-cls": PairClsConfig, "embedding": EmbeddingConfig}
 
 
 def _field_type(cls, f: dataclasses.Field):

@@ -22,8 +22,9 @@ from qtune.modeling.family import Family, family_of
 log = logging.getLogger(__name__)
 
 META_FILE = "qtune.json"
-# Which transformers auto class carries each task's head.
-TASK_AUTO_CLASS = {"pair-cls": "AutoModelForSequenceClassification"}
+# Which transformers auto class carries each task's head, and the matching peft task type.
+TASK_AUTO_CLASS = {"pair-cls": "AutoModelForSequenceClassification", "embedding": "AutoModel"}
+TASK_PEFT_TYPE = {"pair-cls": "SEQ_CLS", "embedding": "FEATURE_EXTRACTION"}
 
 
 @dataclass
@@ -35,6 +36,9 @@ class CheckpointMeta:
     adapter: bool
     labels: list[str] = field(default_factory=list)
     max_length: int = 512
+    # embedding models: how a text becomes one vector (see qtune.modeling.embedding)
+    pooling: str | None = None  # "last", "mean" or "cls"
+    query_instruction: str | None = None
     qtune_version: str = __version__
 
     def save(self, folder: str | os.PathLike) -> None:
@@ -168,9 +172,18 @@ def load_model(name_or_path: str | os.PathLike, *, task: str | None = None, labe
     elif max_length is not None:
         meta.max_length = max_length
 
-    num_labels = len(meta.labels)
-    head_kwargs = dict(num_labels=num_labels, id2label=dict(enumerate(meta.labels)),
-                       label2id={name: i for i, name in enumerate(meta.labels)}, pad_token_id=tokenizer.pad_token_id)
+    if task == "pair-cls":
+        head_kwargs = dict(num_labels=len(meta.labels), id2label=dict(enumerate(meta.labels)),
+                           label2id={name: i for i, name in enumerate(meta.labels)},
+                           pad_token_id=tokenizer.pad_token_id)
+    else:
+        meta.labels = []
+        head_kwargs = {}
+        if meta.pooling is None:
+            from qtune.modeling.embedding import default_pooling, default_query_instruction
+
+            meta.pooling = default_pooling(name_or_path, family)
+            meta.query_instruction = default_query_instruction(family)
     # Frozen base weights can live in bf16 (half the memory, faster); trained ones stay fp32.
     frozen_base = chosen == "bf16" and (lora is not None or (meta.adapter and not trainable))
     dtype = torch.bfloat16 if frozen_base else torch.float32
@@ -186,7 +199,7 @@ def load_model(name_or_path: str | os.PathLike, *, task: str | None = None, labe
 
         model = PeftModel.from_pretrained(model, name_or_path, is_trainable=trainable)
     elif lora is not None:
-        model = _add_lora(model, family, lora, _untrained_modules(info.get("missing_keys", ())))
+        model = _add_lora(model, family, lora, _untrained_modules(info.get("missing_keys", ())), task)
     if trainable:
         for p in model.parameters():
             if p.requires_grad:
@@ -206,11 +219,11 @@ def _untrained_modules(missing_keys: Sequence[str]) -> list[str]:
     return sorted({key.rsplit(".", 1)[0] for key in missing_keys})
 
 
-def _add_lora(model, family: Family, lora: LoraSettings, extra_modules: Sequence[str]):
+def _add_lora(model, family: Family, lora: LoraSettings, extra_modules: Sequence[str], task: str):
     from peft import LoraConfig, TaskType, get_peft_model
 
     targets = list(lora.targets) if lora.targets else family.attention_targets
-    config = LoraConfig(task_type=TaskType.SEQ_CLS, r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+    config = LoraConfig(task_type=getattr(TaskType, TASK_PEFT_TYPE[task]), r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                         target_modules=targets, modules_to_save=list(extra_modules) or None)
     try:
         return get_peft_model(model, config)

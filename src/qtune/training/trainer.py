@@ -30,6 +30,10 @@ class TaskHooks:
     loss: Callable[[object, dict], object]  # (model, batch) -> scalar loss tensor
     evaluate: Callable[[LoadedModel], dict] | None  # -> metrics; None when there is no eval data
     best_metric: str  # higher is better
+    # epoch -> batches of feature indices; default: length-grouped batches of config.batch_size
+    batches: Callable[[int], list[list[int]]] | None = None
+    # (model, batch, scale) -> detached loss, for tasks that run their own backward (GradCache)
+    backward: Callable[[object, dict, float], object] | None = None
 
 
 @dataclass
@@ -57,8 +61,15 @@ def fit(config: TrainConfig, loaded: LoadedModel, features: Sequence[dict], hook
 
     output = Path(config.output)
     model = loaded.model
-    lengths = [len(f["input_ids"]) for f in features]
-    batches_per_epoch = math.ceil(len(features) / config.batch_size)
+    if hooks.batches is None:
+        lengths = [len(f["input_ids"]) for f in features]
+
+        def batches_for(epoch: int) -> list[list[int]]:
+            return length_grouped_batches(lengths, config.batch_size, seed=config.seed, epoch=epoch,
+                                          group_by_length=getattr(config, "group_by_length", True))
+    else:
+        batches_for = hooks.batches
+    batches_per_epoch = len(batches_for(0))
     total_batches = max(1, math.ceil(batches_per_epoch * config.epochs))
     full_epochs, rest = divmod(total_batches, batches_per_epoch)
     total_steps = full_epochs * math.ceil(batches_per_epoch / config.grad_accum) + math.ceil(rest / config.grad_accum)
@@ -115,15 +126,19 @@ def fit(config: TrainConfig, loaded: LoadedModel, features: Sequence[dict], hook
     model.train()
     try:
         while done_batches < total_batches:
-            order = length_grouped_batches(lengths, config.batch_size, seed=config.seed, epoch=progress.epoch,
-                                           group_by_length=config.group_by_length)
+            order = batches_for(progress.epoch)
             for batch_idx in order[progress.batches_done:]:
                 batch = hooks.collate([features[i] for i in batch_idx])
-                tokens += int(batch["attention_mask"].sum())  # counted on the host copy: no device sync
+                # counted on the host copy: no device sync
+                tokens += sum(int(v.sum()) for k, v in batch.items() if k.endswith("attention_mask"))
                 batch = {k: v.to(loaded.device, non_blocking=True) for k, v in batch.items()}
                 with loaded.autocast():
-                    loss = hooks.loss(model, batch)
-                (loss / config.grad_accum).backward()
+                    if hooks.backward is not None:
+                        loss = hooks.backward(model, batch, 1.0 / config.grad_accum)
+                    else:
+                        loss = hooks.loss(model, batch)
+                if hooks.backward is None:
+                    (loss / config.grad_accum).backward()
                 samples += len(batch_idx)
                 done_batches += 1
                 progress.batches_done += 1

@@ -1,0 +1,87 @@
+"""Retrieval evaluation: exact search over a BEIR set, metrics, and base-vs-tuned reports."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from qtune.evaluation.report import markdown_table
+from qtune.io import atomic_path, write_json, write_text
+from qtune.records import QueryGroup, RetrievalSet
+
+REPORT_METRICS = ("ndcg@1", "ndcg@3", "ndcg@5", "ndcg@10", "recall@1", "recall@10", "recall@100", "mrr@10",
+                  "map@100")
+
+
+def evaluate_retrieval(embedder, data: RetrievalSet, *, top_k: int = 100, batch_size: int = 64,
+                       progress: bool = False) -> dict:
+    """Embed corpus and queries, search exactly (inner product of unit vectors), score the ranking."""
+    from qtune.evaluation.retrieval_metrics import retrieval_metrics
+    from qtune.mining import exact_search
+
+    doc_ids = list(data.corpus)
+    query_ids = list(data.queries)
+    corpus = embedder.embed([data.corpus[d] for d in doc_ids], batch_size=batch_size, progress=progress)
+    queries = embedder.embed([data.queries[q] for q in query_ids], is_query=True, batch_size=batch_size,
+                             progress=progress)
+    _, ranked = exact_search(queries, corpus, min(top_k, len(doc_ids)))  # (queries, k)
+    run = {qid: [doc_ids[j] for j in row] for qid, row in zip(query_ids, ranked)}
+    return retrieval_metrics(run, data.qrels)
+
+
+def triplet_margin(embedder, groups: Sequence[QueryGroup], batch_size: int = 64) -> float | None:
+    """Mean sim(q, positive) - sim(q, negative) over every (query, first positive, negative) triplet."""
+    from qtune.evaluation.retrieval_metrics import mean_margin
+
+    triplets = [(g.query, g.positives[0], n) for g in groups for n in g.negatives]
+    if not triplets:
+        return None
+    q = embedder.embed([t[0] for t in triplets], is_query=True, batch_size=batch_size)
+    p = embedder.embed([t[1] for t in triplets], batch_size=batch_size)
+    n = embedder.embed([t[2] for t in triplets], batch_size=batch_size)
+    return float(mean_margin((q * p).sum(axis=1), (q * n).sum(axis=1)))
+
+
+def retrieval_report(results: dict[str, dict], data: str) -> str:
+    names = list(results)
+    keys = [k for k in (*REPORT_METRICS, "triplet_margin") if any(k in results[n] for n in names)]
+    rows = [[k] + [results[n].get(k, "") for n in names] for k in keys]
+    header = ["metric", *names]
+    if len(names) == 2:
+        header.append("change")
+        for row in rows:
+            a, b = row[1], row[2]
+            row.append(f"{b - a:+.4f}" if isinstance(a, float) and isinstance(b, float) else "")
+    return "\n".join([f"# Retrieval: {data}", "", markdown_table(header, rows), ""])
+
+
+def plot_retrieval(results: dict[str, dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = ["ndcg@10", "recall@10", "recall@100", "mrr@10", "map@100"]
+    width = 0.8 / len(results)
+    fig, ax = plt.subplots(figsize=(8, 4))
+    for i, (name, metrics) in enumerate(results.items()):
+        values = [metrics.get(k, 0.0) for k in keys]
+        bars = ax.bar(np.arange(len(keys)) + i * width, values, width, label=Path(name).name or name)
+        ax.bar_label(bars, fmt="%.3f", fontsize=7)
+    ax.set_xticks(np.arange(len(keys)) + width * (len(results) - 1) / 2, keys)
+    ax.set_ylim(0, 1.05)
+    ax.legend(fontsize=8)
+    ax.set_title("retrieval quality", fontsize=10)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+    plt.close(fig)
+
+
+def write_retrieval_outputs(results: dict[str, dict], data: str, output: str | Path) -> None:
+    output = Path(output)
+    write_json(output / "metrics.json", results)
+    write_text(output / "report.md", retrieval_report(results, data))
+    plot_retrieval(results, output / "retrieval.png")
