@@ -198,7 +198,7 @@ def _train_embedding(config: EmbeddingConfig, on_step=None) -> tuple[LoadedModel
     hooks = TaskHooks(
         collate=partial(task.collate, loaded.tokenizer), loss=partial(task.loss, settings=settings),
         evaluate=evaluate, best_metric="ndcg@10",
-        batches=partial(task.unique_text_batches, features, config.batch_size, seed=config.seed),
+        batches=lambda epoch: task.unique_text_batches(features, config.batch_size, seed=config.seed, epoch=epoch),
         backward=partial(task.cached_backward, settings=settings) if config.cached else None)
     result = fit(config, loaded, features, hooks, resume_state=_resume_state(config), on_step=on_step)
     return loaded, result
@@ -343,9 +343,9 @@ def mine(model: str, queries: str, corpus: str, output: str, settings=None, *, f
 
 
 def retrieval_split(table: str, output: str, *, question_column: str = "question", passage_column: str = "context",
-                    test_fraction: float = 0.1, seed: int = 42) -> dict:
+                    test_fraction: float = 0.1, seed: int = 42, skip_empty: bool = False) -> dict:
     """A QA table -> training JSONL + BEIR evaluation folder (seeded split by question)."""
     from qtune.data.retrieval import qa_table_to_retrieval
 
     return qa_table_to_retrieval(table, output, question_column=question_column, passage_column=passage_column,
-                                 test_fraction=test_fraction, seed=seed)
+                                 test_fraction=test_fraction, seed=seed, skip_empty=skip_empty)

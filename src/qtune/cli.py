@@ -44,9 +44,12 @@ def cmd_data_retrieval_split(args) -> None:
     from qtune.api import retrieval_split
 
     stats = retrieval_split(args.table, args.output, question_column=args.question_column,
-                            passage_column=args.passage_column, test_fraction=args.test_fraction, seed=args.seed)
+                            passage_column=args.passage_column, test_fraction=args.test_fraction, seed=args.seed,
+                            skip_empty=args.skip_empty)
     print(f"wrote {args.output}/train.jsonl ({stats['train_queries']} queries) and {args.output}/test/ "
           f"({stats['test_queries']} queries, {stats['corpus']} passages)")
+    if stats.get("skipped"):
+        print(f"skipped {stats['skipped']} rows with an empty question or passage (after the split)")
     if stats.get("moved"):
         print(f"moved {stats['moved']} training rows to test: their question is also a test question")
 
@@ -142,6 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
     split.add_argument("--passage-column", default="context")
     split.add_argument("--test-fraction", type=float, default=0.1)
     split.add_argument("--seed", type=int, default=42)
+    split.add_argument("--skip-empty", action="store_true",
+                       help="drop rows with an empty question or passage after the split (default: error)")
     split.set_defaults(func=cmd_data_retrieval_split)
 
     sub = commands.add_parser("mine", help="hard negatives for retrieval training, from a base embedder")

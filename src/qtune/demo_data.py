@@ -698,6 +698,14 @@ def make_pairs(seed: int = 0) -> tuple[list[Pair], list[Pair]]:
     generalisation to unseen wording, not memorisation. The result depends only on `seed`.
     """
     rng = random.Random(seed)
+    train_sents, dev_sents = _split_sentences(rng)
+    train = _build_split(train_sents, TRAIN_PAIRS, rng)
+    dev = _build_split(dev_sents, DEV_PAIRS, rng)
+    return train, dev
+
+
+def _split_sentences(rng: random.Random) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
+    """Per intent: the training sentences and the held-out dev paraphrases."""
     train_sents: dict[str, list[str]] = {}
     dev_sents: dict[str, list[str]] = {}
     for intent in INTENTS:
@@ -707,9 +715,33 @@ def make_pairs(seed: int = 0) -> tuple[list[Pair], list[Pair]]:
         # The canonical question stays in train: it is also the FAQ entry the model will match.
         train_sents[intent.id] = [intent.question, *paraphrases[k:]]
         dev_sents[intent.id] = paraphrases[:k]
-    train = _build_split(train_sents, TRAIN_PAIRS, rng)
-    dev = _build_split(dev_sents, DEV_PAIRS, rng)
-    return train, dev
+    return train_sents, dev_sents
+
+
+def faq_passage(intent: FaqIntent) -> str:
+    """An FAQ entry as a retrieval passage: its question followed by its answer."""
+    return f"{intent.question} {intent.answer}"
+
+
+def write_demo_retrieval(out_dir: str | os.PathLike, seed: int = 0) -> dict[str, Path]:
+    """Retrieval data from the same split as `make_pairs`: customer paraphrases -> FAQ entries.
+
+    `train.jsonl` pairs each training paraphrase with its FAQ passage; `test/` is a BEIR folder
+    whose corpus is the 40 FAQ passages and whose queries are the held-out dev paraphrases.
+    """
+    from qtune.data.retrieval import write_beir, write_query_groups
+    from qtune.records import QueryGroup
+
+    out = Path(out_dir)
+    train_sents, dev_sents = _split_sentences(random.Random(seed))
+    passages = {intent.id: faq_passage(intent) for intent in INTENTS}
+    canonical = {intent.id: intent.question for intent in INTENTS}
+    groups = [QueryGroup(text, (passages[i],)) for i in passages for text in train_sents[i] if text != canonical[i]]
+    queries = {f"{i}-{n}": text for i in passages for n, text in enumerate(dev_sents[i])}
+    qrels = {qid: {qid.rsplit("-", 1)[0]: 1} for qid in queries}
+    write_query_groups(out / "train.jsonl", groups)
+    write_beir(out / "test", passages, queries, qrels)
+    return {"train": out / "train.jsonl", "test": out / "test", "corpus": out / "test" / "corpus.jsonl"}
 
 
 def _build_split(sents: dict[str, list[str]], size: int, rng: random.Random) -> list[Pair]:

@@ -14,3 +14,23 @@ class Pair:
     label: int | None = None
     # Where the row came from, for error messages downstream.
     line: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class QueryGroup:
+    """A query with passages that answer it and (optionally) passages that do not."""
+
+    query: str
+    positives: tuple[str, ...]
+    negatives: tuple[str, ...] = ()
+    # Where the group came from, for error messages downstream.
+    line: int | None = None
+
+
+@dataclass(frozen=True)
+class RetrievalSet:
+    """A BEIR-style evaluation set."""
+
+    corpus: dict[str, str]  # doc id -> passage text as the model sees it
+    queries: dict[str, str]  # query id -> text; only queries with >= 1 relevant doc
+    qrels: dict[str, dict[str, int]]  # query id -> {doc id: grade}, grades > 0 only

@@ -49,11 +49,11 @@ def retrieval_report(results: dict[str, dict], data: str) -> str:
     keys = [k for k in (*REPORT_METRICS, "triplet_margin") if any(k in results[n] for n in names)]
     rows = [[k] + [results[n].get(k, "") for n in names] for k in keys]
     header = ["metric", *names]
-    if len(names) == 2:
+    if len(names) == 2:  # --model first, --compare second: the change is model minus compare
         header.append("change")
         for row in rows:
             a, b = row[1], row[2]
-            row.append(f"{b - a:+.4f}" if isinstance(a, float) and isinstance(b, float) else "")
+            row.append(f"{a - b:+.4f}" if isinstance(a, float) and isinstance(b, float) else "")
     return "\n".join([f"# Retrieval: {data}", "", markdown_table(header, rows), ""])
 
 

@@ -72,6 +72,8 @@ def end_token_id(tokenizer) -> int | None:
 
 def tokenize_texts(tokenizer, texts: Sequence[str], *, max_length: int, is_decoder: bool) -> list[dict]:
     """Unpadded features; decoders get the end token appended after truncation, so it is never cut."""
+    if not texts:
+        return []
     if not is_decoder:
         enc = tokenizer(list(texts), truncation=True, max_length=max_length)
         return [{k: enc[k][i] for k in enc} for i in range(len(texts))]

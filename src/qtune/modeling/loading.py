@@ -168,7 +168,7 @@ def load_model(name_or_path: str | os.PathLike, *, task: str | None = None, labe
     if meta is None:
         labels = list(labels or ("0", "1"))
         meta = CheckpointMeta(task=task, base_model=name_or_path, adapter=lora is not None, labels=labels,
-                              max_length=max_length or 512)
+                              max_length=max_length or default_max_length(name_or_path, tokenizer))
     elif max_length is not None:
         meta.max_length = max_length
 
@@ -208,6 +208,17 @@ def load_model(name_or_path: str | os.PathLike, *, task: str | None = None, labe
     model.train(trainable)
     return LoadedModel(model=model, tokenizer=tokenizer, family=family, meta=meta, device=torch_device,
                        precision=chosen)
+
+
+def default_max_length(name_or_path: str, tokenizer) -> int:
+    """The model's own limit: sentence-transformers' max_seq_length, else the tokenizer's (capped at 512)."""
+    st_config = Path(name_or_path, "sentence_bert_config.json")
+    if st_config.is_file():
+        value = json.loads(st_config.read_text(encoding="utf-8")).get("max_seq_length")
+        if isinstance(value, int) and value > 0:
+            return value
+    limit = getattr(tokenizer, "model_max_length", None)
+    return int(limit) if isinstance(limit, int) and 0 < limit <= 512 else 512
 
 
 def _untrained_modules(missing_keys: Sequence[str]) -> list[str]:
