@@ -269,6 +269,7 @@ def test_matryoshka_dims_run(still_bert_dir, mapping_data, tmp_path, capsys):
                        "--output", tmp_path / "too-wide", "--matryoshka-dims", "64", "--hard-negatives", "0",
                        "--device", "cpu")
     assert_user_error(code, err, "--matryoshka-dims", "32 dimensions")
+    assert not (tmp_path / "too-wide").exists()  # refused before config.yaml is written
 
 
 # ---------------------------------------------------------------- 3. mine

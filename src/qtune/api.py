@@ -137,8 +137,9 @@ def _resume_state(config) -> Path | None:
     return Path(config.output, "last", STATE_FILE) if config.resume else None
 
 
-def _start_run(config, task: str, *, lora: LoraSettings | None, **load_kwargs) -> LoadedModel:
-    """Checks the output folder, seeds, loads the model (fresh or from last/) and writes config.yaml.
+def _start_run(config, task: str, *, lora: LoraSettings | None, validate=None, **load_kwargs) -> LoadedModel:
+    """Checks the output folder, seeds, loads the model (fresh or from last/), runs `validate(loaded)`
+    (settings that need the model) and only then writes config.yaml.
 
     Called after the data was read, so bad data never gets this far.
     """
@@ -156,6 +157,8 @@ def _start_run(config, task: str, *, lora: LoraSettings | None, **load_kwargs) -
         loaded = load_model(last, **common)
     else:
         loaded = load_model(config.model, max_length=config.max_length, lora=lora, **common, **load_kwargs)
+    if validate is not None:
+        validate(loaded)
     write_text(output / "config.yaml", config_to_yaml(dataclasses.replace(config, resume=False)))
     return loaded
 
@@ -178,12 +181,15 @@ def _train_embedding(config: EmbeddingConfig, on_step=None) -> tuple[LoadedModel
     eval_set = read_beir(config.eval) if config.eval else None
     lora = None if config.full else LoraSettings(config.lora_r, config.lora_alpha, config.lora_dropout,
                                                  config.lora_targets)
-    loaded = _start_run(config, "embedding", lora=lora)
+    def validate(model: LoadedModel) -> None:
+        width = Embedder(model).dimension
+        if config.matryoshka_dims and not all(0 < d <= width for d in config.matryoshka_dims):
+            raise QtuneError(f"--matryoshka-dims must be between 1 and the model's {width} dimensions")
+
+    loaded = _start_run(config, "embedding", lora=lora, validate=validate)
     if config.query_instruction is not None and not config.resume:
         loaded.meta.query_instruction = config.query_instruction or None
     embedder = Embedder(loaded)
-    if config.matryoshka_dims and max(config.matryoshka_dims) > embedder.dimension:
-        raise QtuneError(f"--matryoshka-dims must not exceed the model's {embedder.dimension} dimensions")
     features = task.group_features(groups, embedder.features, config.hard_negatives)
     settings = task.ContrastiveSettings(pooling=loaded.meta.pooling, temperature=config.temperature,
                                         false_negative_offset=config.false_negative_offset,
@@ -199,7 +205,8 @@ def _train_embedding(config: EmbeddingConfig, on_step=None) -> tuple[LoadedModel
         collate=partial(task.collate, loaded.tokenizer), loss=partial(task.loss, settings=settings),
         evaluate=evaluate, best_metric="ndcg@10",
         batches=lambda epoch: task.unique_text_batches(features, config.batch_size, seed=config.seed, epoch=epoch),
-        backward=partial(task.cached_backward, settings=settings) if config.cached else None)
+        backward=(lambda model, batch, scale: task.cached_backward(model, batch, settings, scale))
+        if config.cached else None)
     result = fit(config, loaded, features, hooks, resume_state=_resume_state(config), on_step=on_step)
     return loaded, result
 
