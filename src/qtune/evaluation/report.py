@@ -8,6 +8,12 @@ from typing import Sequence
 from qtune.io import atomic_path, write_json, write_text
 
 
+def short_name(name: str) -> str:
+    """A model's last two path parts ("run/best", "org/model"): enough to tell plots apart."""
+    parts = Path(name).parts
+    return "/".join(parts[-2:]) if parts else name
+
+
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     def cell(v: object) -> str:
         return f"{v:.4f}" if isinstance(v, float) else str(v)
@@ -53,7 +59,7 @@ def plot_confusion(results: dict[str, dict], path: Path) -> None:
         ax.set_yticks(range(len(labels)), labels)
         ax.set_xlabel("predicted")
         ax.set_ylabel("true")
-        ax.set_title(f"{Path(name).name}\nacc {metrics['accuracy']:.3f}  macro-F1 {metrics['macro_f1']:.3f}",
+        ax.set_title(f"{short_name(name)}\nacc {metrics['accuracy']:.3f}  macro-F1 {metrics['macro_f1']:.3f}",
                      fontsize=9)
     fig.tight_layout()
     with atomic_path(path) as tmp:

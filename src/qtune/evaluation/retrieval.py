@@ -7,7 +7,7 @@ from typing import Sequence
 
 import numpy as np
 
-from qtune.evaluation.report import markdown_table
+from qtune.evaluation.report import markdown_table, short_name
 from qtune.io import atomic_path, write_json, write_text
 from qtune.records import QueryGroup, RetrievalSet
 
@@ -68,7 +68,7 @@ def plot_retrieval(results: dict[str, dict], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(8, 4))
     for i, (name, metrics) in enumerate(results.items()):
         values = [metrics.get(k, 0.0) for k in keys]
-        bars = ax.bar(np.arange(len(keys)) + i * width, values, width, label=Path(name).name or name)
+        bars = ax.bar(np.arange(len(keys)) + i * width, values, width, label=short_name(name))
         ax.bar_label(bars, fmt="%.3f", fontsize=7)
     ax.set_xticks(np.arange(len(keys)) + width * (len(results) - 1) / 2, keys)
     ax.set_ylim(0, 1.05)
