@@ -1,13 +1,16 @@
-"""Tiny random models built from configs (seconds on a CPU) and synthetic data for the tests."""
+"""Tiny random models built from configs (seconds on a CPU), synthetic data and CLI helpers for the tests."""
 
 from __future__ import annotations
 
 import csv
 import importlib.util
+import json
 import random
 from pathlib import Path
 
 import pytest
+
+from qtune.cli import main
 
 ANIMALS = ["cat", "dog", "horse", "cow", "sheep", "goat", "mouse", "tiger"]
 VEHICLES = ["car", "bus", "train", "truck", "bike", "plane", "boat", "tram"]
@@ -86,3 +89,23 @@ def synthetic_files(tmp_path_factory) -> dict[str, Path]:
     folder = tmp_path_factory.mktemp("pairs")
     return {"train": write_pairs_csv(folder / "train.csv", synthetic_pairs(600, seed=1)),
             "eval": write_pairs_csv(folder / "eval.csv", synthetic_pairs(200, seed=2))}
+
+
+def run(capsys, *argv) -> tuple[int, str, str]:
+    """Run the CLI in-process; returns (exit code, stdout, stderr) of this call only."""
+    capsys.readouterr()
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_user_error(code: int, err: str, *parts: str) -> None:
+    assert code == 2, err
+    assert err.startswith("qtune: error: "), err
+    assert "Traceback" not in err
+    for part in parts:
+        assert part in err, f"{part!r} not in {err!r}"
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").split("\n") if line.strip()]

@@ -17,19 +17,12 @@ import yaml
 
 from qtune.cli import main
 
-from conftest import synthetic_pairs, write_pairs_csv
+from conftest import assert_user_error, read_jsonl, run, synthetic_pairs, write_pairs_csv
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 TINY = ["--epochs", "1", "--batch-size", "16", "--max-length", "32", "--device", "cpu"]
 MISSING_MODEL = "/nonexistent/model"
 
-
-def run(capsys, *argv) -> tuple[int, str, str]:
-    """Run the CLI in-process; returns (exit code, stdout, stderr) of this call only."""
-    capsys.readouterr()
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def read_csv(path: Path) -> tuple[list[str], list[dict]]:
@@ -38,16 +31,6 @@ def read_csv(path: Path) -> tuple[list[str], list[dict]]:
         return list(reader.fieldnames or []), list(reader)
 
 
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").split("\n") if line.strip()]
-
-
-def assert_user_error(code: int, err: str, *parts: str) -> None:
-    assert code == 2, err
-    assert err.startswith("qtune: error: "), err
-    assert "Traceback" not in err
-    for part in parts:
-        assert part in err, f"{part!r} not in {err!r}"
 
 
 # ---------------------------------------------------------------- shared runs and inputs

@@ -33,7 +33,7 @@ from qtune.cli import main
 from qtune.data.retrieval import write_beir, write_query_groups
 from qtune.records import QueryGroup
 
-from conftest import ANIMALS, VEHICLES
+from conftest import ANIMALS, VEHICLES, assert_user_error, read_jsonl, run
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 MISSING_MODEL = "/nonexistent/model"
@@ -53,24 +53,7 @@ EVAL_METRICS = ("ndcg@1", "ndcg@3", "ndcg@5", "ndcg@10", "recall@1", "recall@10"
                 "map@100")
 
 
-def run(capsys, *argv) -> tuple[int, str, str]:
-    """Run the CLI in-process; returns (exit code, stdout, stderr) of this call only."""
-    capsys.readouterr()
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
 
-
-def assert_user_error(code: int, err: str, *parts: str) -> None:
-    assert code == 2, err
-    assert err.startswith("qtune: error: "), err
-    assert "Traceback" not in err
-    for part in parts:
-        assert part in err, f"{part!r} not in {err!r}"
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").split("\n") if line.strip()]
 
 
 def write_lines(path: Path, *lines: str) -> Path:

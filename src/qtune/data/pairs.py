@@ -5,20 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
-from qtune.data.tables import Row, read_table
+from qtune.data.tables import Row, read_table, required_text
 from qtune.errors import DataError
 from qtune.records import Pair
 
 
 def _text(row: Row, column: str, path: Path) -> str:
-    if column not in row.fields:
-        raise DataError("missing column", path=str(path), line=row.line, field=column)
-    value = row.fields[column]
-    if not isinstance(value, str):
-        raise DataError(f"expected text, got {type(value).__name__}", path=str(path), line=row.line, field=column)
-    if not value.strip():
-        raise DataError("empty text", path=str(path), line=row.line, field=column)
-    return value
+    return required_text(row.fields, column, path, row.line)
 
 
 def _label_index(row: Row, column: str, labels: Sequence[str], path: Path) -> int:

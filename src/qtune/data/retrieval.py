@@ -20,7 +20,7 @@ import random
 from pathlib import Path
 from typing import Iterator, Mapping, Sequence
 
-from qtune.data.tables import _decode, read_table
+from qtune.data.tables import _decode, iter_jsonl, read_table, required_text
 from qtune.errors import DataError, QtuneError
 from qtune.io import atomic_path
 from qtune.records import QueryGroup, RetrievalSet
@@ -32,30 +32,11 @@ QRELS_COLUMNS = ("query-id", "corpus-id", "score")
 # --- shared helpers ------------------------------------------------------------------------------
 
 def _jsonl_objects(path: Path) -> Iterator[tuple[int, dict]]:
-    """(line, object) for every non-blank line of a UTF-8 (optionally BOM) JSONL file."""
-    text = _decode(path)
-    # Only "\n" ends a record: JSON strings may hold U+2028 and friends, which splitlines() splits on.
-    for lineno, line in enumerate(text.split("\n"), start=1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"malformed JSON: {e.msg} (column {e.colno})", path=str(path), line=lineno) from None
-        if not isinstance(obj, dict):
-            raise DataError(f"expected a JSON object, got {type(obj).__name__}", path=str(path), line=lineno)
-        yield lineno, obj
+    return iter_jsonl(path)
 
 
 def _required_text(obj: dict, field: str, path: Path, line: int) -> str:
-    if field not in obj:
-        raise DataError("missing field", path=str(path), line=line, field=field)
-    value = obj[field]
-    if not isinstance(value, str):
-        raise DataError(f"expected text, got {type(value).__name__}", path=str(path), line=line, field=field)
-    if not value.strip():
-        raise DataError("empty text", path=str(path), line=line, field=field)
-    return value
+    return required_text(obj, field, path, line, kind="field")
 
 
 def _identifier(obj: dict, field: str, path: Path, line: int) -> str:
@@ -315,14 +296,7 @@ def _write_jsonl(path: Path, records) -> None:
 # --- QA table -> training groups + BEIR test folder ----------------------------------------------
 
 def _cell(fields: dict, column: str, path: Path, line: int) -> str:
-    if column not in fields:
-        raise DataError("missing column", path=str(path), line=line, field=column)
-    value = fields[column]
-    if not isinstance(value, str):
-        raise DataError(f"expected text, got {type(value).__name__}", path=str(path), line=line, field=column)
-    if not value.strip():
-        raise DataError("empty text", path=str(path), line=line, field=column)
-    return value
+    return required_text(fields, column, path, line)
 
 
 def qa_table_to_retrieval(table: str | Path, out_dir: str | Path, *, question_column: str = "question",

@@ -11,7 +11,7 @@ import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 from qtune.errors import DataError
 
@@ -64,9 +64,9 @@ def read_table(path: str | Path, columns: Sequence[str], *, header: bool | None 
     return rows, names
 
 
-def _read_jsonl(path: Path, text: str) -> tuple[list[Row], list[str]]:
-    rows: list[Row] = []
-    names: dict[str, None] = {}
+def iter_jsonl(path: Path, text: str | None = None) -> Iterator[tuple[int, dict]]:
+    """(line, object) for every non-blank line of a JSONL file (UTF-8, optional BOM)."""
+    text = _decode(path) if text is None else text
     # Only "\n" ends a record: JSON strings may hold U+2028 and friends, which splitlines() splits on.
     for lineno, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
@@ -77,6 +77,25 @@ def _read_jsonl(path: Path, text: str) -> tuple[list[Row], list[str]]:
             raise DataError(f"malformed JSON: {e.msg} (column {e.colno})", path=str(path), line=lineno) from None
         if not isinstance(obj, dict):
             raise DataError(f"expected a JSON object, got {type(obj).__name__}", path=str(path), line=lineno)
+        yield lineno, obj
+
+
+def required_text(fields: dict, name: str, path: str | Path, line: int, *, kind: str = "column") -> str:
+    """The non-empty text under `name`; otherwise a DataError naming file, line and field."""
+    if name not in fields:
+        raise DataError(f"missing {kind}", path=str(path), line=line, field=name)
+    value = fields[name]
+    if not isinstance(value, str):
+        raise DataError(f"expected text, got {type(value).__name__}", path=str(path), line=line, field=name)
+    if not value.strip():
+        raise DataError("empty text", path=str(path), line=line, field=name)
+    return value
+
+
+def _read_jsonl(path: Path, text: str) -> tuple[list[Row], list[str]]:
+    rows: list[Row] = []
+    names: dict[str, None] = {}
+    for lineno, obj in iter_jsonl(path, text):
         names.update(dict.fromkeys(obj))
         rows.append(Row(lineno, obj))
     return rows, list(names)
