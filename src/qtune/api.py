@@ -356,3 +356,98 @@ def retrieval_split(table: str, output: str, *, question_column: str = "question
 
     return qa_table_to_retrieval(table, output, question_column=question_column, passage_column=passage_column,
                                  test_fraction=test_fraction, seed=seed, skip_empty=skip_empty)
+
+
+def serve(*, embedding: str | None = None, classifier: str | None = None, kb: str | None = None,
+          kb_token: str | None = None, threshold: float | None = None, device: str = "auto",
+          precision: str = "auto", **settings) -> None:
+    """Load the models (and the knowledge base) and serve them until SIGTERM."""
+    from qtune.serving import ServerSettings
+    from qtune.serving import serve as run_server
+
+    models = {}
+    if embedding:
+        models[embedding] = load(embedding, task="embedding", device=device, precision=precision)
+    if classifier:
+        models[classifier] = load(classifier, task="pair-cls", device=device, precision=precision)
+    matcher = None
+    if kb:
+        if embedding:
+            from qtune.kb.store import KnowledgeBase
+
+            with KnowledgeBase.open(kb, kb_token) as store:
+                store.check_model(_model_name(embedding))
+        matcher = faq_matcher(kb, models.get(embedding), models.get(classifier), threshold=threshold,
+                              token=kb_token, device=device)
+    run_server(models, ServerSettings(**settings), matcher)
+
+
+def _model_name(name_or_path: str) -> str:
+    """How a knowledge base records its embedding model: an absolute path, or the hub id."""
+    return str(Path(name_or_path).resolve()) if Path(name_or_path).exists() else str(name_or_path)
+
+
+def _open_kb_with_embedder(kb: str, embedding, token: str | None, device: str):
+    """The KB and an embedder for it; `embedding` is a name, a loaded Embedder or None (the KB's own)."""
+    from qtune.kb.store import KnowledgeBase
+
+    store = KnowledgeBase.open(kb, token)
+    try:
+        if embedding is None:
+            embedding = store.model
+        if isinstance(embedding, str):
+            store.check_model(_model_name(embedding))
+            embedding = load(embedding, task="embedding", device=device)
+        store.check_model(dimension=embedding.dimension)
+    except BaseException:
+        store.close()
+        raise
+    return store, embedding
+
+
+def kb_build(embedding: str, faq: str, kb: str, *, token: str | None = None, device: str = "auto") -> int:
+    """A new knowledge base from an FAQ table (question, answer, optional id); returns the entry count."""
+    from qtune.kb.faq import build_kb, read_faq
+
+    read_faq(faq)  # data errors before any model loads
+    embedder = load(embedding, task="embedding", device=device)
+    with build_kb(embedder, faq, kb, _model_name(embedding), token=token) as store:
+        return store.count()
+
+
+def kb_add(kb: str, faq: str, *, embedding: str | None = None, token: str | None = None, device: str = "auto") -> int:
+    """Insert or replace entries by id (idempotent); returns how many were written."""
+    from qtune.kb.faq import add_entries, read_faq
+
+    entries = read_faq(faq)
+    store, embedder = _open_kb_with_embedder(kb, embedding, token, device)
+    with store:
+        return add_entries(embedder, store, entries)
+
+
+def kb_delete(kb: str, ids: Sequence[str], *, token: str | None = None) -> int:
+    from qtune.kb.faq import delete_entries
+    from qtune.kb.store import KnowledgeBase
+
+    with KnowledgeBase.open(kb, token) as store:
+        return delete_entries(store, list(ids))
+
+
+def faq_matcher(kb: str, embedder=None, classifier=None, *, threshold: float | None = None, token: str | None = None,
+                device: str = "auto"):
+    """A FaqMatcher over `kb`: recall with the KB's embedding model, rescore with `classifier` if given."""
+    from qtune.kb.faq import FaqMatcher
+
+    store, embedder = _open_kb_with_embedder(kb, embedder, token, device)
+    if isinstance(classifier, str):
+        classifier = load(classifier, task="pair-cls", device=device)
+    return FaqMatcher(embedder, store, classifier, threshold=threshold)
+
+
+def kb_search(kb: str, query: str, *, top_k: int = 5, classifier: str | None = None, threshold: float | None = None,
+              token: str | None = None, device: str = "auto") -> dict:
+    matcher = faq_matcher(kb, None, classifier, threshold=threshold, token=token, device=device)
+    try:
+        return matcher.match(query, top_k=top_k)
+    finally:
+        matcher.kb.close()

@@ -119,6 +119,40 @@ def cmd_export(args) -> None:
     print(f"wrote merged model to {export(args.model, args.output)}")
 
 
+def cmd_serve(args) -> None:
+    from qtune.api import serve
+
+    if not (args.embedding or args.classifier):
+        raise QtuneError("nothing to serve: give --embedding and/or --classifier")
+    serve(embedding=args.embedding, classifier=args.classifier, kb=args.kb, kb_token=args.kb_token,
+          threshold=args.threshold, device=args.device, precision=args.precision, host=args.host, port=args.port,
+          max_batch_tokens=args.max_batch_tokens, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
+          max_inputs=args.max_inputs, max_body_bytes=args.max_body_bytes, api_key=args.api_key)
+
+
+def cmd_kb(args) -> None:
+    from qtune import api
+
+    if args.kb_command == "build":
+        count = api.kb_build(args.embedding, args.input, args.kb, token=args.token, device=args.device)
+        print(f"built {args.kb}: {count} entries")
+    elif args.kb_command == "add":
+        count = api.kb_add(args.kb, args.input, embedding=args.embedding, token=args.token, device=args.device)
+        print(f"wrote {count} entries to {args.kb}")
+    elif args.kb_command == "delete":
+        print(f"deleted {api.kb_delete(args.kb, args.ids, token=args.token)} of {len(args.ids)} ids from {args.kb}")
+    else:
+        result = api.kb_search(args.kb, args.query, top_k=args.top_k, classifier=args.classifier,
+                               threshold=args.threshold, token=args.token, device=args.device)
+        if args.json:
+            print(json.dumps(result, ensure_ascii=False, indent=2))
+            return
+        verdict = "matched" if result["matched"] else "no match"
+        print(f"{verdict}: {result['id']}  score {result['score']}")
+        for c in result["candidates"]:
+            print(f"  {c['score']:.4f}  {c['id']}  {c['question']}")
+
+
 def cmd_demo(args) -> None:
     from qtune.demo import run_demo
 
@@ -205,6 +239,50 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--model", required=True, help="a qtune training folder (e.g. OUT/best)")
     sub.add_argument("--output", required=True)
     sub.set_defaults(func=cmd_export)
+
+    sub = commands.add_parser("serve", help="OpenAI-compatible HTTP server (embeddings, classify, FAQ match)")
+    sub.add_argument("--embedding", help="embedding model for /v1/embeddings (and the knowledge base)")
+    sub.add_argument("--classifier", help="pair classifier for /v1/classify (and FAQ rescoring)")
+    sub.add_argument("--kb", help="knowledge base for /v1/match: Milvus Lite file or Milvus server URI")
+    sub.add_argument("--kb-token", help="token for a Milvus server")
+    sub.add_argument("--threshold", type=float, help="FAQ match threshold (default: 0.5 with a classifier, else 0.8)")
+    sub.add_argument("--host", default="127.0.0.1")
+    sub.add_argument("--port", type=int, default=8000)
+    sub.add_argument("--max-batch-tokens", type=int, default=16384, help="tokens per model call (default: 16384)")
+    sub.add_argument("--max-wait-ms", type=float, default=5.0, help="wait for more requests (default: 5 ms)")
+    sub.add_argument("--max-queue", type=int, default=1024, help="waiting requests before 429 (default: 1024)")
+    sub.add_argument("--max-inputs", type=int, default=2048, help="inputs per request (default: 2048)")
+    sub.add_argument("--max-body-bytes", type=int, default=8 * 2**20, help="request body limit (default: 8 MiB)")
+    sub.add_argument("--api-key", help="require 'Authorization: Bearer KEY'")
+    sub.add_argument("--device", default="auto")
+    sub.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"))
+    sub.set_defaults(func=cmd_serve)
+
+    kb = commands.add_parser("kb", help="the FAQ knowledge base (Milvus Lite file or Milvus server)")
+    kb_commands = kb.add_subparsers(dest="kb_command", required=True)
+
+    def kb_parser(name: str, help: str):
+        sub = kb_commands.add_parser(name, help=help)
+        sub.add_argument("--kb", required=True, help="Milvus Lite file (.db) or Milvus server URI")
+        sub.add_argument("--token", help="token for a Milvus server")
+        sub.add_argument("--device", default="auto")
+        sub.set_defaults(func=cmd_kb)
+        return sub
+
+    sub = kb_parser("build", "a new knowledge base from an FAQ table (question, answer, optional id)")
+    sub.add_argument("--embedding", required=True, help="embedding model (recorded in the KB)")
+    sub.add_argument("--input", required=True)
+    sub = kb_parser("add", "insert or replace entries by id")
+    sub.add_argument("--input", required=True)
+    sub.add_argument("--embedding", help="must be the KB's model (default: the KB's model)")
+    sub = kb_parser("delete", "delete entries by id")
+    sub.add_argument("--ids", nargs="+", required=True)
+    sub = kb_parser("search", "the best FAQ entry for a question")
+    sub.add_argument("query")
+    sub.add_argument("--top-k", type=int, default=5)
+    sub.add_argument("--classifier", help="pair classifier that rescores the candidates")
+    sub.add_argument("--threshold", type=float, help="match threshold (default: 0.5 with a classifier, else 0.8)")
+    sub.add_argument("--json", action="store_true")
 
     sub = commands.add_parser("demo", help="the whole loop on a small offline example")
     sub.add_argument("--output", default="demo-output", help="working folder (default: demo-output)")

@@ -1,0 +1,151 @@
+"""FAQ entries: read them from a table, put them in a knowledge base, match user questions to them.
+
+Matching is recall -> rescore -> threshold: the embedder recalls the `top_k` FAQ questions nearest
+to the query (query embedded as a query, FAQ questions as documents); a pair classifier, when
+given, replaces each cosine with P(same question); the best candidate is `matched` when its score
+reaches the threshold (pass the calibrated one from `qtune eval pair-cls`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from qtune.data.tables import read_table, required_text
+from qtune.errors import DataError, QtuneError
+
+if TYPE_CHECKING:
+    from qtune.api import PairClassifier
+    from qtune.kb.store import KnowledgeBase
+    from qtune.modeling.embedding import Embedder
+
+FAQ_COLUMNS = ("question", "answer")
+DEFAULT_TOP_K = 5
+DEFAULT_THRESHOLD_CLASSIFIER = 0.5  # P(same) from a pair classifier
+DEFAULT_THRESHOLD_COSINE = 0.8  # cosine similarity from the embedder alone
+
+
+@dataclass(frozen=True)
+class FaqEntry:
+    id: str
+    question: str
+    answer: str
+
+
+def question_id(question: str) -> str:
+    """A stable id for an entry given without one: the first 16 hex digits of sha1(question)."""
+    return hashlib.sha1(question.strip().encode("utf-8")).hexdigest()[:16]
+
+
+def read_faq(path: str | Path) -> list[FaqEntry]:
+    """Entries from CSV/TSV/JSONL with columns question, answer and an optional id.
+
+    A CSV/TSV without a header row is read as question, answer. Entries without an id get
+    `question_id(question)`. Empty texts and duplicate ids are errors naming file, line and field.
+    """
+    rows, _ = read_table(path, FAQ_COLUMNS)
+    entries: list[FaqEntry] = []
+    first_line: dict[str, int] = {}
+    for row in rows:
+        question = required_text(row.fields, "question", path, row.line).strip()
+        answer = required_text(row.fields, "answer", path, row.line).strip()
+        given = _given_id(row.fields.get("id"), path, row.line)
+        entry_id = given if given is not None else question_id(question)
+        if entry_id in first_line:
+            if given is not None:
+                raise DataError(f"duplicate id {entry_id!r} (first on line {first_line[entry_id]})",
+                                path=str(path), line=row.line, field="id")
+            raise DataError(f"the same question as line {first_line[entry_id]} (entries without an id are "
+                            f"identified by their question); give one of them an id or remove it",
+                            path=str(path), line=row.line, field="question")
+        first_line[entry_id] = row.line
+        entries.append(FaqEntry(entry_id, question, answer))
+    return entries
+
+
+def _given_id(value, path, line: int) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        raise DataError(f"expected text or an integer, got {type(value).__name__}", path=str(path), line=line,
+                        field="id")
+    text = str(value).strip()
+    return text or None
+
+
+def _embed_questions(embedder: Embedder, entries: Sequence[FaqEntry], batch_size: int):
+    # FAQ questions are the passages: embedded as documents, without the query instruction.
+    return embedder.embed([e.question for e in entries], is_query=False, batch_size=batch_size)  # (n, dim)
+
+
+def build_kb(embedder: Embedder, faq_path: str | Path, uri: str, model_name: str, *, token: str | None = None,
+             batch_size: int = 64) -> KnowledgeBase:
+    """A new knowledge base at `uri` holding every entry of `faq_path`; returned open.
+
+    The file is read and checked before anything is created, so bad data leaves no half-built KB.
+    """
+    from qtune.kb.store import KnowledgeBase
+
+    entries = read_faq(faq_path)
+    vectors = _embed_questions(embedder, entries, batch_size)
+    kb = KnowledgeBase.create(uri, model=model_name, dimension=embedder.dimension, token=token)
+    try:
+        kb.upsert(entries, vectors)
+    except BaseException:
+        kb.close()
+        raise
+    return kb
+
+
+def add_entries(embedder: Embedder, kb: KnowledgeBase, entries: Sequence[FaqEntry], *,
+                batch_size: int = 64) -> int:
+    """Insert or replace entries (by id); returns how many were written."""
+    kb.check_model(dimension=embedder.dimension)
+    if not entries:
+        return 0
+    return kb.upsert(list(entries), _embed_questions(embedder, entries, batch_size))
+
+
+def delete_entries(kb: KnowledgeBase, ids: Sequence[str]) -> int:
+    """Delete entries by id; returns how many existed."""
+    return kb.delete(ids)
+
+
+class FaqMatcher:
+    """Best FAQ entry for a user question: `FaqMatcher(embedder, kb).match("...")`."""
+
+    def __init__(self, embedder: Embedder, kb: KnowledgeBase, rescorer: PairClassifier | None = None,
+                 threshold: float | None = None, top_k: int = DEFAULT_TOP_K):
+        kb.check_model(dimension=embedder.dimension)
+        if rescorer is not None and len(rescorer.labels) != 2:
+            raise QtuneError(f"the rescoring classifier needs two labels, it has {rescorer.labels}")
+        self.embedder, self.kb, self.rescorer, self.top_k = embedder, kb, rescorer, top_k
+        default = DEFAULT_THRESHOLD_CLASSIFIER if rescorer is not None else DEFAULT_THRESHOLD_COSINE
+        self.threshold = default if threshold is None else float(threshold)
+
+    def match(self, query: str, top_k: int | None = None, threshold: float | None = None) -> dict:
+        """{"matched", "id", "question", "answer", "score", "candidates": [{id, question, answer, score}]}.
+
+        Candidates are sorted by score, best first; with an empty KB nothing matches and the
+        best-entry fields are None.
+        """
+        if not isinstance(query, str) or not query.strip():
+            raise QtuneError("the query is empty")
+        top_k = self.top_k if top_k is None else int(top_k)
+        threshold = self.threshold if threshold is None else float(threshold)
+        vector = self.embedder.embed([query], is_query=True)[0]  # (dim,)
+        hits = self.kb.search(vector, top_k)
+        scores = [h.score for h in hits]
+        if self.rescorer is not None and hits:
+            probs = self.rescorer.predict_proba([(query, h.question) for h in hits])  # (k, 2)
+            scores = [float(p) for p in probs[:, 1]]
+        candidates = sorted(({"id": h.id, "question": h.question, "answer": h.answer, "score": s}
+                             for h, s in zip(hits, scores)), key=lambda c: -c["score"])
+        if not candidates:
+            return {"matched": False, "id": None, "question": None, "answer": None, "score": None,
+                    "candidates": []}
+        best = candidates[0]
+        return {"matched": best["score"] >= threshold, **best, "candidates": candidates}

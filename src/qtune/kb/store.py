@@ -1,0 +1,266 @@
+"""A persistent vector store of FAQ entries on Milvus: an embedded Milvus Lite file (`kb.db`) or a
+Milvus server (`http://host:19530`, `token=`), through the same `MilvusClient` code.
+
+Two collections: `qtune_faq` holds the entries (id, vector, question, answer) and `qtune_faq_meta`
+one row naming the embedding model and dimension that built them, so a server URI carries its own
+metadata exactly as a file does. Vectors are L2-normalised; the COSINE metric makes scores cosines.
+
+Durability: Milvus Lite appends every write to its write-ahead log and flushes it to the OS before
+the call returns, so an acknowledged write survives the process being killed (tests/test_kb.py
+proves it with SIGKILL). After each write on a local file we also `flush()`, which moves the data
+into segment files behind an fsync'ed manifest: less left to WAL replay after a machine crash.
+A Milvus server persists acknowledged writes in its own log; flushing there is rate-limited and
+unnecessary, so it is skipped.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from qtune.errors import QtuneError
+
+if TYPE_CHECKING:
+    from qtune.kb.faq import FaqEntry
+
+ENTRIES = "qtune_faq"
+META = "qtune_faq_meta"
+META_ID = "kb"
+FORMAT_VERSION = 1
+# Milvus VARCHAR limits count UTF-8 bytes.
+MAX_ID_BYTES = 512
+MAX_TEXT_BYTES = 65535
+_REMOTE_PREFIXES = ("http://", "https://", "tcp://", "grpc://", "unix:")
+
+
+@dataclass(frozen=True)
+class Hit:
+    id: str
+    question: str
+    answer: str
+    score: float  # cosine similarity of the query vector and the entry's vector
+
+
+def is_local(uri: str) -> bool:
+    return not str(uri).startswith(_REMOTE_PREFIXES)
+
+
+def _connect(uri: str, token: str | None):
+    try:
+        from pymilvus import MilvusClient
+    except ImportError:  # pragma: no cover - both are dependencies of qtune
+        raise QtuneError("the knowledge base needs pymilvus and milvus-lite: pip install pymilvus milvus-lite") from None
+    uri = str(uri)
+    if is_local(uri):
+        _check_local_path(uri)
+        uri = str(Path(uri).resolve())
+    try:
+        return MilvusClient(uri, token=token or "")
+    except Exception as e:  # noqa: BLE001 - connection refused, bad token, unreadable file: say which KB
+        raise QtuneError(f"cannot open the knowledge base at {uri}: {e}") from None
+
+
+def _check_local_path(uri: str) -> None:
+    # pymilvus treats only a path ending in .db as a Milvus Lite file.
+    if Path(uri).suffix != ".db":
+        raise QtuneError(f"{uri}: a local knowledge base path must end in .db (or pass a Milvus server URI)")
+
+
+class KnowledgeBase:
+    """Entries and their vectors in Milvus. Use `create` or `open`, then `close` (or `with`)."""
+
+    def __init__(self, client, uri: str, model: str, dimension: int):
+        self._client, self.uri, self.model, self.dimension = client, str(uri), model, dimension
+
+    # ── lifecycle ───────────────────────────────────────────────
+
+    @classmethod
+    def create(cls, uri: str, *, model: str, dimension: int, token: str | None = None) -> KnowledgeBase:
+        """A new, empty knowledge base for vectors of `model` with `dimension` values."""
+        from pymilvus import DataType, MilvusClient
+
+        if not model:
+            raise QtuneError("a knowledge base needs the name of the embedding model that builds it")
+        if not isinstance(dimension, (int, np.integer)) or dimension < 1:
+            raise QtuneError(f"dimension must be a positive integer, got {dimension!r}")
+        client = _connect(uri, token)
+        try:
+            existing = set(client.list_collections())
+            if ENTRIES in existing or META in existing:
+                raise QtuneError(f"{uri} already holds a knowledge base; open it, or choose another path")
+            # Milvus needs a vector field in every collection: the metadata row carries a dummy one.
+            meta = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
+            meta.add_field("id", DataType.VARCHAR, is_primary=True, max_length=64)
+            meta.add_field("vector", DataType.FLOAT_VECTOR, dim=2)
+            meta.add_field("value", DataType.VARCHAR, max_length=MAX_TEXT_BYTES)
+            meta_index = client.prepare_index_params()
+            meta_index.add_index("vector", index_type="FLAT", metric_type="L2")
+            client.create_collection(META, schema=meta, index_params=meta_index, consistency_level="Strong")
+
+            schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
+            schema.add_field("id", DataType.VARCHAR, is_primary=True, max_length=MAX_ID_BYTES)
+            schema.add_field("vector", DataType.FLOAT_VECTOR, dim=int(dimension))
+            schema.add_field("question", DataType.VARCHAR, max_length=MAX_TEXT_BYTES)
+            schema.add_field("answer", DataType.VARCHAR, max_length=MAX_TEXT_BYTES)
+            index = client.prepare_index_params()
+            # FLAT: exact search; FAQ collections are small and a near-duplicate must not be missed.
+            index.add_index("vector", index_type="FLAT", metric_type="COSINE")
+            client.create_collection(ENTRIES, schema=schema, index_params=index, consistency_level="Strong")
+
+            value = json.dumps({"model": model, "dimension": int(dimension), "format": FORMAT_VERSION})
+            client.upsert(META, [{"id": META_ID, "vector": [0.0, 0.0], "value": value}])
+            kb = cls(client, uri, model, int(dimension))
+            kb._persist(META)
+            return kb
+        except BaseException:
+            _close_client(client, uri)
+            raise
+
+    @classmethod
+    def open(cls, uri: str, token: str | None = None, *, model: str | None = None,
+             dimension: int | None = None) -> KnowledgeBase:
+        """An existing knowledge base; with `model`/`dimension`, refuses one built differently."""
+        if is_local(str(uri)):
+            _check_local_path(str(uri))
+        if is_local(str(uri)) and not Path(uri).exists():
+            raise QtuneError(f"{uri}: no knowledge base there (build one with `qtune kb build`)")
+        client = _connect(uri, token)
+        try:
+            collections = set(client.list_collections())
+            if META not in collections or ENTRIES not in collections:
+                raise QtuneError(f"{uri} is not a qtune knowledge base (no {META!r}/{ENTRIES!r} collections)")
+            client.load_collection(META)
+            client.load_collection(ENTRIES)
+            rows = client.get(META, ids=[META_ID], output_fields=["value"])
+            if not rows:
+                raise QtuneError(f"{uri}: the knowledge base has lost its metadata row")
+            meta = json.loads(rows[0]["value"])
+            if meta.get("format") != FORMAT_VERSION:
+                raise QtuneError(f"{uri}: knowledge base format {meta.get('format')!r} is not supported "
+                                 f"(this qtune reads {FORMAT_VERSION})")
+            kb = cls(client, uri, meta["model"], int(meta["dimension"]))
+            if model is not None or dimension is not None:
+                kb.check_model(model, dimension)
+            return kb
+        except BaseException:
+            _close_client(client, uri)
+            raise
+
+    def check_model(self, model: str | None = None, dimension: int | None = None) -> None:
+        """Raise unless the KB was built by `model` with `dimension` values (None: not checked)."""
+        if model is not None and model != self.model:
+            raise QtuneError(f"{self.uri} was built with the embedding model {self.model!r}, not {model!r}; "
+                             f"rebuild it with `qtune kb build` or use {self.model!r}")
+        if dimension is not None and int(dimension) != self.dimension:
+            raise QtuneError(f"{self.uri} holds {self.dimension}-dimensional vectors; "
+                             f"the embedding model gives {dimension}")
+
+    def close(self) -> None:
+        if self._client is not None:
+            _close_client(self._client, self.uri)
+            self._client = None
+
+    def __enter__(self) -> KnowledgeBase:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    @property
+    def client(self):
+        if self._client is None:
+            raise QtuneError(f"the knowledge base {self.uri} is closed")
+        return self._client
+
+    # ── writes ──────────────────────────────────────────────────
+
+    def upsert(self, entries: Sequence[FaqEntry], vectors) -> int:
+        """Insert or replace entries by id; `vectors` is (len(entries), dimension). Returns the count."""
+        vectors = np.asarray(vectors, dtype=np.float32)
+        if vectors.ndim != 2 or vectors.shape != (len(entries), self.dimension):
+            raise QtuneError(f"expected vectors of shape ({len(entries)}, {self.dimension}), got {vectors.shape}")
+        ids = [e.id for e in entries]
+        if len(set(ids)) != len(ids):
+            dupes = sorted({i for i in ids if ids.count(i) > 1})
+            raise QtuneError(f"duplicate ids in one upsert: {dupes[:5]}")
+        for e in entries:
+            _check_bytes(e.id, MAX_ID_BYTES, "id", e.id)
+            _check_bytes(e.question, MAX_TEXT_BYTES, "question", e.id)
+            _check_bytes(e.answer, MAX_TEXT_BYTES, "answer", e.id)
+        if not entries:
+            return 0
+        rows = [{"id": e.id, "vector": v.tolist(), "question": e.question, "answer": e.answer}
+                for e, v in zip(entries, vectors)]
+        self.client.upsert(ENTRIES, rows)
+        self._persist(ENTRIES)
+        return len(rows)
+
+    def delete(self, ids: Sequence[str]) -> int:
+        """Delete entries by id; returns how many of them existed."""
+        ids = list(dict.fromkeys(ids))
+        if not ids:
+            return 0
+        present = [row["id"] for row in self.client.get(ENTRIES, ids=ids, output_fields=["id"])]
+        if present:
+            self.client.delete(ENTRIES, ids=present)
+            self._persist(ENTRIES)
+        return len(present)
+
+    def _persist(self, collection: str) -> None:
+        if is_local(self.uri):
+            self.client.flush(collection)
+
+    # ── reads ───────────────────────────────────────────────────
+
+    def search(self, vector, top_k: int = 5) -> list[Hit]:
+        """The `top_k` entries nearest to `vector` (dimension,), best first."""
+        vector = np.asarray(vector, dtype=np.float32)
+        if vector.shape != (self.dimension,):
+            raise QtuneError(f"expected a query vector of shape ({self.dimension},), got {vector.shape}")
+        if top_k < 1:
+            raise QtuneError(f"top_k must be at least 1, got {top_k}")
+        result = self.client.search(ENTRIES, data=[vector.tolist()], limit=int(top_k), anns_field="vector",
+                                    output_fields=["question", "answer"], search_params={"metric_type": "COSINE"})
+        return [Hit(str(h["id"]), h["entity"]["question"], h["entity"]["answer"], float(h["distance"]))
+                for h in result[0]]
+
+    def get(self, ids: Sequence[str]) -> list[FaqEntry]:
+        """The entries with these ids, in the order asked; unknown ids are left out."""
+        from qtune.kb.faq import FaqEntry
+
+        ids = list(dict.fromkeys(ids))
+        if not ids:
+            return []
+        rows = {row["id"]: row for row in self.client.get(ENTRIES, ids=ids, output_fields=["question", "answer"])}
+        return [FaqEntry(i, rows[i]["question"], rows[i]["answer"]) for i in ids if i in rows]
+
+    def count(self) -> int:
+        result = self.client.query(ENTRIES, filter="", output_fields=["count(*)"])
+        return int(result[0]["count(*)"])
+
+
+def _check_bytes(text: str, limit: int, field: str, entry_id: str) -> None:
+    if len(text.encode("utf-8")) > limit:
+        raise QtuneError(f"entry {entry_id[:80]!r}: {field} is longer than Milvus allows ({limit} UTF-8 bytes)")
+
+
+def _close_client(client, uri: str) -> None:
+    """Close the client and, for a local file, stop Milvus Lite's in-process server for it.
+
+    pymilvus keeps one server per .db path alive until the interpreter exits, holding the file's
+    LOCK; stopping it releases the file for another process and makes a reopen read from disk.
+    """
+    try:
+        client.close()
+    finally:
+        if is_local(uri):
+            try:
+                from milvus_lite.server_manager import server_manager_instance
+            except ImportError:  # pragma: no cover - older milvus-lite runs a subprocess instead
+                return
+            server_manager_instance.release_server(str(Path(uri).resolve()))
