@@ -205,9 +205,9 @@ class KnowledgeBase:
         ids = list(dict.fromkeys(ids))
         if not ids:
             return 0
-        present = [row["id"] for row in self.client.get(ENTRIES, ids=ids, output_fields=["id"])]
+        present = [row["id"] for row in self._rows(ids, ["id"])]
         if present:
-            self.client.delete(ENTRIES, ids=present)
+            self.client.delete(ENTRIES, filter=_id_filter(present))
             self._persist(ENTRIES)
         return len(present)
 
@@ -236,12 +236,21 @@ class KnowledgeBase:
         ids = list(dict.fromkeys(ids))
         if not ids:
             return []
-        rows = {row["id"]: row for row in self.client.get(ENTRIES, ids=ids, output_fields=["question", "answer"])}
+        rows = {row["id"]: row for row in self._rows(ids, ["question", "answer"])}
         return [FaqEntry(i, rows[i]["question"], rows[i]["answer"]) for i in ids if i in rows]
+
+    def _rows(self, ids: list[str], fields: list[str]) -> list[dict]:
+        return self.client.query(ENTRIES, filter=_id_filter(ids), output_fields=fields)
 
     def count(self) -> int:
         result = self.client.query(ENTRIES, filter="", output_fields=["count(*)"])
         return int(result[0]["count(*)"])
+
+
+def _id_filter(ids: Sequence[str]) -> str:
+    """`id in [...]` with every id a JSON-escaped string literal, so ' and \\ in ids stay plain data
+    (pymilvus' own `ids=` quoting does not escape them, and Milvus Lite has no filter templates)."""
+    return "id in [" + ", ".join(json.dumps(str(i), ensure_ascii=False) for i in ids) + "]"
 
 
 def _check_bytes(text: str, limit: int, field: str, entry_id: str) -> None:
