@@ -597,10 +597,10 @@ def main(argv=None) -> int:
             if train["note"]:
                 print(f"  note: {train['note']}")
 
-    out = Path(args.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {out}")
+    from qtune.io import write_json
+
+    write_json(args.output, report)  # atomic: a stopped run never leaves half a file
+    print(f"wrote {args.output}")
     return status
 
 

@@ -18,7 +18,6 @@ Prints a table and writes JSON (default bench/results/pair_cls_train.json).
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import random
 import sys
@@ -212,10 +211,10 @@ def main(argv=None) -> int:
               "warmup": args.warmup, "max_length": args.max_length, "device": device_name,
               "torch": torch.__version__, "threads": torch.get_num_threads(), "data": str(args.data),
               "results": rows}
-    out = Path(args.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {out}")
+    from qtune.io import write_json
+
+    write_json(args.output, report)  # atomic: a stopped run never leaves half a file
+    print(f"wrote {args.output}")
     return 0
 
 

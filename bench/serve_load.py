@@ -15,14 +15,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import platform
 import random
 import socket
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 SENTENCES = [
     "How do I reset my password?", "my card was declined at the shop", "where is my parcel",
@@ -139,10 +137,10 @@ def main(argv=None) -> int:
               f"{batched['requests_per_s'] / single['requests_per_s']:.2f}x")
     report = {"benchmark": "serve_load", "model": model, "device": args.device, "machine": platform.processor(),
               "results": rows}
-    out = Path(args.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {out}")
+    from qtune.io import write_json
+
+    write_json(args.output, report)  # atomic: a stopped run never leaves half a file
+    print(f"wrote {args.output}")
     return 0
 
 
