@@ -152,14 +152,7 @@ def read_corpus(path: str | Path) -> dict[str, str]:
     path = Path(path)
     corpus: dict[str, str] = {}
     if path.suffix.lower() in (".jsonl", ".json"):
-        first_line: dict[str, int] = {}
-        for line, obj in _jsonl_objects(path):
-            doc_id = _identifier(obj, "_id", path, line)
-            if doc_id in corpus:
-                raise DataError(f"duplicate id {doc_id!r} (first on line {first_line[doc_id]})", path=str(path),
-                                line=line, field="_id")
-            corpus[doc_id] = _beir_passage(obj, path, line)
-            first_line[doc_id] = line
+        corpus = _texts_by_id(path, _beir_passage)
     else:
         for line in _decode(path).split("\n"):
             line = line.removesuffix("\r")
@@ -183,17 +176,22 @@ def _beir_passage(obj: dict, path: Path, line: int) -> str:
     return passage
 
 
-def _read_queries(path: Path) -> dict[str, str]:
-    queries: dict[str, str] = {}
+def _texts_by_id(path: Path, text_of) -> dict[str, str]:
+    """{`_id`: text_of(obj, path, line)} over a BEIR JSONL file; a repeated id names both lines."""
+    texts: dict[str, str] = {}
     first_line: dict[str, int] = {}
     for line, obj in _jsonl_objects(path):
-        query_id = _identifier(obj, "_id", path, line)
-        if query_id in queries:
-            raise DataError(f"duplicate id {query_id!r} (first on line {first_line[query_id]})", path=str(path),
+        key = _identifier(obj, "_id", path, line)
+        if key in texts:
+            raise DataError(f"duplicate id {key!r} (first on line {first_line[key]})", path=str(path),
                             line=line, field="_id")
-        queries[query_id] = _required_text(obj, "text", path, line)
-        first_line[query_id] = line
-    return queries
+        texts[key] = text_of(obj, path, line)
+        first_line[key] = line
+    return texts
+
+
+def _read_queries(path: Path) -> dict[str, str]:
+    return _texts_by_id(path, lambda obj, p, line: _required_text(obj, "text", p, line))
 
 
 def _is_int(text: str) -> bool:
