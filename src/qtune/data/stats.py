@@ -41,12 +41,9 @@ def text_histogram(lengths: Sequence[int], bins: int = 12, width: int = 40) -> s
 
 
 def plot_lengths(lengths: Sequence[int], summary: dict, path: str | Path, title: str) -> None:
-    import matplotlib
+    from qtune.plotting import pyplot, save_png
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from qtune.io import atomic_path
+    plt = pyplot()
 
     import numpy as np
 
@@ -62,7 +59,4 @@ def plot_lengths(lengths: Sequence[int], summary: dict, path: str | Path, title:
     ax.set_ylabel("rows")
     ax.set_title(title, fontsize=10)
     ax.legend()
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
+    save_png(fig, path, dpi=110)

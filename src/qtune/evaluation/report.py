@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
-from qtune.io import atomic_path, write_json, write_text
+from qtune.io import write_json, write_text
 
 
 def short_name(name: str) -> str:
@@ -41,11 +41,11 @@ def pair_cls_report(results: dict[str, dict], data: str) -> str:
 
 
 def plot_confusion(results: dict[str, dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import numpy as np
+
+    from qtune.plotting import pyplot, save_png
+
+    plt = pyplot()
 
     fig, axes = plt.subplots(1, len(results), figsize=(4 * len(results), 3.6), squeeze=False)
     for ax, (name, metrics) in zip(axes[0], results.items()):
@@ -61,10 +61,7 @@ def plot_confusion(results: dict[str, dict], path: Path) -> None:
         ax.set_ylabel("true")
         ax.set_title(f"{short_name(name)}\nacc {metrics['accuracy']:.3f}  macro-F1 {metrics['macro_f1']:.3f}",
                      fontsize=9)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=120)
-    plt.close(fig)
+    save_png(fig, path)
 
 
 def write_pair_cls_outputs(results: dict[str, dict], data: str, output: str | Path) -> None:

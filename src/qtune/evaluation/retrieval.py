@@ -8,7 +8,7 @@ from typing import Sequence
 import numpy as np
 
 from qtune.evaluation.report import markdown_table, short_name
-from qtune.io import atomic_path, write_json, write_text
+from qtune.io import write_json, write_text
 from qtune.records import QueryGroup, RetrievalSet
 
 REPORT_METRICS = ("ndcg@1", "ndcg@3", "ndcg@5", "ndcg@10", "recall@1", "recall@10", "recall@100", "mrr@10",
@@ -58,10 +58,9 @@ def retrieval_report(results: dict[str, dict], data: str) -> str:
 
 
 def plot_retrieval(results: dict[str, dict], path: Path) -> None:
-    import matplotlib
+    from qtune.plotting import pyplot, save_png
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     keys = ["ndcg@10", "recall@10", "recall@100", "mrr@10", "map@100"]
     width = 0.8 / len(results)
@@ -74,10 +73,7 @@ def plot_retrieval(results: dict[str, dict], path: Path) -> None:
     ax.set_ylim(0, 1.05)
     ax.legend(fontsize=8)
     ax.set_title("retrieval quality", fontsize=10)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=120)
-    plt.close(fig)
+    save_png(fig, path)
 
 
 def write_retrieval_outputs(results: dict[str, dict], data: str, output: str | Path) -> None:

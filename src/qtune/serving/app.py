@@ -371,9 +371,7 @@ def _embedding_features(entry: ServedModel, value, *, is_query: bool, settings: 
         value = [value]  # one input given as token ids
     if not value:
         raise ApiError(400, "input must not be empty", param="input", code="empty_input")
-    if len(value) > settings.max_inputs:
-        raise ApiError(422, f"too many inputs: {len(value)}; the limit is {settings.max_inputs} per request",
-                       param="input", code="too_many_inputs")
+    _check_count(value, settings)
     for i, item in enumerate(value):
         if len(item) == 0:
             raise ApiError(400, f"input {i} is empty", param="input", code="empty_input")
@@ -397,6 +395,12 @@ def _embedding_features(entry: ServedModel, value, *, is_query: bool, settings: 
     return features
 
 
+def _check_count(value: list, settings: ServerSettings) -> None:
+    if len(value) > settings.max_inputs:
+        raise ApiError(422, f"too many inputs: {len(value)}; the limit is {settings.max_inputs} per request",
+                       param="input", code="too_many_inputs")
+
+
 def _model_inputs(tokenizer, feature: dict) -> dict:
     """The same keys for text and token-id inputs, so they pad together in one batch."""
     ids = feature["input_ids"]
@@ -414,9 +418,7 @@ def _pair_features(entry: ServedModel, value, settings: ServerSettings) -> list[
                             "[[text_a, text_b], ...], not single texts", param="input", code="pairs_required")
     if not value:
         raise ApiError(400, "input must not be empty", param="input", code="empty_input")
-    if len(value) > settings.max_inputs:
-        raise ApiError(422, f"too many inputs: {len(value)}; the limit is {settings.max_inputs} per request",
-                       param="input", code="too_many_inputs")
+    _check_count(value, settings)
     for i, pair in enumerate(value):
         if len(pair) != 2:
             raise ApiError(422, f"input {i} has {len(pair)} texts; each input must be a pair [text_a, text_b]",
