@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +16,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from qtune.config import EmbeddingConfig, PairClsConfig, config_to_yaml
+from qtune.config import EmbeddingConfig, ExtractConfig, PairClsConfig, RerankerConfig, config_to_yaml
 from qtune.errors import QtuneError
 from qtune.io import write_text
 from qtune.modeling.loading import LoadedModel, LoraSettings, load_model
@@ -78,6 +79,14 @@ def load(name_or_path: str | Path, task: str | None = None, *, device: str = "au
         from qtune.modeling.embedding import Embedder
 
         return Embedder(loaded)
+    if loaded.meta.task == "reranker":
+        from qtune.modeling.reranker import Reranker
+
+        return Reranker(loaded)
+    if loaded.meta.task == "extract":
+        from qtune.tasks.extraction import Extractor
+
+        return Extractor(loaded)
     raise QtuneError(f"no inference API for task {loaded.meta.task!r} yet")
 
 
@@ -211,7 +220,103 @@ def _train_embedding(config: EmbeddingConfig, on_step=None) -> tuple[LoadedModel
     return loaded, result
 
 
-TRAINERS = {"pair-cls": train_pair_cls, "embedding": train_embedding}
+def _lora(config) -> LoraSettings | None:
+    return None if config.full else LoraSettings(config.lora_r, config.lora_alpha, config.lora_dropout,
+                                                 config.lora_targets)
+
+
+def train_reranker(config: RerankerConfig, on_step=None) -> dict:
+    """Listwise (or pointwise) reranker training on query groups; returns the final metrics."""
+    return _train_reranker(config, on_step)[1]
+
+
+def _train_reranker(config: RerankerConfig, on_step=None) -> tuple[LoadedModel, dict]:
+    from functools import partial
+
+    from qtune.data.batching import length_grouped_batches
+    from qtune.data.retrieval import read_query_groups
+    from qtune.modeling.reranker import Reranker
+    from qtune.tasks import reranker as task
+    from qtune.training.trainer import TaskHooks, fit
+
+    groups = read_query_groups(config.train)
+    eval_groups = read_query_groups(config.eval) if config.eval else None
+    if eval_groups is not None and not any(g.negatives for g in eval_groups):
+        raise QtuneError(f"{config.eval}: no group has a negative, so there is nothing to rank")
+    loaded = _start_run(config, "reranker", lora=_lora(config))
+    if config.instruction is not None and not config.resume and loaded.family.is_decoder:
+        loaded.meta.instruction = config.instruction
+    reranker = Reranker(loaded)
+    features, dropped = task.group_features(groups, reranker.formatter.encode, config.group_size)
+    if dropped:
+        print(f"{dropped} of {len(groups)} training groups have no negative and are left out")
+    settings = task.RerankSettings(group_size=config.group_size, loss=config.loss)
+    evaluate = None
+    if eval_groups is not None:
+        scored = [g for g in eval_groups if g.negatives]
+        eval_features = [reranker.formatter.encode(g.query, d) for g in scored for d in (g.positives[0], *g.negatives)]
+        bounds = np.cumsum([0] + [1 + len(g.negatives) for g in scored])
+
+        def evaluate(model: LoadedModel) -> dict:
+            scores = Reranker(model).score_features(eval_features, batch_size=config.eval_batch_size)
+            return task.group_ranking_metrics([scores[a:b] for a, b in zip(bounds[:-1], bounds[1:])])
+
+    lengths = [f["length"] for f in features]
+    hooks = TaskHooks(
+        collate=partial(task.collate, loaded.tokenizer),
+        loss=partial(task.loss, prompt=reranker.formatter.prompt, settings=settings),
+        evaluate=evaluate, best_metric="mrr",
+        batches=lambda epoch: length_grouped_batches(lengths, config.batch_size, seed=config.seed, epoch=epoch))
+    result = fit(config, loaded, features, hooks, resume_state=_resume_state(config), on_step=on_step)
+    return loaded, result
+
+
+def train_extract(config: ExtractConfig, on_step=None) -> dict:
+    """Supervised fine-tuning for JSON extraction; returns the final metrics."""
+    return _train_extract(config, on_step)[1]
+
+
+def _train_extract(config: ExtractConfig, on_step=None) -> tuple[LoadedModel, dict]:
+    from collections import Counter
+    from functools import partial
+
+    from qtune.data.extraction import read_extraction
+    from qtune.tasks import extraction as task
+    from qtune.training.trainer import TaskHooks, fit
+
+    examples = read_extraction(config.train)
+    eval_examples = read_extraction(config.eval) if config.eval else None
+    loaded = _start_run(config, "extract", lora=_lora(config), validate=lambda m: task.PromptBuilder(m.tokenizer))
+    if not config.resume:
+        given = Counter(e.instruction for e in examples if e.instruction)
+        loaded.meta.instruction = config.instruction or (given.most_common(1)[0][0] if given else None)
+    if config.gradient_checkpointing:
+        loaded.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    builder = task.PromptBuilder(loaded.tokenizer, loaded.meta.instruction)
+    features, too_long = task.encode_examples(builder, examples, config.max_length, config.train)
+    if too_long:
+        shown = ", ".join(str(line) for line in too_long[:10]) + (" ..." if len(too_long) > 10 else "")
+        print(f"{len(too_long)} of {len(examples)} training examples are longer than --max-length "
+              f"{config.max_length} and are left out (lines {shown})")
+    evaluate = None
+    if eval_examples is not None:
+        def evaluate(model: LoadedModel) -> dict:
+            from qtune.evaluation.extraction import extraction_metrics
+
+            extractor = task.Extractor(model)
+            found = extractor.extract([e.input for e in eval_examples],
+                                      instructions=[e.instruction for e in eval_examples],
+                                      batch_size=config.eval_batch_size, max_new_tokens=config.max_new_tokens)
+            return extraction_metrics([e.output for e in eval_examples], [r.output for r in found])
+
+    hooks = TaskHooks(collate=partial(task.collate, loaded.tokenizer), loss=task.loss, evaluate=evaluate,
+                      best_metric="all_fields_exact")
+    result = fit(config, loaded, features, hooks, resume_state=_resume_state(config), on_step=on_step)
+    return loaded, result
+
+
+TRAINERS = {"pair-cls": train_pair_cls, "embedding": train_embedding, "reranker": train_reranker,
+            "extract": train_extract}
 
 
 def train(task: str, config) -> dict:
@@ -293,21 +398,139 @@ def pair_length_stats(data: str, model: str, *, text_columns: Sequence[str] = ("
 
 def evaluate_retrieval_models(model: str, data: str, *, compare: str | None = None, output: str | None = None,
                               triplets: str | None = None, top_k: int = 100, batch_size: int = 64,
+                              reranker: str | None = None, rerank_top_k: int = 100, rerank_batch_size: int = 32,
                               device: str = "auto", precision: str = "auto") -> dict:
-    """nDCG/Recall/MRR/MAP of one embedder (or two side by side) on a BEIR folder; optional report."""
+    """nDCG/Recall/MRR/MAP of one embedder (or two side by side) on a BEIR folder; optional report.
+
+    With `reranker`, each embedder's top `rerank_top_k` are also reranked and scored (two stages).
+    """
     from qtune.data.retrieval import read_beir, read_query_groups
-    from qtune.evaluation.retrieval import evaluate_retrieval, triplet_margin, write_retrieval_outputs
+    from qtune.evaluation.retrieval import (rerank_run, retrieve, triplet_margin,
+                                            write_retrieval_outputs)
+    from qtune.evaluation.retrieval_metrics import retrieval_metrics
 
     data_set = read_beir(data)
     groups = read_query_groups(triplets) if triplets else None
+    scorer = load(reranker, task="reranker", device=device, precision=precision) if reranker else None
     results = {}
     for name in [model] + ([compare] if compare else []):
         embedder = load(name, task="embedding", device=device, precision=precision)
-        results[name] = evaluate_retrieval(embedder, data_set, top_k=top_k, batch_size=batch_size, progress=True)
+        run = retrieve(embedder, data_set, top_k=max(top_k, rerank_top_k if scorer else 0), batch_size=batch_size,
+                       progress=True)
+        results[name] = retrieval_metrics({q: docs[:top_k] for q, docs in run.items()}, data_set.qrels)
         if groups is not None:
             results[name]["triplet_margin"] = triplet_margin(embedder, groups, batch_size=batch_size)
+        if scorer is not None:
+            reranked = rerank_run(scorer, data_set, run, top_k=rerank_top_k, batch_size=rerank_batch_size,
+                                  progress=True)
+            results[_two_stage_name(name, reranker)] = retrieval_metrics(
+                {q: docs[:top_k] for q, docs in reranked.items()}, data_set.qrels)
     if output:
-        write_retrieval_outputs(results, str(data), output)
+        baseline = model if scorer is not None and not compare else None
+        write_retrieval_outputs(results, str(data), output, baseline=baseline)
+    return results
+
+
+def _two_stage_name(retriever: str, reranker: str) -> str:
+    from qtune.evaluation.report import short_name
+
+    return f"{short_name(retriever)} + {short_name(reranker)}"
+
+
+def evaluate_rerank(model: str, data: str, retriever: str, *, compare: str | None = None, top_k: int = 100,
+                    output: str | None = None, batch_size: int = 32, retriever_batch_size: int = 64,
+                    device: str = "auto", precision: str = "auto") -> dict:
+    """Two-stage quality on a BEIR folder: the retriever alone, then its top `top_k` reranked by
+    `model` (and by `compare`), side by side. Keys: the retriever's name, then one per reranker."""
+    from qtune.data.retrieval import read_beir
+    from qtune.evaluation.retrieval import rerank_run, retrieve, write_retrieval_outputs
+    from qtune.evaluation.retrieval_metrics import retrieval_metrics
+
+    data_set = read_beir(data)
+    embedder = load(retriever, task="embedding", device=device, precision=precision)
+    run = retrieve(embedder, data_set, top_k=top_k, batch_size=retriever_batch_size, progress=True)
+    del embedder
+    results = {retriever: retrieval_metrics(run, data_set.qrels)}
+    for name in [model] + ([compare] if compare else []):
+        reranker = load(name, task="reranker", device=device, precision=precision)
+        reranked = rerank_run(reranker, data_set, run, top_k=top_k, batch_size=batch_size, progress=True)
+        results[_two_stage_name(retriever, name)] = retrieval_metrics(reranked, data_set.qrels)
+    if output:
+        write_retrieval_outputs(results, str(data), output, baseline=retriever, title="Reranking")
+    return results
+
+
+def calibrate(model: str, data: str, *, min_precision: float | None = None, output: str | None = None,
+              text_columns: Sequence[str] = ("sentence1", "sentence2"), label_column: str = "label",
+              batch_size: int = 32, device: str = "auto", precision: str = "auto") -> dict:
+    """Find the reranker score threshold for "a good answer" on labelled (query, document, 0/1)
+    pairs and store it in the model folder's qtune.json, where the server reads it."""
+    from dataclasses import replace
+
+    from qtune.data.pairs import read_pairs
+    from qtune.evaluation.metrics import calibrate_threshold
+    from qtune.io import write_json
+
+    folder = Path(model)
+    if not folder.is_dir():
+        raise QtuneError(f"{model}: the threshold is stored in the model folder; give a local folder "
+                         "(a hub model can be saved with save_pretrained first)")
+    pairs = read_pairs(data, text_columns=text_columns, label_column=label_column, labels=["0", "1"])
+    reranker = load(model, task="reranker", device=device, precision=precision)
+    scores = reranker.score([(p.sentence1, p.sentence2) for p in pairs], batch_size=batch_size, progress=True)
+    try:
+        found = calibrate_threshold([p.label for p in pairs], scores, min_precision=min_precision)
+    except ValueError as e:
+        raise QtuneError(f"{data}: {e}") from None
+    replace(reranker.loaded.meta, threshold=found["threshold"], adapter=reranker.loaded.is_adapter).save(folder)
+    if output:
+        write_json(Path(output) / "metrics.json", {"model": model, "data": str(data), **found})
+    return found
+
+
+def extract_file(model: str, input: str, output: str, *, batch_size: int = 16, max_new_tokens: int = 256,
+                 device: str = "auto", precision: str = "auto") -> dict:
+    """Extract every row of a JSONL file ({input, instruction?}); rows are written in input order with
+    `output` (parsed JSON, or null and an `error`). Returns counts (rows, parsed, failed)."""
+    from qtune.data.extraction import read_extraction
+    from qtune.data.tables import table_format
+    from qtune.io import atomic_path
+
+    if table_format(output) != "jsonl":
+        raise QtuneError(f"{output}: extraction results are written as JSONL (.jsonl)")
+    examples = read_extraction(input, require_output=False)
+    extractor = load(model, task="extract", device=device, precision=precision)
+    found = extractor.extract([e.input for e in examples], instructions=[e.instruction for e in examples],
+                              batch_size=batch_size, max_new_tokens=max_new_tokens, progress=True)
+    with atomic_path(output) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        for example, result in zip(examples, found):
+            row = {"input": example.input, "output": result.output}
+            if example.instruction is not None:
+                row = {"instruction": example.instruction, **row}
+            if result.error is not None:
+                row["error"] = result.error
+                row["raw"] = result.text
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    failed = sum(r.error is not None for r in found)
+    return {"rows": len(found), "parsed": len(found) - failed, "failed": failed}
+
+
+def evaluate_extract(model: str, data: str, *, compare: str | None = None, output: str | None = None,
+                     batch_size: int = 16, max_new_tokens: int = 256, device: str = "auto",
+                     precision: str = "auto") -> dict:
+    """JSON validity and field exact match of one model (or two side by side) on a labelled JSONL."""
+    from qtune.data.extraction import read_extraction
+    from qtune.evaluation.extraction import extraction_metrics, write_extraction_outputs
+
+    examples = read_extraction(data)
+    results = {}
+    for name in [model] + ([compare] if compare else []):
+        extractor = load(name, task="extract", device=device, precision=precision)
+        found = extractor.extract([e.input for e in examples], instructions=[e.instruction for e in examples],
+                                  batch_size=batch_size, max_new_tokens=max_new_tokens, progress=True)
+        results[name] = extraction_metrics([e.output for e in examples], [r.output for r in found])
+    if output:
+        write_extraction_outputs(results, str(data), output)
     return results
 
 

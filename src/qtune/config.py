@@ -95,7 +95,45 @@ class EmbeddingConfig(TrainConfig):
     eval_top_k: int = _opt(100, "passages retrieved per query when evaluating", low=1)
 
 
-TASK_CONFIGS: dict[str, type[TrainConfig]] = {"pair-cls": PairClsConfig, "embedding": EmbeddingConfig}
+@dataclass(kw_only=True)
+class RerankerConfig(TrainConfig):
+    """`qtune train reranker`: groups of (query, positive, hard negatives), listwise or pointwise."""
+
+    train: str = _opt("", "training groups, JSONL {query, pos, neg} (e.g. `qtune mine` output)", required=True)
+    eval: str | None = _opt(None, "held-out groups in the same format; scored by the positive's rank in its group")
+    batch_size: int = _opt(8, "query groups per batch (times --group-size pairs)", low=1)
+    eval_batch_size: int = _opt(32, "pairs per evaluation batch", low=1)
+    lr: float = _opt(1e-4, "peak learning rate (AdamW); about 2e-5 for --full", low=0, low_open=True)
+    epochs: float = _opt(1.0, "training epochs (fractions allowed)", low=0, low_open=True)
+    max_length: int = _opt(512, "maximum tokens per (query, document) pair, prompt included", low=16)
+    group_size: int = _opt(8, "pairs per group: the positive and group_size - 1 negatives", low=2)
+    loss: str = _opt("listwise", "listwise: softmax cross-entropy over each group; pointwise: binary "
+                     "cross-entropy per pair", choices=("listwise", "pointwise"))
+    instruction: str | None = _opt(None, "decoder rerankers: the <Instruct> text (default: the Qwen3-Reranker one)")
+
+
+@dataclass(kw_only=True)
+class ExtractConfig(TrainConfig):
+    """`qtune train extract`: supervised fine-tuning of a causal LM to answer with JSON."""
+
+    train: str = _opt("", "training JSONL {instruction, input, output}", required=True)
+    eval: str | None = _opt(None, "evaluation JSONL in the same format (generated and scored each evaluation)")
+    batch_size: int = _opt(8, "examples per batch", low=1)
+    eval_batch_size: int = _opt(16, "prompts per generation batch when evaluating", low=1)
+    lr: float = _opt(2e-4, "peak learning rate (AdamW); about 1e-5 for --full", low=0, low_open=True)
+    max_length: int = _opt(1024, "maximum tokens per example, prompt and answer together (longer ones are "
+                           "left out and reported)", low=8)
+    lora_targets: list[str] | None = _opt(None, "LoRA target modules (default: every linear projection, "
+                                          "q/k/v/o/gate/up/down)")
+    gradient_checkpointing: bool = _opt(False, "recompute activations in the backward pass (less memory)")
+    instruction: str | None = _opt(None, "instruction for rows without one (default: the most common one "
+                                   "in --train)")
+    max_new_tokens: int = _opt(256, "evaluation: longest answer generated", low=1)
+    group_by_length: bool = _opt(True, "length-grouped batches (less padding)")
+
+
+TASK_CONFIGS: dict[str, type[TrainConfig]] = {"pair-cls": PairClsConfig, "embedding": EmbeddingConfig,
+                                              "reranker": RerankerConfig, "extract": ExtractConfig}
 
 
 def _field_type(cls, f: dataclasses.Field):

@@ -34,3 +34,18 @@ class RetrievalSet:
     corpus: dict[str, str]  # doc id -> passage text as the model sees it
     queries: dict[str, str]  # query id -> text; only queries with >= 1 relevant doc
     qrels: dict[str, dict[str, int]]  # query id -> {doc id: grade}, grades > 0 only
+
+
+@dataclass(frozen=True, slots=True)
+class ExtractionExample:
+    """An instruction, the text to read, and (for training and evaluation) the answer to produce.
+
+    `output` is the target text exactly as the model must write it: a JSON object from the data
+    file is serialised with `json.dumps(value, ensure_ascii=False)`, a string is kept as it is.
+    """
+
+    input: str
+    output: str | None = None
+    instruction: str | None = None  # None: the model's default instruction
+    # Where the example came from, for error messages downstream.
+    line: int | None = None

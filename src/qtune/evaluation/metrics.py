@@ -69,3 +69,39 @@ def best_threshold(y_true: Sequence[int], scores: Sequence[float]) -> tuple[floa
     k = int(np.argmax(macro))
     threshold = float(np.nextafter(s_sorted[0], np.inf)) if k == 0 else float(s_sorted[k - 1])
     return threshold, float(macro[k])
+
+
+def calibrate_threshold(y_true: Sequence[int], scores: Sequence[float], min_precision: float | None = None) -> dict:
+    """The score threshold for "relevant" (score >= threshold) from labelled pairs.
+
+    Without `min_precision`: the threshold that maximises F1 of the positive class (ties go to the
+    higher threshold). With it: the lowest threshold whose precision is at least `min_precision`,
+    which keeps the most recall under that constraint. Every distinct score is a candidate cut.
+    Returns threshold, precision, recall, f1 and the counts; raises ValueError when no cut works.
+    """
+    y = np.asarray(y_true, dtype=np.int64)
+    s = np.asarray(scores, dtype=np.float64)
+    positives = int(y.sum())
+    if positives == 0 or positives == len(y):
+        raise ValueError("calibration needs both relevant (1) and not relevant (0) pairs")
+    order = np.argsort(-s, kind="stable")
+    s_sorted, y_sorted = s[order], y[order]
+    # Cut after position k (k = 1..n): the first k rows are predicted relevant. Only cuts between
+    # distinct scores are thresholds a model can apply.
+    tp = np.cumsum(y_sorted)
+    k = np.arange(1, len(y) + 1)
+    precision = tp / k
+    recall = tp / positives
+    f1 = np.divide(2 * precision * recall, precision + recall, out=np.zeros(len(k)), where=(precision + recall) > 0)
+    valid = np.ones(len(k), dtype=bool)
+    valid[:-1] = s_sorted[:-1] != s_sorted[1:]
+    if min_precision is None:
+        best = int(np.argmax(np.where(valid, f1, -1.0)))
+    else:
+        ok = valid & (precision >= min_precision)
+        if not ok.any():
+            raise ValueError(f"no threshold reaches precision {min_precision} "
+                             f"(the best is {precision[valid].max():.4f})")
+        best = int(np.flatnonzero(ok)[-1])
+    return {"threshold": float(s_sorted[best]), "precision": float(precision[best]), "recall": float(recall[best]),
+            "f1": float(f1[best]), "pairs": int(len(y)), "relevant": positives, "min_precision": min_precision}

@@ -19,6 +19,14 @@ def evaluate_retrieval(embedder, data: RetrievalSet, *, top_k: int = 100, batch_
                        progress: bool = False) -> dict:
     """Embed corpus and queries, search exactly (inner product of unit vectors), score the ranking."""
     from qtune.evaluation.retrieval_metrics import retrieval_metrics
+
+    return retrieval_metrics(retrieve(embedder, data, top_k=top_k, batch_size=batch_size, progress=progress),
+                             data.qrels)
+
+
+def retrieve(embedder, data: RetrievalSet, *, top_k: int = 100, batch_size: int = 64,
+             progress: bool = False) -> dict[str, list[str]]:
+    """query id -> the `top_k` document ids by exact inner-product search, best first."""
     from qtune.mining import exact_search
 
     doc_ids = list(data.corpus)
@@ -27,8 +35,25 @@ def evaluate_retrieval(embedder, data: RetrievalSet, *, top_k: int = 100, batch_
     queries = embedder.embed([data.queries[q] for q in query_ids], is_query=True, batch_size=batch_size,
                              progress=progress)
     _, ranked = exact_search(queries, corpus, min(top_k, len(doc_ids)))  # (queries, k)
-    run = {qid: [doc_ids[j] for j in row] for qid, row in zip(query_ids, ranked)}
-    return retrieval_metrics(run, data.qrels)
+    return {qid: [doc_ids[j] for j in row] for qid, row in zip(query_ids, ranked)}
+
+
+def rerank_run(reranker, data: RetrievalSet, run: dict[str, list[str]], *, top_k: int = 100,
+               batch_size: int = 32, progress: bool = False) -> dict[str, list[str]]:
+    """Reorder each query's first `top_k` documents by the reranker's score (ties keep the
+    retriever's order); documents below `top_k` keep their place after them."""
+    pairs, spans = [], {}
+    for qid, docs in run.items():
+        head = docs[:top_k]
+        spans[qid] = (len(pairs), len(head))
+        pairs += [(data.queries[qid], data.corpus[d]) for d in head]
+    scores = reranker.score(pairs, batch_size=batch_size, progress=progress)
+    reranked = {}
+    for qid, docs in run.items():
+        start, n = spans[qid]
+        order = np.argsort(-scores[start:start + n], kind="stable")
+        reranked[qid] = [docs[i] for i in order] + docs[n:]
+    return reranked
 
 
 def triplet_margin(embedder, groups: Sequence[QueryGroup], batch_size: int = 64) -> float | None:
@@ -44,17 +69,24 @@ def triplet_margin(embedder, groups: Sequence[QueryGroup], batch_size: int = 64)
     return float(mean_margin((q * p).sum(axis=1), (q * n).sum(axis=1)))
 
 
-def retrieval_report(results: dict[str, dict], data: str) -> str:
+def retrieval_report(results: dict[str, dict], data: str, *, baseline: str | None = None,
+                     title: str = "Retrieval") -> str:
+    """Models side by side. With `baseline`, every other column gets a change column against it;
+    without, two models (--model, --compare) get one: the first minus the second."""
     names = list(results)
     keys = [k for k in (*REPORT_METRICS, "triplet_margin") if any(k in results[n] for n in names)]
-    rows = [[k] + [results[n].get(k, "") for n in names] for k in keys]
-    header = ["metric", *names]
-    if len(names) == 2:  # --model first, --compare second: the change is model minus compare
-        header.append("change")
-        for row in rows:
-            a, b = row[1], row[2]
+    if baseline is None and len(names) == 2:
+        baseline = names[1]
+    compared = [n for n in names if baseline is not None and n != baseline]
+    header = ["metric", *names] + [f"change ({short_name(n)})" if len(compared) > 1 else "change" for n in compared]
+    rows = []
+    for k in keys:
+        row = [k] + [results[n].get(k, "") for n in names]
+        for n in compared:
+            a, b = results[n].get(k), results[baseline].get(k)
             row.append(f"{a - b:+.4f}" if isinstance(a, float) and isinstance(b, float) else "")
-    return "\n".join([f"# Retrieval: {data}", "", markdown_table(header, rows), ""])
+        rows.append(row)
+    return "\n".join([f"# {title}: {data}", "", markdown_table(header, rows), ""])
 
 
 def plot_retrieval(results: dict[str, dict], path: Path) -> None:
@@ -76,8 +108,9 @@ def plot_retrieval(results: dict[str, dict], path: Path) -> None:
     save_png(fig, path)
 
 
-def write_retrieval_outputs(results: dict[str, dict], data: str, output: str | Path) -> None:
+def write_retrieval_outputs(results: dict[str, dict], data: str, output: str | Path, *,
+                            baseline: str | None = None, title: str = "Retrieval") -> None:
     output = Path(output)
     write_json(output / "metrics.json", results)
-    write_text(output / "report.md", retrieval_report(results, data))
+    write_text(output / "report.md", retrieval_report(results, data, baseline=baseline, title=title))
     plot_retrieval(results, output / "retrieval.png")

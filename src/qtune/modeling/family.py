@@ -30,6 +30,7 @@ _ATTENTION_TARGETS = {
     "modernbert": ["Wqkv", "Wo"],
 }
 _DECODER_ATTENTION_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
+_DECODER_MLP_TARGETS = ["gate_proj", "up_proj", "down_proj"]
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,11 @@ class Family:
         if self.is_decoder:
             return list(_DECODER_ATTENTION_TARGETS)
         return list(_ATTENTION_TARGETS.get(self.model_type, _ATTENTION_TARGETS["bert"]))
+
+    @property
+    def linear_targets(self) -> list[str]:
+        """Attention and MLP projections (decoders); encoders keep the attention ones."""
+        return self.attention_targets + (list(_DECODER_MLP_TARGETS) if self.is_decoder else [])
 
 
 def family_of(config) -> Family:

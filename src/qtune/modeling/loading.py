@@ -23,8 +23,18 @@ log = logging.getLogger(__name__)
 
 META_FILE = "qtune.json"
 # Which transformers auto class carries each task's head, and the matching peft task type.
-TASK_AUTO_CLASS = {"pair-cls": "AutoModelForSequenceClassification", "embedding": "AutoModel"}
-TASK_PEFT_TYPE = {"pair-cls": "SEQ_CLS", "embedding": "FEATURE_EXTRACTION"}
+# Rerankers depend on the family: a decoder answers "yes"/"no" with its LM head (Qwen3-Reranker),
+# an encoder is a cross-encoder with a one-logit classification head.
+TASK_AUTO_CLASS = {"pair-cls": "AutoModelForSequenceClassification", "embedding": "AutoModel",
+                   "reranker": ("AutoModelForSequenceClassification", "AutoModelForCausalLM"),
+                   "extract": "AutoModelForCausalLM"}
+TASK_PEFT_TYPE = {"pair-cls": "SEQ_CLS", "embedding": "FEATURE_EXTRACTION", "reranker": ("SEQ_CLS", "CAUSAL_LM"),
+                  "extract": "CAUSAL_LM"}
+
+
+def _for_family(value, family: Family) -> str:
+    """A per-task entry of the tables above: one name, or (encoder name, decoder name)."""
+    return value[family.is_decoder] if isinstance(value, tuple) else value
 
 
 @dataclass
@@ -39,6 +49,10 @@ class CheckpointMeta:
     # embedding models: how a text becomes one vector (see qtune.modeling.embedding)
     pooling: str | None = None  # "last", "mean" or "cls"
     query_instruction: str | None = None
+    # rerankers (decoders) and extractors: the instruction put in every prompt unless a row has one
+    instruction: str | None = None
+    # rerankers: the calibrated score threshold below which there is "no good answer"
+    threshold: float | None = None
     qtune_version: str = __version__
 
     def save(self, folder: str | os.PathLike) -> None:
@@ -131,11 +145,11 @@ def load_config(name_or_path: str):
         raise QtuneError(f"cannot load model '{name_or_path}': {e}") from None
 
 
-def _auto_class(task: str):
+def _auto_class(task: str, family: Family):
     import transformers
 
     try:
-        return getattr(transformers, TASK_AUTO_CLASS[task])
+        return getattr(transformers, _for_family(TASK_AUTO_CLASS[task], family))
     except KeyError:
         raise QtuneError(f"unknown task {task!r}; known: {', '.join(TASK_AUTO_CLASS)}") from None
 
@@ -158,6 +172,8 @@ def load_model(name_or_path: str | os.PathLike, *, task: str | None = None, labe
     task = meta.task if meta is not None else task
     if task is None:
         raise QtuneError(f"'{name_or_path}' is not a qtune folder: say which task it is for")
+    if task not in TASK_AUTO_CLASS:
+        raise QtuneError(f"unknown task {task!r}; known: {', '.join(TASK_AUTO_CLASS)}")
     torch_device = resolve_device(device)
     chosen = resolve_precision(precision, torch_device)
 
@@ -172,13 +188,20 @@ def load_model(name_or_path: str | os.PathLike, *, task: str | None = None, labe
     elif max_length is not None:
         meta.max_length = max_length
 
+    head_kwargs = {}
     if task == "pair-cls":
         head_kwargs = dict(num_labels=len(meta.labels), id2label=dict(enumerate(meta.labels)),
                            label2id={name: i for i, name in enumerate(meta.labels)},
                            pad_token_id=tokenizer.pad_token_id)
     else:
         meta.labels = []
-        head_kwargs = {}
+    if task == "reranker" and not family.is_decoder:
+        head_kwargs = dict(num_labels=1, pad_token_id=tokenizer.pad_token_id)
+    if task == "reranker" and family.is_decoder and meta.instruction is None:
+        from qtune.modeling.reranker import DEFAULT_INSTRUCTION
+
+        meta.instruction = DEFAULT_INSTRUCTION
+    if task == "embedding":
         if meta.pooling is None:
             from qtune.modeling.embedding import default_pooling, default_query_instruction
 
@@ -187,7 +210,7 @@ def load_model(name_or_path: str | os.PathLike, *, task: str | None = None, labe
     # Frozen base weights can live in bf16 (half the memory, faster); trained ones stay fp32.
     frozen_base = chosen == "bf16" and (lora is not None or (meta.adapter and not trainable))
     dtype = torch.bfloat16 if frozen_base else torch.float32
-    auto_class = _auto_class(task)
+    auto_class = _auto_class(task, family)
     try:
         model, info = auto_class.from_pretrained(base, dtype=dtype, output_loading_info=True, **head_kwargs)
     except (OSError, ValueError) as e:
@@ -233,8 +256,11 @@ def _untrained_modules(missing_keys: Sequence[str]) -> list[str]:
 def _add_lora(model, family: Family, lora: LoraSettings, extra_modules: Sequence[str], task: str):
     from peft import LoraConfig, TaskType, get_peft_model
 
-    targets = list(lora.targets) if lora.targets else family.attention_targets
-    config = LoraConfig(task_type=getattr(TaskType, TASK_PEFT_TYPE[task]), r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+    if lora.targets:
+        targets = list(lora.targets)
+    else:  # generation learns a new output format: every linear projection of a decoder
+        targets = family.linear_targets if task == "extract" else family.attention_targets
+    config = LoraConfig(task_type=getattr(TaskType, _for_family(TASK_PEFT_TYPE[task], family)), r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                         target_modules=targets, modules_to_save=list(extra_modules) or None)
     try:
         return get_peft_model(model, config)

@@ -1,0 +1,145 @@
+"""Rerankers: a relevance score in [0, 1] per (query, document).
+
+Two kinds, chosen by the model family:
+- decoders (Qwen3-Reranker): the pair is put in a chat prompt that asks for "yes" or "no"; the
+  score is P(yes) from a softmax over the logits of the "yes" and "no" tokens at the last
+  position. The prompt is the model's chat template around
+  `<Instruct>: {instruction}\\n<Query>: {query}\\n<Document>: {doc}`, with the system message below
+  and an empty think block after the assistant tag (thinking off). The middle part is truncated
+  to fit max_length; the template parts never are.
+- encoders (BERT-family cross-encoders): the tokenizer's pair template, one logit, sigmoid.
+
+Training and inference share `forward_logits`: a logit whose sigmoid is the score (for decoders
+the log-odds logit(yes) - logit(no), which is exactly the two-way softmax).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+from qtune.errors import QtuneError
+
+SYSTEM_PROMPT = ('Judge whether the Document meets the requirements based on the Query and the Instruct provided. '
+                 'Note that the answer can only be "yes" or "no".')
+DEFAULT_INSTRUCTION = "Given a web search query, retrieve relevant passages that answer the query"
+_SLOT = "\x00qtune-pair\x00"
+
+
+@dataclass(frozen=True)
+class RerankPrompt:
+    """Token ids around the pair text for a decoder reranker, and the answer token ids."""
+
+    prefix: list[int]
+    suffix: list[int]
+    yes_id: int
+    no_id: int
+
+
+def decoder_prompt(tokenizer) -> RerankPrompt:
+    """Render the chat template once around a placeholder and cut it there."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise QtuneError("a decoder reranker needs a tokenizer with a chat template (as Qwen3-Reranker has)")
+    messages = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": _SLOT}]
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
+                                         enable_thinking=False)
+    if "<think>" not in text:  # templates without a thinking switch: add the empty block ourselves
+        text += "<think>\n\n</think>\n\n"
+    before, after = text.split(_SLOT)
+    ids = []
+    for word in ("yes", "no"):
+        token_id = tokenizer.convert_tokens_to_ids(word)
+        if token_id is None or token_id == tokenizer.unk_token_id:
+            raise QtuneError(f"the tokenizer has no single token {word!r} to score a reranker with")
+        ids.append(token_id)
+    encode = lambda s: tokenizer(s, add_special_tokens=False)["input_ids"]  # noqa: E731
+    return RerankPrompt(encode(before), encode(after), ids[0], ids[1])
+
+
+def pair_text(query: str, document: str, instruction: str | None) -> str:
+    return f"<Instruct>: {instruction or DEFAULT_INSTRUCTION}\n<Query>: {query}\n<Document>: {document}"
+
+
+class PairFormatter:
+    """(query, document) -> unpadded features, exactly as training and inference see them."""
+
+    def __init__(self, tokenizer, is_decoder: bool, max_length: int, instruction: str | None = None):
+        self.tokenizer, self.is_decoder, self.max_length = tokenizer, is_decoder, max_length
+        self.instruction = instruction
+        self.prompt = decoder_prompt(tokenizer) if is_decoder else None
+
+    def encode(self, query: str, document: str) -> dict[str, list[int]]:
+        if not self.is_decoder:
+            return dict(self.tokenizer(query, document, truncation="longest_first", max_length=self.max_length))
+        p = self.prompt
+        budget = self.max_length - len(p.prefix) - len(p.suffix)
+        if budget < 8:
+            raise QtuneError(f"max_length {self.max_length} leaves no room for the pair after the "
+                             f"{len(p.prefix) + len(p.suffix)}-token reranker prompt")
+        middle = self.tokenizer(pair_text(query, document, self.instruction), add_special_tokens=False,
+                                truncation=True, max_length=budget)["input_ids"]
+        ids = p.prefix + middle + p.suffix
+        return {"input_ids": ids, "attention_mask": [1] * len(ids)}
+
+
+def forward_logits(model, batch: dict, prompt: RerankPrompt | None):
+    """(rows,) float32 logits whose sigmoid is the relevance score.
+
+    Decoders are padded on the left, so the last position is the answer slot of every row; only
+    that position's logits are computed.
+    """
+    inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+    if prompt is None:
+        return model(**inputs).logits[:, 0].float()
+    logits = model(**inputs, logits_to_keep=1).logits[:, -1, :].float()  # (rows, vocab)
+    return logits[:, prompt.yes_id] - logits[:, prompt.no_id]
+
+
+class Reranker:
+    """A loaded reranker: `score([(query, doc), ...])` -> relevance in [0, 1]."""
+
+    def __init__(self, loaded):
+        self.loaded = loaded
+        self.formatter = PairFormatter(loaded.tokenizer, loaded.family.is_decoder, loaded.meta.max_length,
+                                       loaded.meta.instruction)
+
+    @property
+    def threshold(self) -> float | None:
+        """The calibrated threshold stored with the model (`qtune calibrate`), if any."""
+        return self.loaded.meta.threshold
+
+    def features(self, pairs: Sequence[tuple[str, str]]) -> list[dict]:
+        return [self.formatter.encode(q, d) for q, d in pairs]
+
+    def score_features(self, features: Sequence[dict], batch_size: int = 32, progress: bool = False) -> np.ndarray:
+        import torch
+        from tqdm.auto import tqdm
+
+        out = np.zeros(len(features), dtype=np.float32)
+        if not features:
+            return out
+        order = np.argsort([-len(f["input_ids"]) for f in features], kind="stable")
+        loaded = self.loaded
+        was_training = loaded.model.training
+        loaded.model.eval()
+        with torch.inference_mode(), loaded.autocast():
+            for start in tqdm(range(0, len(order), batch_size), desc="rerank", unit="batch", disable=not progress):
+                idx = order[start:start + batch_size]
+                batch = loaded.tokenizer.pad([features[i] for i in idx], padding=True, return_tensors="pt")
+                batch = {k: v.to(loaded.device) for k, v in batch.items()}
+                out[idx] = torch.sigmoid(forward_logits(loaded.model, batch, self.formatter.prompt)).cpu().numpy()
+        loaded.model.train(was_training)
+        return out
+
+    def score(self, pairs: Sequence[tuple[str, str]], *, batch_size: int = 32, progress: bool = False) -> np.ndarray:
+        """(len(pairs),) float32 relevance scores in input order; batches are length-sorted."""
+        return self.score_features(self.features(list(pairs)), batch_size=batch_size, progress=progress)
+
+    def rerank(self, query: str, documents: Sequence[str], *, top_n: int | None = None,
+               batch_size: int = 32) -> list[tuple[int, float]]:
+        """(document index, score), best first; ties keep the input order."""
+        scores = self.score([(query, d) for d in documents], batch_size=batch_size)
+        order = np.argsort(-scores, kind="stable")[:top_n]
+        return [(int(i), float(scores[i])) for i in order]

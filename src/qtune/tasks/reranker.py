@@ -1,0 +1,82 @@
+"""Reranker training: groups of (query, positive, k hard negatives) from `qtune mine` output.
+
+Each training feature is one group of `group_size` pairs: the query with its first positive, then
+`group_size - 1` of its negatives in file order (mined files list the hardest first). A group
+with fewer negatives repeats them; a group without any cannot teach a ranking and is left out.
+
+Losses, on the logits of `qtune.modeling.reranker.forward_logits` (sigmoid = the served score):
+- listwise: softmax cross-entropy over each group, the positive being the target;
+- pointwise: binary cross-entropy of every pair against 1 (positive) or 0 (negative).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+from qtune.errors import QtuneError
+from qtune.records import QueryGroup
+
+LOSSES = ("listwise", "pointwise")
+
+
+@dataclass(frozen=True)
+class RerankSettings:
+    group_size: int = 8  # 1 positive + group_size - 1 negatives
+    loss: str = "listwise"
+
+
+def group_features(groups: Sequence[QueryGroup], encode, group_size: int) -> tuple[list[dict], int]:
+    """(features, groups left out for lack of negatives); `encode(query, doc)` gives one pair's ids."""
+    features, dropped = [], 0
+    for group in groups:
+        if not group.negatives:
+            dropped += 1
+            continue
+        negatives = [group.negatives[i % len(group.negatives)] for i in range(group_size - 1)]
+        pairs = [encode(group.query, doc) for doc in (group.positives[0], *negatives)]
+        features.append({"pairs": pairs, "length": sum(len(p["input_ids"]) for p in pairs)})
+    if not features:
+        raise QtuneError("no training group has a negative: mine some first (`qtune mine`)")
+    return features, dropped
+
+
+def collate(tokenizer, features: Sequence[dict]) -> dict:
+    """All pairs of the batch's groups, padded together; `group_labels` (groups, group_size) marks
+    the positive (column 0)."""
+    import torch
+
+    flat = [pair for f in features for pair in f["pairs"]]
+    batch = dict(tokenizer.pad(flat, padding=True, return_tensors="pt"))
+    size = len(features[0]["pairs"])
+    labels = torch.zeros(len(features), size)
+    labels[:, 0] = 1.0
+    batch["group_labels"] = labels
+    return batch
+
+
+def group_loss(logits, group_labels, kind: str):
+    """The loss of one batch from its (rows,) logits laid out group after group."""
+    import torch.nn.functional as F
+
+    scores = logits.view(group_labels.shape)
+    if kind == "listwise":
+        return F.cross_entropy(scores, group_labels.argmax(dim=1))
+    if kind == "pointwise":
+        return F.binary_cross_entropy_with_logits(scores, group_labels)
+    raise QtuneError(f"unknown reranker loss {kind!r}; use one of {', '.join(LOSSES)}")
+
+
+def loss(model, batch: dict, *, prompt, settings: RerankSettings):
+    from qtune.modeling.reranker import forward_logits
+
+    return group_loss(forward_logits(model, batch, prompt), batch["group_labels"], settings.loss)
+
+
+def group_ranking_metrics(scores: Sequence[np.ndarray]) -> dict:
+    """How well each group's positive (index 0) is ranked among its own candidates:
+    accuracy@1 (the positive is first) and MRR. Ties count against the positive."""
+    ranks = np.array([1 + int((s[1:] >= s[0]).sum()) for s in scores], dtype=np.float64)
+    return {"accuracy@1": float((ranks == 1).mean()), "mrr": float((1.0 / ranks).mean()), "groups": len(ranks)}
