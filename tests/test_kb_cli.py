@@ -212,7 +212,7 @@ def test_search_refuses_an_empty_query_and_a_non_db_path(built, tmp_path, capsys
 
 def test_serve_refuses_before_starting_a_server(built, tmp_path, capsys, tiny_qwen_dir, tiny_bert_dir):
     code, out, err = run(capsys, "serve", "--kb", built)
-    assert_user_error(code, err, "nothing to serve: give --embedding and/or --classifier")
+    assert_user_error(code, err, "nothing to serve: give --embedding, --classifier, --reranker and/or --extractor")
     code, out, err = run(capsys, "serve", "--embedding", tiny_qwen_dir, "--kb", built, "--device", "cpu")
     assert_user_error(code, err, "built with the embedding model", str(Path(tiny_bert_dir).resolve()),
                       str(Path(tiny_qwen_dir).resolve()))

@@ -581,9 +581,9 @@ def retrieval_split(table: str, output: str, *, question_column: str = "question
                                  test_fraction=test_fraction, seed=seed, skip_empty=skip_empty)
 
 
-def serve(*, embedding: str | None = None, classifier: str | None = None, kb: str | None = None,
-          kb_token: str | None = None, threshold: float | None = None, device: str = "auto",
-          precision: str = "auto", **settings) -> None:
+def serve(*, embedding: str | None = None, classifier: str | None = None, reranker: str | None = None,
+          extractor: str | None = None, kb: str | None = None, kb_token: str | None = None,
+          threshold: float | None = None, device: str = "auto", precision: str = "auto", **settings) -> None:
     """Load the models (and the knowledge base) and serve them until SIGTERM."""
     from qtune.serving import ServerSettings
     from qtune.serving import serve as run_server
@@ -593,6 +593,10 @@ def serve(*, embedding: str | None = None, classifier: str | None = None, kb: st
         models[embedding] = load(embedding, task="embedding", device=device, precision=precision)
     if classifier:
         models[classifier] = load(classifier, task="pair-cls", device=device, precision=precision)
+    if reranker:
+        models[reranker] = load(reranker, task="reranker", device=device, precision=precision)
+    if extractor:
+        models[extractor] = load(extractor, task="extract", device=device, precision=precision)
     matcher = None
     if kb:
         if embedding:
@@ -600,8 +604,10 @@ def serve(*, embedding: str | None = None, classifier: str | None = None, kb: st
 
             with KnowledgeBase.open(kb, kb_token) as store:
                 store.check_model(_model_name(embedding))
-        matcher = faq_matcher(kb, models.get(embedding), models.get(classifier), threshold=threshold,
-                              token=kb_token, device=device)
+        # recall -> rerank -> threshold: a reranker rescores when served, else the classifier
+        rescorer = models.get(reranker) if reranker else models.get(classifier)
+        matcher = faq_matcher(kb, models.get(embedding), rescorer, threshold=threshold, token=kb_token,
+                              device=device)
     run_server(models, ServerSettings(**settings), matcher)
 
 
@@ -656,20 +662,23 @@ def kb_delete(kb: str, ids: Sequence[str], *, token: str | None = None) -> int:
         return delete_entries(store, list(ids))
 
 
-def faq_matcher(kb: str, embedder=None, classifier=None, *, threshold: float | None = None, token: str | None = None,
-                device: str = "auto"):
-    """A FaqMatcher over `kb`: recall with the KB's embedding model, rescore with `classifier` if given."""
+def faq_matcher(kb: str, embedder=None, classifier=None, *, reranker=None, threshold: float | None = None,
+                token: str | None = None, device: str = "auto"):
+    """A FaqMatcher over `kb`: recall with the KB's embedding model, then rescore with `reranker`
+    (its calibrated threshold is the default) or else `classifier`, if given (names or loaded)."""
     from qtune.kb.faq import FaqMatcher
 
-    store, embedder = _open_kb_with_embedder(kb, embedder, token, device)
-    if isinstance(classifier, str):
+    if isinstance(reranker, str):
+        reranker = load(reranker, task="reranker", device=device)
+    if isinstance(classifier, str) and reranker is None:
         classifier = load(classifier, task="pair-cls", device=device)
-    return FaqMatcher(embedder, store, classifier, threshold=threshold)
+    store, embedder = _open_kb_with_embedder(kb, embedder, token, device)
+    return FaqMatcher(embedder, store, reranker or classifier, threshold=threshold)
 
 
-def kb_search(kb: str, query: str, *, top_k: int = 5, classifier: str | None = None, threshold: float | None = None,
-              token: str | None = None, device: str = "auto") -> dict:
-    matcher = faq_matcher(kb, None, classifier, threshold=threshold, token=token, device=device)
+def kb_search(kb: str, query: str, *, top_k: int = 5, classifier: str | None = None, reranker: str | None = None,
+              threshold: float | None = None, token: str | None = None, device: str = "auto") -> dict:
+    matcher = faq_matcher(kb, None, classifier, reranker=reranker, threshold=threshold, token=token, device=device)
     try:
         return matcher.match(query, top_k=top_k)
     finally:

@@ -54,6 +54,15 @@ def cmd_data_retrieval_split(args) -> None:
         print(f"moved {stats['moved']} training rows to test: their question is also a test question")
 
 
+def cmd_data_pii_sft(args) -> None:
+    from qtune.data.extraction import pii_to_sft
+
+    counts = pii_to_sft(args.source, args.output, eval_fraction=args.eval_fraction, seed=args.seed)
+    print(f"wrote {args.output}/train.jsonl ({counts['train']} rows) and {args.output}/eval.jsonl "
+          f"({counts['eval']} rows) from {counts['records']} records"
+          + (f"; skipped {counts['skipped']} with a missing field" if counts["skipped"] else ""))
+
+
 def cmd_mine(args) -> None:
     from qtune.api import mine
     from qtune.mining import MiningSettings
@@ -86,10 +95,55 @@ def cmd_eval_retrieval(args) -> None:
 
     results = evaluate_retrieval_models(args.model, args.data, compare=args.compare, output=args.output,
                                         triplets=args.triplets, top_k=args.top_k, batch_size=args.batch_size,
+                                        reranker=args.reranker, rerank_top_k=args.rerank_top_k,
                                         device=args.device, precision=args.precision)
-    print(retrieval_report(results, args.data))
+    print(retrieval_report(results, args.data, baseline=args.model if args.reranker and not args.compare else None))
     if args.output:
         print(f"wrote {args.output}/metrics.json, report.md, retrieval.png")
+
+
+def cmd_eval_rerank(args) -> None:
+    from qtune.api import evaluate_rerank
+    from qtune.evaluation.retrieval import retrieval_report
+
+    results = evaluate_rerank(args.model, args.data, args.retriever, compare=args.compare, top_k=args.top_k,
+                              output=args.output, batch_size=args.batch_size, device=args.device,
+                              precision=args.precision)
+    print(retrieval_report(results, args.data, baseline=args.retriever, title="Reranking"))
+    if args.output:
+        print(f"wrote {args.output}/metrics.json, report.md, retrieval.png")
+
+
+def cmd_eval_extract(args) -> None:
+    from qtune.api import evaluate_extract
+    from qtune.evaluation.extraction import extraction_report
+
+    results = evaluate_extract(args.model, args.data, compare=args.compare, output=args.output,
+                               batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, device=args.device,
+                               precision=args.precision)
+    print(extraction_report(results, args.data))
+    if args.output:
+        print(f"wrote {args.output}/metrics.json, report.md, extraction.png")
+
+
+def cmd_calibrate(args) -> None:
+    from qtune.api import calibrate
+
+    found = calibrate(args.model, args.data, min_precision=args.min_precision, output=args.output,
+                      text_columns=args.text_columns, label_column=args.label_column, batch_size=args.batch_size,
+                      device=args.device, precision=args.precision)
+    print(f"threshold {found['threshold']:.6f}: precision {found['precision']:.4f}, recall {found['recall']:.4f}, "
+          f"F1 {found['f1']:.4f} on {found['pairs']} pairs ({found['relevant']} relevant)")
+    print(f"stored in {args.model}/qtune.json")
+
+
+def cmd_extract(args) -> None:
+    from qtune.api import extract_file
+
+    counts = extract_file(args.model, args.input, args.output, batch_size=args.batch_size,
+                          max_new_tokens=args.max_new_tokens, device=args.device, precision=args.precision)
+    print(f"wrote {counts['rows']} rows to {args.output}: {counts['parsed']} parsed, {counts['failed']} did not "
+          "parse (output null, see their error field)")
 
 
 def cmd_eval(args) -> None:
@@ -122,12 +176,14 @@ def cmd_export(args) -> None:
 def cmd_serve(args) -> None:
     from qtune.api import serve
 
-    if not (args.embedding or args.classifier):
-        raise QtuneError("nothing to serve: give --embedding and/or --classifier")
-    serve(embedding=args.embedding, classifier=args.classifier, kb=args.kb, kb_token=args.kb_token,
+    if not (args.embedding or args.classifier or args.reranker or args.extractor):
+        raise QtuneError("nothing to serve: give --embedding, --classifier, --reranker and/or --extractor")
+    serve(embedding=args.embedding, classifier=args.classifier, reranker=args.reranker, extractor=args.extractor,
+          kb=args.kb, kb_token=args.kb_token,
           threshold=args.threshold, device=args.device, precision=args.precision, host=args.host, port=args.port,
           max_batch_tokens=args.max_batch_tokens, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
-          max_inputs=args.max_inputs, max_body_bytes=args.max_body_bytes, api_key=args.api_key)
+          max_inputs=args.max_inputs, max_body_bytes=args.max_body_bytes, max_new_tokens=args.max_new_tokens,
+          api_key=args.api_key)
 
 
 def cmd_kb(args) -> None:
@@ -143,7 +199,7 @@ def cmd_kb(args) -> None:
         print(f"deleted {api.kb_delete(args.kb, args.ids, token=args.token)} of {len(args.ids)} ids from {args.kb}")
     else:
         result = api.kb_search(args.kb, args.query, top_k=args.top_k, classifier=args.classifier,
-                               threshold=args.threshold, token=args.token, device=args.device)
+                               reranker=args.reranker, threshold=args.threshold, token=args.token, device=args.device)
         if args.json:
             print(json.dumps(result, ensure_ascii=False, indent=2))
             return
@@ -182,6 +238,13 @@ def build_parser() -> argparse.ArgumentParser:
     split.add_argument("--skip-empty", action="store_true",
                        help="drop rows with an empty question or passage after the split (default: error)")
     split.set_defaults(func=cmd_data_retrieval_split)
+    pii = data.add_parser("pii-sft", help="PII person records (pii_zh JSON) -> extraction SFT train/eval JSONL")
+    pii.add_argument("source", help="JSON list of records with naturalParagraph, name, location, emailAddress, "
+                     "phoneNumbers")
+    pii.add_argument("--output", required=True, help="folder for train.jsonl and eval.jsonl")
+    pii.add_argument("--eval-fraction", type=float, default=0.1)
+    pii.add_argument("--seed", type=int, default=42)
+    pii.set_defaults(func=cmd_data_pii_sft)
 
     sub = commands.add_parser("mine", help="hard negatives for retrieval training, from a base embedder")
     sub.add_argument("--model", required=True, help="embedding model used to rank the corpus")
@@ -223,8 +286,27 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--output", help="folder for metrics.json, report.md and retrieval.png")
     sub.add_argument("--triplets", help="JSONL with negatives: also report mean sim(q,pos) - sim(q,neg)")
     sub.add_argument("--top-k", type=int, default=100, help="passages retrieved per query (default: 100)")
+    sub.add_argument("--reranker", help="also rerank each model's top --rerank-top-k with this reranker")
+    sub.add_argument("--rerank-top-k", type=int, default=100, help="passages reranked per query (default: 100)")
     _device_flags(sub, pairs=False)
     sub.set_defaults(func=cmd_eval_retrieval)
+    sub = evaluate.add_parser("rerank", help="retriever alone vs retriever + reranker: nDCG@10, MRR@10, ...")
+    sub.add_argument("--model", required=True, help="reranker: trained folder or base model")
+    sub.add_argument("--data", required=True, help="BEIR folder (corpus.jsonl, queries.jsonl, qrels/test.tsv)")
+    sub.add_argument("--retriever", required=True, help="embedding model for the first stage")
+    sub.add_argument("--top-k", type=int, default=100, help="passages retrieved and reranked per query (default: 100)")
+    sub.add_argument("--compare", help="a second reranker, side by side (e.g. the base model)")
+    sub.add_argument("--output", help="folder for metrics.json, report.md and retrieval.png")
+    _device_flags(sub, pairs=False)
+    sub.set_defaults(func=cmd_eval_rerank, batch_size=32)
+    sub = evaluate.add_parser("extract", help="JSON validity, per-field and all-fields exact match")
+    sub.add_argument("--model", required=True, help="extraction model: trained folder or base model")
+    sub.add_argument("--data", required=True, help="JSONL {instruction, input, output}")
+    sub.add_argument("--compare", help="a second model, side by side (e.g. the base model)")
+    sub.add_argument("--output", help="folder for metrics.json, report.md and extraction.png")
+    sub.add_argument("--max-new-tokens", type=int, default=256, help="longest answer (default: 256)")
+    _device_flags(sub, pairs=False)
+    sub.set_defaults(func=cmd_eval_extract, batch_size=16)
 
     predict = commands.add_parser("predict", help="predict a file").add_subparsers(dest="task", required=True)
     sub = predict.add_parser("pair-cls", help="probability and label for every row, in input order")
@@ -235,14 +317,34 @@ def build_parser() -> argparse.ArgumentParser:
     _device_flags(sub)
     sub.set_defaults(func=cmd_predict)
 
+    sub = commands.add_parser("extract", help="JSON from every row of a JSONL file, in input order")
+    sub.add_argument("--model", required=True, help="extraction model (a `qtune train extract` folder)")
+    sub.add_argument("--input", required=True, help="JSONL rows {input, instruction?}")
+    sub.add_argument("--output", required=True, help="JSONL: each row with output (JSON or null) and error")
+    sub.add_argument("--max-new-tokens", type=int, default=256, help="longest answer (default: 256)")
+    _device_flags(sub, pairs=False)
+    sub.set_defaults(func=cmd_extract, batch_size=16)
+
+    sub = commands.add_parser("calibrate", help="reranker score threshold from labelled pairs, stored with the model")
+    sub.add_argument("--model", required=True, help="reranker folder (the threshold goes into its qtune.json)")
+    sub.add_argument("--data", required=True, help="labelled pairs: query, document, label 1 (relevant) or 0")
+    sub.add_argument("--min-precision", type=float,
+                     help="the lowest threshold with at least this precision (default: the F1-best threshold)")
+    sub.add_argument("--output", help="folder for metrics.json")
+    sub.add_argument("--label-column", default="label")
+    _device_flags(sub)
+    sub.set_defaults(func=cmd_calibrate, batch_size=32)
+
     sub = commands.add_parser("export", help="merge LoRA into a plain transformers checkpoint")
     sub.add_argument("--model", required=True, help="a qtune training folder (e.g. OUT/best)")
     sub.add_argument("--output", required=True)
     sub.set_defaults(func=cmd_export)
 
-    sub = commands.add_parser("serve", help="OpenAI-compatible HTTP server (embeddings, classify, FAQ match)")
+    sub = commands.add_parser("serve", help="OpenAI-compatible HTTP server (embeddings, classify, rerank, extract, FAQ match)")
     sub.add_argument("--embedding", help="embedding model for /v1/embeddings (and the knowledge base)")
     sub.add_argument("--classifier", help="pair classifier for /v1/classify (and FAQ rescoring)")
+    sub.add_argument("--reranker", help="reranker for /v1/rerank (and FAQ rescoring, with its calibrated threshold)")
+    sub.add_argument("--extractor", help="extraction model for /v1/extract")
     sub.add_argument("--kb", help="knowledge base for /v1/match: Milvus Lite file or Milvus server URI")
     sub.add_argument("--kb-token", help="token for a Milvus server")
     sub.add_argument("--threshold", type=float, help="FAQ match threshold (default: 0.5 with a classifier, else 0.8)")
@@ -253,6 +355,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--max-queue", type=int, default=1024, help="waiting requests before 429 (default: 1024)")
     sub.add_argument("--max-inputs", type=int, default=2048, help="inputs per request (default: 2048)")
     sub.add_argument("--max-body-bytes", type=int, default=8 * 2**20, help="request body limit (default: 8 MiB)")
+    sub.add_argument("--max-new-tokens", type=int, default=512,
+                     help="/v1/extract: the most tokens a request may ask to generate (default: 512)")
     sub.add_argument("--api-key", help="require 'Authorization: Bearer KEY'")
     sub.add_argument("--device", default="auto")
     sub.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"))
@@ -281,6 +385,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("query")
     sub.add_argument("--top-k", type=int, default=5)
     sub.add_argument("--classifier", help="pair classifier that rescores the candidates")
+    sub.add_argument("--reranker", help="reranker that rescores the candidates (default threshold: its calibrated one)")
     sub.add_argument("--threshold", type=float, help="match threshold (default: 0.5 with a classifier, else 0.8)")
     sub.add_argument("--json", action="store_true")
 

@@ -1,9 +1,11 @@
 """FAQ entries: read them from a table, put them in a knowledge base, match user questions to them.
 
 Matching is recall -> rescore -> threshold: the embedder recalls the `top_k` FAQ questions nearest
-to the query (query embedded as a query, FAQ questions as documents); a pair classifier, when
-given, replaces each cosine with P(same question); the best candidate is `matched` when its score
-reaches the threshold (pass the calibrated one from `qtune eval pair-cls`).
+to the query (query embedded as a query, FAQ questions as documents); a rescorer, when given,
+replaces each cosine with its own score: a pair classifier's P(same question) or a reranker's
+relevance of the FAQ question to the query; the best candidate is `matched` when its score reaches
+the threshold (by default a reranker's calibrated one from `qtune calibrate`; else pass the one
+`qtune eval pair-cls` found).
 """
 
 from __future__ import annotations
@@ -21,10 +23,11 @@ if TYPE_CHECKING:
     from qtune.api import PairClassifier
     from qtune.kb.store import KnowledgeBase
     from qtune.modeling.embedding import Embedder
+    from qtune.modeling.reranker import Reranker
 
 FAQ_COLUMNS = ("question", "answer")
 DEFAULT_TOP_K = 5
-DEFAULT_THRESHOLD_CLASSIFIER = 0.5  # P(same) from a pair classifier
+DEFAULT_THRESHOLD_CLASSIFIER = 0.5  # P(same) from a pair classifier, or an uncalibrated reranker's score
 DEFAULT_THRESHOLD_COSINE = 0.8  # cosine similarity from the embedder alone
 
 
@@ -115,15 +118,28 @@ def delete_entries(kb: KnowledgeBase, ids: Sequence[str]) -> int:
 
 
 class FaqMatcher:
-    """Best FAQ entry for a user question: `FaqMatcher(embedder, kb).match("...")`."""
+    """Best FAQ entry for a user question: `FaqMatcher(embedder, kb).match("...")`.
 
-    def __init__(self, embedder: Embedder, kb: KnowledgeBase, rescorer: PairClassifier | None = None,
+    `rescorer` is a two-label `PairClassifier` or a `Reranker`. Without `threshold`: a reranker's
+    calibrated threshold when it has one, else 0.5 with a rescorer, else 0.8 (cosine).
+    """
+
+    def __init__(self, embedder: Embedder, kb: KnowledgeBase, rescorer: PairClassifier | Reranker | None = None,
                  threshold: float | None = None, top_k: int = DEFAULT_TOP_K):
+        from qtune.modeling.reranker import Reranker
+
         kb.check_model(dimension=embedder.dimension)
-        if rescorer is not None and len(rescorer.labels) != 2:
+        is_reranker = isinstance(rescorer, Reranker)
+        if rescorer is not None and not is_reranker and len(rescorer.labels) != 2:
             raise QtuneError(f"the rescoring classifier needs two labels, it has {rescorer.labels}")
         self.embedder, self.kb, self.rescorer, self.top_k = embedder, kb, rescorer, top_k
-        default = DEFAULT_THRESHOLD_CLASSIFIER if rescorer is not None else DEFAULT_THRESHOLD_COSINE
+        self.rescored_by = None if rescorer is None else "reranker" if is_reranker else "classifier"
+        if rescorer is None:
+            default = DEFAULT_THRESHOLD_COSINE
+        elif is_reranker and rescorer.threshold is not None:
+            default = float(rescorer.threshold)
+        else:
+            default = DEFAULT_THRESHOLD_CLASSIFIER
         self.threshold = default if threshold is None else float(threshold)
 
     def match(self, query: str, top_k: int | None = None, threshold: float | None = None) -> dict:
@@ -139,7 +155,9 @@ class FaqMatcher:
         vector = self.embedder.embed([query], is_query=True)[0]  # (dim,)
         hits = self.kb.search(vector, top_k)
         scores = [h.score for h in hits]
-        if self.rescorer is not None and hits:
+        if self.rescored_by == "reranker" and hits:
+            scores = [float(s) for s in self.rescorer.score([(query, h.question) for h in hits])]  # (k,)
+        elif self.rescored_by == "classifier" and hits:
             probs = self.rescorer.predict_proba([(query, h.question) for h in hits])  # (k, 2)
             scores = [float(p) for p in probs[:, 1]]
         candidates = sorted(({"id": h.id, "question": h.question, "answer": h.answer, "score": s}

@@ -1,4 +1,8 @@
-"""The FastAPI app: `/v1/embeddings`, `/v1/classify`, `/v1/match`, `/v1/models`, `/health`, `/metrics`.
+"""The FastAPI app: `/v1/embeddings`, `/v1/classify`, `/v1/rerank`, `/v1/extract`, `/v1/match`,
+`/v1/models`, `/health`, `/metrics`.
+
+Embeddings, pair classification and reranking go through one `MicroBatcher` per model; extraction
+(generation: slow, stateful) runs one request per model call on the same single model thread.
 
 Request bodies are read and parsed here (not by FastAPI) so that every failure, from a too-large
 body to a bad field, is answered in the one error shape `{"error": {message, type, param, code}}`.
@@ -8,11 +12,14 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import copy
+import functools
 import json
 import logging
 import signal
 import threading
 import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -30,19 +37,25 @@ from qtune.serving.batcher import (
     QueueFullError,
     classifier_runner,
     embedding_runner,
+    reranker_runner,
 )
 from qtune.serving.schemas import (
     ERROR_TYPES,
     ApiError,
     ClassifyRequest,
     EmbeddingRequest,
+    ExtractRequest,
+    RerankRequest,
     ServerSettings,
     error_body,
 )
 
 logger = logging.getLogger("qtune.serving")
 
-KINDS = {"embedding": "an embedding model", "pair-cls": "a pair classifier"}
+KINDS = {"embedding": "an embedding model", "pair-cls": "a pair classifier", "reranker": "a reranker",
+         "extract": "an extractor"}
+DEFAULT_MAX_NEW_TOKENS = 256  # /v1/extract without max_new_tokens (capped by ServerSettings.max_new_tokens)
+NO_LIMIT = 10 ** 9  # tokenize without cutting, so too-long inputs are reported (bounded by the body size)
 ENDPOINTS = ("/v1/embeddings", "/v1/classify", "/v1/rerank", "/v1/extract", "/v1/match", "/v1/models",
              "/health", "/metrics")
 
@@ -50,10 +63,12 @@ ENDPOINTS = ("/v1/embeddings", "/v1/classify", "/v1/rerank", "/v1/extract", "/v1
 @dataclass
 class ServedModel:
     name: str
-    kind: str  # "embedding" | "pair-cls"
-    model: object  # Embedder | PairClassifier
+    kind: str  # "embedding" | "pair-cls" | "reranker" | "extract"
+    model: object  # Embedder | PairClassifier | Reranker | Extractor
     max_input_tokens: int
-    batcher: MicroBatcher | None = None
+    batcher: MicroBatcher | None = None  # None for extractors
+    pending: int = 0  # extraction requests waiting for or in a model call
+    pair_formatter: object | None = None  # rerankers: their PairFormatter, without truncation
 
     @property
     def loaded(self):
@@ -76,12 +91,31 @@ class ServingState:
 def _kind(model) -> str:
     from qtune.api import PairClassifier
     from qtune.modeling.embedding import Embedder
+    from qtune.modeling.reranker import Reranker
+    from qtune.tasks.extraction import Extractor
 
     if isinstance(model, Embedder):
         return "embedding"
     if isinstance(model, PairClassifier):
         return "pair-cls"
-    raise QtuneError(f"cannot serve a {type(model).__name__}: expected an Embedder or a PairClassifier")
+    if isinstance(model, Reranker):
+        return "reranker"
+    if isinstance(model, Extractor):
+        return "extract"
+    raise QtuneError(f"cannot serve a {type(model).__name__}: expected an Embedder, a PairClassifier, "
+                     "a Reranker or an Extractor")
+
+
+def _runner(entry: ServedModel):
+    if entry.kind == "embedding":
+        return embedding_runner(entry.loaded)
+    if entry.kind == "pair-cls":
+        return classifier_runner(entry.loaded)
+    return reranker_runner(entry.loaded, entry.model.formatter.prompt)
+
+
+def _queue_depth(entry: ServedModel) -> int:
+    return entry.batcher.pending if entry.batcher is not None else entry.pending
 
 
 def _token_limit(loaded, settings: ServerSettings) -> int:
@@ -109,19 +143,24 @@ def _metrics(state: ServingState):
         "queue": Gauge("qtune_queue_depth", "Requests waiting for or in a model call", ["model"], registry=registry),
         "in_progress": Gauge("qtune_requests_in_progress", "HTTP requests being answered", registry=registry),
     }
-    for name in state.models:
-        m["queue"].labels(model=name).set_function(
-            lambda name=name: (state.models[name].batcher.pending if state.models[name].batcher else 0))
+    for name, entry in state.models.items():
+        m["queue"].labels(model=name).set_function(lambda entry=entry: _queue_depth(entry))
     return m
 
 
 def create_app(models: dict[str, object], settings: ServerSettings, matcher=None) -> FastAPI:
-    """An app serving `models` (public name -> loaded Embedder or PairClassifier)."""
+    """An app serving `models` (public name -> loaded Embedder, PairClassifier, Reranker or Extractor)."""
     served = {}
     for name, model in models.items():
         kind = _kind(model)
         model.loaded.model.eval()
         served[name] = ServedModel(name, kind, model, _token_limit(model.loaded, settings))
+        if kind == "reranker":
+            # Within the token limit (never above the model's max_length) nothing would be cut, so
+            # these features equal `Reranker.features`; longer pairs are counted and refused.
+            formatter = copy.copy(model.formatter)
+            formatter.max_length = NO_LIMIT
+            served[name].pair_formatter = formatter
     state = ServingState(served, settings, matcher)
     metrics = _metrics(state)
 
@@ -129,13 +168,14 @@ def create_app(models: dict[str, object], settings: ServerSettings, matcher=None
     async def lifespan(app: FastAPI):
         state.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="qtune-model")
         for entry in served.values():
-            runner = embedding_runner if entry.kind == "embedding" else classifier_runner
+            if entry.kind == "extract":
+                continue  # generation runs per request on the model thread, not micro-batched
 
             def on_call(rows: int, name=entry.name) -> None:
                 metrics["batches"].labels(model=name).inc()
                 metrics["batch_size"].labels(model=name).observe(rows)
 
-            entry.batcher = MicroBatcher(runner(entry.loaded), state.executor,
+            entry.batcher = MicroBatcher(_runner(entry), state.executor,
                                          max_batch_tokens=settings.max_batch_tokens,
                                          max_wait_ms=settings.max_wait_ms, max_queue=settings.max_queue,
                                          on_call=on_call)
@@ -147,7 +187,8 @@ def create_app(models: dict[str, object], settings: ServerSettings, matcher=None
             # uvicorn gets here after in-flight requests finished; anything later is refused.
             state.draining, state.ready = True, False
             for entry in served.values():
-                await entry.batcher.stop()
+                if entry.batcher is not None:
+                    await entry.batcher.stop()
             state.executor.shutdown(wait=True)
 
     app = FastAPI(title="qtune", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
@@ -186,7 +227,11 @@ def create_app(models: dict[str, object], settings: ServerSettings, matcher=None
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "models": {name: entry.kind for name, entry in served.items()}}
+        answer = {"status": "ok", "models": {name: entry.kind for name, entry in served.items()}}
+        if state.matcher is not None:
+            answer["match"] = {"rescored_by": getattr(state.matcher, "rescored_by", None),
+                               "threshold": getattr(state.matcher, "threshold", None)}
+        return answer
 
     @app.get("/metrics")
     async def prometheus():
@@ -233,12 +278,69 @@ def create_app(models: dict[str, object], settings: ServerSettings, matcher=None
                 "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
 
     @app.post("/v1/rerank")
-    async def rerank():
-        raise ApiError(404, "no reranker loaded", code="model_not_found")
+    async def rerank(request: Request):
+        body = _parse(RerankRequest, await _read_json(request, settings))
+        entry = _pick(served, body.model, "reranker")
+        documents = [d if isinstance(d, str) else d.text for d in body.documents]
+        features = _rerank_features(entry, body.query, documents, settings)
+        scores = (await _submit(entry, features))[:, 0]  # (n,) in [0, 1]
+        threshold = entry.model.threshold
+        results = []
+        for i in np.argsort(-scores, kind="stable")[:body.top_n]:  # best first; ties keep input order
+            score = float(scores[i])
+            result = {"index": int(i), "relevance_score": score}
+            if threshold is not None:
+                result["relevant"] = score >= threshold
+            if body.return_documents:
+                result["document"] = {"text": documents[i]}
+            results.append(result)
+        tokens = sum(len(f["input_ids"]) for f in features)
+        answer = {"id": f"rerank-{uuid.uuid4().hex}", "model": entry.name,
+                  "usage": {"prompt_tokens": tokens, "total_tokens": tokens}, "results": results}
+        if threshold is not None:
+            answer["threshold"] = float(threshold)
+        return answer
 
     @app.post("/v1/extract")
-    async def extract():
-        raise ApiError(404, "no extractor loaded", code="model_not_found")
+    async def extract(request: Request):
+        body = _parse(ExtractRequest, await _read_json(request, settings))
+        entry = _pick(served, body.model, "extract")
+        texts = [body.input] if isinstance(body.input, str) else body.input
+        if not texts:
+            raise ApiError(400, "input must not be empty", param="input", code="empty_input")
+        _check_count(texts, settings)
+        for i, text in enumerate(texts):
+            if not text:
+                raise ApiError(400, f"input {i} is empty", param="input", code="empty_input")
+        cap = settings.max_new_tokens
+        max_new_tokens = min(DEFAULT_MAX_NEW_TOKENS, cap) if body.max_new_tokens is None else body.max_new_tokens
+        if max_new_tokens > cap:
+            raise ApiError(422, f"max_new_tokens must be between 1 and {cap}, got {max_new_tokens}",
+                           param="max_new_tokens", code="invalid_max_new_tokens")
+        prompts = [{"input_ids": entry.model.builder.prompt_ids(t)} for t in texts]
+        _check_lengths(prompts, entry.max_input_tokens, note=" with the extraction prompt")
+        if entry.pending >= settings.max_queue:
+            raise ApiError(429, f"too many requests waiting for model {entry.name!r}: {settings.max_queue} "
+                                "requests are already waiting for this model; retry later", code="queue_full")
+        loop = asyncio.get_running_loop()
+        entry.pending += 1
+        try:  # one call per request: generation is slow and stateful, so it is not micro-batched
+            found = await loop.run_in_executor(state.executor, functools.partial(
+                entry.model.extract, texts, batch_size=settings.extract_batch_size, max_new_tokens=max_new_tokens))
+        finally:
+            entry.pending -= 1
+        metrics["batches"].labels(model=entry.name).inc()
+        metrics["batch_size"].labels(model=entry.name).observe(len(texts))
+        data = []
+        for i, result in enumerate(found):
+            row = {"index": i, "output": result.output}
+            if result.error is not None:  # an answer that did not parse: this row's problem, not the request's
+                row["error"] = result.error
+                row["raw"] = result.text
+            data.append(row)
+        tokens = sum(len(p["input_ids"]) for p in prompts)
+        return {"object": "list", "model": entry.name, "data": data,
+                "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
 
     @app.post("/v1/match")
     async def match(request: Request):
@@ -320,19 +422,18 @@ def _parse(schema: type[BaseModel], payload: dict):
     try:
         return schema.model_validate(payload)
     except ValidationError as error:
-        raise _validation_api_error(error.errors()) from None
+        raise _validation_api_error(error.errors(), getattr(schema, "union_messages", {})) from None
 
 
-def _validation_api_error(errors) -> ApiError:
+def _validation_api_error(errors, union_messages: dict[str, str] | None = None) -> ApiError:
     first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
     loc = [str(p) for p in first.get("loc", ()) if p not in ("body",)]
     param = loc[0] if loc else None
     where = ".".join(loc)
     if len(errors) > 1 and param is not None and all(str(e.get("loc", ("",))[0]) == param for e in errors):
         # a Union field: pydantic reports one failure per alternative; say what is accepted instead
-        message = f"{param}: invalid value ({errors[0]['msg']}; {len(errors)} alternatives tried)"
-        if param == "input":
-            message = "input: expected a string, a list of strings, a list of token ids or a list of those lists"
+        message = (union_messages or {}).get(param) or \
+            f"{param}: invalid value ({errors[0]['msg']}; {len(errors)} alternatives tried)"
     else:
         message = f"{where}: {first['msg']}" if where else first["msg"]
     return ApiError(422, message, param=param, code="invalid_field")
@@ -345,7 +446,7 @@ def _pick(served: dict[str, ServedModel], name: str | None, kind: str) -> Served
         if len(candidates) == 1:
             return candidates[0]
         if not candidates:
-            raise ApiError(404, f"no {KINDS[kind][KINDS[kind].index(' ') + 1:]} is loaded", param="model",
+            raise ApiError(404, f"no {KINDS[kind][KINDS[kind].index(' ') + 1:]} loaded", param="model",
                            code="model_not_found")
         raise ApiError(422, f"model is required: several are loaded ({', '.join(e.name for e in candidates)})",
                        param="model", code="model_required")
@@ -395,10 +496,11 @@ def _embedding_features(entry: ServedModel, value, *, is_query: bool, settings: 
     return features
 
 
-def _check_count(value: list, settings: ServerSettings) -> None:
+def _check_count(value: list, settings: ServerSettings, param: str = "input") -> None:
     if len(value) > settings.max_inputs:
-        raise ApiError(422, f"too many inputs: {len(value)}; the limit is {settings.max_inputs} per request",
-                       param="input", code="too_many_inputs")
+        noun = "inputs" if param == "input" else param
+        raise ApiError(422, f"too many {noun}: {len(value)}; the limit is {settings.max_inputs} per request",
+                       param=param, code="too_many_inputs")
 
 
 def _model_inputs(tokenizer, feature: dict) -> dict:
@@ -431,11 +533,30 @@ def _pair_features(entry: ServedModel, value, settings: ServerSettings) -> list[
     return features
 
 
-def _check_lengths(features: list[dict], limit: int) -> None:
+def _check_lengths(features: list[dict], limit: int, note: str = "") -> None:
     for i, f in enumerate(features):
         if len(f["input_ids"]) > limit:
-            raise ApiError(422, f"input {i} has {len(f['input_ids'])} tokens; the limit is {limit}",
+            raise ApiError(422, f"input {i} has {len(f['input_ids'])} tokens{note}; the limit is {limit}",
                            param="input", code="input_too_long")
+
+
+def _rerank_features(entry: ServedModel, query: str, documents: list[str], settings: ServerSettings) -> list[dict]:
+    """Validated, unpadded (query, document) features, as `Reranker.features` makes them."""
+    if not query.strip():
+        raise ApiError(400, "query must not be empty", param="query", code="empty_input")
+    if not documents:
+        raise ApiError(400, "documents must not be empty", param="documents", code="empty_input")
+    _check_count(documents, settings, param="documents")
+    for i, document in enumerate(documents):
+        if not document:
+            raise ApiError(400, f"document {i} is empty", param="documents", code="empty_input")
+    features = [entry.pair_formatter.encode(query, d) for d in documents]
+    prompt = " with the reranker prompt" if entry.pair_formatter.prompt is not None else ""
+    for i, f in enumerate(features):
+        if len(f["input_ids"]) > entry.max_input_tokens:
+            raise ApiError(422, f"document {i} has {len(f['input_ids'])} tokens together with the query{prompt}; "
+                                f"the limit is {entry.max_input_tokens}", param="documents", code="input_too_long")
+    return features
 
 
 async def _submit(entry: ServedModel, features: list[dict]) -> np.ndarray:

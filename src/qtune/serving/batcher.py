@@ -7,8 +7,9 @@ first waiting request, then keeps taking requests until their tokens reach `max_
 an executor with a single thread, shared by all models, so torch never runs two calls at once and
 the event loop stays free.
 
-The runners below compute exactly what `Embedder.embed` / `PairClassifier.predict_proba` compute for
-one padded batch, so batched answers equal unbatched ones (up to float rounding from padding).
+The runners below compute exactly what `Embedder.embed` / `PairClassifier.predict_proba` /
+`Reranker.score` compute for one padded batch, so batched answers equal unbatched ones (up to float
+rounding from padding).
 """
 
 from __future__ import annotations
@@ -156,5 +157,20 @@ def classifier_runner(loaded) -> Runner:
             batch = {k: v.to(loaded.device) for k, v in collate(loaded.tokenizer, features).items()}
             logits = loaded.model(**batch).logits.float()  # (rows, num_labels)
             return torch.softmax(logits, dim=-1).cpu().numpy()
+
+    return run
+
+
+def reranker_runner(loaded, prompt) -> Runner:
+    """(rows, 1) relevance scores; `prompt` is the reranker's `formatter.prompt` (None for encoders)."""
+    def run(features: list[dict]) -> np.ndarray:
+        import torch
+
+        from qtune.modeling.reranker import forward_logits
+
+        with torch.inference_mode(), loaded.autocast():
+            batch = loaded.tokenizer.pad(features, padding=True, return_tensors="pt")
+            batch = {k: v.to(loaded.device) for k, v in batch.items()}
+            return torch.sigmoid(forward_logits(loaded.model, batch, prompt)).cpu().numpy()[:, None]
 
     return run

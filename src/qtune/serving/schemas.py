@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
 
 
 @dataclass(frozen=True)
@@ -18,6 +18,8 @@ class ServerSettings:
     max_inputs: int = 2048  # inputs per request
     max_input_tokens: int | None = None  # None: the model's max_length
     max_body_bytes: int = 8 * 1024 * 1024
+    max_new_tokens: int = 512  # /v1/extract: the most a request may ask for; more -> 422
+    extract_batch_size: int = 16  # /v1/extract: prompts per generate() call
     api_key: str | None = None
 
 
@@ -44,9 +46,13 @@ def error_body(message: str, type_: str, param: str | None = None, code: str | N
 class _Request(BaseModel):
     # Clients send extra fields (`user`, ...); they are ignored rather than rejected.
     model_config = ConfigDict(extra="ignore")
+    # What a union field accepts, said once instead of one pydantic failure per alternative.
+    union_messages: ClassVar[dict[str, str]] = {}
 
 
 class EmbeddingRequest(_Request):
+    union_messages = {"input": "input: expected a string, a list of strings, a list of token ids or a list of "
+                               "those lists"}
     input: StrictStr | list[StrictStr] | list[StrictInt] | list[list[StrictInt]]
     model: StrictStr | None = None
     encoding_format: Literal["float", "base64"] = "float"
@@ -56,5 +62,27 @@ class EmbeddingRequest(_Request):
 
 
 class ClassifyRequest(_Request):
+    union_messages = {"input": "input: expected a list of pairs [[text_a, text_b], ...]"}
     input: list[list[StrictStr]] | list[StrictStr] | StrictStr
     model: StrictStr | None = None
+
+
+class RerankDocument(_Request):
+    text: StrictStr
+
+
+class RerankRequest(_Request):
+    # Documents as strings (Jina/vLLM) or {"text": ...} objects (Cohere's older clients).
+    union_messages = {"documents": 'documents: expected a list of strings (or of {"text": string} objects)'}
+    query: StrictStr
+    documents: list[StrictStr | RerankDocument]
+    model: StrictStr | None = None
+    top_n: StrictInt | None = Field(default=None, ge=1)
+    return_documents: StrictBool = False
+
+
+class ExtractRequest(_Request):
+    union_messages = {"input": "input: expected a string or a list of strings"}
+    input: StrictStr | list[StrictStr]
+    model: StrictStr | None = None
+    max_new_tokens: StrictInt | None = Field(default=None, ge=1)

@@ -84,16 +84,21 @@ def collate(tokenizer, features: Sequence[dict]) -> dict:
     def padded(key: str, fill: int):
         return torch.tensor([f[key] + [fill] * (width - len(f[key])) for f in features], dtype=torch.long)
 
+    # The LM head only runs from the position before the earliest answer token on: prompt positions
+    # have no loss, and their (rows x vocab) logits would dominate time and memory.
+    first_answer = min(next(i for i, t in enumerate(f["labels"]) if t != IGNORE_INDEX) for f in features)
     return {"input_ids": padded("input_ids", pad), "attention_mask": padded("attention_mask", 0),
-            "labels": padded("labels", IGNORE_INDEX)}
+            "labels": padded("labels", IGNORE_INDEX), "logits_to_keep": width - first_answer + 1}
 
 
 def loss(model, batch: dict):
     """Mean cross-entropy over the answer tokens of the batch (next-token, shifted)."""
     import torch.nn.functional as F
 
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
-    labels = batch["labels"][:, 1:]
+    keep = batch.get("logits_to_keep", batch["input_ids"].shape[1])
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False,
+                   logits_to_keep=keep).logits  # (rows, keep, vocab): positions width-keep .. width-1
+    labels = batch["labels"][:, batch["labels"].shape[1] - keep + 1:]  # what each kept position predicts
     return F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
                            ignore_index=IGNORE_INDEX)
 

@@ -131,7 +131,8 @@ def fit(config: TrainConfig, loaded: LoadedModel, features: Sequence[dict], hook
                 batch = hooks.collate([features[i] for i in batch_idx])
                 # counted on the host copy: no device sync
                 tokens += sum(int(v.sum()) for k, v in batch.items() if k.endswith("attention_mask"))
-                batch = {k: v.to(loaded.device, non_blocking=True) for k, v in batch.items()}
+                # plain Python values (e.g. how many logits to keep) stay on the host
+                batch = {k: v.to(loaded.device, non_blocking=True) if hasattr(v, "to") else v for k, v in batch.items()}
                 with loaded.autocast():
                     if hooks.backward is not None:
                         loss = hooks.backward(model, batch, 1.0 / config.grad_accum)
