@@ -17,9 +17,16 @@ def _device_flags(parser: argparse.ArgumentParser, pairs: bool = True) -> None:
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
     parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"),
                         help="auto: bf16 on a GPU that supports it, else fp32")
+    _quantize_flag(parser)
     if pairs:
         parser.add_argument("--text-columns", nargs=2, default=["sentence1", "sentence2"], metavar=("COL1", "COL2"),
                             help="the two text columns (default: sentence1 sentence2)")
+
+
+def _quantize_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--quantize", choices=("int8",),
+                        help="int8: run BERT-family encoders on the CPU through ONNX Runtime with int8 weights "
+                             "(needs qtune[int8])")
 
 
 def cmd_data_stats(args) -> None:
@@ -360,6 +367,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--api-key", help="require 'Authorization: Bearer KEY'")
     sub.add_argument("--device", default="auto")
     sub.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"))
+    _quantize_flag(sub)
     sub.set_defaults(func=cmd_serve)
 
     kb = commands.add_parser("kb", help="the FAQ knowledge base (Milvus Lite file or Milvus server)")
@@ -398,6 +406,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if getattr(args, "quantize", None) == "int8":
+        args.precision = "int8"  # the loader exports the fp32 model to int8
     try:
         import warnings
 

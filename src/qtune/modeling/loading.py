@@ -84,7 +84,7 @@ class LoadedModel:
     family: Family
     meta: CheckpointMeta
     device: Any  # torch.device
-    precision: str  # "fp32" or "bf16"
+    precision: str  # "fp32", "bf16", or "int8" (an ONNX Runtime model, see qtune.modeling.int8)
 
     @property
     def is_adapter(self) -> bool:
@@ -115,7 +115,7 @@ def resolve_precision(precision: str, device) -> str:
     if precision == "auto":
         return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
     if precision not in {"fp32", "bf16"}:
-        raise QtuneError(f"unknown precision {precision!r}; use auto, fp32 or bf16")
+        raise QtuneError(f"unknown precision {precision!r}; use auto, fp32 or bf16 (or int8 to run on a CPU)")
     return precision
 
 
@@ -174,8 +174,11 @@ def load_model(name_or_path: str | os.PathLike, *, task: str | None = None, labe
         raise QtuneError(f"'{name_or_path}' is not a qtune folder: say which task it is for")
     if task not in TASK_AUTO_CLASS:
         raise QtuneError(f"unknown task {task!r}; known: {', '.join(TASK_AUTO_CLASS)}")
-    torch_device = resolve_device(device)
-    chosen = resolve_precision(precision, torch_device)
+    quantize = precision == "int8"  # loaded in fp32, then exported to an int8 ONNX Runtime model
+    torch_device = resolve_device("cpu" if quantize and device == "auto" else device)
+    if quantize and trainable:
+        raise QtuneError("an int8 model runs inference only; train in fp32 or bf16")
+    chosen = resolve_precision("fp32" if quantize else precision, torch_device)
 
     base = meta.base_model if meta is not None and meta.adapter else name_or_path
     config = load_config(base)
@@ -229,8 +232,13 @@ def load_model(name_or_path: str | os.PathLike, *, task: str | None = None, labe
                 p.data = p.data.float()
     model.to(torch_device)
     model.train(trainable)
-    return LoadedModel(model=model, tokenizer=tokenizer, family=family, meta=meta, device=torch_device,
-                       precision=chosen)
+    loaded = LoadedModel(model=model, tokenizer=tokenizer, family=family, meta=meta, device=torch_device,
+                         precision=chosen)
+    if quantize:
+        from qtune.modeling.int8 import quantize_int8
+
+        quantize_int8(loaded)
+    return loaded
 
 
 def default_max_length(name_or_path: str, tokenizer) -> int:
