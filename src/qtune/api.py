@@ -241,9 +241,15 @@ def _train_reranker(config: RerankerConfig, on_step=None) -> tuple[LoadedModel, 
 
     groups = read_query_groups(config.train)
     eval_groups = read_query_groups(config.eval) if config.eval else None
-    if eval_groups is not None and not any(g.negatives for g in eval_groups):
-        raise QtuneError(f"{config.eval}: no group has a negative, so there is nothing to rank")
-    loaded = _start_run(config, "reranker", lora=_lora(config))
+    for path, found in ((config.train, groups), (config.eval, eval_groups)):
+        if found is not None and not any(g.negatives for g in found):
+            raise QtuneError(f"{path}: no group has a negative, so there is nothing to rank "
+                             "(add them with `qtune mine`)")
+
+    def validate(model: LoadedModel) -> None:  # settings that need the tokenizer, before anything is written
+        Reranker(model).formatter.encode("query", "document")
+
+    loaded = _start_run(config, "reranker", lora=_lora(config), validate=validate)
     if config.instruction is not None and not config.resume and loaded.family.is_decoder:
         loaded.meta.instruction = config.instruction
     reranker = Reranker(loaded)
