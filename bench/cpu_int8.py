@@ -38,7 +38,6 @@ def timed_embed(embedder, texts, batch_size: int, repeats: int) -> float:
 
 
 def main(argv=None) -> int:
-    import numpy as np
     import torch
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],

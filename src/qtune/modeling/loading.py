@@ -210,8 +210,10 @@ def load_model(name_or_path: str | os.PathLike, *, task: str | None = None, labe
 
             meta.pooling = default_pooling(name_or_path, family)
             meta.query_instruction = default_query_instruction(family)
-    # Frozen base weights can live in bf16 (half the memory, faster); trained ones stay fp32.
-    frozen_base = chosen == "bf16" and (lora is not None or (meta.adapter and not trainable))
+    # Frozen base weights can live in bf16 (half the memory, faster); trained ones stay fp32. For
+    # inference every weight is frozen: bf16 weights also spare autocast a cast of each weight on
+    # every call (torch does not cache those casts under inference_mode).
+    frozen_base = chosen == "bf16" and (lora is not None or not trainable)
     dtype = torch.bfloat16 if frozen_base else torch.float32
     auto_class = _auto_class(task, family)
     try:
