@@ -234,7 +234,10 @@ def test_extract_equals_extractor(client, extractor):
         else:
             assert set(row) == {"index", "output"}
     tokens = sum(len(extractor.builder.prompt_ids(t)) for t in TEXTS)
-    assert body["usage"] == {"prompt_tokens": tokens, "total_tokens": tokens}
+    generated = sum(r.tokens for r in expected)
+    assert 0 < generated <= NEW_TOKENS * len(TEXTS)
+    assert body["usage"] == {"prompt_tokens": tokens, "completion_tokens": generated,
+                             "total_tokens": tokens + generated}
 
 
 def test_extract_single_string_and_default_max_new_tokens(client, extractor):

@@ -339,8 +339,9 @@ def create_app(models: dict[str, object], settings: ServerSettings, matcher=None
                 row["raw"] = result.text
             data.append(row)
         tokens = sum(len(p["input_ids"]) for p in prompts)
+        generated = sum(r.tokens for r in found)
         return {"object": "list", "model": entry.name, "data": data,
-                "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+                "usage": {"prompt_tokens": tokens, "completion_tokens": generated, "total_tokens": tokens + generated}}
 
     @app.post("/v1/match")
     async def match(request: Request):

@@ -150,6 +150,7 @@ class Extraction:
     output: object | None  # the parsed JSON value; None when the answer did not parse
     error: str | None
     text: str  # the raw answer
+    tokens: int = 0  # tokens generated, EOS included
 
 
 class Extractor:
@@ -171,5 +172,5 @@ class Extractor:
             value, error = parse_answer(gen.text)
             if error is not None and not gen.finished:
                 error = f"stopped at max_new_tokens={max_new_tokens} before the answer ended; {error}"
-            results.append(Extraction(value, error, gen.text))
+            results.append(Extraction(value, error, gen.text, gen.tokens))
         return results
