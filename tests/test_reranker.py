@@ -902,3 +902,12 @@ def test_max_length_too_small_for_the_prompt_writes_nothing(tiny_qwen_dir, data,
                        "--output", out, "--max-length", "40", "--device", "cpu")
     assert_user_error(code, err, "max_length 40 leaves no room", "48-token reranker prompt")
     assert not out.exists()
+
+
+def test_a_qwen_tokenizer_saved_without_its_template_gets_the_same_prompt(tiny_qwen_dir):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_qwen_dir)
+    with_template = decoder_prompt(tok)
+    tok.chat_template = None
+    assert decoder_prompt(tok) == with_template

@@ -40,11 +40,16 @@ class RerankPrompt:
 
 def decoder_prompt(tokenizer) -> RerankPrompt:
     """Render the chat template once around a placeholder and cut it there."""
-    if not getattr(tokenizer, "chat_template", None):
+    if getattr(tokenizer, "chat_template", None):
+        messages = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": _SLOT}]
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
+                                             enable_thinking=False)
+    elif tokenizer.convert_tokens_to_ids("<|im_start|>") not in (None, tokenizer.unk_token_id):
+        # a Qwen tokenizer saved without its template: the Qwen3-Reranker prompt written out
+        text = (f"<|im_start|>system\n{SYSTEM_PROMPT}<|im_end|>\n<|im_start|>user\n{_SLOT}<|im_end|>\n"
+                "<|im_start|>assistant\n")
+    else:
         raise QtuneError("a decoder reranker needs a tokenizer with a chat template (as Qwen3-Reranker has)")
-    messages = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": _SLOT}]
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
-                                         enable_thinking=False)
     if "<think>" not in text:  # templates without a thinking switch: add the empty block ourselves
         text += "<think>\n\n</think>\n\n"
     before, after = text.split(_SLOT)
