@@ -267,3 +267,21 @@ def test_data_pii_sft_command(tmp_path, capsys):
     row = (train + evaluation)[0]
     assert set(row["output"]) == {"name", "address", "email", "phone"}
     assert isinstance(row["output"]["phone"], str) and row["output"]["phone"] in row["input"]
+
+
+def test_data_stats_counts_tokens_as_training_encodes_them(tokenizer, tmp_path, capsys):
+    rows = _rows()
+    train = _write(tmp_path / "train.jsonl", rows)
+    builder = task.PromptBuilder(tokenizer)
+    expected = sorted(len(builder.encode(ExtractionExample(input=r["input"], output=json.dumps(r["output"], ensure_ascii=False),
+                                                           instruction=r["instruction"]))["input_ids"]) for r in rows)
+    code, out, err = run(capsys, "data", "stats", train, "--task", "extract", "--model", qwen_tokenizer_dir(),
+                         "--plot", tmp_path / "len.png", "--json")
+    assert code == 0, err
+    summary = json.loads(out)
+    assert (summary["rows"], summary["min"], summary["max"]) == (8, expected[0], expected[-1])
+    assert summary["suggested_max_length"] >= expected[-2] and summary["suggested_max_length"] % 8 == 0
+    assert (tmp_path / "len.png").is_file()
+    code, out, err = run(capsys, "data", "stats", train, "--task", "extract", "--model", qwen_tokenizer_dir(),
+                         "--plot", tmp_path / "len.png")
+    assert "tokens per example (chat prompt, answer, EOS)" in out and "left out of training" in out

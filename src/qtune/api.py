@@ -402,6 +402,25 @@ def pair_length_stats(data: str, model: str, *, text_columns: Sequence[str] = ("
     return summary, lengths
 
 
+def extraction_length_stats(data: str, model: str, *, plot: str | Path | None = None) -> tuple[dict, list[int]]:
+    """Tokens per extraction example exactly as `train extract` encodes it (chat prompt + answer + EOS).
+
+    Examples above the chosen --max-length are left out of training, so the suggestion covers 99%."""
+    from qtune.data.extraction import read_extraction
+    from qtune.data.stats import length_summary, plot_lengths
+    from qtune.modeling.loading import load_tokenizer_only
+    from qtune.tasks.extraction import PromptBuilder
+
+    examples = read_extraction(data)
+    tokenizer, _ = load_tokenizer_only(model)
+    builder = PromptBuilder(tokenizer)
+    lengths = [len(builder.encode(e)["input_ids"]) for e in examples]
+    summary = length_summary(lengths)
+    if plot:
+        plot_lengths(lengths, summary, plot, f"{Path(data).name}: tokens per example ({Path(str(model)).name})")
+    return summary, lengths
+
+
 def evaluate_retrieval_models(model: str, data: str, *, compare: str | None = None, output: str | None = None,
                               triplets: str | None = None, top_k: int = 100, batch_size: int = 64,
                               reranker: str | None = None, rerank_top_k: int = 100, rerank_batch_size: int = 32,

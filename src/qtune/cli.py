@@ -34,16 +34,24 @@ def cmd_data_stats(args) -> None:
     from qtune.data.stats import text_histogram
 
     plot = args.plot or f"{Path(args.file).stem}.lengths.png"
-    summary, lengths = pair_length_stats(args.file, args.model, text_columns=args.text_columns, plot=plot)
+    if args.task == "extract":
+        from qtune.api import extraction_length_stats
+
+        summary, lengths = extraction_length_stats(args.file, args.model, plot=plot)
+        unit = "example (chat prompt, answer, EOS)"
+    else:
+        summary, lengths = pair_length_stats(args.file, args.model, text_columns=args.text_columns, plot=plot)
+        unit = "pair"
     if args.json:
         print(json.dumps(summary, indent=2))
         return
-    print(f"{args.file}: {summary['rows']} rows, tokens per pair with {args.model}")
+    print(f"{args.file}: {summary['rows']} rows, tokens per {unit} with {args.model}")
     print("  ".join(f"{k} {summary[k]}" for k in ("min", "p50", "p90", "p95", "p99", "max")) +
           f"  mean {summary['mean']:.1f}")
     print(text_histogram(lengths))
     print(f"suggested --max-length {summary['suggested_max_length']} (covers {summary['coverage']:.0%} of rows; "
-          f"{summary['rows_truncated_at_suggestion']} rows would be truncated)")
+          f"{summary['rows_truncated_at_suggestion']} rows would be "
+          f"{'left out of training' if args.task == 'extract' else 'truncated'})")
     print(f"plot: {plot}")
 
 
@@ -231,6 +239,8 @@ def build_parser() -> argparse.ArgumentParser:
     stats = data.add_parser("stats", help="token-length percentiles, histogram and a suggested --max-length")
     stats.add_argument("file")
     stats.add_argument("--model", required=True, help="model or tokenizer (hub id or folder)")
+    stats.add_argument("--task", choices=("pair-cls", "extract"), default="pair-cls",
+                       help="how rows are encoded: sentence pairs, or extraction JSONL (default: pair-cls)")
     stats.add_argument("--text-columns", nargs=2, default=["sentence1", "sentence2"], metavar=("COL1", "COL2"))
     stats.add_argument("--plot", help="PNG histogram path (default: FILE-STEM.lengths.png here)")
     stats.add_argument("--json", action="store_true", help="print the summary as JSON")
