@@ -8,7 +8,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -309,10 +308,8 @@ def _train_extract(config: ExtractConfig, on_step=None) -> tuple[LoadedModel, di
         def evaluate(model: LoadedModel) -> dict:
             from qtune.evaluation.extraction import extraction_metrics
 
-            extractor = task.Extractor(model)
-            found = extractor.extract([e.input for e in eval_examples],
-                                      instructions=[e.instruction for e in eval_examples],
-                                      batch_size=config.eval_batch_size, max_new_tokens=config.max_new_tokens)
+            found = task.Extractor(model).extract_examples(eval_examples, batch_size=config.eval_batch_size,
+                                                           max_new_tokens=config.max_new_tokens)
             return extraction_metrics([e.output for e in eval_examples], [r.output for r in found])
 
     hooks = TaskHooks(collate=partial(task.collate, loaded.tokenizer), loss=task.loss, evaluate=evaluate,
@@ -519,23 +516,23 @@ def extract_file(model: str, input: str, output: str, *, batch_size: int = 16, m
     `output` (parsed JSON, or null and an `error`). Returns counts (rows, parsed, failed)."""
     from qtune.data.extraction import read_extraction
     from qtune.data.tables import table_format
-    from qtune.io import atomic_path
+    from qtune.io import write_jsonl
 
     if table_format(output) != "jsonl":
         raise QtuneError(f"{output}: extraction results are written as JSONL (.jsonl)")
     examples = read_extraction(input, require_output=False)
     extractor = load(model, task="extract", device=device, precision=precision)
-    found = extractor.extract([e.input for e in examples], instructions=[e.instruction for e in examples],
-                              batch_size=batch_size, max_new_tokens=max_new_tokens, progress=True)
-    with atomic_path(output) as tmp, open(tmp, "w", encoding="utf-8") as f:
-        for example, result in zip(examples, found):
-            row = {"input": example.input, "output": result.output}
-            if example.instruction is not None:
-                row = {"instruction": example.instruction, **row}
-            if result.error is not None:
-                row["error"] = result.error
-                row["raw"] = result.text
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    found = extractor.extract_examples(examples, batch_size=batch_size, max_new_tokens=max_new_tokens, progress=True)
+    rows = []
+    for example, result in zip(examples, found):
+        row = {"input": example.input, "output": result.output}
+        if example.instruction is not None:
+            row = {"instruction": example.instruction, **row}
+        if result.error is not None:
+            row["error"] = result.error
+            row["raw"] = result.text
+        rows.append(row)
+    write_jsonl(output, rows)
     failed = sum(r.error is not None for r in found)
     return {"rows": len(found), "parsed": len(found) - failed, "failed": failed}
 
@@ -551,8 +548,8 @@ def evaluate_extract(model: str, data: str, *, compare: str | None = None, outpu
     results = {}
     for name in [model] + ([compare] if compare else []):
         extractor = load(name, task="extract", device=device, precision=precision)
-        found = extractor.extract([e.input for e in examples], instructions=[e.instruction for e in examples],
-                                  batch_size=batch_size, max_new_tokens=max_new_tokens, progress=True)
+        found = extractor.extract_examples(examples, batch_size=batch_size, max_new_tokens=max_new_tokens,
+                                           progress=True)
         results[name] = extraction_metrics([e.output for e in examples], [r.output for r in found])
     if output:
         write_extraction_outputs(results, str(data), output)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from qtune.data.tables import _decode, iter_jsonl, required_text
 from qtune.errors import DataError, QtuneError
-from qtune.io import atomic_path
+from qtune.io import write_jsonl
 from qtune.records import ExtractionExample
 
 EXTRACTION_SUFFIXES = (".jsonl", ".json")
@@ -102,11 +102,6 @@ def read_extraction(path: str | Path, *, require_output: bool = True) -> list[Ex
     return examples
 
 
-def _write_jsonl(path: Path, records) -> None:
-    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8", newline="\n") as f:
-        f.writelines(json.dumps(record, ensure_ascii=False) + "\n" for record in records)
-
-
 # --- PII person records -> SFT rows --------------------------------------------------------------
 
 def _pii_value(record: dict, field: str, index: int, path: Path, *, allow_int: bool) -> str | None:
@@ -174,6 +169,6 @@ def pii_to_sft(source: str | Path, output_dir: str | Path, *, eval_fraction: flo
     eval_set = set(indices[:n_eval])
 
     out = Path(output_dir)
-    _write_jsonl(out / "train.jsonl", (r for i, r in enumerate(rows) if i not in eval_set))
-    _write_jsonl(out / "eval.jsonl", (r for i, r in enumerate(rows) if i in eval_set))
+    write_jsonl(out / "train.jsonl", (r for i, r in enumerate(rows) if i not in eval_set))
+    write_jsonl(out / "eval.jsonl", (r for i, r in enumerate(rows) if i in eval_set))
     return {"records": len(data), "train": len(rows) - n_eval, "eval": n_eval, "skipped": skipped}

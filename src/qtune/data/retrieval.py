@@ -22,7 +22,7 @@ from typing import Iterator, Mapping, Sequence
 
 from qtune.data.tables import _decode, iter_jsonl, read_table, required_text
 from qtune.errors import DataError, QtuneError
-from qtune.io import atomic_path
+from qtune.io import atomic_path, write_jsonl
 from qtune.records import QueryGroup, RetrievalSet
 
 GROUP_FORMATS = ("flagembedding", "swift")
@@ -134,9 +134,7 @@ def write_query_groups(path: str | Path, groups: Sequence[QueryGroup], fmt: str 
                 if g.negatives:
                     record["rejected_response"] = list(g.negatives)
                 lines.append(record)
-    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8", newline="\n") as f:
-        for record in lines:
-            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+    write_jsonl(path, lines)
 
 
 # --- corpus, queries, qrels (evaluation data) ----------------------------------------------------
@@ -276,19 +274,13 @@ def write_beir(folder: str | Path, corpus: Mapping[str, str], queries: Mapping[s
         if any(c in str(ident) for c in "\t\r\n"):
             raise ValueError(f"id {ident!r} has a tab or line break, which a qrels TSV cannot hold")
     folder = Path(folder)
-    _write_jsonl(folder / "corpus.jsonl", ({"_id": i, "title": "", "text": t} for i, t in corpus.items()))
-    _write_jsonl(folder / "queries.jsonl", ({"_id": i, "text": t} for i, t in queries.items()))
+    write_jsonl(folder / "corpus.jsonl", ({"_id": i, "title": "", "text": t} for i, t in corpus.items()))
+    write_jsonl(folder / "queries.jsonl", ({"_id": i, "text": t} for i, t in queries.items()))
     lines = ["\t".join(QRELS_COLUMNS)]
     lines += [f"{query_id}\t{doc_id}\t{int(grade)}"
               for query_id, docs in qrels.items() for doc_id, grade in docs.items()]
     with atomic_path(folder / "qrels" / f"{split}.tsv") as tmp:
         tmp.write_text("\n".join(lines) + "\n", encoding="utf-8", newline="\n")
-
-
-def _write_jsonl(path: Path, records) -> None:
-    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8", newline="\n") as f:
-        for record in records:
-            f.write(json.dumps(record, ensure_ascii=False) + "\n")
 
 
 # --- QA table -> training groups + BEIR test folder ----------------------------------------------

@@ -139,15 +139,14 @@ def _read_delimited(path: Path, text: str, fmt: str, columns: Sequence[str],
 
 def write_table(path: str | Path, rows: Sequence[dict], columns: Sequence[str]) -> None:
     """Write rows as CSV, TSV or JSONL (by extension), atomically."""
-    from qtune.io import atomic_path
+    from qtune.io import atomic_path, write_jsonl
 
     fmt = table_format(path)
+    if fmt == "jsonl":
+        write_jsonl(path, rows)
+        return
     with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8", newline="") as f:
-        if fmt == "jsonl":
-            for row in rows:
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
-        else:
-            writer = csv.DictWriter(f, fieldnames=list(columns), delimiter="\t" if fmt == "tsv" else ",",
-                                    extrasaction="ignore")
-            writer.writeheader()
-            writer.writerows(rows)
+        writer = csv.DictWriter(f, fieldnames=list(columns), delimiter="\t" if fmt == "tsv" else ",",
+                                extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)

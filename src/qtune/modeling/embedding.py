@@ -137,9 +137,6 @@ class Embedder:
     def embed(self, texts: Sequence[str], *, is_query: bool = False, batch_size: int = 64,
               dimensions: int | None = None, progress: bool = False) -> np.ndarray:
         """(len(texts), dim) float32, L2-normalised, in input order; batches are length-sorted."""
-        import torch
-        from tqdm.auto import tqdm
-
         texts = list(texts)
         if dimensions is not None and not 0 < dimensions <= self.dimension:
             raise ValueError(f"dimensions must be between 1 and {self.dimension}, got {dimensions}")
@@ -148,15 +145,10 @@ class Embedder:
         if not texts:
             return out
         features = self.features(texts, is_query)
-        order = np.argsort([-len(f["input_ids"]) for f in features], kind="stable")
         loaded = self.loaded
-        was_training = loaded.model.training
-        loaded.model.eval()
-        with torch.inference_mode(), loaded.autocast():
-            for start in tqdm(range(0, len(order), batch_size), desc="embed", unit="batch", disable=not progress):
-                idx = order[start:start + batch_size]
-                batch = loaded.tokenizer.pad([features[i] for i in idx], padding=True, return_tensors="pt")
-                batch = {k: v.to(loaded.device) for k, v in batch.items()}
-                out[idx] = forward_embeddings(loaded.model, batch, loaded.meta.pooling, dimensions=dimensions).cpu().numpy()
-        loaded.model.train(was_training)
+
+        def forward(batch):
+            return forward_embeddings(loaded.model, batch, loaded.meta.pooling, dimensions=dimensions).cpu().numpy()
+
+        loaded.run_sorted(features, out, forward, batch_size=batch_size, desc="embed", progress=progress)
         return out

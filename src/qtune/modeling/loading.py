@@ -100,6 +100,30 @@ class LoadedModel:
             return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
+    def run_sorted(self, features: Sequence[dict], out, forward, *, batch_size: int, collate=None,
+                   desc: str = "predict", progress: bool = False):
+        """Inference over `features` in batches sorted by length (least padding): `out[rows] =
+        forward(batch)` for each batch, padded by `collate` (default: the tokenizer's `pad`) and on
+        the model's device, without gradients, in eval mode (the mode is restored after). Returns `out`."""
+        import numpy as np
+        import torch
+        from tqdm.auto import tqdm
+
+        if collate is None:
+            collate = lambda rows: self.tokenizer.pad(rows, padding=True, return_tensors="pt")  # noqa: E731
+        order = np.argsort([-len(f["input_ids"]) for f in features], kind="stable")
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.inference_mode(), self.autocast():
+                for start in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch", disable=not progress):
+                    rows = order[start:start + batch_size]
+                    batch = {k: v.to(self.device) for k, v in collate([features[i] for i in rows]).items()}
+                    out[rows] = forward(batch)
+        finally:
+            self.model.train(was_training)
+        return out
+
 
 def resolve_device(device: str = "auto"):
     import torch

@@ -120,23 +120,14 @@ class Reranker:
 
     def score_features(self, features: Sequence[dict], batch_size: int = 32, progress: bool = False) -> np.ndarray:
         import torch
-        from tqdm.auto import tqdm
+
+        loaded, prompt = self.loaded, self.formatter.prompt
+
+        def forward(batch):
+            return torch.sigmoid(forward_logits(loaded.model, batch, prompt)).cpu().numpy()
 
         out = np.zeros(len(features), dtype=np.float32)
-        if not features:
-            return out
-        order = np.argsort([-len(f["input_ids"]) for f in features], kind="stable")
-        loaded = self.loaded
-        was_training = loaded.model.training
-        loaded.model.eval()
-        with torch.inference_mode(), loaded.autocast():
-            for start in tqdm(range(0, len(order), batch_size), desc="rerank", unit="batch", disable=not progress):
-                idx = order[start:start + batch_size]
-                batch = loaded.tokenizer.pad([features[i] for i in idx], padding=True, return_tensors="pt")
-                batch = {k: v.to(loaded.device) for k, v in batch.items()}
-                out[idx] = torch.sigmoid(forward_logits(loaded.model, batch, self.formatter.prompt)).cpu().numpy()
-        loaded.model.train(was_training)
-        return out
+        return loaded.run_sorted(features, out, forward, batch_size=batch_size, desc="rerank", progress=progress)
 
     def score(self, pairs: Sequence[tuple[str, str]], *, batch_size: int = 32, progress: bool = False) -> np.ndarray:
         """(len(pairs),) float32 relevance scores in input order; batches are length-sorted."""

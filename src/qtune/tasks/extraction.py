@@ -174,3 +174,7 @@ class Extractor:
                 error = f"stopped at max_new_tokens={max_new_tokens} before the answer ended; {error}"
             results.append(Extraction(value, error, gen.text, gen.tokens))
         return results
+
+    def extract_examples(self, examples: Sequence[ExtractionExample], **kwargs) -> list[Extraction]:
+        """`extract` of each example's input with its own instruction (the model's default if None)."""
+        return self.extract([e.input for e in examples], instructions=[e.instruction for e in examples], **kwargs)

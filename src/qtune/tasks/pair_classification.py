@@ -83,22 +83,13 @@ def loss(model, batch):
 def predict_probs(loaded, features: Sequence[dict], batch_size: int = 64, progress: bool = False) -> np.ndarray:
     """Class probabilities (rows, num_labels) in input order; batches are length-sorted, no gradient."""
     import torch
-    from tqdm.auto import tqdm
 
-    order = np.argsort([-len(f["input_ids"]) for f in features], kind="stable")
-    probs = np.zeros((len(features), len(loaded.meta.labels)), dtype=np.float32)
-    was_training = loaded.model.training
-    loaded.model.eval()
-    starts = range(0, len(order), batch_size)
-    with torch.inference_mode(), loaded.autocast():
-        for start in tqdm(starts, desc="predict", unit="batch", disable=not progress):
-            idx = order[start:start + batch_size]
-            batch = collate(loaded.tokenizer, [{k: v for k, v in features[i].items() if k != "labels"} for i in idx])
-            batch = {k: v.to(loaded.device) for k, v in batch.items()}
-            logits = loaded.model(**batch).logits.float()  # (batch, num_labels)
-            probs[idx] = torch.softmax(logits, dim=-1).cpu().numpy()
-    loaded.model.train(was_training)
-    return probs
+    def forward(batch):
+        return torch.softmax(loaded.model(**batch).logits.float(), dim=-1).cpu().numpy()  # (batch, num_labels)
+
+    out = np.zeros((len(features), len(loaded.meta.labels)), dtype=np.float32)
+    unlabelled = [{k: v for k, v in f.items() if k != "labels"} for f in features]
+    return loaded.run_sorted(unlabelled, out, forward, batch_size=batch_size, progress=progress)
 
 
 def metrics_from_probs(y_true: Sequence[int], probs: np.ndarray, labels: Sequence[str]) -> dict:
