@@ -109,3 +109,50 @@ def assert_user_error(code: int, err: str, *parts: str) -> None:
 
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").split("\n") if line.strip()]
+
+
+# ---------------------------------------------------------------- files
+
+BOM = b"\xef\xbb\xbf"
+MISSING_MODEL = "/nonexistent/model"  # a model that cannot load: commands must fail on the data first
+
+
+def write(path: Path, content: str | bytes) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(content.encode("utf-8") if isinstance(content, str) else content)
+    return path
+
+
+def jsonl(objs) -> str:
+    """JSONL text: objects are serialised (non-ASCII kept), strings are taken as lines as they are."""
+    return "".join((o if isinstance(o, str) else json.dumps(o, ensure_ascii=False)) + "\n" for o in objs)
+
+
+def write_lines(path: Path, *lines: str) -> Path:
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def assert_refused_before_the_model_loads(capsys, task: str, data_args, output: Path, *parts: str) -> None:
+    """`qtune train TASK` with MISSING_MODEL exits 2 on the data (error naming `parts`), writes nothing."""
+    code, _, err = run(capsys, "train", task, "--model", MISSING_MODEL, *data_args, "--output", output,
+                       "--device", "cpu")
+    assert_user_error(code, err, *parts)
+    assert MISSING_MODEL not in err  # the data was checked first
+    assert not output.exists()
+
+
+# ---------------------------------------------------------------- HTTP
+
+def assert_api_error(response, status: int, *parts: str, code: str | None = None, param: str | None = None) -> dict:
+    """The serving contract's error: this status, `{"error": {message, type, param, code}}`."""
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    for part in parts:
+        assert part in error["message"], error["message"]
+    if code is not None:
+        assert error["code"] == code
+    if param is not None:
+        assert error["param"] == param
+    return error

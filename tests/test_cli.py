@@ -17,11 +17,10 @@ import yaml
 
 from qtune.cli import main
 
-from conftest import assert_user_error, read_jsonl, run, synthetic_pairs, write_pairs_csv
+from conftest import MISSING_MODEL, assert_user_error, read_jsonl, run, synthetic_pairs, write_pairs_csv
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 TINY = ["--epochs", "1", "--batch-size", "16", "--max-length", "32", "--device", "cpu"]
-MISSING_MODEL = "/nonexistent/model"
 
 
 

@@ -33,10 +33,10 @@ from qtune.cli import main
 from qtune.data.retrieval import write_beir, write_query_groups
 from qtune.records import QueryGroup
 
-from conftest import ANIMALS, VEHICLES, assert_user_error, read_jsonl, run
+from conftest import (ANIMALS, MISSING_MODEL, VEHICLES, assert_refused_before_the_model_loads, assert_user_error,
+                      read_jsonl, run, write_lines)
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-MISSING_MODEL = "/nonexistent/model"
 
 # Each query names an animal; its only relevant passage names a different, fixed vehicle, so word
 # overlap says nothing and the untrained model ranks at chance.
@@ -54,11 +54,6 @@ EVAL_METRICS = ("ndcg@1", "ndcg@3", "ndcg@5", "ndcg@10", "recall@1", "recall@10"
 
 
 
-
-
-def write_lines(path: Path, *lines: str) -> Path:
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return path
 
 
 # ---------------------------------------------------------------- shared models, data and the training run
@@ -456,12 +451,7 @@ def _unknown_corpus_id(tmp: Path, good: dict):
 @pytest.mark.parametrize("case", [_no_positives, _empty_positives, _malformed_json, _unknown_corpus_id])
 def test_bad_data_is_refused_before_the_model_loads(case, mapping_data, tmp_path, capsys):
     data_args, parts = case(tmp_path, mapping_data)
-    out = tmp_path / "out"
-    code, _, err = run(capsys, "train", "embedding", "--model", MISSING_MODEL, *data_args, "--output", out,
-                       "--device", "cpu")
-    assert_user_error(code, err, *parts)
-    assert MISSING_MODEL not in err  # the data was checked first
-    assert not out.exists()
+    assert_refused_before_the_model_loads(capsys, "embedding", data_args, tmp_path / "out", *parts)
 
 
 def test_good_data_gets_as_far_as_the_missing_model(mapping_data, tmp_path, capsys):

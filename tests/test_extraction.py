@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import assert_user_error, qwen_tokenizer_dir, read_jsonl, run
+from conftest import (assert_refused_before_the_model_loads, assert_user_error, jsonl, qwen_tokenizer_dir,
+                      read_jsonl, run, write, write_lines)
 from qtune.errors import QtuneError
 from qtune.records import ExtractionExample
 from qtune.tasks import extraction as task
@@ -21,11 +21,6 @@ PEOPLE = [("张伟", "13800000001"), ("Alice Smith", "555-0101"), ("李娜", "13
 def _rows(people=PEOPLE):
     return [{"instruction": INSTRUCTION, "input": f"{name}的电话是{phone}", "output": {"name": name, "phone": phone}}
             for name, phone in people]
-
-
-def _write(path: Path, rows) -> Path:
-    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -149,7 +144,7 @@ def overfit(qwen64_dir, tmp_path_factory):
     from qtune.cli import main
 
     folder = tmp_path_factory.mktemp("extract-run")
-    train = _write(folder / "train.jsonl", _rows())
+    train = write(folder / "train.jsonl", jsonl(_rows()))
     output = folder / "run"
     # one batch of 8 per epoch; evaluation only at the end, so no checkpoint is written per epoch
     code = main(["train", "extract", "--model", qwen64_dir, "--train", str(train), "--output", str(output),
@@ -165,7 +160,7 @@ def test_training_then_extract_reproduces_the_training_answers(overfit, tmp_path
     meta = json.loads((run_dir / "best" / "qtune.json").read_text())
     assert meta["task"] == "extract" and meta["instruction"] == INSTRUCTION
     # inputs without an instruction get the one stored with the model; batch 3 mixes lengths and padding
-    inputs = _write(tmp_path / "in.jsonl", [{"input": r["input"]} for r in _rows()])
+    inputs = write(tmp_path / "in.jsonl", jsonl([{"input": r["input"]} for r in _rows()]))
     out = tmp_path / "out.jsonl"
     code, stdout, err = run(capsys, "extract", "--model", run_dir / "best", "--input", inputs, "--output", out,
                             "--batch-size", "3", "--max-new-tokens", "64", "--device", "cpu")
@@ -193,7 +188,7 @@ def test_eval_extract_on_the_learned_examples_is_perfect(overfit, tmp_path, caps
 
 def test_unparseable_answers_are_reported_not_fatal(tiny_qwen_dir, tmp_path, capsys):
     """An untrained model writes noise: every row still comes back, with output null and an error."""
-    inputs = _write(tmp_path / "in.jsonl", [{"input": r["input"]} for r in _rows()[:3]])
+    inputs = write(tmp_path / "in.jsonl", jsonl([{"input": r["input"]} for r in _rows()[:3]]))
     out = tmp_path / "out.jsonl"
     code, stdout, err = run(capsys, "extract", "--model", tiny_qwen_dir, "--input", inputs, "--output", out,
                             "--max-new-tokens", "6", "--device", "cpu")
@@ -220,7 +215,7 @@ def test_extractor_matches_generate_one_by_one(tiny_qwen_dir):
 
 def test_long_examples_are_left_out_and_reported(qwen64_dir, tmp_path, capsys):
     rows = _rows()[:3] + [{"input": "很长的文本" * 200, "output": {"name": "x", "phone": "y"}}]
-    train = _write(tmp_path / "train.jsonl", rows)
+    train = write(tmp_path / "train.jsonl", jsonl(rows))
     code, stdout, err = run(capsys, "train", "extract", "--model", qwen64_dir, "--train", train, "--output",
                             tmp_path / "run", "--max-length", "128", "--epochs", "1", "--device", "cpu")
     assert code == 0, err
@@ -237,16 +232,12 @@ def test_long_examples_are_left_out_and_reported(qwen64_dir, tmp_path, capsys):
     ('{"input": "a", "output": [1, 2]}', "train.jsonl:1, field 'output'"),
 ])
 def test_bad_training_rows_fail_before_any_model_loads(tmp_path, capsys, line, message):
-    train = tmp_path / "train.jsonl"
-    train.write_text(line + "\n", encoding="utf-8")
-    code, _, err = run(capsys, "train", "extract", "--model", "no/such-model", "--train", train,
-                       "--output", tmp_path / "run")
-    assert_user_error(code, err, message)
-    assert not (tmp_path / "run").exists()
+    train = write_lines(tmp_path / "train.jsonl", line)
+    assert_refused_before_the_model_loads(capsys, "extract", ["--train", train], tmp_path / "run", message)
 
 
 def test_extract_refuses_a_non_jsonl_output_and_bad_input_rows(tiny_qwen_dir, tmp_path, capsys):
-    inputs = _write(tmp_path / "in.jsonl", [{"input": "a"}, {"text": "no input field"}])
+    inputs = write(tmp_path / "in.jsonl", jsonl([{"input": "a"}, {"text": "no input field"}]))
     code, _, err = run(capsys, "extract", "--model", tiny_qwen_dir, "--input", inputs, "--output", tmp_path / "o.csv")
     assert_user_error(code, err, "o.csv", "JSONL")
     code, _, err = run(capsys, "extract", "--model", tiny_qwen_dir, "--input", inputs, "--output", tmp_path / "o.jsonl")
@@ -271,7 +262,7 @@ def test_data_pii_sft_command(tmp_path, capsys):
 
 def test_data_stats_counts_tokens_as_training_encodes_them(tokenizer, tmp_path, capsys):
     rows = _rows()
-    train = _write(tmp_path / "train.jsonl", rows)
+    train = write(tmp_path / "train.jsonl", jsonl(rows))
     builder = task.PromptBuilder(tokenizer)
     expected = sorted(len(builder.encode(ExtractionExample(input=r["input"], output=json.dumps(r["output"], ensure_ascii=False),
                                                            instruction=r["instruction"]))["input_ids"]) for r in rows)

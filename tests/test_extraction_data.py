@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import BOM, jsonl, read_jsonl, write
 from qtune.data.extraction import (
     PII_INSTRUCTION,
     pii_to_sft,
@@ -16,22 +17,6 @@ from qtune.data.extraction import (
 )
 from qtune.errors import DataError, QtuneError
 from qtune.records import ExtractionExample
-
-BOM = b"\xef\xbb\xbf"
-
-
-def write(path: Path, content: str | bytes) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(content.encode("utf-8") if isinstance(content, str) else content)
-    return path
-
-
-def jsonl(objs) -> str:
-    return "".join((o if isinstance(o, str) else json.dumps(o, ensure_ascii=False)) + "\n" for o in objs)
-
-
-def read_lines(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").split("\n") if line.strip()]
 
 
 def data_error(func, *args, **kwargs) -> DataError:
@@ -189,7 +174,7 @@ def test_pii_to_sft_rows_split_and_counts(tmp_path):
     counts = pii_to_sft(src, out, eval_fraction=0.25, seed=7)
     assert counts == {"records": 20, "train": 12, "eval": 4, "skipped": 4}  # 16 kept; round(0.25 * 16) = 4
 
-    train, evals = read_lines(out / "train.jsonl"), read_lines(out / "eval.jsonl")
+    train, evals = read_jsonl(out / "train.jsonl"), read_jsonl(out / "eval.jsonl")
     assert (len(train), len(evals)) == (12, 4)
     rows = train + evals
     kept = [i for i in range(20) if i not in (5, 7, 9, 11)]
@@ -226,7 +211,7 @@ def test_pii_to_sft_split_is_the_documented_shuffle(tmp_path):
     indices = list(range(30))
     random.Random(42).shuffle(indices)
     expected = sorted(indices[:3])  # round(0.1 * 30)
-    assert [r["input"] for r in read_lines(tmp_path / "a" / "eval.jsonl")] == \
+    assert [r["input"] for r in read_jsonl(tmp_path / "a" / "eval.jsonl")] == \
         [records[i]["naturalParagraph"] for i in expected]
 
 
@@ -238,13 +223,13 @@ def test_pii_to_sft_is_deterministic_by_seed(tmp_path):
     for name in ("train.jsonl", "eval.jsonl"):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
     assert (tmp_path / "a" / "eval.jsonl").read_bytes() != (tmp_path / "c" / "eval.jsonl").read_bytes()
-    assert len(read_lines(tmp_path / "c" / "eval.jsonl")) == 4  # round(0.1 * 40)
+    assert len(read_jsonl(tmp_path / "c" / "eval.jsonl")) == 4  # round(0.1 * 40)
 
 
 def test_pii_to_sft_custom_instruction(tmp_path):
     src = write_people(tmp_path / "people.json", [person(i) for i in range(4)])
     pii_to_sft(src, tmp_path / "a", eval_fraction=0.5, instruction="抽取个人信息")
-    assert {r["instruction"] for r in read_lines(tmp_path / "a" / "train.jsonl")} == {"抽取个人信息"}
+    assert {r["instruction"] for r in read_jsonl(tmp_path / "a" / "train.jsonl")} == {"抽取个人信息"}
 
 
 def test_pii_to_sft_source_errors(tmp_path):

@@ -42,9 +42,9 @@ from qtune.modeling.reranker import DEFAULT_INSTRUCTION, SYSTEM_PROMPT, PairForm
 from qtune.records import QueryGroup, RetrievalSet
 from qtune.tasks.reranker import collate, group_features, group_loss, group_ranking_metrics
 
-from conftest import ANIMALS, FILLER, SPECIALS, VEHICLES, assert_user_error, run
+from conftest import (ANIMALS, FILLER, MISSING_MODEL, SPECIALS, VEHICLES, assert_refused_before_the_model_loads,
+                      assert_user_error, run, write_lines)
 
-MISSING_MODEL = "/nonexistent/model"
 KINDS = {"animal": ANIMALS, "vehicle": VEHICLES}
 
 # The Qwen3-Reranker recipe (model card), written out here rather than taken from qtune.
@@ -90,11 +90,6 @@ def make_groups(n: int, seed: int, rule: str = "category", negatives: int = 3) -
         groups.append(QueryGroup(text(word), (text(rng.choice(kind)),),
                                  tuple(text(w) for w in rng.sample(other, negatives))))
     return groups
-
-
-def write_lines(path: Path, *lines: str) -> Path:
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return path
 
 
 def group_mrr(reranker: Reranker, groups) -> dict:
@@ -869,12 +864,7 @@ def _eval_without_negatives(tmp: Path, data: dict):
 @pytest.mark.parametrize("case", [_malformed_json, _missing_pos, _bad_negative_in_eval, _eval_without_negatives])
 def test_bad_data_is_refused_before_the_model_loads(case, data, tmp_path, capsys):
     data_args, parts = case(tmp_path, data)
-    out = tmp_path / "out"
-    code, _, err = run(capsys, "train", "reranker", "--model", MISSING_MODEL, *data_args, "--output", out,
-                       "--device", "cpu")
-    assert_user_error(code, err, *parts)
-    assert MISSING_MODEL not in err  # the data was checked first
-    assert not out.exists()
+    assert_refused_before_the_model_loads(capsys, "reranker", data_args, tmp_path / "out", *parts)
 
 
 def test_good_data_gets_as_far_as_the_missing_model(data, tmp_path, capsys):
@@ -889,11 +879,8 @@ def test_good_data_gets_as_far_as_the_missing_model(data, tmp_path, capsys):
 def test_training_file_without_any_negative_is_refused_before_the_model_loads(data, tmp_path, capsys):
     train = write_lines(tmp_path / "train.jsonl", json.dumps({"query": "animal", "pos": ["cat"]}),
                         json.dumps({"query": "vehicle", "pos": ["bus"]}))
-    out = tmp_path / "out"
-    code, _, err = run(capsys, "train", "reranker", "--model", MISSING_MODEL, "--train", train, "--output", out,
-                       "--device", "cpu")
-    assert_user_error(code, err, str(train), "no group has a negative")
-    assert not out.exists()
+    assert_refused_before_the_model_loads(capsys, "reranker", ["--train", train], tmp_path / "out", str(train),
+                                          "no group has a negative")
 
 
 def test_max_length_too_small_for_the_prompt_writes_nothing(tiny_qwen_dir, data, tmp_path, capsys):

@@ -10,22 +10,11 @@ from pathlib import Path
 
 import pytest
 
+from conftest import BOM, jsonl, read_jsonl, write
 from qtune.data.retrieval import (qa_table_to_retrieval, read_beir, read_corpus, read_query_groups, write_beir,
                                   write_query_groups)
 from qtune.errors import DataError, QtuneError
 from qtune.records import QueryGroup, RetrievalSet
-
-BOM = b"\xef\xbb\xbf"
-
-
-def write(path: Path, content: str | bytes) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(content.encode("utf-8") if isinstance(content, str) else content)
-    return path
-
-
-def jsonl(objs) -> str:
-    return "".join((o if isinstance(o, str) else json.dumps(o, ensure_ascii=False)) + "\n" for o in objs)
 
 
 def temp_files(folder: Path) -> list[Path]:
@@ -296,10 +285,6 @@ def write_qa_csv(path: Path, rows, header=("question", "context")) -> Path:
         writer.writerow(header)
         writer.writerows(rows)
     return path
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines()]
 
 
 @pytest.mark.parametrize("seed", range(8))

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
+from conftest import assert_api_error
 from qtune.api import load
 from qtune.serving import ServerSettings, create_app
 
@@ -48,17 +49,6 @@ SETTINGS = ServerSettings(max_inputs=8, max_input_tokens=24, max_body_bytes=4096
 def client(bert, qwen, clf):
     with TestClient(create_app({"bert": bert, "qwen": qwen, "clf": clf}, SETTINGS)) as c:
         yield c
-
-
-def assert_error(response, status: int, *parts: str, code: str | None = None) -> dict:
-    assert response.status_code == status, response.text
-    error = response.json()["error"]
-    assert set(error) == {"message", "type", "param", "code"}
-    for part in parts:
-        assert part in error["message"], error["message"]
-    if code is not None:
-        assert error["code"] == code
-    return error
 
 
 def decode_base64(text: str) -> np.ndarray:
@@ -144,71 +134,71 @@ def test_models_health_and_metrics(client):
 # --- in-process: every error status ---------------------------------------------------------------
 
 def test_400_malformed_or_empty(client):
-    assert_error(client.post("/v1/embeddings", content=b"{not json", headers={"content-type": "application/json"}),
+    assert_api_error(client.post("/v1/embeddings", content=b"{not json", headers={"content-type": "application/json"}),
                  400, "malformed JSON", code="invalid_json")
-    assert_error(client.post("/v1/embeddings", content=b"[1, 2]"), 400, "JSON object")
-    assert_error(client.post("/v1/embeddings", content=b""), 400, "empty")
-    assert_error(client.post("/v1/embeddings", json={"model": "bert", "input": []}), 400, "input must not be empty")
-    assert_error(client.post("/v1/embeddings", json={"model": "bert", "input": ""}), 400, "input 0 is empty")
-    assert_error(client.post("/v1/embeddings", json={"model": "bert", "input": ["a", ""]}), 400, "input 1 is empty")
-    assert_error(client.post("/v1/classify", json={"model": "clf", "input": []}), 400, "input must not be empty")
+    assert_api_error(client.post("/v1/embeddings", content=b"[1, 2]"), 400, "JSON object")
+    assert_api_error(client.post("/v1/embeddings", content=b""), 400, "empty")
+    assert_api_error(client.post("/v1/embeddings", json={"model": "bert", "input": []}), 400, "input must not be empty")
+    assert_api_error(client.post("/v1/embeddings", json={"model": "bert", "input": ""}), 400, "input 0 is empty")
+    assert_api_error(client.post("/v1/embeddings", json={"model": "bert", "input": ["a", ""]}), 400, "input 1 is empty")
+    assert_api_error(client.post("/v1/classify", json={"model": "clf", "input": []}), 400, "input must not be empty")
 
 
 def test_401_api_key(bert):
     with TestClient(create_app({"bert": bert}, ServerSettings(api_key="sekret"))) as c:
-        assert_error(c.post("/v1/embeddings", json={"input": "cat"}), 401, "missing API key")
-        assert_error(c.post("/v1/embeddings", json={"input": "cat"}, headers={"Authorization": "Bearer wrong"}),
+        assert_api_error(c.post("/v1/embeddings", json={"input": "cat"}), 401, "missing API key")
+        assert_api_error(c.post("/v1/embeddings", json={"input": "cat"}, headers={"Authorization": "Bearer wrong"}),
                      401, "invalid API key")
-        assert_error(c.get("/v1/models", headers={"Authorization": "Basic sekret"}), 401, "invalid API key")
+        assert_api_error(c.get("/v1/models", headers={"Authorization": "Basic sekret"}), 401, "invalid API key")
         ok = c.post("/v1/embeddings", json={"input": "cat"}, headers={"Authorization": "Bearer sekret"})
         assert ok.status_code == 200 and ok.json()["model"] == "bert"  # the only embedder: model omitted
         assert c.get("/health").status_code == 200  # probes need no key
 
 
 def test_404_unknown_model_and_missing_tasks(client):
-    assert_error(client.post("/v1/embeddings", json={"model": "nope", "input": "cat"}), 404,
+    assert_api_error(client.post("/v1/embeddings", json={"model": "nope", "input": "cat"}), 404,
                  "'nope' is not loaded", "bert, qwen", code="model_not_found")
-    assert_error(client.post("/v1/embeddings", json={"model": "clf", "input": "cat"}), 404,
+    assert_api_error(client.post("/v1/embeddings", json={"model": "clf", "input": "cat"}), 404,
                  "'clf' is a pair classifier, not an embedding model")
-    assert_error(client.post("/v1/rerank", json={"query": "q", "documents": ["d"]}), 404, "no reranker loaded")
-    assert_error(client.post("/v1/extract", json={"input": "x"}), 404, "no extractor loaded")
-    assert_error(client.post("/v1/match", json={"query": "q"}), 404, "no knowledge base loaded")
-    assert_error(client.get("/v2/nothing"), 404, "not found")
+    assert_api_error(client.post("/v1/rerank", json={"query": "q", "documents": ["d"]}), 404, "no reranker loaded")
+    assert_api_error(client.post("/v1/extract", json={"input": "x"}), 404, "no extractor loaded")
+    assert_api_error(client.post("/v1/match", json={"query": "q"}), 404, "no knowledge base loaded")
+    assert_api_error(client.get("/v2/nothing"), 404, "not found")
 
 
 def test_413_body_too_large(client):
     big = {"model": "bert", "input": ["cat " * 1200]}
-    assert_error(client.post("/v1/embeddings", json=big), 413, "4096 bytes", code="body_too_large")
+    assert_api_error(client.post("/v1/embeddings", json=big), 413, "4096 bytes", code="body_too_large")
 
     def chunked():  # no Content-Length: the actual body is measured
         for _ in range(10):
             yield b" " * 1000
 
-    assert_error(client.post("/v1/embeddings", content=chunked()), 413, "4096 bytes")
+    assert_api_error(client.post("/v1/embeddings", content=chunked()), 413, "4096 bytes")
 
 
 def test_422_invalid_fields_and_limits(client, bert):
-    assert_error(client.post("/v1/embeddings", json={"model": "bert", "input": "cat", "encoding_format": "hex"}),
+    assert_api_error(client.post("/v1/embeddings", json={"model": "bert", "input": "cat", "encoding_format": "hex"}),
                  422, "encoding_format", code="invalid_field")
-    assert_error(client.post("/v1/embeddings", json={"model": "bert", "input": {"a": 1}}), 422, "input: expected")
-    assert_error(client.post("/v1/embeddings", json={"model": "bert", "input": ["a", 1]}), 422, "input")
-    assert_error(client.post("/v1/embeddings", json={"model": "bert", "input": "cat", "dimensions": 0}), 422,
+    assert_api_error(client.post("/v1/embeddings", json={"model": "bert", "input": {"a": 1}}), 422, "input: expected")
+    assert_api_error(client.post("/v1/embeddings", json={"model": "bert", "input": ["a", 1]}), 422, "input")
+    assert_api_error(client.post("/v1/embeddings", json={"model": "bert", "input": "cat", "dimensions": 0}), 422,
                  "dimensions")
-    assert_error(client.post("/v1/embeddings", json={"model": "bert", "input": "cat", "dimensions": 33}), 422,
+    assert_api_error(client.post("/v1/embeddings", json={"model": "bert", "input": "cat", "dimensions": 33}), 422,
                  "between 1 and the model's 32")
-    assert_error(client.post("/v1/embeddings", json={"model": "bert", "input": ["cat"] * 9}), 422,
+    assert_api_error(client.post("/v1/embeddings", json={"model": "bert", "input": ["cat"] * 9}), 422,
                  "too many inputs: 9; the limit is 8", code="too_many_inputs")
     long_text = " ".join(["cat"] * 30)
-    error = assert_error(client.post("/v1/embeddings", json={"model": "bert", "input": ["dog", long_text]}), 422,
+    error = assert_api_error(client.post("/v1/embeddings", json={"model": "bert", "input": ["dog", long_text]}), 422,
                          code="input_too_long")
     assert error["message"] == "input 1 has 32 tokens; the limit is 24"  # 30 words + [CLS] + [SEP]
-    assert_error(client.post("/v1/embeddings", json={"model": "bert", "input": [[1, 2, 10 ** 6]]}), 422,
+    assert_api_error(client.post("/v1/embeddings", json={"model": "bert", "input": [[1, 2, 10 ** 6]]}), 422,
                  "token id 1000000")
-    assert_error(client.post("/v1/embeddings", json={"input": "cat"}), 422, "model is required", "bert, qwen")
-    assert_error(client.post("/v1/classify", json={"model": "clf", "input": ["a", "b"]}), 422, "list of pairs")
-    assert_error(client.post("/v1/classify", json={"model": "clf", "input": [["a", "b", "c"]]}), 422,
+    assert_api_error(client.post("/v1/embeddings", json={"input": "cat"}), 422, "model is required", "bert, qwen")
+    assert_api_error(client.post("/v1/classify", json={"model": "clf", "input": ["a", "b"]}), 422, "list of pairs")
+    assert_api_error(client.post("/v1/classify", json={"model": "clf", "input": [["a", "b", "c"]]}), 422,
                  "input 0 has 3 texts")
-    assert_error(client.post("/v1/classify", json={"model": "clf", "input": [["a", long_text]]}), 422,
+    assert_api_error(client.post("/v1/classify", json={"model": "clf", "input": [["a", long_text]]}), 422,
                  "input 0 has 34 tokens; the limit is 24")  # [CLS] a [SEP] + 30 + [SEP]
 
 
@@ -229,7 +219,7 @@ def test_429_queue_full(bert):
                 break
             time.sleep(0.01)
         assert batcher.pending == 2
-        assert_error(c.post("/v1/embeddings", json={"input": "cat"}), 429, "retry later", code="queue_full")
+        assert_api_error(c.post("/v1/embeddings", json={"input": "cat"}), 429, "retry later", code="queue_full")
         release.set()
         for t in threads:
             t.join(30)
@@ -239,12 +229,12 @@ def test_429_queue_full(bert):
 def test_503_not_ready_and_draining(bert):
     app = create_app({"bert": bert}, ServerSettings())
     not_started = TestClient(app)  # no `with`: the lifespan (model workers) has not run
-    assert_error(not_started.get("/health"), 503, "not ready")
+    assert_api_error(not_started.get("/health"), 503, "not ready")
     with TestClient(app) as c:
         assert c.get("/health").status_code == 200
         app.state.qtune.draining = True
-        assert_error(c.post("/v1/embeddings", json={"input": "cat"}), 503, "shutting down", code="unavailable")
-        assert_error(c.get("/health"), 503, "shutting down")
+        assert_api_error(c.post("/v1/embeddings", json={"input": "cat"}), 503, "shutting down", code="unavailable")
+        assert_api_error(c.get("/health"), 503, "shutting down")
 
 
 # --- a live server ----------------------------------------------------------------------------------

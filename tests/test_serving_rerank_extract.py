@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
+from conftest import assert_api_error
 from qtune.api import load
 from qtune.kb import FaqMatcher, build_kb
 from qtune.modeling.reranker import Reranker
@@ -23,19 +24,6 @@ TEXTS = ["the cat is here", "a big red bus now"]
 NEW_TOKENS = 6  # tiny random models never stop on their own: keep generation short
 
 SETTINGS = ServerSettings(max_inputs=6, max_input_tokens=100, max_body_bytes=4096, max_new_tokens=12)
-
-
-def assert_error(response, status: int, *parts: str, code: str | None = None, param: str | None = None) -> dict:
-    assert response.status_code == status, response.text
-    error = response.json()["error"]
-    assert set(error) == {"message", "type", "param", "code"}
-    for part in parts:
-        assert part in error["message"], error["message"]
-    if code is not None:
-        assert error["code"] == code
-    if param is not None:
-        assert error["param"] == param
-    return error
 
 
 def calibrated(reranker: Reranker, threshold: float) -> Reranker:
@@ -168,51 +156,51 @@ def test_rerank_is_micro_batched(rr_bert):
 
 def test_rerank_errors(client, rr_qwen):
     post = lambda body: client.post("/v1/rerank", json=body)  # noqa: E731
-    assert_error(post({"model": "rr-bert", "query": "", "documents": DOCS}), 400, "query must not be empty",
+    assert_api_error(post({"model": "rr-bert", "query": "", "documents": DOCS}), 400, "query must not be empty",
                  code="empty_input", param="query")
-    assert_error(post({"model": "rr-bert", "query": "  ", "documents": DOCS}), 400, "query must not be empty")
-    assert_error(post({"model": "rr-bert", "query": QUERY, "documents": []}), 400, "documents must not be empty",
+    assert_api_error(post({"model": "rr-bert", "query": "  ", "documents": DOCS}), 400, "query must not be empty")
+    assert_api_error(post({"model": "rr-bert", "query": QUERY, "documents": []}), 400, "documents must not be empty",
                  code="empty_input", param="documents")
-    assert_error(post({"model": "rr-bert", "query": QUERY, "documents": ["a", ""]}), 400, "document 1 is empty")
-    assert_error(client.post("/v1/rerank", content=b"{oops"), 400, "malformed JSON")
+    assert_api_error(post({"model": "rr-bert", "query": QUERY, "documents": ["a", ""]}), 400, "document 1 is empty")
+    assert_api_error(client.post("/v1/rerank", content=b"{oops"), 400, "malformed JSON")
 
-    assert_error(post({"model": "nope", "query": QUERY, "documents": DOCS}), 404, "'nope' is not loaded",
+    assert_api_error(post({"model": "nope", "query": QUERY, "documents": DOCS}), 404, "'nope' is not loaded",
                  "rr-bert, rr-qwen, rr-cal", code="model_not_found")
-    assert_error(post({"model": "clf", "query": QUERY, "documents": DOCS}), 404,
+    assert_api_error(post({"model": "clf", "query": QUERY, "documents": DOCS}), 404,
                  "model 'clf' is a pair classifier, not a reranker")
-    assert_error(post({"model": "ext", "query": QUERY, "documents": DOCS}), 404, "is an extractor, not a reranker")
-    assert_error(post({"query": QUERY, "documents": DOCS}), 422, "model is required", code="model_required")
+    assert_api_error(post({"model": "ext", "query": QUERY, "documents": DOCS}), 404, "is an extractor, not a reranker")
+    assert_api_error(post({"query": QUERY, "documents": DOCS}), 422, "model is required", code="model_required")
 
-    assert_error(post({"model": "rr-bert", "query": QUERY, "documents": ["cat"] * 7}), 422,
+    assert_api_error(post({"model": "rr-bert", "query": QUERY, "documents": ["cat"] * 7}), 422,
                  "too many documents: 7; the limit is 6", code="too_many_inputs", param="documents")
     long_doc = " ".join(["cat"] * 70)  # [CLS] the big cat [SEP] + 70 + [SEP] = 76 > 64 positions
-    error = assert_error(post({"model": "rr-bert", "query": QUERY, "documents": ["dog", long_doc]}), 422,
+    error = assert_api_error(post({"model": "rr-bert", "query": QUERY, "documents": ["dog", long_doc]}), 422,
                          code="input_too_long", param="documents")
     assert error["message"] == "document 1 has 76 tokens together with the query; the limit is 64"
     qwen_doc = " ".join(["cat"] * 40)
     n = len(rr_qwen.features([(QUERY, qwen_doc)])[0]["input_ids"])
     assert n > 100
-    assert_error(post({"model": "rr-qwen", "query": QUERY, "documents": [qwen_doc]}), 422,
+    assert_api_error(post({"model": "rr-qwen", "query": QUERY, "documents": [qwen_doc]}), 422,
                  f"document 0 has {n} tokens together with the query with the reranker prompt; the limit is 100")
     for top_n in (0, -1, "2", 1.5):
-        assert_error(post({"model": "rr-bert", "query": QUERY, "documents": DOCS, "top_n": top_n}), 422, "top_n",
+        assert_api_error(post({"model": "rr-bert", "query": QUERY, "documents": DOCS, "top_n": top_n}), 422, "top_n",
                      code="invalid_field", param="top_n")
-    assert_error(post({"model": "rr-bert", "query": QUERY, "documents": ["a", 1]}), 422,
+    assert_api_error(post({"model": "rr-bert", "query": QUERY, "documents": ["a", 1]}), 422,
                  'documents: expected a list of strings (or of {"text": string} objects)', param="documents")
-    assert_error(post({"model": "rr-bert", "query": QUERY, "documents": "a"}), 422, "documents")
-    assert_error(post({"model": "rr-bert", "query": 5, "documents": DOCS}), 422, "query")
-    assert_error(post({"model": "rr-bert", "documents": DOCS}), 422, "query")
-    assert_error(post({"model": "rr-bert", "query": QUERY, "documents": DOCS, "return_documents": "yes"}), 422,
+    assert_api_error(post({"model": "rr-bert", "query": QUERY, "documents": "a"}), 422, "documents")
+    assert_api_error(post({"model": "rr-bert", "query": 5, "documents": DOCS}), 422, "query")
+    assert_api_error(post({"model": "rr-bert", "documents": DOCS}), 422, "query")
+    assert_api_error(post({"model": "rr-bert", "query": QUERY, "documents": DOCS, "return_documents": "yes"}), 422,
                  "return_documents")
-    assert_error(post({"model": "rr-bert", "query": QUERY, "documents": ["cat " * 1200]}), 413, "4096 bytes")
+    assert_api_error(post({"model": "rr-bert", "query": QUERY, "documents": ["cat " * 1200]}), 413, "4096 bytes")
 
 
 def test_no_reranker_or_extractor_loaded(embedder):
     with TestClient(create_app({"emb": embedder}, SETTINGS)) as c:
-        assert_error(c.post("/v1/rerank", json={"query": "q", "documents": ["d"]}), 404, "no reranker loaded",
+        assert_api_error(c.post("/v1/rerank", json={"query": "q", "documents": ["d"]}), 404, "no reranker loaded",
                      code="model_not_found")
-        assert_error(c.post("/v1/extract", json={"input": "x"}), 404, "no extractor loaded")
-        assert_error(c.post("/v1/extract", json={"model": "emb", "input": "x"}), 404,
+        assert_api_error(c.post("/v1/extract", json={"input": "x"}), 404, "no extractor loaded")
+        assert_api_error(c.post("/v1/extract", json={"model": "emb", "input": "x"}), 404,
                      "model 'emb' is an embedding model, not an extractor")
 
 
@@ -251,23 +239,23 @@ def test_extract_single_string_and_default_max_new_tokens(client, extractor):
 
 def test_extract_errors(client, extractor):
     post = lambda body: client.post("/v1/extract", json=body)  # noqa: E731
-    assert_error(post({"model": "ext", "input": []}), 400, "input must not be empty", code="empty_input")
-    assert_error(post({"model": "ext", "input": ""}), 400, "input 0 is empty")
-    assert_error(post({"model": "ext", "input": ["a", ""]}), 400, "input 1 is empty")
-    assert_error(post({"model": "rr-bert", "input": "a"}), 404, "model 'rr-bert' is a reranker, not an extractor")
-    assert_error(post({"model": "ext", "input": "a", "max_new_tokens": 13}), 422,
+    assert_api_error(post({"model": "ext", "input": []}), 400, "input must not be empty", code="empty_input")
+    assert_api_error(post({"model": "ext", "input": ""}), 400, "input 0 is empty")
+    assert_api_error(post({"model": "ext", "input": ["a", ""]}), 400, "input 1 is empty")
+    assert_api_error(post({"model": "rr-bert", "input": "a"}), 404, "model 'rr-bert' is a reranker, not an extractor")
+    assert_api_error(post({"model": "ext", "input": "a", "max_new_tokens": 13}), 422,
                  "max_new_tokens must be between 1 and 12, got 13", code="invalid_max_new_tokens",
                  param="max_new_tokens")
-    assert_error(post({"model": "ext", "input": "a", "max_new_tokens": 0}), 422, "max_new_tokens",
+    assert_api_error(post({"model": "ext", "input": "a", "max_new_tokens": 0}), 422, "max_new_tokens",
                  code="invalid_field")
-    assert_error(post({"model": "ext", "input": ["a"] * 7}), 422, "too many inputs: 7; the limit is 6",
+    assert_api_error(post({"model": "ext", "input": ["a"] * 7}), 422, "too many inputs: 7; the limit is 6",
                  code="too_many_inputs")
     long_text = " ".join(["cat"] * 90)
     n = len(extractor.builder.prompt_ids(long_text))
-    assert_error(post({"model": "ext", "input": ["dog", long_text]}), 422,
+    assert_api_error(post({"model": "ext", "input": ["dog", long_text]}), 422,
                  f"input 1 has {n} tokens with the extraction prompt; the limit is 100", code="input_too_long")
-    assert_error(post({"model": "ext", "input": [1, 2]}), 422, "input: expected a string or a list of strings")
-    assert_error(post({"model": "ext", "input": "cat " * 1200}), 413, "4096 bytes")
+    assert_api_error(post({"model": "ext", "input": [1, 2]}), 422, "input: expected a string or a list of strings")
+    assert_api_error(post({"model": "ext", "input": "cat " * 1200}), 413, "4096 bytes")
 
 
 def test_extract_queue_full_and_draining(extractor):
@@ -285,13 +273,13 @@ def test_extract_queue_full_and_draining(extractor):
                 break
             time.sleep(0.01)
         assert 'qtune_queue_depth{model="ext"} 1.0' in c.get("/metrics").text
-        assert_error(c.post("/v1/extract", json={"input": "cat"}), 429, "retry later", code="queue_full")
+        assert_api_error(c.post("/v1/extract", json={"input": "cat"}), 429, "retry later", code="queue_full")
         release.set()
         thread.join(30)
         assert [r.status_code for r in results] == [200]
         state.draining = True
-        assert_error(c.post("/v1/extract", json={"input": "cat"}), 503, "shutting down")
-        assert_error(c.post("/v1/rerank", json={"query": "q", "documents": ["d"]}), 503, "shutting down")
+        assert_api_error(c.post("/v1/extract", json={"input": "cat"}), 503, "shutting down")
+        assert_api_error(c.post("/v1/rerank", json={"query": "q", "documents": ["d"]}), 503, "shutting down")
 
 
 # --- models, metrics -------------------------------------------------------------------------------
@@ -371,4 +359,4 @@ def test_match_endpoint_with_a_reranker_backed_matcher(faq_kb, embedder, rr_qwen
                                                                          abs=1e-6)
         assert body["matched"] == (body["score"] >= 0.3)
         assert c.get("/health").json()["match"] == {"rescored_by": "reranker", "threshold": 0.3}
-        assert_error(c.post("/v1/match", json={"query": ""}), 400, "query must not be empty")
+        assert_api_error(c.post("/v1/match", json={"query": ""}), 400, "query must not be empty")
