@@ -68,20 +68,24 @@ def tiny_bert_dir(tmp_path_factory) -> str:
     return str(folder)
 
 
-@pytest.fixture(scope="session")
-def tiny_qwen_dir(tmp_path_factory) -> str:
+def save_tiny_qwen(folder: Path, hidden: int = 32, head_dim: int = 8) -> str:
+    """A random 2-layer Qwen3 (saved as a plain Qwen3Model) with the real Qwen3 tokenizer."""
     from transformers import AutoTokenizer, Qwen3Config, Qwen3Model
     import torch
 
-    folder = tmp_path_factory.mktemp("tiny-qwen3")
     tokenizer = AutoTokenizer.from_pretrained(qwen_tokenizer_dir())
-    config = Qwen3Config(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=256,
-                         tie_word_embeddings=True)
+    config = Qwen3Config(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=head_dim,
+                         max_position_embeddings=256, tie_word_embeddings=True)
     torch.manual_seed(0)
     Qwen3Model(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return str(folder)
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen_dir(tmp_path_factory) -> str:
+    return save_tiny_qwen(tmp_path_factory.mktemp("tiny-qwen3"))
 
 
 @pytest.fixture(scope="session")
@@ -133,6 +137,14 @@ def write_lines(path: Path, *lines: str) -> Path:
     return path
 
 
+def assert_data_accepted_up_to_the_model(capsys, task: str, data_args, output: Path) -> None:
+    """The control for `assert_refused_before_the_model_loads`: valid data gets as far as the model."""
+    code, _, err = run(capsys, "train", task, "--model", MISSING_MODEL, *data_args, "--output", output,
+                       "--device", "cpu")
+    assert_user_error(code, err, MISSING_MODEL)
+    assert not output.exists()
+
+
 def assert_refused_before_the_model_loads(capsys, task: str, data_args, output: Path, *parts: str) -> None:
     """`qtune train TASK` with MISSING_MODEL exits 2 on the data (error naming `parts`), writes nothing."""
     code, _, err = run(capsys, "train", task, "--model", MISSING_MODEL, *data_args, "--output", output,
@@ -140,6 +152,22 @@ def assert_refused_before_the_model_loads(capsys, task: str, data_args, output: 
     assert_user_error(code, err, *parts)
     assert MISSING_MODEL not in err  # the data was checked first
     assert not output.exists()
+
+
+def data_error(func, *args, **kwargs):
+    """The DataError that `func(*args, **kwargs)` raises."""
+    from qtune.errors import DataError
+
+    with pytest.raises(DataError) as info:
+        func(*args, **kwargs)
+    return info.value
+
+
+def assert_located(err, path: Path, line: int | None, field: str | None) -> None:
+    """A DataError names exactly this file, line and field, in the message too."""
+    assert (err.path, err.line, err.field) == (str(path), line, field)
+    where = str(path) if line is None else f"{path}:{line}"
+    assert str(err).startswith(where + (f", field '{field}'" if field else "") + ": ")
 
 
 # ---------------------------------------------------------------- HTTP

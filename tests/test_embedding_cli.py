@@ -33,7 +33,8 @@ from qtune.cli import main
 from qtune.data.retrieval import write_beir, write_query_groups
 from qtune.records import QueryGroup
 
-from conftest import (ANIMALS, MISSING_MODEL, VEHICLES, assert_refused_before_the_model_loads, assert_user_error,
+from conftest import (ANIMALS, MISSING_MODEL, VEHICLES, assert_data_accepted_up_to_the_model,
+                      assert_refused_before_the_model_loads, assert_user_error,
                       read_jsonl, run, write_lines)
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -456,11 +457,7 @@ def test_bad_data_is_refused_before_the_model_loads(case, mapping_data, tmp_path
 
 def test_good_data_gets_as_far_as_the_missing_model(mapping_data, tmp_path, capsys):
     """The control for the test above: with valid data the same command fails on the model."""
-    out = tmp_path / "out"
-    code, _, err = run(capsys, "train", "embedding", "--model", MISSING_MODEL, "--train", mapping_data["train"],
-                       "--eval", mapping_data["eval"], "--output", out, "--device", "cpu")
-    assert_user_error(code, err, MISSING_MODEL)
-    assert not out.exists()
+    assert_data_accepted_up_to_the_model(capsys, "embedding", ["--train", mapping_data["train"], "--eval", mapping_data["eval"]], tmp_path / "out")
 
 
 def test_eval_retrieval_without_qrels_names_the_missing_file(tiny_bert_dir, tmp_path, capsys):

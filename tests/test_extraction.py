@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import (assert_refused_before_the_model_loads, assert_user_error, jsonl, qwen_tokenizer_dir,
-                      read_jsonl, run, write, write_lines)
+                      read_jsonl, run, save_tiny_qwen, write, write_lines)
 from qtune.errors import QtuneError
 from qtune.records import ExtractionExample
 from qtune.tasks import extraction as task
@@ -33,17 +33,7 @@ def tokenizer():
 @pytest.fixture(scope="module")
 def qwen64_dir(tmp_path_factory) -> str:
     """A tiny Qwen3 wide enough (hidden 64) to memorise a few answers in seconds."""
-    from transformers import AutoTokenizer, Qwen3Config, Qwen3Model
-
-    folder = tmp_path_factory.mktemp("qwen64")
-    tok = AutoTokenizer.from_pretrained(qwen_tokenizer_dir())
-    config = Qwen3Config(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=256,
-                         tie_word_embeddings=True)
-    torch.manual_seed(0)
-    Qwen3Model(config).save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return str(folder)
+    return save_tiny_qwen(tmp_path_factory.mktemp("qwen64"), hidden=64, head_dim=16)
 
 
 # ---------------------------------------------------------------- prompt and label mask

@@ -8,27 +8,15 @@ from pathlib import Path
 
 import pytest
 
-from conftest import BOM, jsonl, read_jsonl, write
+from conftest import BOM, assert_located, data_error, jsonl, read_jsonl, write
 from qtune.data.extraction import (
     PII_INSTRUCTION,
     pii_to_sft,
     read_extraction,
     target_text,
 )
-from qtune.errors import DataError, QtuneError
+from qtune.errors import QtuneError
 from qtune.records import ExtractionExample
-
-
-def data_error(func, *args, **kwargs) -> DataError:
-    with pytest.raises(DataError) as info:
-        func(*args, **kwargs)
-    return info.value
-
-
-def assert_located(err: DataError, path: Path, line: int | None, field: str | None) -> None:
-    assert (err.path, err.line, err.field) == (str(path), line, field)
-    where = str(path) if line is None else f"{path}:{line}"
-    assert str(err).startswith(where + (f", field '{field}'" if field else "") + ": ")
 
 
 # --- target_text ---------------------------------------------------------------------------------

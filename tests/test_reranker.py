@@ -42,8 +42,8 @@ from qtune.modeling.reranker import DEFAULT_INSTRUCTION, SYSTEM_PROMPT, PairForm
 from qtune.records import QueryGroup, RetrievalSet
 from qtune.tasks.reranker import collate, group_features, group_loss, group_ranking_metrics
 
-from conftest import (ANIMALS, FILLER, MISSING_MODEL, SPECIALS, VEHICLES, assert_refused_before_the_model_loads,
-                      assert_user_error, run, write_lines)
+from conftest import (ANIMALS, FILLER, SPECIALS, VEHICLES, assert_data_accepted_up_to_the_model,
+                      assert_refused_before_the_model_loads, assert_user_error, run, write_lines)
 
 KINDS = {"animal": ANIMALS, "vehicle": VEHICLES}
 
@@ -869,11 +869,7 @@ def test_bad_data_is_refused_before_the_model_loads(case, data, tmp_path, capsys
 
 def test_good_data_gets_as_far_as_the_missing_model(data, tmp_path, capsys):
     """The control for the test above: with valid data the same command fails on the model."""
-    out = tmp_path / "out"
-    code, _, err = run(capsys, "train", "reranker", "--model", MISSING_MODEL, "--train", data["small"],
-                       "--eval", data["eval"], "--output", out, "--device", "cpu")
-    assert_user_error(code, err, MISSING_MODEL)
-    assert not out.exists()
+    assert_data_accepted_up_to_the_model(capsys, "reranker", ["--train", data["small"], "--eval", data["eval"]], tmp_path / "out")
 
 
 def test_training_file_without_any_negative_is_refused_before_the_model_loads(data, tmp_path, capsys):

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import BOM, jsonl, read_jsonl, write
+from conftest import BOM, assert_located, data_error, jsonl, read_jsonl, write
 from qtune.data.retrieval import (qa_table_to_retrieval, read_beir, read_corpus, read_query_groups, write_beir,
                                   write_query_groups)
 from qtune.errors import DataError, QtuneError
@@ -19,18 +19,6 @@ from qtune.records import QueryGroup, RetrievalSet
 
 def temp_files(folder: Path) -> list[Path]:
     return sorted(folder.rglob(".*.tmp"))
-
-
-def data_error(func, *args, **kwargs) -> DataError:
-    with pytest.raises(DataError) as info:
-        func(*args, **kwargs)
-    return info.value
-
-
-def assert_located(err: DataError, path: Path, line: int | None, field: str | None) -> None:
-    assert (err.path, err.line, err.field) == (str(path), line, field)
-    where = str(path) if line is None else f"{path}:{line}"
-    assert str(err).startswith(where + (f", field '{field}'" if field else "") + ": ")
 
 
 # --- read_query_groups ---------------------------------------------------------------------------
