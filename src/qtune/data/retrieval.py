@@ -15,7 +15,6 @@ Every problem is raised as a DataError naming file, 1-based line and field.
 
 from __future__ import annotations
 
-import json
 import random
 from pathlib import Path
 from typing import Iterator, Mapping, Sequence

@@ -258,11 +258,10 @@ def create_app(models: dict[str, object], settings: ServerSettings, matcher=None
         if body.dimensions is not None:  # Matryoshka: truncate, then renormalise
             vectors = vectors[:, :body.dimensions]
             vectors = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
-        tokens = sum(len(f["input_ids"]) for f in features)
         return {"object": "list", "model": entry.name,
                 "data": [{"object": "embedding", "index": i, "embedding": _encode(v, body.encoding_format)}
                          for i, v in enumerate(vectors)],
-                "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+                "usage": _usage(features)}
 
     @app.post("/v1/classify")
     async def classify(request: Request):
@@ -271,11 +270,10 @@ def create_app(models: dict[str, object], settings: ServerSettings, matcher=None
         features = _pair_features(entry, body.input, settings)
         probs = await _submit(entry, features)  # (n, labels)
         labels = entry.model.labels
-        tokens = sum(len(f["input_ids"]) for f in features)
         return {"object": "list", "model": entry.name,
                 "data": [{"index": i, "label": labels[int(p.argmax())], "probs": [float(x) for x in p]}
                          for i, p in enumerate(probs)],
-                "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+                "usage": _usage(features)}
 
     @app.post("/v1/rerank")
     async def rerank(request: Request):
@@ -294,9 +292,8 @@ def create_app(models: dict[str, object], settings: ServerSettings, matcher=None
             if body.return_documents:
                 result["document"] = {"text": documents[i]}
             results.append(result)
-        tokens = sum(len(f["input_ids"]) for f in features)
         answer = {"id": f"rerank-{uuid.uuid4().hex}", "model": entry.name,
-                  "usage": {"prompt_tokens": tokens, "total_tokens": tokens}, "results": results}
+                  "usage": _usage(features), "results": results}
         if threshold is not None:
             answer["threshold"] = float(threshold)
         return answer
@@ -326,7 +323,8 @@ def create_app(models: dict[str, object], settings: ServerSettings, matcher=None
         entry.pending += 1
         try:  # one call per request: generation is slow and stateful, so it is not micro-batched
             found = await loop.run_in_executor(state.executor, functools.partial(
-                entry.model.extract, texts, batch_size=settings.extract_batch_size, max_new_tokens=max_new_tokens))
+                entry.model.extract_prompts, [p["input_ids"] for p in prompts], batch_size=settings.extract_batch_size,
+                max_new_tokens=max_new_tokens))
         finally:
             entry.pending -= 1
         metrics["batches"].labels(model=entry.name).inc()
@@ -338,10 +336,8 @@ def create_app(models: dict[str, object], settings: ServerSettings, matcher=None
                 row["error"] = result.error
                 row["raw"] = result.text
             data.append(row)
-        tokens = sum(len(p["input_ids"]) for p in prompts)
-        generated = sum(r.tokens for r in found)
         return {"object": "list", "model": entry.name, "data": data,
-                "usage": {"prompt_tokens": tokens, "completion_tokens": generated, "total_tokens": tokens + generated}}
+                "usage": _usage(prompts, generated=sum(r.tokens for r in found))}
 
     @app.post("/v1/match")
     async def match(request: Request):
@@ -495,6 +491,14 @@ def _embedding_features(entry: ServedModel, value, *, is_query: bool, settings: 
         features = [_model_inputs(tokenizer, {"input_ids": list(ids)}) for ids in value]
     _check_lengths(features, entry.max_input_tokens)
     return features
+
+
+def _usage(features: list[dict], generated: int | None = None) -> dict:
+    """OpenAI-style token counts: the inputs' tokens (prompts included), plus what was generated."""
+    prompt = sum(len(f["input_ids"]) for f in features)
+    if generated is None:
+        return {"prompt_tokens": prompt, "total_tokens": prompt}
+    return {"prompt_tokens": prompt, "completion_tokens": generated, "total_tokens": prompt + generated}
 
 
 def _check_count(value: list, settings: ServerSettings, param: str = "input") -> None:

@@ -162,10 +162,15 @@ class Extractor:
 
     def extract(self, texts: Sequence[str], *, instructions: Sequence[str | None] | None = None,
                 batch_size: int = 16, max_new_tokens: int = 256, progress: bool = False) -> list[Extraction]:
-        from qtune.evaluation.extraction import parse_answer
-
         instructions = instructions or [None] * len(texts)
         prompts = [self.builder.prompt_ids(t, i) for t, i in zip(texts, instructions)]
+        return self.extract_prompts(prompts, batch_size=batch_size, max_new_tokens=max_new_tokens, progress=progress)
+
+    def extract_prompts(self, prompts: Sequence[list[int]], *, batch_size: int = 16, max_new_tokens: int = 256,
+                        progress: bool = False) -> list[Extraction]:
+        """`extract` for prompts already built with `self.builder.prompt_ids`."""
+        from qtune.evaluation.extraction import parse_answer
+
         results = []
         for gen in generate(self.loaded, prompts, batch_size=batch_size, max_new_tokens=max_new_tokens,
                             progress=progress):
