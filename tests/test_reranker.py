@@ -297,9 +297,13 @@ def test_qwen_score_is_p_yes_of_plain_transformers_by_hand(tiny_qwen_dir, qwen_t
     assert all(a[1] >= b[1] for a, b in zip(ranked, ranked[1:]))
     assert reranker.rerank("animal", docs, top_n=2) == ranked[:2]
 
+    # packed batches (the default above) and padded ones score the same
+    padded = qtune.load(tiny_qwen_dir, task="reranker", device="cpu", packing=False)
+    assert reranker.loaded.packed and not padded.loaded.packed
+    np.testing.assert_allclose(padded.score(PAIRS, batch_size=len(PAIRS)), expected, atol=1e-5)
     # sharp enough to see the classic bug: right padding reads a pad token as the answer slot
-    reranker.loaded.tokenizer.padding_side = "right"
-    assert np.abs(reranker.score(PAIRS, batch_size=len(PAIRS)) - expected).max() > 1e-4
+    padded.loaded.tokenizer.padding_side = "right"
+    assert np.abs(padded.score(PAIRS, batch_size=len(PAIRS)) - expected).max() > 1e-4
 
 
 def test_cross_encoder_score_is_sigmoid_of_its_logit_by_hand(ce_dir):

@@ -69,9 +69,12 @@ class PairClassifier:
 
 
 def load(name_or_path: str | Path, task: str | None = None, *, device: str = "auto", precision: str = "auto",
-         labels: Sequence[str] | None = None):
-    """Load a trained qtune folder (or a base model with `task=`) for inference."""
-    loaded = load_model(name_or_path, task=task, labels=labels, device=device, precision=precision)
+         labels: Sequence[str] | None = None, packing: bool = True):
+    """Load a trained qtune folder (or a base model with `task=`) for inference.
+
+    `packing=False` runs decoders on padded batches instead of packed ones (same results)."""
+    loaded = load_model(name_or_path, task=task, labels=labels, device=device, precision=precision,
+                        packing=packing)
     if loaded.meta.task == "pair-cls":
         return PairClassifier(loaded)
     if loaded.meta.task == "embedding":
@@ -133,7 +136,7 @@ def _train_pair_cls(config: PairClsConfig, on_step=None) -> tuple[LoadedModel, d
             probs = task.predict_probs(model, eval_features, batch_size=config.eval_batch_size)
             return task.metrics_from_probs(y_true, probs, config.labels)
 
-    hooks = TaskHooks(collate=partial(task.collate, loaded.tokenizer), loss=task.loss, evaluate=evaluate,
+    hooks = TaskHooks(collate=partial(task.collate, loaded.tokenizer, packed=loaded.packed), loss=task.loss, evaluate=evaluate,
                       best_metric="macro_f1")
     result = fit(config, loaded, features, hooks, resume_state=_resume_state(config), on_step=on_step)
     return loaded, result
@@ -160,7 +163,8 @@ def _start_run(config, task: str, *, lora: LoraSettings | None, validate=None, *
     if not config.resume and last.exists():
         raise QtuneError(f"{output} already holds a run; pass --resume to continue it or choose another --output")
     _seed_everything(config.seed)
-    common = dict(task=task, trainable=True, device=config.device, precision=config.precision)
+    common = dict(task=task, trainable=True, device=config.device, precision=config.precision,
+                  packing=config.packing)
     if config.resume:
         loaded = load_model(last, **common)
     else:
@@ -210,7 +214,7 @@ def _train_embedding(config: EmbeddingConfig, on_step=None) -> tuple[LoadedModel
                                       batch_size=config.eval_batch_size)
 
     hooks = TaskHooks(
-        collate=partial(task.collate, loaded.tokenizer), loss=partial(task.loss, settings=settings),
+        collate=partial(task.collate, loaded.tokenizer, packed=loaded.packed), loss=partial(task.loss, settings=settings),
         evaluate=evaluate, best_metric="ndcg@10",
         batches=lambda epoch: task.unique_text_batches(features, config.batch_size, seed=config.seed, epoch=epoch),
         backward=(lambda model, batch, scale: task.cached_backward(model, batch, settings, scale))
@@ -268,7 +272,7 @@ def _train_reranker(config: RerankerConfig, on_step=None) -> tuple[LoadedModel, 
 
     lengths = [f["length"] for f in features]
     hooks = TaskHooks(
-        collate=partial(task.collate, loaded.tokenizer),
+        collate=partial(task.collate, loaded.tokenizer, packed=loaded.packed),
         loss=partial(task.loss, prompt=reranker.formatter.prompt, settings=settings),
         evaluate=evaluate, best_metric="mrr",
         batches=lambda epoch: length_grouped_batches(lengths, config.batch_size, seed=config.seed, epoch=epoch))
@@ -312,7 +316,7 @@ def _train_extract(config: ExtractConfig, on_step=None) -> tuple[LoadedModel, di
                                                            max_new_tokens=config.max_new_tokens)
             return extraction_metrics([e.output for e in eval_examples], [r.output for r in found])
 
-    hooks = TaskHooks(collate=partial(task.collate, loaded.tokenizer), loss=task.loss, evaluate=evaluate,
+    hooks = TaskHooks(collate=partial(task.collate, loaded.tokenizer, packed=loaded.packed), loss=task.loss, evaluate=evaluate,
                       best_metric="all_fields_exact")
     result = fit(config, loaded, features, hooks, resume_state=_resume_state(config), on_step=on_step)
     return loaded, result

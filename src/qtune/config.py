@@ -61,6 +61,7 @@ class TrainConfig:
     precision: str = _opt("auto", "auto (bf16 on a GPU that supports it, else fp32), fp32 or bf16",
                           choices=("auto", "fp32", "bf16"))
     device: str = _opt("auto", "auto, cpu, cuda or cuda:N")
+    packing: bool = _opt(True, "decoders: padding-free packed batches (same results, no work spent on padding)")
     resume: bool = _opt(False, "continue the run saved in --output (last/)")
 
 

@@ -109,7 +109,12 @@ def normalize(vectors, dimensions: int | None = None):
 
 
 def forward_embeddings(model, batch: dict, pooling: str, prefix: str = "", dimensions: int | None = None):
-    """Embed one padded batch; `prefix` selects keys such as `q_input_ids`. -> (batch, dim) float32."""
+    """Embed one padded or packed batch; `prefix` selects keys such as `q_input_ids`. -> (batch, dim) float32."""
+    from qtune.modeling.packing import is_packed, packed_hidden, pool_packed
+
+    if is_packed(batch, prefix):
+        hidden = packed_hidden(model, batch, prefix)  # (tokens, hidden)
+        return normalize(pool_packed(hidden, batch[f"{prefix}cu_seq_lens_q"], pooling), dimensions)
     inputs = {k[len(prefix):]: v for k, v in batch.items() if k.startswith(prefix)} if prefix else dict(batch)
     mask = inputs["attention_mask"]
     hidden = model(**inputs).last_hidden_state  # (batch, seq, hidden)
@@ -135,8 +140,9 @@ class Embedder:
                               is_decoder=family.is_decoder)
 
     def embed(self, texts: Sequence[str], *, is_query: bool = False, batch_size: int = 64,
-              dimensions: int | None = None, progress: bool = False) -> np.ndarray:
-        """(len(texts), dim) float32, L2-normalised, in input order; batches are length-sorted."""
+              max_tokens: int | None = None, dimensions: int | None = None, progress: bool = False) -> np.ndarray:
+        """(len(texts), dim) float32, L2-normalised, in input order; batches are length-sorted,
+        of at most `batch_size` texts and (with `max_tokens`) that many padded tokens."""
         texts = list(texts)
         if dimensions is not None and not 0 < dimensions <= self.dimension:
             raise ValueError(f"dimensions must be between 1 and {self.dimension}, got {dimensions}")
@@ -150,5 +156,6 @@ class Embedder:
         def forward(batch):
             return forward_embeddings(loaded.model, batch, loaded.meta.pooling, dimensions=dimensions).cpu().numpy()
 
-        loaded.run_sorted(features, out, forward, batch_size=batch_size, desc="embed", progress=progress)
+        loaded.run_sorted(features, out, forward, batch_size=batch_size, max_tokens=max_tokens, desc="embed",
+                          progress=progress)
         return out

@@ -85,6 +85,7 @@ class LoadedModel:
     meta: CheckpointMeta
     device: Any  # torch.device
     precision: str  # "fp32", "bf16", or "int8" (an ONNX Runtime model, see qtune.modeling.int8)
+    packed: bool = False  # batches are padding-free packed rows (see qtune.modeling.packing)
 
     @property
     def is_adapter(self) -> bool:
@@ -100,29 +101,59 @@ class LoadedModel:
             return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
+    def collate(self, features: Sequence[dict]) -> dict:
+        """Unpadded model inputs -> one batch on the model's device: packed or padded (the tokenizer's `pad`)."""
+        if self.packed:
+            from qtune.modeling.packing import pack
+
+            batch = pack(features)
+        else:
+            batch = self.tokenizer.pad(list(features), padding=True, return_tensors="pt")
+        return to_device(batch, self.device)
+
     def run_sorted(self, features: Sequence[dict], out, forward, *, batch_size: int, collate=None,
-                   desc: str = "predict", progress: bool = False):
+                   max_tokens: int | None = None, desc: str = "predict", progress: bool = False):
         """Inference over `features` in batches sorted by length (least padding): `out[rows] =
-        forward(batch)` for each batch, padded by `collate` (default: the tokenizer's `pad`) and on
-        the model's device, without gradients, in eval mode (the mode is restored after). Returns `out`."""
+        forward(batch)` for each batch, made by `collate` (default: `self.collate`) and on the
+        model's device, without gradients, in eval mode (the mode is restored after). A batch holds
+        at most `batch_size` rows and, with `max_tokens`, at most that many tokens counting padding
+        (a longer single row still runs alone). Returns `out`."""
         import numpy as np
         import torch
         from tqdm.auto import tqdm
 
-        if collate is None:
-            collate = lambda rows: self.tokenizer.pad(rows, padding=True, return_tensors="pt")  # noqa: E731
         order = np.argsort([-len(f["input_ids"]) for f in features], kind="stable")
+        batches = sorted_batches([len(features[i]["input_ids"]) for i in order], batch_size, max_tokens)
         was_training = self.model.training
         self.model.eval()
         try:
             with torch.inference_mode(), self.autocast():
-                for start in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch", disable=not progress):
-                    rows = order[start:start + batch_size]
-                    batch = {k: v.to(self.device) for k, v in collate([features[i] for i in rows]).items()}
+                for start, end in tqdm(batches, desc=desc, unit="batch", disable=not progress):
+                    rows = order[start:end]
+                    chosen = [features[i] for i in rows]
+                    batch = self.collate(chosen) if collate is None else to_device(collate(chosen), self.device)
                     out[rows] = forward(batch)
         finally:
             self.model.train(was_training)
         return out
+
+
+def sorted_batches(lengths: Sequence[int], batch_size: int, max_tokens: int | None = None) -> list[tuple[int, int]]:
+    """[start, end) slices of longest-first `lengths`: at most `batch_size` rows each, and with
+    `max_tokens` at most that many padded tokens (rows x the first, longest row)."""
+    if batch_size < 1 or (max_tokens is not None and max_tokens < 1):
+        raise ValueError("batch_size and max_tokens must be at least 1")
+    slices, start = [], 0
+    while start < len(lengths):
+        size = batch_size if max_tokens is None else min(batch_size, max(1, max_tokens // max(lengths[start], 1)))
+        slices.append((start, min(start + size, len(lengths))))
+        start += size
+    return slices
+
+
+def to_device(batch: dict, device) -> dict:
+    """Tensors to `device` (asynchronously); plain Python values (lengths, counts) stay as they are."""
+    return {k: v.to(device, non_blocking=True) if hasattr(v, "to") else v for k, v in batch.items()}
 
 
 def resolve_device(device: str = "auto"):
@@ -180,11 +211,13 @@ def _auto_class(task: str, family: Family):
 
 def load_model(name_or_path: str | os.PathLike, *, task: str | None = None, labels: Sequence[str] | None = None,
                max_length: int | None = None, lora: LoraSettings | None = None, trainable: bool = False,
-               device: str = "auto", precision: str = "auto") -> LoadedModel:
+               device: str = "auto", precision: str = "auto", packing: bool = True) -> LoadedModel:
     """Load a model for `task`, ready to train (`trainable=True`) or to run.
 
     A qtune folder brings its own task, labels and max length. For a base model, `lora` wraps it
-    with fresh LoRA adapters (training); `lora=None` keeps every weight trainable.
+    with fresh LoRA adapters (training); `lora=None` keeps every weight trainable. `packing`:
+    decoders take padding-free packed batches (same results, no work on padding); encoders and
+    int8 models are always padded.
     """
     import torch
 
@@ -240,6 +273,11 @@ def load_model(name_or_path: str | os.PathLike, *, task: str | None = None, labe
     frozen_base = chosen == "bf16" and (lora is not None or not trainable)
     dtype = torch.bfloat16 if frozen_base else torch.float32
     auto_class = _auto_class(task, family)
+    packed = packing and family.is_decoder and not quantize
+    if packed:
+        from qtune.modeling.packing import register_attention
+
+        head_kwargs["attn_implementation"] = register_attention()
     try:
         model, info = auto_class.from_pretrained(base, dtype=dtype, output_loading_info=True, **head_kwargs)
     except (OSError, ValueError) as e:
@@ -259,7 +297,7 @@ def load_model(name_or_path: str | os.PathLike, *, task: str | None = None, labe
     model.to(torch_device)
     model.train(trainable)
     loaded = LoadedModel(model=model, tokenizer=tokenizer, family=family, meta=meta, device=torch_device,
-                         precision=chosen)
+                         precision=chosen, packed=packed)
     if quantize:
         from qtune.modeling.int8 import quantize_int8
 

@@ -93,8 +93,15 @@ def forward_logits(model, batch: dict, prompt: RerankPrompt | None):
     """(rows,) float32 logits whose sigmoid is the relevance score.
 
     Decoders are padded on the left, so the last position is the answer slot of every row; only
-    that position's logits are computed.
+    that position's logits are computed. In a packed batch the answer slots are the sequences'
+    last tokens.
     """
+    from qtune.modeling.packing import head_model, is_packed, last_positions, packed_hidden
+
+    if is_packed(batch):
+        hidden = packed_hidden(model, batch)  # (tokens, hidden)
+        logits = head_model(model).lm_head(hidden[last_positions(batch["cu_seq_lens_q"])]).float()  # (rows, vocab)
+        return logits[:, prompt.yes_id] - logits[:, prompt.no_id]
     inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
     if prompt is None:
         return model(**inputs).logits[:, 0].float()

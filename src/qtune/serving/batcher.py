@@ -140,8 +140,7 @@ def embedding_runner(loaded) -> Runner:
         from qtune.modeling.embedding import forward_embeddings
 
         with torch.inference_mode(), loaded.autocast():
-            batch = loaded.tokenizer.pad(features, padding=True, return_tensors="pt")
-            batch = {k: v.to(loaded.device) for k, v in batch.items()}
+            batch = loaded.collate(features)
             return forward_embeddings(loaded.model, batch, loaded.meta.pooling).cpu().numpy()  # (rows, dim)
 
     return run
@@ -151,12 +150,11 @@ def classifier_runner(loaded) -> Runner:
     def run(features: list[dict]) -> np.ndarray:
         import torch
 
-        from qtune.tasks.pair_classification import collate
+        from qtune.tasks.pair_classification import logits
 
         with torch.inference_mode(), loaded.autocast():
-            batch = {k: v.to(loaded.device) for k, v in collate(loaded.tokenizer, features).items()}
-            logits = loaded.model(**batch).logits.float()  # (rows, num_labels)
-            return torch.softmax(logits, dim=-1).cpu().numpy()
+            batch = loaded.collate(features)
+            return torch.softmax(logits(loaded.model, batch).float(), dim=-1).cpu().numpy()  # (rows, num_labels)
 
     return run
 
@@ -169,8 +167,7 @@ def reranker_runner(loaded, prompt) -> Runner:
         from qtune.modeling.reranker import forward_logits
 
         with torch.inference_mode(), loaded.autocast():
-            batch = loaded.tokenizer.pad(features, padding=True, return_tensors="pt")
-            batch = {k: v.to(loaded.device) for k, v in batch.items()}
+            batch = loaded.collate(features)
             return torch.sigmoid(forward_logits(loaded.model, batch, prompt)).cpu().numpy()[:, None]
 
     return run

@@ -15,6 +15,7 @@ import numpy as np
 
 from qtune.losses import matryoshka_info_nce
 from qtune.modeling.embedding import forward_embeddings
+from qtune.modeling.packing import is_packed, pack, split_packed
 from qtune.records import QueryGroup
 
 
@@ -68,12 +69,15 @@ def unique_text_batches(features: Sequence[dict], batch_size: int, *, seed: int,
     return batches
 
 
-def collate(tokenizer, features: Sequence[dict]) -> dict:
-    """Pad queries and candidates (positives first, then all hard negatives) separately."""
-    queries = tokenizer.pad([f["query"] for f in features], padding=True, return_tensors="pt")
+def collate(tokenizer, features: Sequence[dict], packed: bool = False) -> dict:
+    """Queries and candidates (positives first, then all hard negatives), each side padded or packed."""
     candidates = [f["positive"] for f in features] + [n for f in features for n in f["negatives"]]
-    passages = tokenizer.pad(candidates, padding=True, return_tensors="pt")
-    return {**{f"q_{k}": v for k, v in queries.items()}, **{f"p_{k}": v for k, v in passages.items()}}
+    sides = {"q_": [f["query"] for f in features], "p_": candidates}
+    batch = {}
+    for prefix, rows in sides.items():
+        side = pack(rows) if packed else tokenizer.pad(rows, padding=True, return_tensors="pt")
+        batch.update({prefix + k: v for k, v in side.items()})
+    return batch
 
 
 def _loss_from_vectors(q, p, settings: ContrastiveSettings):
@@ -88,8 +92,10 @@ def loss(model, batch: dict, settings: ContrastiveSettings):
 
 
 def _chunks(batch: dict, prefix: str, size: int) -> list[dict]:
-    """Row slices of one side of the batch, each cut down to its own padded width."""
+    """Row slices of one side of the batch, each cut down to its own padded width (or re-packed)."""
     side = {k[len(prefix):]: v for k, v in batch.items() if k.startswith(prefix)}
+    if is_packed(side):
+        return split_packed(side, size)
     rows = side["attention_mask"].shape[0]
     chunks = []
     for start in range(0, rows, size):

@@ -74,9 +74,20 @@ def encode_examples(builder: PromptBuilder, examples: Sequence[ExtractionExample
     return features, too_long
 
 
-def collate(tokenizer, features: Sequence[dict]) -> dict:
-    """Right padding: positions stay 0.. for every row; padded labels are -100."""
+def collate(tokenizer, features: Sequence[dict], packed: bool = False) -> dict:
+    """Right padding: positions stay 0.. for every row; padded labels are -100. Packed: one row
+    of all examples, labels packed alongside (see qtune.modeling.packing)."""
     import torch
+
+    if packed:
+        from qtune.modeling.packing import pack
+
+        batch = pack(features, labels_key="labels", ignore_index=IGNORE_INDEX)
+        targets = batch["labels"][0, 1:]  # position t predicts token t + 1
+        # found here on the host, so the step never waits for the device to count them
+        batch["answer_positions"] = (targets != IGNORE_INDEX).nonzero().squeeze(1)
+        batch["answer_targets"] = targets[batch["answer_positions"]]
+        return batch
 
     width = max(len(f["input_ids"]) for f in features)
     pad = tokenizer.pad_token_id
@@ -92,8 +103,18 @@ def collate(tokenizer, features: Sequence[dict]) -> dict:
 
 
 def loss(model, batch: dict):
-    """Mean cross-entropy over the answer tokens of the batch (next-token, shifted)."""
+    """Mean cross-entropy over the answer tokens of the batch (next-token, shifted).
+
+    Packed: the LM head runs only at the positions that predict an answer token.
+    """
     import torch.nn.functional as F
+
+    from qtune.modeling.packing import head_model, is_packed, packed_hidden
+
+    if is_packed(batch):
+        hidden = packed_hidden(model, batch)  # (tokens, hidden)
+        logits = head_model(model).lm_head(hidden[batch["answer_positions"]]).float()  # (answer tokens, vocab)
+        return F.cross_entropy(logits, batch["answer_targets"])
 
     keep = batch.get("logits_to_keep", batch["input_ids"].shape[1])
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False,

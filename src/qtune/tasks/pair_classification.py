@@ -60,24 +60,40 @@ def _truncate_longest_first(a: list[int], b: list[int], budget: int) -> tuple[li
     return a[:half], b[: budget - half]
 
 
-def collate(tokenizer, features: Sequence[dict]):
-    """Pad a batch to its own longest row (dynamic padding), on the tokenizer's padding side."""
+def collate(tokenizer, features: Sequence[dict], packed: bool = False):
+    """Pad a batch to its own longest row (dynamic padding, on the tokenizer's padding side), or
+    pack it (decoders, see qtune.modeling.packing); labels become one (rows,) tensor."""
     import torch
+
+    from qtune.modeling.packing import pack
 
     labels = [f["labels"] for f in features if "labels" in f]
     inputs = [{k: v for k, v in f.items() if k != "labels"} for f in features]
-    batch = dict(tokenizer.pad(inputs, padding=True, return_tensors="pt"))
+    batch = pack(inputs) if packed else dict(tokenizer.pad(inputs, padding=True, return_tensors="pt"))
     if labels:
         batch["labels"] = torch.tensor(labels, dtype=torch.long)
     return batch
+
+
+def logits(model, batch):
+    """(rows, num_labels) class logits of a padded or packed batch.
+
+    Packed: the decoder body runs once over the packed row and the classification head reads
+    each pair's last token, the position `*ForSequenceClassification` pools in a padded batch.
+    """
+    from qtune.modeling.packing import head_model, is_packed, last_positions, packed_hidden
+
+    if is_packed(batch):
+        hidden = packed_hidden(model, batch)  # (tokens, hidden)
+        return head_model(model).score(hidden[last_positions(batch["cu_seq_lens_q"])])
+    return model(**{k: v for k, v in batch.items() if k != "labels"}).logits
 
 
 def loss(model, batch):
     """Cross-entropy over the classes; `batch` comes from `collate` with labels."""
     import torch.nn.functional as F
 
-    logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits  # (batch, num_labels)
-    return F.cross_entropy(logits.float(), batch["labels"])
+    return F.cross_entropy(logits(model, batch).float(), batch["labels"])
 
 
 def predict_probs(loaded, features: Sequence[dict], batch_size: int = 64, progress: bool = False) -> np.ndarray:
@@ -85,7 +101,7 @@ def predict_probs(loaded, features: Sequence[dict], batch_size: int = 64, progre
     import torch
 
     def forward(batch):
-        return torch.softmax(loaded.model(**batch).logits.float(), dim=-1).cpu().numpy()  # (batch, num_labels)
+        return torch.softmax(logits(loaded.model, batch).float(), dim=-1).cpu().numpy()  # (batch, num_labels)
 
     out = np.zeros((len(features), len(loaded.meta.labels)), dtype=np.float32)
     unlabelled = [{k: v for k, v in f.items() if k != "labels"} for f in features]

@@ -16,7 +16,8 @@ from qtune.data.batching import length_grouped_batches
 from qtune.errors import QtuneError
 from qtune.io import write_json
 from qtune.modeling.checkpoint import save_checkpoint
-from qtune.modeling.loading import LoadedModel
+from qtune.modeling.loading import LoadedModel, to_device
+from qtune.modeling.packing import count_tokens
 from qtune.training.schedulers import make_scheduler
 
 STATE_FILE = "trainer_state.pt"
@@ -130,9 +131,9 @@ def fit(config: TrainConfig, loaded: LoadedModel, features: Sequence[dict], hook
             for batch_idx in order[progress.batches_done:]:
                 batch = hooks.collate([features[i] for i in batch_idx])
                 # counted on the host copy: no device sync
-                tokens += sum(int(v.sum()) for k, v in batch.items() if k.endswith("attention_mask"))
+                tokens += count_tokens(batch)
                 # plain Python values (e.g. how many logits to keep) stay on the host
-                batch = {k: v.to(loaded.device, non_blocking=True) if hasattr(v, "to") else v for k, v in batch.items()}
+                batch = to_device(batch, loaded.device)
                 with loaded.autocast():
                     if hooks.backward is not None:
                         loss = hooks.backward(model, batch, 1.0 / config.grad_accum)

@@ -1,0 +1,248 @@
+"""Padding-free ("packed") batches for decoders.
+
+A packed batch lays its B sequences end to end in ONE row of N = sum(lengths) tokens:
+
+- `input_ids` (1, N), `position_ids` (1, N) restarting at 0 for every sequence (so rotary
+  positions are exactly those of the padded batch);
+- `cu_seq_lens_q` / `cu_seq_lens_k` (B + 1,) int32 sequence boundaries and `max_length_q` /
+  `max_length_k`, the names transformers forwards to the attention function of every layer.
+
+No layer computes anything for padding. Attention must then keep the sequences apart: models
+loaded for packing use the attention implementation registered here (`ATTENTION`):
+
+- a packed call on a GPU in bf16/fp16 runs torch's variable-length flash attention
+  (`torch.nn.attention.varlen.varlen_attn`): one kernel over the whole row, no mask tensor;
+- elsewhere (CPU, fp32, dropout) each sequence gets its own `scaled_dot_product_attention`,
+  which is the padded result without the padding;
+- an ordinary padded call (generation, a model that never packs) gets sdpa with the usual
+  causal + padding mask, so the model behaves exactly as with `attn_implementation="sdpa"`.
+
+Heads read their rows at the sequence boundaries: the last token of sequence i is
+`cu[i + 1] - 1`, its first `cu[i]`.
+"""
+
+from __future__ import annotations
+
+import inspect
+from functools import lru_cache
+from typing import Sequence
+
+from qtune.errors import QtuneError
+
+ATTENTION = "qtune_varlen"
+PACKED_KEYS = ("input_ids", "position_ids", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
+
+
+def register_attention() -> str:
+    """Make `ATTENTION` known to transformers (idempotent); returns its name for `attn_implementation`."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask
+
+    AttentionInterface.register(ATTENTION, varlen_attention)
+    # The mask builder of flash attention: the 2D padding mask, or None when nothing is padded
+    # (never the (N, N) block mask a packed row would otherwise cost).
+    AttentionMaskInterface.register(ATTENTION, flash_attention_mask)
+    return ATTENTION
+
+
+def is_packed(batch: dict, prefix: str = "") -> bool:
+    return f"{prefix}cu_seq_lens_q" in batch
+
+
+def pack(features: Sequence[dict], labels_key: str | None = None, ignore_index: int = -100) -> dict:
+    """Unpadded feature rows -> one packed row (see the module docstring).
+
+    With `labels_key`, that key's per-token labels are packed too, and the first token of every
+    sequence is set to `ignore_index`: a flattened next-token loss would otherwise have the end
+    of one sequence predict the start of the next.
+    """
+    import torch
+
+    lengths = [len(f["input_ids"]) for f in features]
+    if not lengths or min(lengths) < 1:
+        raise ValueError("cannot pack an empty batch or an empty sequence")
+    cu = torch.zeros(len(lengths) + 1, dtype=torch.int32)
+    cu[1:] = torch.tensor(lengths).cumsum(0)
+    longest = max(lengths)
+    batch = {
+        "input_ids": torch.tensor([t for f in features for t in f["input_ids"]], dtype=torch.long).unsqueeze(0),
+        "position_ids": torch.cat([torch.arange(n) for n in lengths]).unsqueeze(0),
+        "cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": longest, "max_length_k": longest,
+    }
+    if labels_key is not None:
+        labels = torch.tensor([t for f in features for t in f[labels_key]], dtype=torch.long)
+        labels[cu[:-1].long()] = ignore_index
+        batch[labels_key] = labels.unsqueeze(0)
+    return batch
+
+
+def split_packed(batch: dict, size: int) -> list[dict]:
+    """A packed batch cut into packed batches of at most `size` sequences each."""
+    cu = batch["cu_seq_lens_q"]
+    bounds = cu.tolist()
+    parts = []
+    for first in range(0, len(bounds) - 1, size):
+        last = min(first + size, len(bounds) - 1)
+        start, end = bounds[first], bounds[last]
+        part_cu = cu[first:last + 1] - start
+        longest = max(b - a for a, b in zip(bounds[first:last], bounds[first + 1:last + 1]))
+        parts.append({"input_ids": batch["input_ids"][:, start:end], "position_ids": batch["position_ids"][:, start:end],
+                      "cu_seq_lens_q": part_cu, "cu_seq_lens_k": part_cu, "max_length_q": longest,
+                      "max_length_k": longest})
+    return parts
+
+
+def packed_inputs(batch: dict, prefix: str = "") -> dict:
+    """The model inputs of one packed side of a batch (keys without `prefix`)."""
+    return {k: batch[prefix + k] for k in PACKED_KEYS}
+
+
+def count_tokens(batch: dict) -> int:
+    """Real (non-padding) tokens of a padded or packed batch, read from host tensors."""
+    total = 0
+    for key, value in batch.items():
+        if key.endswith("attention_mask"):
+            total += int(value.sum())
+        elif key.endswith("cu_seq_lens_q"):
+            total += int(value[-1])
+    return total
+
+
+def transformer_body(model):
+    """The bare transformer (e.g. Qwen3Model) under a task head and/or a peft wrapper."""
+    hf = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return getattr(hf, hf.base_model_prefix, hf)
+
+
+def head_model(model):
+    """The transformers model with its task head (peft unwrapped)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def packed_hidden(model, batch: dict, prefix: str = ""):
+    """Final hidden states of a packed batch: (N, hidden)."""
+    body = transformer_body(model)
+    if body.config._attn_implementation != ATTENTION:
+        raise QtuneError(f"packed batches need attn_implementation={ATTENTION!r}, "
+                         f"the model has {body.config._attn_implementation!r}")
+    return body(**packed_inputs(batch, prefix), use_cache=False).last_hidden_state[0]
+
+
+def last_positions(cu):
+    return cu[1:].long() - 1
+
+
+def pool_packed(hidden, cu, mode: str):
+    """(N, dim) packed hidden states -> (B, dim), one vector per sequence."""
+    import torch
+
+    if mode == "last":
+        return hidden[last_positions(cu)]
+    if mode == "cls":
+        return hidden[cu[:-1].long()]
+    if mode == "mean":
+        lengths = (cu[1:] - cu[:-1]).long()
+        owner = torch.repeat_interleave(torch.arange(len(lengths), device=hidden.device), lengths,
+                                        output_size=hidden.shape[0])  # known size: no device sync
+        sums = torch.zeros(len(lengths), hidden.shape[-1], dtype=hidden.dtype, device=hidden.device)
+        return sums.index_add(0, owner, hidden) / lengths.unsqueeze(1).to(hidden.dtype)
+    raise ValueError(f"unknown pooling {mode!r}")
+
+
+# ---- the attention function ----------------------------------------------------------------
+
+
+@lru_cache(maxsize=1)
+def _varlen_kernel():
+    """(varlen_attn, its keyword for causality, whether it takes enable_gqa), or None without one."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    params = inspect.signature(varlen_attn).parameters
+    return varlen_attn, "window_size" in params, "enable_gqa" in params
+
+
+def _flash_ok(query, dropout: float) -> bool:
+    import torch
+
+    return (query.is_cuda and query.dtype in (torch.bfloat16, torch.float16) and not dropout
+            and _varlen_kernel() is not None)
+
+
+def varlen_attention(module, query, key, value, attention_mask, scaling=None, dropout: float = 0.0,
+                     sliding_window=None, **kwargs):
+    """transformers attention interface: q/k/v (batch, heads, seq, dim) -> ((batch, seq, heads, dim), None)."""
+    cu = kwargs.get("cu_seq_lens_q")
+    if cu is None:
+        return _padded_attention(module, query, key, value, attention_mask, scaling, dropout, sliding_window)
+    if sliding_window is not None:
+        raise QtuneError("packed batches do not support sliding-window attention; train with --no-packing")
+    if query.shape[0] != 1:
+        raise QtuneError(f"a packed batch is one row, got {query.shape[0]}")
+    causal = getattr(module, "is_causal", True)
+    q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # (N, heads, dim)
+    if _flash_ok(q, dropout):
+        out = _flash_varlen(q, k, v, cu, int(kwargs["max_length_q"]), scaling, causal)
+    else:
+        out = _per_sequence(q, k, v, cu, scaling, causal, dropout)
+    return out.unsqueeze(0), None
+
+
+def _flash_varlen(q, k, v, cu, longest: int, scaling, causal: bool):
+    kernel, has_window, has_gqa = _varlen_kernel()
+    if q.shape[1] != k.shape[1] and not has_gqa:  # older torch: expand the shared key/value heads
+        k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+        v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
+    options = {"scale": scaling}
+    if has_gqa and q.shape[1] != k.shape[1]:
+        options["enable_gqa"] = True
+    if has_window:
+        options["window_size"] = (-1, 0) if causal else (-1, -1)
+    else:
+        options["is_causal"] = causal
+    return kernel(q, k, v, cu, cu, longest, longest, **options)
+
+
+def _per_sequence(q, k, v, cu, scaling, causal: bool, dropout: float):
+    import torch
+    import torch.nn.functional as F
+
+    bounds = cu.tolist()
+    parts = []
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        # (1, heads, len, dim) per sequence
+        qs, ks, vs = (t[start:end].transpose(0, 1).unsqueeze(0) for t in (q, k, v))
+        out = F.scaled_dot_product_attention(qs, ks, vs, is_causal=causal, scale=scaling, dropout_p=dropout,
+                                             enable_gqa=qs.shape[1] != ks.shape[1])
+        parts.append(out[0].transpose(0, 1))
+    return torch.cat(parts)
+
+
+def _padded_attention(module, query, key, value, attention_mask, scaling, dropout: float, sliding_window):
+    """A padded batch: sdpa with causal + padding masks built from the 2D padding mask (or none)."""
+    import torch
+    import torch.nn.functional as F
+
+    causal = getattr(module, "is_causal", True)
+    q_len, kv_len = query.shape[2], key.shape[2]
+    mask = None
+    if attention_mask is not None or sliding_window is not None or (causal and 1 < q_len != kv_len):
+        rows = torch.arange(q_len, device=query.device).unsqueeze(1) + (kv_len - q_len)  # absolute query positions
+        cols = torch.arange(kv_len, device=query.device).unsqueeze(0)
+        mask = torch.ones(q_len, kv_len, dtype=torch.bool, device=query.device)
+        if causal:
+            mask = cols <= rows
+        if sliding_window is not None:
+            mask = mask & (rows - cols < sliding_window)
+        mask = mask[None, None]
+        if attention_mask is not None:
+            mask = mask & attention_mask[:, None, None, -kv_len:].bool()
+        # rows with nothing to attend (left padding) attend everywhere instead of giving NaN;
+        # their output is padding that nothing reads
+        mask = mask | ~mask.any(dim=-1, keepdim=True)
+    out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask,
+                                         is_causal=mask is None and causal and q_len > 1,
+                                         scale=scaling, dropout_p=dropout,
+                                         enable_gqa=query.shape[1] != key.shape[1])
+    return out.transpose(1, 2).contiguous(), None

@@ -1,0 +1,260 @@
+"""Packed (padding-free) batches give the padded results: outputs, losses and gradients."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import qtune
+from qtune.errors import QtuneError
+from qtune.modeling import packing
+from qtune.modeling.loading import LoraSettings, load_model, sorted_batches
+from qtune.records import ExtractionExample, QueryGroup
+
+from conftest import synthetic_pairs
+
+NO_DROPOUT = LoraSettings(r=4, alpha=8, dropout=0.0)  # both paths see the same network
+TEXTS = ["the cat", "a much longer sentence about my old red bus that is here now", "x",
+         "the tiger is there", "my plane"]
+
+
+def _grads(model):
+    return [p.grad.clone() for p in model.parameters() if p.requires_grad]
+
+
+def _loss_and_grads(model, loss_fn, batch):
+    model.zero_grad(set_to_none=True)
+    value = loss_fn(model, batch)
+    value.backward()
+    return value.item(), _grads(model)
+
+
+def _assert_same_training_signal(model, loss_fn, padded, packed):
+    padded_loss, padded_grads = _loss_and_grads(model, loss_fn, padded)
+    packed_loss, packed_grads = _loss_and_grads(model, loss_fn, packed)
+    assert packed_loss == pytest.approx(padded_loss, rel=1e-5, abs=1e-6)
+    assert max(g.abs().max().item() for g in padded_grads) > 1e-5  # the comparison is not of zeros
+    for a, b in zip(padded_grads, packed_grads):
+        torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-4)
+
+
+# ---------------------------------------------------------------- the batch itself
+
+
+def test_pack_lays_sequences_end_to_end_with_restarting_positions():
+    batch = packing.pack([{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]},
+                          {"input_ids": [8], "labels": [8]},
+                          {"input_ids": [9, 10], "labels": [9, 10]}], labels_key="labels")
+    assert batch["input_ids"].tolist() == [[5, 6, 7, 8, 9, 10]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 0, 1]]
+    assert batch["cu_seq_lens_q"].tolist() == [0, 3, 4, 6] and batch["cu_seq_lens_q"].dtype == torch.int32
+    assert batch["max_length_q"] == batch["max_length_k"] == 3
+    # the first token of each sequence predicts nothing across the boundary
+    assert batch["labels"].tolist() == [[-100, 6, 7, -100, -100, 10]]
+    assert packing.count_tokens(batch) == 6
+    with pytest.raises(ValueError, match="empty"):
+        packing.pack([{"input_ids": []}])
+
+
+def test_split_packed_keeps_each_sequence_whole():
+    batch = packing.pack([{"input_ids": list(range(n))} for n in (3, 1, 4, 2, 5)])
+    parts = packing.split_packed(batch, 2)
+    assert [p["cu_seq_lens_q"].tolist() for p in parts] == [[0, 3, 4], [0, 4, 6], [0, 5]]
+    assert [p["max_length_q"] for p in parts] == [3, 4, 5]
+    assert torch.cat([p["input_ids"] for p in parts], dim=1).tolist() == batch["input_ids"].tolist()
+    assert torch.cat([p["position_ids"] for p in parts], dim=1).tolist() == batch["position_ids"].tolist()
+
+
+def test_sorted_batches_respect_rows_and_the_token_budget():
+    lengths = [100, 60, 50, 20, 20, 10, 5]  # longest first, as run_sorted orders them
+    assert sorted_batches(lengths, 3) == [(0, 3), (3, 6), (6, 7)]
+    # 120 padded tokens: one 100-row, then two rows of <= 60, then six rows of <= 20 (capped at batch_size 4)
+    assert sorted_batches(lengths, 4, max_tokens=120) == [(0, 1), (1, 3), (3, 7)]
+    assert sorted_batches([500, 4], 8, max_tokens=100) == [(0, 1), (1, 2)]  # too long still runs, alone
+    with pytest.raises(ValueError):
+        sorted_batches(lengths, 0)
+
+
+def test_pool_packed_matches_padded_pooling():
+    from qtune.modeling.embedding import pool
+
+    torch.manual_seed(0)
+    lengths = [3, 1, 4]
+    hidden = torch.randn(sum(lengths), 8)
+    cu = torch.tensor([0, 3, 4, 8], dtype=torch.int32)
+    padded = torch.zeros(3, 4, 8)
+    mask = torch.zeros(3, 4, dtype=torch.long)
+    for i, (start, n) in enumerate(zip([0, 3, 4], lengths)):
+        padded[i, :n] = hidden[start:start + n]
+        mask[i, :n] = 1
+    for mode in ("mean", "cls", "last"):
+        torch.testing.assert_close(packing.pool_packed(hidden, cu, mode), pool(padded, mask, mode))
+
+
+# ---------------------------------------------------------------- each task, packed vs padded
+
+
+def test_embeddings_packed_equal_padded(tiny_qwen_dir):
+    packed = qtune.load(tiny_qwen_dir, task="embedding", device="cpu")
+    padded = qtune.load(tiny_qwen_dir, task="embedding", device="cpu", packing=False)
+    assert packed.loaded.packed and not padded.loaded.packed
+    assert packed.loaded.model.config._attn_implementation == packing.ATTENTION
+    reference = padded.embed(TEXTS, is_query=True, batch_size=len(TEXTS))
+    assert np.ptp(reference[:, 0]) > 1e-3  # the texts embed differently
+    for options in ({"batch_size": len(TEXTS)}, {"batch_size": 2}, {"batch_size": 64, "max_tokens": 40}):
+        np.testing.assert_allclose(packed.embed(TEXTS, is_query=True, **options), reference, atol=1e-5)
+    np.testing.assert_allclose(packed.embed(TEXTS, dimensions=16), padded.embed(TEXTS, dimensions=16), atol=1e-5)
+
+
+def test_pair_classification_packed_equals_padded(tiny_qwen_dir):
+    from qtune.records import Pair
+    from qtune.tasks import pair_classification as task
+
+    loaded = load_model(tiny_qwen_dir, task="pair-cls", device="cpu", trainable=True, lora=NO_DROPOUT)
+    loaded.model.eval()
+    with torch.no_grad():  # a sharper head, so a wrong pooled row shows
+        packing.head_model(loaded.model).score.modules_to_save["default"].weight.normal_(0.0, 3.0)
+    encoder = task.PairEncoder(loaded.tokenizer, True, 32)
+    features = encoder.encode_pairs([Pair(a, b, label) for a, b, label in synthetic_pairs(6, seed=3)])
+    _assert_same_training_signal(loaded.model, task.loss, task.collate(loaded.tokenizer, features),
+                                 task.collate(loaded.tokenizer, features, packed=True))
+    probs = task.predict_probs(loaded, features, batch_size=4)
+    loaded.packed = False
+    np.testing.assert_allclose(probs, task.predict_probs(loaded, features, batch_size=4), atol=1e-5)
+
+
+def test_contrastive_loss_and_gradcache_packed_equal_padded(tiny_qwen_dir):
+    from qtune.modeling.embedding import Embedder
+    from qtune.tasks import embedding as task
+
+    loaded = load_model(tiny_qwen_dir, task="embedding", device="cpu", trainable=True, lora=NO_DROPOUT)
+    loaded.model.eval()
+    groups = [QueryGroup(f"q {w}", (f"the {w} is here",), (f"a {w} there now", "my old bus"))
+              for w in ["cat", "dog", "cow", "goat", "tiger"]]
+    features = task.group_features(groups, Embedder(loaded).features, hard_negatives=1)
+    settings = task.ContrastiveSettings(pooling="last", temperature=0.05, mini_batch_size=2)
+    padded = task.collate(loaded.tokenizer, features)
+    packed = task.collate(loaded.tokenizer, features, packed=True)
+    assert packed["p_cu_seq_lens_q"].shape == (len(groups) * 2 + 1,)  # positives + one negative each
+    loss = lambda model, batch: task.loss(model, batch, settings)  # noqa: E731
+    _assert_same_training_signal(loaded.model, loss, padded, packed)
+    cached = lambda model, batch: task.cached_backward(model, batch, settings)  # noqa: E731
+    loaded.model.zero_grad(set_to_none=True)
+    padded_loss = task.loss(loaded.model, padded, settings)
+    padded_loss.backward()
+    reference = _grads(loaded.model)
+    loaded.model.zero_grad(set_to_none=True)
+    assert cached(loaded.model, packed).item() == pytest.approx(padded_loss.item(), rel=1e-5)
+    for a, b in zip(reference, _grads(loaded.model)):
+        torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-4)
+
+
+def test_reranker_group_loss_packed_equals_padded(tiny_qwen_dir):
+    from qtune.modeling.reranker import Reranker
+    from qtune.tasks import reranker as task
+
+    loaded = load_model(tiny_qwen_dir, task="reranker", device="cpu", trainable=True, lora=NO_DROPOUT)
+    loaded.model.eval()
+    reranker = Reranker(loaded)
+    groups = [QueryGroup("which animal", ("the cat is here",), ("my old bus", "a red car there now")),
+              QueryGroup("a vehicle", ("the tram",), ("a small green cow",))]
+    features, _ = task.group_features(groups, reranker.formatter.encode, group_size=3)
+    settings = task.RerankSettings(group_size=3, loss="listwise")
+    loss = lambda model, batch: task.loss(model, batch, prompt=reranker.formatter.prompt, settings=settings)  # noqa: E731
+    _assert_same_training_signal(loaded.model, loss, task.collate(loaded.tokenizer, features),
+                                 task.collate(loaded.tokenizer, features, packed=True))
+
+
+def test_extraction_loss_packed_equals_padded(tiny_qwen_dir):
+    from qtune.tasks import extraction as task
+
+    loaded = load_model(tiny_qwen_dir, task="extract", device="cpu", trainable=True, lora=NO_DROPOUT)
+    loaded.model.eval()
+    builder = task.PromptBuilder(loaded.tokenizer)
+    features = [builder.encode(ExtractionExample(input=f"{name} phone {phone}", instruction="name and phone as JSON",
+                                                 output=json.dumps({"name": name, "phone": phone})))
+                for name, phone in [("张伟", "138"), ("Alice Smith", "555-0101"), ("Bob", "1")]]
+    packed = task.collate(loaded.tokenizer, features, packed=True)
+    answer_tokens = sum(sum(t != -100 for t in f["labels"]) for f in features)
+    assert len(packed["answer_positions"]) == answer_tokens  # exactly the answer tokens are predicted
+    _assert_same_training_signal(loaded.model, task.loss, task.collate(loaded.tokenizer, features), packed)
+
+
+def test_generation_is_unchanged_by_the_packing_attention(tiny_qwen_dir):
+    """Generation runs padded (left padding, a KV cache) through the same attention function."""
+    from qtune.tasks.extraction import generate
+
+    prompts = [[9707, 11, 1879], [1, 2, 3, 4, 5, 6, 7], [42]]
+    runs = {}
+    for packed in (True, False):
+        loaded = load_model(tiny_qwen_dir, task="extract", device="cpu", packing=packed)
+        runs[packed] = [(g.text, g.tokens) for g in generate(loaded, prompts, batch_size=3, max_new_tokens=6)]
+    assert runs[True] == runs[False]
+    assert len({text for text, _ in runs[True]}) > 1
+
+
+def test_packed_training_matches_padded_training(tiny_qwen_dir, synthetic_files, tmp_path):
+    from qtune.api import _train_pair_cls
+    from qtune.config import PairClsConfig
+
+    results = {}
+    for packed in (True, False):
+        config = PairClsConfig(model=tiny_qwen_dir, train=str(synthetic_files["train"]), eval=str(synthetic_files["eval"]),
+                               output=str(tmp_path / str(packed)), epochs=0.2, batch_size=16, lr=5e-3, max_length=32,
+                               lora_dropout=0.0, device="cpu", packing=packed)
+        loaded, results[packed] = _train_pair_cls(config)
+        assert loaded.packed is packed
+    assert results[True]["train"]["tokens"] == results[False]["train"]["tokens"] > 0
+    for name in ("accuracy", "macro_f1", "eval_loss"):
+        if name in results[False]["last"]:
+            assert results[True]["last"][name] == pytest.approx(results[False]["last"][name], abs=1e-4)
+
+
+# ---------------------------------------------------------------- the attention function
+
+
+def test_packed_batches_need_the_packing_attention(tiny_qwen_dir):
+    from qtune.modeling.embedding import forward_embeddings
+
+    loaded = load_model(tiny_qwen_dir, task="embedding", device="cpu", packing=False)
+    with pytest.raises(QtuneError, match="attn_implementation='qtune_varlen'"):
+        forward_embeddings(loaded.model, packing.pack([{"input_ids": [1, 2]}]), "last")
+
+
+def test_bert_family_models_stay_padded(tiny_bert_dir):
+    assert not load_model(tiny_bert_dir, task="embedding", device="cpu").packed
+
+
+@pytest.mark.parametrize("new_signature", [True, False])
+def test_flash_kernel_gets_causality_and_shared_heads_right(monkeypatch, new_signature):
+    """The GPU kernel cannot run here: a reference kernel with either torch signature stands in."""
+    import torch.nn.functional as F
+
+    calls = []
+
+    def reference(q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None, enable_gqa=False, **options):
+        causal = options["window_size"] == (-1, 0) if new_signature else options["is_causal"]
+        calls.append((enable_gqa, causal, max_q))
+        return packing._per_sequence(q, k, v, cu_q, scale, causal, 0.0)
+
+    if new_signature:
+        def kernel(q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None, enable_gqa=False, window_size=(-1, -1)):
+            return reference(q, k, v, cu_q, cu_k, max_q, max_k, scale=scale, enable_gqa=enable_gqa,
+                             window_size=window_size)
+    else:
+        def kernel(q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None, is_causal=False):
+            assert q.shape[1] == k.shape[1]  # without enable_gqa the shared heads arrive expanded
+            return reference(q, k, v, cu_q, cu_k, max_q, max_k, scale=scale, is_causal=is_causal)
+    monkeypatch.setattr(packing, "_varlen_kernel", lambda: (kernel, new_signature, new_signature))
+    torch.manual_seed(0)
+    q, k, v = torch.randn(7, 4, 8), torch.randn(7, 2, 8), torch.randn(7, 2, 8)
+    cu = torch.tensor([0, 3, 7], dtype=torch.int32)
+    out = packing._flash_varlen(q, k, v, cu, 4, 0.5, causal=True)
+    assert calls == [(new_signature, True, 4)]
+    for start, end in [(0, 3), (3, 7)]:  # each sequence alone, causal, GQA by hand
+        kk, vv = (t[start:end].repeat_interleave(2, dim=1).transpose(0, 1) for t in (k, v))
+        expected = F.scaled_dot_product_attention(q[start:end].transpose(0, 1), kk, vv, is_causal=True, scale=0.5)
+        torch.testing.assert_close(out[start:end], expected.transpose(0, 1))
