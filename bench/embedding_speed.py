@@ -206,6 +206,9 @@ def run_encoding(model_dir: str, texts: list[str], args, device, precision: str)
                         precision=precision)
     embedder = Embedder(loaded)
     is_decoder = loaded.family.is_decoder
+    # decoders: qtune packs batches by default; the padded path is timed beside it
+    padded = Embedder(load_model(model_dir, task="embedding", max_length=args.max_length, device=str(device),
+                                 precision=precision, packing=False)) if loaded.packed else None
     st = st_model(model_dir, loaded.meta.pooling, is_decoder, args.max_length, device,
                   dtype=torch.bfloat16 if precision == "bf16" else None)
     # qtune appends `<|endoftext|>` to every decoder text (after truncation) and pools that token;
@@ -225,8 +228,12 @@ def run_encoding(model_dir: str, texts: list[str], args, device, precision: str)
         raise SystemExit(f"the two sides tokenise {bad} of {len(texts)} texts differently: not comparable")
     real_tokens = sum(lengths)
 
-    def qtune_embed(subset):
-        return embedder.embed(subset, is_query=False, batch_size=args.batch_size)
+    def qtune_embed(subset, model=embedder):
+        return model.embed(subset, is_query=False, batch_size=args.qtune_batch_size or args.batch_size,
+                           max_tokens=args.max_tokens)
+
+    def qtune_padded(subset):
+        return qtune_embed(subset, padded)
 
     def st_encode(subset):
         return st.encode(subset, batch_size=args.batch_size, convert_to_numpy=True, show_progress_bar=False)
@@ -240,30 +247,37 @@ def run_encoding(model_dir: str, texts: list[str], args, device, precision: str)
                       else check["min_cosine"] >= BF16_MIN_COSINE)
     # Warm-up: the longest texts first (the allocator sees its largest batch), then a full batch mix.
     warm = sorted(range(len(texts)), key=lambda i: -lengths[i])[:2 * args.batch_size]
+    sides = [("qtune", qtune_embed, texts), ("sentence-transformers", st_encode, st_texts)]
+    if padded is not None:
+        sides.insert(1, ("qtune --no-packing", qtune_padded, texts))
+        check["packed_vs_padded_max_abs_diff"] = float(np.abs(a - qtune_padded(texts[:k])).max())
     for _ in range(2):
-        qtune_embed([texts[i] for i in warm])
-        st_encode([st_texts[i] for i in warm])
+        for _name, fn, data in sides:
+            fn([data[i] for i in warm])
 
-    best = {"qtune": math.inf, "sentence-transformers": math.inf}
+    best = {name: math.inf for name, _, _ in sides}
     for _ in range(args.repeats):  # alternate, so drift (clocks, heat) hits both sides alike
-        for name, fn, data in (("qtune", qtune_embed, texts), ("sentence-transformers", st_encode, st_texts)):
+        for name, fn, data in sides:
             sync(device)
             t0 = time.perf_counter()
             fn(data)
             sync(device)
             best[name] = min(best[name], time.perf_counter() - t0)
     peak = peak_gib(device)
-    weights = {"qtune": str(next(loaded.model.parameters()).dtype).replace("torch.", ""),
+    qtune_dtype = str(next(loaded.model.parameters()).dtype).replace("torch.", "")
+    weights = {"qtune": qtune_dtype, "qtune --no-packing": qtune_dtype,
                "sentence-transformers": str(next(st.parameters()).dtype).replace("torch.", "")}
-    del loaded, embedder, st
+    del loaded, embedder, st, padded
     reset_memory(device)
     rows = {}
     for name, seconds in best.items():
         rows[name] = {"seconds": seconds, "texts": len(texts), "real_tokens": real_tokens,
                       "texts_per_s": len(texts) / seconds, "real_tokens_per_s": real_tokens / seconds,
                       "weights_dtype": weights[name],
-                      "compute": precision + (" autocast" if name == "qtune" and precision == "bf16" else "")}
-    rows["qtune"]["speedup_vs_st"] = rows["sentence-transformers"]["seconds"] / rows["qtune"]["seconds"]
+                      "compute": precision + (" autocast" if name != "sentence-transformers" and precision == "bf16"
+                                              else "")}
+    for name in best:
+        rows[name]["speedup_vs_st"] = rows["sentence-transformers"]["seconds"] / rows[name]["seconds"]
     return {"lengths": summary(lengths), "check": check, "peak_gib_both_loaded": peak, "results": rows}
 
 
@@ -292,7 +306,8 @@ def st_training_model(model_dir: str, pooling: str, family, args, device, precis
     return st, None
 
 
-def run_qtune_training(model_dir: str, pairs, args, device, precision: str, full: bool, work: Path) -> dict:
+def run_qtune_training(model_dir: str, pairs, args, device, precision: str, full: bool, work: Path,
+                       packing: bool = True) -> dict:
     from qtune.api import train_embedding
     from qtune.config import EmbeddingConfig
 
@@ -309,7 +324,8 @@ def run_qtune_training(model_dir: str, pairs, args, device, precision: str, full
             marks[counts["step"]] = (time.perf_counter(), counts["samples"], counts["tokens"])
 
     reset_memory(device)
-    config = EmbeddingConfig(model=model_dir, train=str(data), output=str(work / "qtune-run"), epochs=1.0,
+    config = EmbeddingConfig(model=model_dir, train=str(data), output=str(work / f"qtune-run-{packing}"), epochs=1.0,
+                             packing=packing,
                              batch_size=args.train_batch_size, max_length=args.max_length, hard_negatives=0,
                              full=full, lr=args.lr, device=str(device), precision=precision,
                              logging_steps=10**9, query_instruction="")  # '' = no query instruction
@@ -445,17 +461,21 @@ def run_training(model_dir: str, rows: list[dict], args, device, precision: str,
         st, _ = st_training_model(model_dir, pooling, family, args, device, precision, lora=False)
     st.cpu()  # out of the way while qtune trains
     results = {"qtune": run_qtune_training(model_dir, pairs, args, device, precision, full, work)}
+    if family.is_decoder:  # packed by default; the padded path beside it
+        results["qtune --no-packing"] = run_qtune_training(model_dir, pairs, args, device, precision, full, work,
+                                                           packing=False)
     results["sentence-transformers"] = run_st_training(st, pairs, args, device, precision, work, family.is_decoder)
-    trainable = {"qtune": None, "sentence-transformers": sum(p.numel() for p in st.parameters() if p.requires_grad)}
+    trainable = {"sentence-transformers": sum(p.numel() for p in st.parameters() if p.requires_grad)}
     del st
     reset_memory(device)
-    trainable["qtune"] = _qtune_trainable(model_dir, args, precision, full)
+    trainable["qtune"] = trainable["qtune --no-packing"] = _qtune_trainable(model_dir, args, precision, full)
     for name, row in results.items():
         row["samples_per_s"] = row["samples"] / row["seconds"]
         row["real_tokens_per_s"] = row["real_tokens"] / row["seconds"]
         row["trainable_params"] = trainable[name]
     st_rate = results["sentence-transformers"]["samples_per_s"]
-    results["qtune"]["speedup_vs_st"] = results["qtune"]["samples_per_s"] / st_rate
+    for name, row in results.items():
+        row["speedup_vs_st"] = row["samples_per_s"] / st_rate
     return {"mode": "full" if full else "LoRA r8 a32 on attention", "note": note, "pairs": len(pairs),
             "results": results}
 
@@ -508,6 +528,11 @@ def main(argv=None) -> int:
                         help="both sides: auto = bf16 on a GPU that supports it, else fp32")
     parser.add_argument("--num-texts", type=int, default=4096, help="texts to encode")
     parser.add_argument("--batch-size", type=int, default=64, help="encoding batch size")
+    parser.add_argument("--qtune-batch-size", type=int, default=None,
+                        help="qtune encoding: rows per batch (default: --batch-size); with --max-tokens, "
+                             "short texts then share large batches (token-budget batching)")
+    parser.add_argument("--max-tokens", type=int, default=None,
+                        help="qtune encoding: also cap each batch at this many (padded) tokens")
     parser.add_argument("--max-length", type=int, default=512, help="max tokens per text (both tasks)")
     parser.add_argument("--repeats", type=int, default=3, help="timed encoding passes per side (best counts)")
     parser.add_argument("--train-batch-size", type=int, default=32, help="(question, context) pairs per step")
@@ -580,7 +605,8 @@ def main(argv=None) -> int:
                 print("WARNING: the two sides do not give the same vectors; the encoding comparison is "
                       "meaningless", file=sys.stderr)
                 status = 1
-            _print_table(f"encoding (batch {args.batch_size}, max length {args.max_length}, best of "
+            _print_table(f"encoding (batch {args.batch_size}; qtune {args.qtune_batch_size or args.batch_size} rows, "
+                         f"{args.max_tokens or 'no'} token cap; max length {args.max_length}, best of "
                          f"{args.repeats})", enc["results"], "texts/s", "texts_per_s")
 
         if not args.skip_training:

@@ -20,7 +20,8 @@ run() {
 run bench/pair_cls_train.py --data "$data/afqmc_train.csv" --tokenizer "$tok" --arch qwen3-embedding-0.6b \
     --batch-size 128 --steps 40 --full-baseline --output "$results/pair_cls_train_h200.json"
 run bench/embedding_speed.py --data "$data/Financial-QA-10k.csv" --arch qwen3-embedding-0.6b --tokenizer "$tok" \
-    --num-texts 4096 --batch-size 64 --train-batch-size 64 --train-steps 30 --warmup 5 \
+    --num-texts 4096 --batch-size 64 --qtune-batch-size 1024 --max-tokens 65536 \
+    --train-batch-size 64 --train-steps 30 --warmup 5 \
     --output "$results/embedding_speed_h200.json"
 run bench/extract_speed.py --data "$data/data_person_1000_zh.json" --tokenizer "$tok" --arch qwen3-embedding-0.6b \
     --num-records 512 --baseline-records 64 --batch-size 64 --max-new-tokens 128 \

@@ -4,7 +4,8 @@ Both sides train the same architecture (random weights: speed does not depend on
 same AFQMC pairs in one run, and report samples/s, real (non-pad) tokens/s and peak GPU memory.
 
 - qtune: `qtune.api.train_pair_cls` itself (LoRA r8 on attention, bf16 on a GPU that supports
-  it, length-grouped batches with dynamic padding), timed through its per-step callback.
+  it, length-grouped batches), timed through its per-step callback, twice: packed batches (the
+  default: no padding at all, varlen flash attention on a GPU) and `--no-packing` (dynamic padding).
 - baseline "plain fp32, pad 64": what many scripts do: the same LoRA model in fp32,
   `tokenizer(a, b, padding="max_length", max_length=64)`, shuffled batches, AdamW.
 - baseline "plain fp32 full FT, pad 64" (`--full-baseline`): the same without LoRA.
@@ -110,7 +111,7 @@ def sync(device) -> None:
         torch.cuda.synchronize(device)
 
 
-def run_qtune(model_dir: str, pairs, args, device, work: Path) -> dict:
+def run_qtune(model_dir: str, pairs, args, device, work: Path, packing: bool) -> dict:
     from qtune.api import train_pair_cls
     from qtune.config import PairClsConfig
     from qtune.data.tables import write_table
@@ -126,9 +127,9 @@ def run_qtune(model_dir: str, pairs, args, device, work: Path) -> dict:
             marks[counts["step"]] = (time.perf_counter(), counts["samples"], counts["tokens"])
 
     reset_memory(device)
-    config = PairClsConfig(model=model_dir, train=str(data), output=str(work / "qtune-run"), epochs=1.0,
+    config = PairClsConfig(model=model_dir, train=str(data), output=str(work / f"qtune-run-{packing}"), epochs=1.0,
                            batch_size=args.batch_size, max_length=args.max_length, device=str(device),
-                           logging_steps=10**9, lr=1e-4)
+                           logging_steps=10**9, lr=1e-4, packing=packing)
     train_pair_cls(config, on_step=on_step)
     (t0, s0, k0), (t1, s1, k1) = marks[args.warmup], marks[args.steps]
     return {"seconds": t1 - t0, "samples": s1 - s0, "real_tokens": k1 - k0, "peak_gib": peak_memory_gib(device),
@@ -213,7 +214,8 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         model_dir = build_model_dir(args.arch, args.tokenizer, work / "model")
-        rows["qtune (LoRA, dynamic padding, length-grouped)"] = run_qtune(model_dir, pairs, args, device, work)
+        rows["qtune (LoRA, packed)"] = run_qtune(model_dir, pairs, args, device, work, packing=True)
+        rows["qtune (LoRA, padded, --no-packing)"] = run_qtune(model_dir, pairs, args, device, work, packing=False)
         rows["plain fp32 LoRA, pad to 64"] = run_plain(model_dir, pairs, args, device, full=False)
         if args.full_baseline:
             rows["plain fp32 full FT, pad to 64"] = run_plain(model_dir, pairs, args, device, full=True)

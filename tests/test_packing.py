@@ -238,7 +238,7 @@ def test_flash_kernel_gets_causality_and_shared_heads_right(monkeypatch, new_sig
     def reference(q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None, enable_gqa=False, **options):
         causal = options["window_size"] == (-1, 0) if new_signature else options["is_causal"]
         calls.append((enable_gqa, causal, max_q))
-        return packing._per_sequence(q, k, v, cu_q, scale, causal, 0.0)
+        return packing._repadded(q, k, v, cu_q, max_q, scale, causal, 0.0)
 
     if new_signature:
         def kernel(q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None, enable_gqa=False, window_size=(-1, -1)):

@@ -12,8 +12,8 @@ loaded for packing use the attention implementation registered here (`ATTENTION`
 
 - a packed call on a GPU in bf16/fp16 runs torch's variable-length flash attention
   (`torch.nn.attention.varlen.varlen_attn`): one kernel over the whole row, no mask tensor;
-- elsewhere (CPU, fp32, dropout) each sequence gets its own `scaled_dot_product_attention`,
-  which is the padded result without the padding;
+- elsewhere (CPU, fp32, dropout) attention alone runs padded: the rows are gathered into a
+  (sequences, longest) batch for one masked `scaled_dot_product_attention` call and gathered back;
 - an ordinary padded call (generation, a model that never packs) gets sdpa with the usual
   causal + padding mask, so the model behaves exactly as with `attn_implementation="sdpa"`.
 
@@ -185,7 +185,7 @@ def varlen_attention(module, query, key, value, attention_mask, scaling=None, dr
     if _flash_ok(q, dropout):
         out = _flash_varlen(q, k, v, cu, int(kwargs["max_length_q"]), scaling, causal)
     else:
-        out = _per_sequence(q, k, v, cu, scaling, causal, dropout)
+        out = _repadded(q, k, v, cu, int(kwargs["max_length_q"]), scaling, causal, dropout)
     return out.unsqueeze(0), None
 
 
@@ -204,19 +204,23 @@ def _flash_varlen(q, k, v, cu, longest: int, scaling, causal: bool):
     return kernel(q, k, v, cu, cu, longest, longest, **options)
 
 
-def _per_sequence(q, k, v, cu, scaling, causal: bool, dropout: float):
+def _repadded(q, k, v, cu, longest: int, scaling, causal: bool, dropout: float):
+    """Attention only, on a padded copy: (N, heads, dim) rows gathered into (B, heads, longest, dim),
+    one masked sdpa call, and the real rows gathered back. Everything else stayed unpadded."""
     import torch
     import torch.nn.functional as F
 
-    bounds = cu.tolist()
-    parts = []
-    for start, end in zip(bounds[:-1], bounds[1:]):
-        # (1, heads, len, dim) per sequence
-        qs, ks, vs = (t[start:end].transpose(0, 1).unsqueeze(0) for t in (q, k, v))
-        out = F.scaled_dot_product_attention(qs, ks, vs, is_causal=causal, scale=scaling, dropout_p=dropout,
-                                             enable_gqa=qs.shape[1] != ks.shape[1])
-        parts.append(out[0].transpose(0, 1))
-    return torch.cat(parts)
+    starts, lengths = cu[:-1].long(), (cu[1:] - cu[:-1]).long()
+    steps = torch.arange(longest, device=q.device)
+    real = steps.unsqueeze(0) < lengths.unsqueeze(1)  # (B, longest)
+    index = (starts.unsqueeze(1) + steps).clamp(max=q.shape[0] - 1)  # (B, longest); padding reads any row
+    qs, ks, vs = (t[index].transpose(1, 2) for t in (q, k, v))  # (B, heads, longest, dim)
+    mask = real[:, None, None, :]  # keys: real tokens only
+    if causal:
+        mask = mask & (steps.unsqueeze(0) <= steps.unsqueeze(1))  # (B, 1, longest, longest)
+    out = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, scale=scaling, dropout_p=dropout,
+                                         enable_gqa=qs.shape[1] != ks.shape[1])
+    return out.transpose(1, 2)[real]  # (N, heads, dim), in packed order
 
 
 def _padded_attention(module, query, key, value, attention_mask, scaling, dropout: float, sliding_window):
