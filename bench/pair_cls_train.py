@@ -4,8 +4,9 @@ Both sides train the same architecture (random weights: speed does not depend on
 same AFQMC pairs in one run, and report samples/s, real (non-pad) tokens/s and peak GPU memory.
 
 - qtune: `qtune.api.train_pair_cls` itself (LoRA r8 on attention, bf16 on a GPU that supports
-  it, length-grouped batches), timed through its per-step callback, twice: packed batches (the
-  default: no padding at all, varlen flash attention on a GPU) and `--no-packing` (dynamic padding).
+  it, length-grouped batches), timed through its per-step callback, twice: packing on (the
+  default: a batch is packed, with no padding at all, always in bf16 on a GPU and elsewhere when
+  padding would be >= 10% of it) and `--no-packing` (dynamic padding).
 - baseline "plain fp32, pad 64": what many scripts do: the same LoRA model in fp32,
   `tokenizer(a, b, padding="max_length", max_length=64)`, shuffled batches, AdamW.
 - baseline "plain fp32 full FT, pad 64" (`--full-baseline`): the same without LoRA.
@@ -214,8 +215,8 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         model_dir = build_model_dir(args.arch, args.tokenizer, work / "model")
-        rows["qtune (LoRA, packed)"] = run_qtune(model_dir, pairs, args, device, work, packing=True)
-        rows["qtune (LoRA, padded, --no-packing)"] = run_qtune(model_dir, pairs, args, device, work, packing=False)
+        rows["qtune (LoRA, packing on: default)"] = run_qtune(model_dir, pairs, args, device, work, packing=True)
+        rows["qtune (LoRA, --no-packing)"] = run_qtune(model_dir, pairs, args, device, work, packing=False)
         rows["plain fp32 LoRA, pad to 64"] = run_plain(model_dir, pairs, args, device, full=False)
         if args.full_baseline:
             rows["plain fp32 full FT, pad to 64"] = run_plain(model_dir, pairs, args, device, full=True)

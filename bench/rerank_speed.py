@@ -8,8 +8,9 @@ in that order. Both sides score the same pairs with the same batch size, max len
 
 1. Decoder (a random Qwen3 of --arch, the Qwen3-Reranker architecture, loaded as Qwen3ForCausalLM;
    the weights do not matter for speed):
-   - qtune: `Reranker.score(pairs, batch_size=B)`: length-sorted batches, dynamic padding, the LM
-     head run at the last position only, bf16 autocast on a GPU.
+   - qtune: `Reranker.score(pairs, batch_size=B)`: length-sorted, packed batches (no padding), the
+     LM head run at each pair's last position only, bf16 autocast on a GPU; and the same on
+     padded batches (`packing=False`), left-padded to each batch's longest pair.
    - baseline "model-card loop" (Qwen3-Reranker-0.6B's card): the literal prefix/suffix strings
      around `<Instruct>: ...\\n<Query>: ...\\n<Document>: ...`, the middle truncated to
      max_length - prompt tokens, `tokenizer.pad(padding="longest")` on the left, batches of B in
@@ -48,6 +49,7 @@ from pair_cls_train import BF16_NOTES, add_random_qwen_args, build_model_dir  # 
 
 FP32_MAX_ABS_DIFF = 1e-4
 QTUNE = "qtune Reranker"
+QTUNE_PADDED = "qtune --no-packing"  # the same, on padded batches
 CARD = "model-card loop"
 CARD_LAST = "card loop, last logits"  # ablation: the card's loop with logits_to_keep=1
 ST = "sentence-transformers"
@@ -196,6 +198,9 @@ def run_decoder(model_dir: str, pairs, args, device, precision: str) -> dict:
     loaded = load_model(model_dir, task="reranker", max_length=args.max_length, device=str(device),
                         precision=precision)
     reranker = Reranker(loaded)
+    # qtune packs batches by default (no padding at all); its padded path is timed beside it
+    padded_reranker = Reranker(load_model(model_dir, task="reranker", max_length=args.max_length, device=str(device),
+                                          precision=precision, packing=False))
     card = CardReranker(model_dir, args.max_length, device, precision)
     p = reranker.formatter.prompt
     if (card.prefix_tokens, card.suffix_tokens, card.token_true_id, card.token_false_id) != \
@@ -208,18 +213,21 @@ def run_decoder(model_dir: str, pairs, args, device, precision: str) -> dict:
     lengths = [len(ids) for ids in qtune_ids]
     weights = {QTUNE: str(next(loaded.model.parameters()).dtype).replace("torch.", ""),
                CARD: str(card.dtype).replace("torch.", ""), CARD_LAST: str(card.dtype).replace("torch.", "")}
+    weights[QTUNE_PADDED] = weights[QTUNE]
     sides = {QTUNE: lambda x: reranker.score(x, batch_size=args.batch_size),
+             QTUNE_PADDED: lambda x: padded_reranker.score(x, batch_size=args.batch_size),
              CARD: lambda x: card.score(x, batch_size=args.batch_size),
              CARD_LAST: lambda x: card.score(x, batch_size=args.batch_size, last_only=True)}
     out = compare(sides, pairs, args, device)
     real = sum(lengths)
     rows = {}
     for name, seconds in out["seconds"].items():
-        padded = padded_tokens(lengths, args.batch_size, sort=name == QTUNE)
+        padded = real if name == QTUNE else padded_tokens(lengths, args.batch_size, sort=name == QTUNE_PADDED)
         rows[name] = {"seconds": seconds, "pairs": len(pairs), "real_tokens": real, "padded_tokens": padded,
                       "pairs_per_s": len(pairs) / seconds, "real_tokens_per_s": real / seconds,
                       "weights_dtype": weights[name], **out["memory"][name],
-                      "compute": precision + (" autocast" if name == QTUNE and precision == "bf16" else ""),
+                      "compute": precision + (" autocast" if name in (QTUNE, QTUNE_PADDED) and precision == "bf16"
+                                              else ""),
                       "lm_head": "every position" if name == CARD else "last position"}
     for row in rows.values():
         row["x_baseline"] = row["pairs_per_s"] / rows[CARD]["pairs_per_s"]

@@ -102,6 +102,7 @@ def test_embeddings_packed_equal_padded(tiny_qwen_dir):
     padded = qtune.load(tiny_qwen_dir, task="embedding", device="cpu", packing=False)
     assert packed.loaded.packed and not padded.loaded.packed
     assert packed.loaded.model.config._attn_implementation == packing.ATTENTION
+    assert packed.loaded.packs(packed.features(TEXTS, True))  # lengths this mixed are packed, even on a CPU
     reference = padded.embed(TEXTS, is_query=True, batch_size=len(TEXTS))
     assert np.ptp(reference[:, 0]) > 1e-3  # the texts embed differently
     for options in ({"batch_size": len(TEXTS)}, {"batch_size": 2}, {"batch_size": 64, "max_tokens": 40}):
@@ -196,17 +197,23 @@ def test_generation_is_unchanged_by_the_packing_attention(tiny_qwen_dir):
     assert len({text for text, _ in runs[True]}) > 1
 
 
-def test_packed_training_matches_padded_training(tiny_qwen_dir, synthetic_files, tmp_path):
+def test_packed_training_matches_padded_training(tiny_qwen_dir, synthetic_files, tmp_path, monkeypatch):
     from qtune.api import _train_pair_cls
     from qtune.config import PairClsConfig
 
+    monkeypatch.setattr(packing, "MIN_PADDING_WITHOUT_KERNEL", 0.0)  # pack every batch, even on a CPU
+    packed_batches = []
+    real_pack = packing.pack
+    monkeypatch.setattr(packing, "pack", lambda rows, *a, **k: packed_batches.append(len(rows)) or real_pack(rows, *a, **k))
     results = {}
     for packed in (True, False):
         config = PairClsConfig(model=tiny_qwen_dir, train=str(synthetic_files["train"]), eval=str(synthetic_files["eval"]),
                                output=str(tmp_path / str(packed)), epochs=0.2, batch_size=16, lr=5e-3, max_length=32,
                                lora_dropout=0.0, device="cpu", packing=packed)
+        before = len(packed_batches)
         loaded, results[packed] = _train_pair_cls(config)
         assert loaded.packed is packed
+        assert (len(packed_batches) > before) is packed  # the packed run really packed its batches
     assert results[True]["train"]["tokens"] == results[False]["train"]["tokens"] > 0
     for name in ("accuracy", "macro_f1", "eval_loss"):
         if name in results[False]["last"]:
@@ -224,37 +231,49 @@ def test_packed_batches_need_the_packing_attention(tiny_qwen_dir):
         forward_embeddings(loaded.model, packing.pack([{"input_ids": [1, 2]}]), "last")
 
 
+def test_without_the_gpu_kernel_only_batches_with_enough_padding_are_packed(tiny_qwen_dir):
+    loaded = load_model(tiny_qwen_dir, task="embedding", device="cpu")
+    rows = lambda *lengths: [{"input_ids": [1] * n} for n in lengths]  # noqa: E731
+    assert packing.padding_share([10, 5]) == 0.25 and packing.padding_share([]) == 0.0
+    assert loaded.packs(rows(10, 5)) and not loaded.packs(rows(10, 10, 9)) and not loaded.packs([])
+    assert packing.is_packed(loaded.collate(rows(10, 5))) and not packing.is_packed(loaded.collate(rows(10, 10, 9)))
+    loaded.packed = False
+    assert not loaded.packs(rows(10, 1))
+
+
 def test_bert_family_models_stay_padded(tiny_bert_dir):
     assert not load_model(tiny_bert_dir, task="embedding", device="cpu").packed
 
 
 @pytest.mark.parametrize("new_signature", [True, False])
-def test_flash_kernel_gets_causality_and_shared_heads_right(monkeypatch, new_signature):
-    """The GPU kernel cannot run here: a reference kernel with either torch signature stands in."""
+def test_flash_kernel_gets_causality_scale_and_shared_heads_right(monkeypatch, new_signature):
+    """The GPU kernel cannot run here: a reference kernel with either torch signature stands in
+    (2.10: `is_causal` only; later: `window_size`, `scale`, `enable_gqa`)."""
     import torch.nn.functional as F
 
     calls = []
 
-    def reference(q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None, enable_gqa=False, **options):
-        causal = options["window_size"] == (-1, 0) if new_signature else options["is_causal"]
-        calls.append((enable_gqa, causal, max_q))
+    def reference(q, k, v, cu_q, max_q, causal, scale=None, enable_gqa=False):
+        calls.append((enable_gqa, causal, max_q, scale))
+        if not enable_gqa:
+            assert q.shape[1] == k.shape[1]  # without enable_gqa the shared heads arrive expanded
         return packing._repadded(q, k, v, cu_q, max_q, scale, causal, 0.0)
 
     if new_signature:
         def kernel(q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None, enable_gqa=False, window_size=(-1, -1)):
-            return reference(q, k, v, cu_q, cu_k, max_q, max_k, scale=scale, enable_gqa=enable_gqa,
-                             window_size=window_size)
+            return reference(q, k, v, cu_q, max_q, window_size == (-1, 0), scale, enable_gqa)
     else:
-        def kernel(q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None, is_causal=False):
-            assert q.shape[1] == k.shape[1]  # without enable_gqa the shared heads arrive expanded
-            return reference(q, k, v, cu_q, cu_k, max_q, max_k, scale=scale, is_causal=is_causal)
-    monkeypatch.setattr(packing, "_varlen_kernel", lambda: (kernel, new_signature, new_signature))
+        def kernel(q, k, v, cu_q, cu_k, max_q, max_k, *, is_causal=False):
+            return reference(q, k, v, cu_q, max_q, is_causal)
+    params = frozenset(("scale", "enable_gqa", "window_size") if new_signature else ("is_causal",))
+    monkeypatch.setattr(packing, "_varlen_kernel", lambda: (kernel, params))
     torch.manual_seed(0)
     q, k, v = torch.randn(7, 4, 8), torch.randn(7, 2, 8), torch.randn(7, 2, 8)
     cu = torch.tensor([0, 3, 7], dtype=torch.int32)
-    out = packing._flash_varlen(q, k, v, cu, 4, 0.5, causal=True)
-    assert calls == [(new_signature, True, 4)]
+    scale = 0.5 if new_signature else 8 ** -0.5  # the old kernel always uses 1/sqrt(head_dim)
+    out = packing._flash_varlen(q, k, v, cu, 4, scale, causal=True)
+    assert calls == [(new_signature, True, 4, scale if new_signature else None)]
     for start, end in [(0, 3), (3, 7)]:  # each sequence alone, causal, GQA by hand
         kk, vv = (t[start:end].repeat_interleave(2, dim=1).transpose(0, 1) for t in (k, v))
-        expected = F.scaled_dot_product_attention(q[start:end].transpose(0, 1), kk, vv, is_causal=True, scale=0.5)
+        expected = F.scaled_dot_product_attention(q[start:end].transpose(0, 1), kk, vv, is_causal=True, scale=scale)
         torch.testing.assert_close(out[start:end], expected.transpose(0, 1))

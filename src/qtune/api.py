@@ -136,8 +136,8 @@ def _train_pair_cls(config: PairClsConfig, on_step=None) -> tuple[LoadedModel, d
             probs = task.predict_probs(model, eval_features, batch_size=config.eval_batch_size)
             return task.metrics_from_probs(y_true, probs, config.labels)
 
-    hooks = TaskHooks(collate=partial(task.collate, loaded.tokenizer, packed=loaded.packed), loss=task.loss, evaluate=evaluate,
-                      best_metric="macro_f1")
+    hooks = TaskHooks(collate=partial(task.collate, loaded.tokenizer, packed=loaded.packs), loss=task.loss,
+                      evaluate=evaluate, best_metric="macro_f1")
     result = fit(config, loaded, features, hooks, resume_state=_resume_state(config), on_step=on_step)
     return loaded, result
 
@@ -214,7 +214,7 @@ def _train_embedding(config: EmbeddingConfig, on_step=None) -> tuple[LoadedModel
                                       batch_size=config.eval_batch_size)
 
     hooks = TaskHooks(
-        collate=partial(task.collate, loaded.tokenizer, packed=loaded.packed), loss=partial(task.loss, settings=settings),
+        collate=partial(task.collate, loaded.tokenizer, packed=loaded.packs), loss=partial(task.loss, settings=settings),
         evaluate=evaluate, best_metric="ndcg@10",
         batches=lambda epoch: task.unique_text_batches(features, config.batch_size, seed=config.seed, epoch=epoch),
         backward=(lambda model, batch, scale: task.cached_backward(model, batch, settings, scale))
@@ -272,7 +272,7 @@ def _train_reranker(config: RerankerConfig, on_step=None) -> tuple[LoadedModel, 
 
     lengths = [f["length"] for f in features]
     hooks = TaskHooks(
-        collate=partial(task.collate, loaded.tokenizer, packed=loaded.packed),
+        collate=partial(task.collate, loaded.tokenizer, packed=loaded.packs),
         loss=partial(task.loss, prompt=reranker.formatter.prompt, settings=settings),
         evaluate=evaluate, best_metric="mrr",
         batches=lambda epoch: length_grouped_batches(lengths, config.batch_size, seed=config.seed, epoch=epoch))
@@ -316,8 +316,8 @@ def _train_extract(config: ExtractConfig, on_step=None) -> tuple[LoadedModel, di
                                                            max_new_tokens=config.max_new_tokens)
             return extraction_metrics([e.output for e in eval_examples], [r.output for r in found])
 
-    hooks = TaskHooks(collate=partial(task.collate, loaded.tokenizer, packed=loaded.packed), loss=task.loss, evaluate=evaluate,
-                      best_metric="all_fields_exact")
+    hooks = TaskHooks(collate=partial(task.collate, loaded.tokenizer, packed=loaded.packs), loss=task.loss,
+                      evaluate=evaluate, best_metric="all_fields_exact")
     result = fit(config, loaded, features, hooks, resume_state=_resume_state(config), on_step=on_step)
     return loaded, result
 

@@ -101,9 +101,22 @@ class LoadedModel:
             return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
+    def packs(self, rows: Sequence[dict]) -> bool:
+        """Whether these unpadded rows go into a packed batch: always with the GPU flash kernel
+        (bf16 on CUDA); otherwise only when padding would be a sizeable share of the batch (see
+        `qtune.modeling.packing.MIN_PADDING_WITHOUT_KERNEL`)."""
+        from qtune.modeling import packing
+
+        if not self.packed or not rows:
+            return False
+        if self.device.type == "cuda" and self.precision == "bf16":
+            return True
+        return packing.padding_share([len(r["input_ids"]) for r in rows]) >= packing.MIN_PADDING_WITHOUT_KERNEL
+
     def collate(self, features: Sequence[dict]) -> dict:
-        """Unpadded model inputs -> one batch on the model's device: packed or padded (the tokenizer's `pad`)."""
-        if self.packed:
+        """Unpadded model inputs -> one batch on the model's device: packed (see `packs`) or
+        padded (the tokenizer's `pad`)."""
+        if self.packs(features):
             from qtune.modeling.packing import pack
 
             batch = pack(features)

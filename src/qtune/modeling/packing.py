@@ -45,6 +45,24 @@ def register_attention() -> str:
     return ATTENTION
 
 
+# Without the flash kernel (CPU, fp32), packed attention gathers the rows into a padded copy and
+# back, in the forward and the backward pass. On 2 CPU cores that costs about what 10% padding
+# does (bench/pair_cls_train.py: length-grouped AFQMC pairs, 8% padding, ran ~10% slower packed;
+# bench/embedding_speed.py and bench/rerank_speed.py, 13%+ padding, ran 7-27% faster packed),
+# so there a batch is packed only when padding would be at least this share of it.
+MIN_PADDING_WITHOUT_KERNEL = 0.10
+
+
+def padding_share(lengths: Sequence[int]) -> float:
+    """The share of a padded batch of these row lengths that would be padding."""
+    return 1.0 - sum(lengths) / (max(lengths) * len(lengths)) if lengths else 0.0
+
+
+def wants_packing(packed, rows: Sequence[dict]) -> bool:
+    """`packed` is True/False, or a policy `rows -> bool` (`LoadedModel.packs`)."""
+    return bool(packed(rows) if callable(packed) else packed)
+
+
 def is_packed(batch: dict, prefix: str = "") -> bool:
     return f"{prefix}cu_seq_lens_q" in batch
 
@@ -154,20 +172,34 @@ def pool_packed(hidden, cu, mode: str):
 
 @lru_cache(maxsize=1)
 def _varlen_kernel():
-    """(varlen_attn, its keyword for causality, whether it takes enable_gqa), or None without one."""
+    """(torch's varlen_attn, the names of its parameters), or None where torch has none.
+
+    Its signature changed between releases (2.10: `is_causal`; later: `window_size`, `scale`,
+    `enable_gqa`), so calls are made from the names it has."""
     try:
         from torch.nn.attention.varlen import varlen_attn
     except ImportError:
         return None
-    params = inspect.signature(varlen_attn).parameters
-    return varlen_attn, "window_size" in params, "enable_gqa" in params
+    return varlen_attn, frozenset(inspect.signature(varlen_attn).parameters)
 
 
-def _flash_ok(query, dropout: float) -> bool:
+def _flash_dtype(query, dropout: float, scaling):
+    """The half dtype the flash kernel would run in, or None where it cannot run.
+
+    Under autocast, fp32 inputs (e.g. after Qwen3's fp32 q/k norms in full fine-tuning) are cast
+    to the autocast dtype, as autocast would do for sdpa."""
     import torch
 
-    return (query.is_cuda and query.dtype in (torch.bfloat16, torch.float16) and not dropout
-            and _varlen_kernel() is not None)
+    kernel = _varlen_kernel()
+    if not query.is_cuda or dropout or kernel is None:
+        return None
+    if scaling is not None and "scale" not in kernel[1] and abs(scaling - query.shape[-1] ** -0.5) > 1e-12:
+        return None  # a kernel without `scale` uses 1/sqrt(head_dim)
+    if query.dtype in (torch.bfloat16, torch.float16):
+        return query.dtype
+    if torch.is_autocast_enabled(query.device.type):
+        return torch.get_autocast_dtype(query.device.type)
+    return None
 
 
 def varlen_attention(module, query, key, value, attention_mask, scaling=None, dropout: float = 0.0,
@@ -182,7 +214,9 @@ def varlen_attention(module, query, key, value, attention_mask, scaling=None, dr
         raise QtuneError(f"a packed batch is one row, got {query.shape[0]}")
     causal = getattr(module, "is_causal", True)
     q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # (N, heads, dim)
-    if _flash_ok(q, dropout):
+    half = _flash_dtype(q, dropout, scaling)
+    if half is not None:
+        q, k, v = (t.to(half) for t in (q, k, v))
         out = _flash_varlen(q, k, v, cu, int(kwargs["max_length_q"]), scaling, causal)
     else:
         out = _repadded(q, k, v, cu, int(kwargs["max_length_q"]), scaling, causal, dropout)
@@ -190,14 +224,17 @@ def varlen_attention(module, query, key, value, attention_mask, scaling=None, dr
 
 
 def _flash_varlen(q, k, v, cu, longest: int, scaling, causal: bool):
-    kernel, has_window, has_gqa = _varlen_kernel()
-    if q.shape[1] != k.shape[1] and not has_gqa:  # older torch: expand the shared key/value heads
-        k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
-        v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
-    options = {"scale": scaling}
-    if has_gqa and q.shape[1] != k.shape[1]:
-        options["enable_gqa"] = True
-    if has_window:
+    kernel, params = _varlen_kernel()
+    options = {}
+    if q.shape[1] != k.shape[1]:
+        if "enable_gqa" in params:
+            options["enable_gqa"] = True
+        else:  # expand the shared key/value heads
+            k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+            v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
+    if "scale" in params:
+        options["scale"] = scaling
+    if "window_size" in params:
         options["window_size"] = (-1, 0) if causal else (-1, -1)
     else:
         options["is_causal"] = causal

@@ -15,7 +15,7 @@ import numpy as np
 
 from qtune.losses import matryoshka_info_nce
 from qtune.modeling.embedding import forward_embeddings
-from qtune.modeling.packing import is_packed, pack, split_packed
+from qtune.modeling.packing import is_packed, pack, split_packed, wants_packing
 from qtune.records import QueryGroup
 
 
@@ -69,13 +69,14 @@ def unique_text_batches(features: Sequence[dict], batch_size: int, *, seed: int,
     return batches
 
 
-def collate(tokenizer, features: Sequence[dict], packed: bool = False) -> dict:
-    """Queries and candidates (positives first, then all hard negatives), each side padded or packed."""
+def collate(tokenizer, features: Sequence[dict], packed=False) -> dict:
+    """Queries and candidates (positives first, then all hard negatives), each side padded or
+    packed (`packed`: True/False or a policy, see `qtune.modeling.packing.wants_packing`)."""
     candidates = [f["positive"] for f in features] + [n for f in features for n in f["negatives"]]
     sides = {"q_": [f["query"] for f in features], "p_": candidates}
     batch = {}
     for prefix, rows in sides.items():
-        side = pack(rows) if packed else tokenizer.pad(rows, padding=True, return_tensors="pt")
+        side = pack(rows) if wants_packing(packed, rows) else tokenizer.pad(rows, padding=True, return_tensors="pt")
         batch.update({prefix + k: v for k, v in side.items()})
     return batch
 

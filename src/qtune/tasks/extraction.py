@@ -74,13 +74,14 @@ def encode_examples(builder: PromptBuilder, examples: Sequence[ExtractionExample
     return features, too_long
 
 
-def collate(tokenizer, features: Sequence[dict], packed: bool = False) -> dict:
+def collate(tokenizer, features: Sequence[dict], packed=False) -> dict:
     """Right padding: positions stay 0.. for every row; padded labels are -100. Packed: one row
     of all examples, labels packed alongside (see qtune.modeling.packing)."""
     import torch
 
-    if packed:
-        from qtune.modeling.packing import pack
+    from qtune.modeling.packing import pack, wants_packing
+
+    if wants_packing(packed, features):
 
         batch = pack(features, labels_key="labels", ignore_index=IGNORE_INDEX)
         targets = batch["labels"][0, 1:]  # position t predicts token t + 1

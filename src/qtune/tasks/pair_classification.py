@@ -60,16 +60,17 @@ def _truncate_longest_first(a: list[int], b: list[int], budget: int) -> tuple[li
     return a[:half], b[: budget - half]
 
 
-def collate(tokenizer, features: Sequence[dict], packed: bool = False):
+def collate(tokenizer, features: Sequence[dict], packed=False):
     """Pad a batch to its own longest row (dynamic padding, on the tokenizer's padding side), or
-    pack it (decoders, see qtune.modeling.packing); labels become one (rows,) tensor."""
+    pack it (decoders; `packed`: True/False or a policy, see qtune.modeling.packing.wants_packing);
+    labels become one (rows,) tensor."""
     import torch
 
-    from qtune.modeling.packing import pack
+    from qtune.modeling.packing import pack, wants_packing
 
     labels = [f["labels"] for f in features if "labels" in f]
     inputs = [{k: v for k, v in f.items() if k != "labels"} for f in features]
-    batch = pack(inputs) if packed else dict(tokenizer.pad(inputs, padding=True, return_tensors="pt"))
+    batch = pack(inputs) if wants_packing(packed, inputs) else dict(tokenizer.pad(inputs, padding=True, return_tensors="pt"))
     if labels:
         batch["labels"] = torch.tensor(labels, dtype=torch.long)
     return batch

@@ -43,15 +43,15 @@ def group_features(groups: Sequence[QueryGroup], encode, group_size: int) -> tup
     return features, dropped
 
 
-def collate(tokenizer, features: Sequence[dict], packed: bool = False) -> dict:
+def collate(tokenizer, features: Sequence[dict], packed=False) -> dict:
     """All pairs of the batch's groups, padded (or packed) together; `group_labels` (groups,
     group_size) marks the positive (column 0)."""
     import torch
 
-    from qtune.modeling.packing import pack
+    from qtune.modeling.packing import pack, wants_packing
 
     flat = [pair for f in features for pair in f["pairs"]]
-    batch = pack(flat) if packed else dict(tokenizer.pad(flat, padding=True, return_tensors="pt"))
+    batch = pack(flat) if wants_packing(packed, flat) else dict(tokenizer.pad(flat, padding=True, return_tensors="pt"))
     size = len(features[0]["pairs"])
     labels = torch.zeros(len(features), size)
     labels[:, 0] = 1.0
