@@ -169,11 +169,15 @@ def test_reranker_group_loss_packed_equals_padded(tiny_qwen_dir):
                                  task.collate(loaded.tokenizer, features, packed=True))
 
 
-def test_extraction_loss_packed_equals_padded(tiny_qwen_dir):
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_extraction_loss_packed_equals_padded(tiny_qwen_dir, checkpointing):
     from qtune.tasks import extraction as task
 
     loaded = load_model(tiny_qwen_dir, task="extract", device="cpu", trainable=True, lora=NO_DROPOUT)
-    loaded.model.eval()
+    if checkpointing:  # recomputed blocks get the packing arguments again in the backward pass
+        loaded.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        assert packing.transformer_body(loaded.model).gradient_checkpointing
+    loaded.model.train(checkpointing)  # checkpointing only acts in training mode; no dropout either way
     builder = task.PromptBuilder(loaded.tokenizer)
     features = [builder.encode(ExtractionExample(input=f"{name} phone {phone}", instruction="name and phone as JSON",
                                                  output=json.dumps({"name": name, "phone": phone})))

@@ -14,8 +14,8 @@ loaded for packing use the attention implementation registered here (`ATTENTION`
   (`torch.nn.attention.varlen.varlen_attn`): one kernel over the whole row, no mask tensor;
 - elsewhere (CPU, fp32, dropout) attention alone runs padded: the rows are gathered into a
   (sequences, longest) batch for one masked `scaled_dot_product_attention` call and gathered back;
-- an ordinary padded call (generation, a model that never packs) gets sdpa with the usual
-  causal + padding mask, so the model behaves exactly as with `attn_implementation="sdpa"`.
+- an ordinary padded call (generation, a batch not worth packing) takes transformers' own sdpa
+  mask and attention functions, so it computes exactly what `attn_implementation="sdpa"` does.
 
 Heads read their rows at the sequence boundaries: the last token of sequence i is
 `cu[i + 1] - 1`, its first `cu[i]`.
@@ -36,13 +36,19 @@ PACKED_KEYS = ("input_ids", "position_ids", "cu_seq_lens_q", "cu_seq_lens_k", "m
 def register_attention() -> str:
     """Make `ATTENTION` known to transformers (idempotent); returns its name for `attn_implementation`."""
     from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask
+    from transformers.masking_utils import AttentionMaskInterface
 
     AttentionInterface.register(ATTENTION, varlen_attention)
-    # The mask builder of flash attention: the 2D padding mask, or None when nothing is padded
-    # (never the (N, N) block mask a packed row would otherwise cost).
-    AttentionMaskInterface.register(ATTENTION, flash_attention_mask)
+    AttentionMaskInterface.register(ATTENTION, _mask)
     return ATTENTION
+
+
+def _mask(**kwargs):
+    """sdpa's mask for padded calls; none for calls without a padding mask (packed rows among
+    them: never the (N, N) block mask a packed row would otherwise cost)."""
+    from transformers.masking_utils import sdpa_mask
+
+    return None if kwargs.get("attention_mask") is None else sdpa_mask(**kwargs)
 
 
 # Without the flash kernel (CPU, fp32), packed attention gathers the rows into a padded copy and
@@ -206,8 +212,11 @@ def varlen_attention(module, query, key, value, attention_mask, scaling=None, dr
                      sliding_window=None, **kwargs):
     """transformers attention interface: q/k/v (batch, heads, seq, dim) -> ((batch, seq, heads, dim), None)."""
     cu = kwargs.get("cu_seq_lens_q")
-    if cu is None:
-        return _padded_attention(module, query, key, value, attention_mask, scaling, dropout, sliding_window)
+    if cu is None:  # a padded batch: exactly transformers' sdpa path
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      sliding_window=sliding_window, **kwargs)
     if sliding_window is not None:
         raise QtuneError("packed batches do not support sliding-window attention; train with --no-packing")
     if query.shape[0] != 1:
@@ -258,32 +267,3 @@ def _repadded(q, k, v, cu, longest: int, scaling, causal: bool, dropout: float):
     out = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, scale=scaling, dropout_p=dropout,
                                          enable_gqa=qs.shape[1] != ks.shape[1])
     return out.transpose(1, 2)[real]  # (N, heads, dim), in packed order
-
-
-def _padded_attention(module, query, key, value, attention_mask, scaling, dropout: float, sliding_window):
-    """A padded batch: sdpa with causal + padding masks built from the 2D padding mask (or none)."""
-    import torch
-    import torch.nn.functional as F
-
-    causal = getattr(module, "is_causal", True)
-    q_len, kv_len = query.shape[2], key.shape[2]
-    mask = None
-    if attention_mask is not None or sliding_window is not None or (causal and 1 < q_len != kv_len):
-        rows = torch.arange(q_len, device=query.device).unsqueeze(1) + (kv_len - q_len)  # absolute query positions
-        cols = torch.arange(kv_len, device=query.device).unsqueeze(0)
-        mask = torch.ones(q_len, kv_len, dtype=torch.bool, device=query.device)
-        if causal:
-            mask = cols <= rows
-        if sliding_window is not None:
-            mask = mask & (rows - cols < sliding_window)
-        mask = mask[None, None]
-        if attention_mask is not None:
-            mask = mask & attention_mask[:, None, None, -kv_len:].bool()
-        # rows with nothing to attend (left padding) attend everywhere instead of giving NaN;
-        # their output is padding that nothing reads
-        mask = mask | ~mask.any(dim=-1, keepdim=True)
-    out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask,
-                                         is_causal=mask is None and causal and q_len > 1,
-                                         scale=scaling, dropout_p=dropout,
-                                         enable_gqa=query.shape[1] != key.shape[1])
-    return out.transpose(1, 2).contiguous(), None
