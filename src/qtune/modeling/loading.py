@@ -109,7 +109,7 @@ class LoadedModel:
 
         if not self.packed or not rows:
             return False
-        if self.device.type == "cuda" and self.precision == "bf16":
+        if self.device.type == "cuda" and self.precision == "bf16" and packing.has_flash_kernel():
             return True
         return packing.padding_share([len(r["input_ids"]) for r in rows]) >= packing.MIN_PADDING_WITHOUT_KERNEL
 

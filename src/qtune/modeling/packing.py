@@ -189,6 +189,13 @@ def _varlen_kernel():
     return varlen_attn, frozenset(inspect.signature(varlen_attn).parameters)
 
 
+def has_flash_kernel() -> bool:
+    """Whether this torch has the variable-length flash attention (2.10 and later; it runs on CUDA)."""
+    import torch
+
+    return _varlen_kernel() is not None and torch.cuda.is_available()
+
+
 def _flash_dtype(query, dropout: float, scaling):
     """The half dtype the flash kernel would run in, or None where it cannot run.
 
@@ -256,14 +263,18 @@ def _repadded(q, k, v, cu, longest: int, scaling, causal: bool, dropout: float):
     import torch
     import torch.nn.functional as F
 
+    tokens = q.shape[0]
     starts, lengths = cu[:-1].long(), (cu[1:] - cu[:-1]).long()
     steps = torch.arange(longest, device=q.device)
     real = steps.unsqueeze(0) < lengths.unsqueeze(1)  # (B, longest)
-    index = (starts.unsqueeze(1) + steps).clamp(max=q.shape[0] - 1)  # (B, longest); padding reads any row
+    index = (starts.unsqueeze(1) + steps).clamp(max=tokens - 1)  # (B, longest); padding reads any row
     qs, ks, vs = (t[index].transpose(1, 2) for t in (q, k, v))  # (B, heads, longest, dim)
     mask = real[:, None, None, :]  # keys: real tokens only
     if causal:
         mask = mask & (steps.unsqueeze(0) <= steps.unsqueeze(1))  # (B, 1, longest, longest)
     out = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, scale=scaling, dropout_p=dropout,
                                          enable_gqa=qs.shape[1] != ks.shape[1])
-    return out.transpose(1, 2)[real]  # (N, heads, dim), in packed order
+    # back to packed order by each token's (sequence, position): sizes known, so no device sync
+    owner = torch.repeat_interleave(torch.arange(len(lengths), device=q.device), lengths, output_size=tokens)
+    flat = owner * longest + torch.arange(tokens, device=q.device) - starts[owner]
+    return out.transpose(1, 2).flatten(0, 1)[flat]  # (N, heads, dim)
