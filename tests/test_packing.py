@@ -281,3 +281,22 @@ def test_flash_kernel_gets_causality_scale_and_shared_heads_right(monkeypatch, n
         kk, vv = (t[start:end].repeat_interleave(2, dim=1).transpose(0, 1) for t in (k, v))
         expected = F.scaled_dot_product_attention(q[start:end].transpose(0, 1), kk, vv, is_causal=True, scale=scale)
         torch.testing.assert_close(out[start:end], expected.transpose(0, 1))
+
+
+def test_a_failing_flash_kernel_falls_back_to_padded_attention(monkeypatch, caplog):
+    def broken(*args, **kwargs):
+        raise RuntimeError("no kernel image is available for execution on the device")
+
+    monkeypatch.setattr(packing, "_varlen_kernel", lambda: (broken, frozenset({"window_size", "scale"})))
+    monkeypatch.setattr(packing, "_kernel_failed", [])
+    monkeypatch.setattr(packing, "_flash_dtype", lambda q, dropout, scaling: torch.float32)  # as if on a GPU
+    torch.manual_seed(0)
+    q, k, v = torch.randn(1, 4, 7, 8), torch.randn(1, 2, 7, 8), torch.randn(1, 2, 7, 8)
+    cu = torch.tensor([0, 3, 7], dtype=torch.int32)
+    module = torch.nn.Module()
+    module.is_causal = True
+    with caplog.at_level("WARNING"):
+        out, _ = packing.varlen_attention(module, q, k, v, None, scaling=0.5, cu_seq_lens_q=cu, max_length_q=4)
+    expected = packing._repadded(*(t[0].transpose(0, 1) for t in (q, k, v)), cu, 4, 0.5, True, 0.0)
+    torch.testing.assert_close(out[0], expected)
+    assert "fall back to padded sdpa" in caplog.text and packing._kernel() is None  # not tried again

@@ -24,10 +24,13 @@ Heads read their rows at the sequence boundaries: the last token of sequence i i
 from __future__ import annotations
 
 import inspect
+import logging
 from functools import lru_cache
 from typing import Sequence
 
 from qtune.errors import QtuneError
+
+log = logging.getLogger(__name__)
 
 ATTENTION = "qtune_varlen"
 PACKED_KEYS = ("input_ids", "position_ids", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
@@ -189,11 +192,19 @@ def _varlen_kernel():
     return varlen_attn, frozenset(inspect.signature(varlen_attn).parameters)
 
 
+_kernel_failed: list[str] = []  # why the kernel failed on this machine, once it has
+
+
+def _kernel():
+    """`_varlen_kernel()`, unless it has already failed here."""
+    return None if _kernel_failed else _varlen_kernel()
+
+
 def has_flash_kernel() -> bool:
     """Whether this torch has the variable-length flash attention (2.10 and later; it runs on CUDA)."""
     import torch
 
-    return _varlen_kernel() is not None and torch.cuda.is_available()
+    return _kernel() is not None and torch.cuda.is_available()
 
 
 def _flash_dtype(query, dropout: float, scaling):
@@ -203,7 +214,7 @@ def _flash_dtype(query, dropout: float, scaling):
     to the autocast dtype, as autocast would do for sdpa."""
     import torch
 
-    kernel = _varlen_kernel()
+    kernel = _kernel()
     if not query.is_cuda or dropout or kernel is None:
         return None
     if scaling is not None and "scale" not in kernel[1] and abs(scaling - query.shape[-1] ** -0.5) > 1e-12:
@@ -232,15 +243,19 @@ def varlen_attention(module, query, key, value, attention_mask, scaling=None, dr
     q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # (N, heads, dim)
     half = _flash_dtype(q, dropout, scaling)
     if half is not None:
-        q, k, v = (t.to(half) for t in (q, k, v))
-        out = _flash_varlen(q, k, v, cu, int(kwargs["max_length_q"]), scaling, causal)
+        try:
+            out = _flash_varlen(*(t.to(half) for t in (q, k, v)), cu, int(kwargs["max_length_q"]), scaling, causal)
+        except (RuntimeError, NotImplementedError) as e:  # e.g. a GPU the kernel was not built for
+            log.warning("varlen flash attention failed (%s); packed batches fall back to padded sdpa", e)
+            _kernel_failed.append(str(e))
+            out = _repadded(q, k, v, cu, int(kwargs["max_length_q"]), scaling, causal, dropout)
     else:
         out = _repadded(q, k, v, cu, int(kwargs["max_length_q"]), scaling, causal, dropout)
     return out.unsqueeze(0), None
 
 
 def _flash_varlen(q, k, v, cu, longest: int, scaling, causal: bool):
-    kernel, params = _varlen_kernel()
+    kernel, params = _kernel()
     options = {}
     if q.shape[1] != k.shape[1]:
         if "enable_gqa" in params:
