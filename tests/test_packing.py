@@ -11,7 +11,8 @@ import torch
 import qtune
 from qtune.errors import QtuneError
 from qtune.modeling import packing
-from qtune.modeling.loading import LoraSettings, load_model, sorted_batches
+from qtune.data.batching import sorted_batches
+from qtune.modeling.loading import LoraSettings, load_model
 from qtune.records import ExtractionExample, QueryGroup
 
 from conftest import synthetic_pairs

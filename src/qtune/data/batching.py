@@ -30,3 +30,16 @@ def length_grouped_batches(lengths: Sequence[int], batch_size: int, *, seed: int
         group = group[np.argsort(-lengths[group], kind="stable")]
         batches.extend(group[i:i + batch_size].tolist() for i in range(0, len(group), batch_size))
     return [batches[i] for i in rng.permutation(len(batches))]
+
+
+def sorted_batches(lengths: Sequence[int], batch_size: int, max_tokens: int | None = None) -> list[tuple[int, int]]:
+    """[start, end) slices of longest-first `lengths`: at most `batch_size` rows each, and with
+    `max_tokens` at most that many padded tokens (rows x the first, longest row)."""
+    if batch_size < 1 or (max_tokens is not None and max_tokens < 1):
+        raise ValueError("batch_size and max_tokens must be at least 1")
+    slices, start = [], 0
+    while start < len(lengths):
+        size = batch_size if max_tokens is None else min(batch_size, max(1, max_tokens // max(lengths[start], 1)))
+        slices.append((start, min(start + size, len(lengths))))
+        start += size
+    return slices

@@ -116,13 +116,9 @@ class LoadedModel:
     def collate(self, features: Sequence[dict]) -> dict:
         """Unpadded model inputs -> one batch on the model's device: packed (see `packs`) or
         padded (the tokenizer's `pad`)."""
-        if self.packs(features):
-            from qtune.modeling.packing import pack
+        from qtune.modeling.packing import pack_or_pad
 
-            batch = pack(features)
-        else:
-            batch = self.tokenizer.pad(list(features), padding=True, return_tensors="pt")
-        return to_device(batch, self.device)
+        return to_device(pack_or_pad(self.tokenizer, features, self.packs), self.device)
 
     def run_sorted(self, features: Sequence[dict], out, forward, *, batch_size: int, collate=None,
                    max_tokens: int | None = None, desc: str = "predict", progress: bool = False):
@@ -135,8 +131,11 @@ class LoadedModel:
         import torch
         from tqdm.auto import tqdm
 
-        order = np.argsort([-len(f["input_ids"]) for f in features], kind="stable")
-        batches = sorted_batches([len(features[i]["input_ids"]) for i in order], batch_size, max_tokens)
+        from qtune.data.batching import sorted_batches
+
+        lengths = np.array([len(f["input_ids"]) for f in features])
+        order = np.argsort(-lengths, kind="stable")
+        batches = sorted_batches(lengths[order].tolist(), batch_size, max_tokens)
         was_training = self.model.training
         self.model.eval()
         try:
@@ -149,19 +148,6 @@ class LoadedModel:
         finally:
             self.model.train(was_training)
         return out
-
-
-def sorted_batches(lengths: Sequence[int], batch_size: int, max_tokens: int | None = None) -> list[tuple[int, int]]:
-    """[start, end) slices of longest-first `lengths`: at most `batch_size` rows each, and with
-    `max_tokens` at most that many padded tokens (rows x the first, longest row)."""
-    if batch_size < 1 or (max_tokens is not None and max_tokens < 1):
-        raise ValueError("batch_size and max_tokens must be at least 1")
-    slices, start = [], 0
-    while start < len(lengths):
-        size = batch_size if max_tokens is None else min(batch_size, max(1, max_tokens // max(lengths[start], 1)))
-        slices.append((start, min(start + size, len(lengths))))
-        start += size
-    return slices
 
 
 def to_device(batch: dict, device) -> dict:

@@ -103,6 +103,14 @@ def pack(features: Sequence[dict], labels_key: str | None = None, ignore_index: 
     return batch
 
 
+def pack_or_pad(tokenizer, rows: Sequence[dict], packed) -> dict:
+    """One batch of unpadded rows: packed where `packed` says so (see `wants_packing`), else padded
+    to its longest row by the tokenizer (on its padding side)."""
+    if wants_packing(packed, rows):
+        return pack(rows)
+    return dict(tokenizer.pad(list(rows), padding=True, return_tensors="pt"))
+
+
 def split_packed(batch: dict, size: int) -> list[dict]:
     """A packed batch cut into packed batches of at most `size` sequences each."""
     cu = batch["cu_seq_lens_q"]
@@ -135,15 +143,15 @@ def count_tokens(batch: dict) -> int:
     return total
 
 
-def transformer_body(model):
-    """The bare transformer (e.g. Qwen3Model) under a task head and/or a peft wrapper."""
-    hf = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return getattr(hf, hf.base_model_prefix, hf)
-
-
 def head_model(model):
     """The transformers model with its task head (peft unwrapped)."""
     return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def transformer_body(model):
+    """The bare transformer (e.g. Qwen3Model) under a task head and/or a peft wrapper."""
+    hf = head_model(model)
+    return getattr(hf, hf.base_model_prefix, hf)
 
 
 def packed_hidden(model, batch: dict, prefix: str = ""):

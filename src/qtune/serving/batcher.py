@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from qtune.data.batching import sorted_batches
+
 Runner = Callable[[list[dict]], np.ndarray]  # unpadded features -> (rows, width) float32
 
 
@@ -103,7 +105,9 @@ class MicroBatcher:
         rows.sort(key=lambda row: -len(row[2]["input_ids"]))  # longest first: little padding per call
         outputs: list[np.ndarray | None] = [None] * len(items)
         try:
-            for chunk in _chunks(rows, self.max_batch_tokens):
+            lengths = [len(f["input_ids"]) for _, _, f in rows]
+            for start, end in sorted_batches(lengths, max(len(rows), 1), self.max_batch_tokens):
+                chunk = rows[start:end]
                 result = await loop.run_in_executor(self.executor, self.run, [f for _, _, f in chunk])
                 self.model_calls += 1
                 if self.on_call is not None:
@@ -120,17 +124,6 @@ class MicroBatcher:
         for item, out in zip(items, outputs):
             if not item.future.done():
                 item.future.set_result(out)
-
-
-def _chunks(rows: list, max_tokens: int):
-    """Consecutive runs of length-sorted rows whose padded size (rows x longest) stays within
-    `max_tokens`; a single row longer than that still gets its own call."""
-    start = 0
-    while start < len(rows):
-        longest = len(rows[start][2]["input_ids"])
-        size = max(1, max_tokens // max(longest, 1))
-        yield rows[start:start + size]
-        start += size
 
 
 def embedding_runner(loaded) -> Runner:

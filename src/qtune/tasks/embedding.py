@@ -15,7 +15,7 @@ import numpy as np
 
 from qtune.losses import matryoshka_info_nce
 from qtune.modeling.embedding import forward_embeddings
-from qtune.modeling.packing import is_packed, pack, split_packed, wants_packing
+from qtune.modeling.packing import is_packed, pack_or_pad, split_packed
 from qtune.records import QueryGroup
 
 
@@ -74,11 +74,7 @@ def collate(tokenizer, features: Sequence[dict], packed=False) -> dict:
     packed (`packed`: True/False or a policy, see `qtune.modeling.packing.wants_packing`)."""
     candidates = [f["positive"] for f in features] + [n for f in features for n in f["negatives"]]
     sides = {"q_": [f["query"] for f in features], "p_": candidates}
-    batch = {}
-    for prefix, rows in sides.items():
-        side = pack(rows) if wants_packing(packed, rows) else tokenizer.pad(rows, padding=True, return_tensors="pt")
-        batch.update({prefix + k: v for k, v in side.items()})
-    return batch
+    return {prefix + k: v for prefix, rows in sides.items() for k, v in pack_or_pad(tokenizer, rows, packed).items()}
 
 
 def _loss_from_vectors(q, p, settings: ContrastiveSettings):

@@ -66,11 +66,11 @@ def collate(tokenizer, features: Sequence[dict], packed=False):
     labels become one (rows,) tensor."""
     import torch
 
-    from qtune.modeling.packing import pack, wants_packing
+    from qtune.modeling.packing import pack_or_pad
 
     labels = [f["labels"] for f in features if "labels" in f]
     inputs = [{k: v for k, v in f.items() if k != "labels"} for f in features]
-    batch = pack(inputs) if wants_packing(packed, inputs) else dict(tokenizer.pad(inputs, padding=True, return_tensors="pt"))
+    batch = pack_or_pad(tokenizer, inputs, packed)
     if labels:
         batch["labels"] = torch.tensor(labels, dtype=torch.long)
     return batch

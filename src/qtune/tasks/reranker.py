@@ -48,10 +48,10 @@ def collate(tokenizer, features: Sequence[dict], packed=False) -> dict:
     group_size) marks the positive (column 0)."""
     import torch
 
-    from qtune.modeling.packing import pack, wants_packing
+    from qtune.modeling.packing import pack_or_pad
 
     flat = [pair for f in features for pair in f["pairs"]]
-    batch = pack(flat) if wants_packing(packed, flat) else dict(tokenizer.pad(flat, padding=True, return_tensors="pt"))
+    batch = pack_or_pad(tokenizer, flat, packed)
     size = len(features[0]["pairs"])
     labels = torch.zeros(len(features), size)
     labels[:, 0] = 1.0
