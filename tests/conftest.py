@@ -88,6 +88,22 @@ def tiny_qwen_dir(tmp_path_factory) -> str:
     return save_tiny_qwen(tmp_path_factory.mktemp("tiny-qwen3"))
 
 
+@pytest.fixture(scope="module")
+def embedder(tiny_bert_dir):
+    """The tiny BERT loaded as an embedder (one per test module)."""
+    from qtune.api import load
+
+    return load(tiny_bert_dir, task="embedding", device="cpu")
+
+
+@pytest.fixture(scope="module")
+def clf(tiny_bert_dir):
+    """The tiny BERT loaded as a pair classifier (one per test module)."""
+    from qtune.api import load
+
+    return load(tiny_bert_dir, task="pair-cls", device="cpu")
+
+
 @pytest.fixture(scope="session")
 def synthetic_files(tmp_path_factory) -> dict[str, Path]:
     folder = tmp_path_factory.mktemp("pairs")

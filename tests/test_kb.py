@@ -144,20 +144,6 @@ def test_read_faq_errors_name_file_line_and_field(tmp_path, content, line, field
 QUESTIONS = ["the cat is here", "a red bus now", "my old horse", "big green train there", "small goat"]
 
 
-@pytest.fixture(scope="module")
-def embedder(tiny_bert_dir):
-    from qtune.api import load
-
-    return load(tiny_bert_dir, task="embedding", device="cpu")
-
-
-@pytest.fixture(scope="module")
-def classifier(tiny_bert_dir):
-    from qtune.api import load
-
-    return load(tiny_bert_dir, task="pair-cls", device="cpu")
-
-
 @pytest.fixture
 def faq_kb(tmp_path, embedder):
     faq = tmp_path / "faq.csv"
@@ -201,14 +187,14 @@ def test_matcher_finds_the_exact_question_and_follows_the_threshold(faq_kb, embe
     assert FaqMatcher(embedder, faq_kb, threshold=1.01).match("my old horse")["matched"] is False
 
 
-def test_matcher_rescores_with_the_pair_classifier(faq_kb, embedder, classifier):
-    matcher = FaqMatcher(embedder, faq_kb, rescorer=classifier)
+def test_matcher_rescores_with_the_pair_classifier(faq_kb, embedder, clf):
+    matcher = FaqMatcher(embedder, faq_kb, rescorer=clf)
     assert matcher.threshold == 0.5
     query = "the big cat"
     result = matcher.match(query, top_k=4)
     candidates = result["candidates"]
     assert len(candidates) == 4
-    probs = classifier.predict_proba([(query, c["question"]) for c in candidates])[:, 1]
+    probs = clf.predict_proba([(query, c["question"]) for c in candidates])[:, 1]
     assert [c["score"] for c in candidates] == pytest.approx(probs.tolist(), abs=1e-6)
     assert result["score"] == pytest.approx(float(probs.max()), abs=1e-6)
     assert result["id"] == candidates[0]["id"]

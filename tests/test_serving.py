@@ -37,11 +37,6 @@ def qwen(tiny_qwen_dir):
     return load(tiny_qwen_dir, task="embedding", device="cpu")
 
 
-@pytest.fixture(scope="module")
-def clf(tiny_bert_dir):
-    return load(tiny_bert_dir, task="pair-cls", device="cpu")
-
-
 SETTINGS = ServerSettings(max_inputs=8, max_input_tokens=24, max_body_bytes=4096)
 
 

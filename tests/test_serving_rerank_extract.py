@@ -48,16 +48,6 @@ def extractor(tiny_qwen_dir):
 
 
 @pytest.fixture(scope="module")
-def embedder(tiny_bert_dir):
-    return load(tiny_bert_dir, task="embedding", device="cpu")
-
-
-@pytest.fixture(scope="module")
-def clf(tiny_bert_dir):
-    return load(tiny_bert_dir, task="pair-cls", device="cpu")
-
-
-@pytest.fixture(scope="module")
 def rr_calibrated(rr_bert):
     scores = np.sort(rr_bert.score([(QUERY, d) for d in DOCS]))  # the random head: close scores
     gap = int(np.argmax(np.diff(scores)))  # in the widest gap, far from float rounding
