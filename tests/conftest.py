@@ -104,6 +104,21 @@ def clf(tiny_bert_dir):
     return load(tiny_bert_dir, task="pair-cls", device="cpu")
 
 
+FAQ_QUESTIONS = ["the cat is here", "a red bus now", "my old horse", "big green train there", "small goat"]
+
+
+@pytest.fixture
+def faq_kb(tmp_path, embedder):
+    """A Milvus Lite knowledge base of FAQ_QUESTIONS (answer i for question i), built with `embedder`."""
+    from qtune.kb import build_kb
+
+    faq = tmp_path / "faq.csv"
+    faq.write_text("question,answer\n" + "".join(f"{q},answer {i}\n" for i, q in enumerate(FAQ_QUESTIONS)),
+                   encoding="utf-8")
+    with build_kb(embedder, faq, str(tmp_path / "faq.db"), model_name="tiny-bert") as store:
+        yield store
+
+
 @pytest.fixture(scope="session")
 def synthetic_files(tmp_path_factory) -> dict[str, Path]:
     folder = tmp_path_factory.mktemp("pairs")

@@ -23,6 +23,8 @@ from qtune.kb import (
 )
 from qtune.kb.faq import question_id
 
+from conftest import FAQ_QUESTIONS
+
 E = [FaqEntry("a", "how do I reset my password", "Use the reset link."),
      FaqEntry("b", "where is my parcel", "Track it on the orders page."),
      FaqEntry("c", "can I pay by card", "Yes, all major cards.")]
@@ -141,20 +143,8 @@ def test_read_faq_errors_name_file_line_and_field(tmp_path, content, line, field
 
 # ── matcher with tiny models ────────────────────────────────────
 
-QUESTIONS = ["the cat is here", "a red bus now", "my old horse", "big green train there", "small goat"]
-
-
-@pytest.fixture
-def faq_kb(tmp_path, embedder):
-    faq = tmp_path / "faq.csv"
-    faq.write_text("question,answer\n" + "".join(f"{q},answer {i}\n" for i, q in enumerate(QUESTIONS)),
-                   encoding="utf-8")
-    with build_kb(embedder, faq, str(tmp_path / "faq.db"), model_name="tiny-bert") as store:
-        yield store
-
-
 def test_build_kb_stores_every_entry_with_its_model(faq_kb, embedder):
-    assert faq_kb.count() == len(QUESTIONS)
+    assert faq_kb.count() == len(FAQ_QUESTIONS)
     assert (faq_kb.model, faq_kb.dimension) == ("tiny-bert", embedder.dimension)
     entry = faq_kb.get([question_id("my old horse")])[0]
     assert (entry.question, entry.answer) == ("my old horse", "answer 2")
@@ -171,7 +161,7 @@ def test_build_kb_checks_the_file_before_creating_anything(tmp_path, embedder):
 def test_matcher_finds_the_exact_question_and_follows_the_threshold(faq_kb, embedder):
     matcher = FaqMatcher(embedder, faq_kb)
     assert matcher.threshold == 0.8
-    for i, question in enumerate(QUESTIONS):
+    for i, question in enumerate(FAQ_QUESTIONS):
         result = matcher.match(question)
         assert (result["id"], result["question"], result["answer"]) == (question_id(question), question,
                                                                         f"answer {i}")
@@ -207,7 +197,7 @@ def test_add_and_delete_entries_change_what_matches(faq_kb, embedder):
     matcher = FaqMatcher(embedder, faq_kb)
     new = FaqEntry("train", "big green train there", "the replaced answer")
     assert add_entries(embedder, faq_kb, [new]) == 1
-    assert faq_kb.count() == len(QUESTIONS) + 1
+    assert faq_kb.count() == len(FAQ_QUESTIONS) + 1
     assert delete_entries(faq_kb, [question_id("big green train there")]) == 1
     result = matcher.match("big green train there")
     assert (result["id"], result["answer"]) == ("train", "the replaced answer")

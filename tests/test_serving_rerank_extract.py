@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from conftest import assert_api_error
+from conftest import FAQ_QUESTIONS, assert_api_error
 from qtune.api import load
-from qtune.kb import FaqMatcher, build_kb
+from qtune.kb import FaqMatcher
 from qtune.modeling.reranker import Reranker
 from qtune.serving import ServerSettings, create_app
 
@@ -295,18 +295,6 @@ def test_models_health_and_metrics(client):
 
 # --- FAQ matching rescored by a reranker -------------------------------------------------------------
 
-QUESTIONS = ["the cat is here", "a red bus now", "my old horse", "big green train there", "small goat"]
-
-
-@pytest.fixture
-def faq_kb(tmp_path, embedder):
-    faq = tmp_path / "faq.csv"
-    faq.write_text("question,answer\n" + "".join(f"{q},answer {i}\n" for i, q in enumerate(QUESTIONS)),
-                   encoding="utf-8")
-    with build_kb(embedder, faq, str(tmp_path / "faq.db"), model_name="tiny-bert") as store:
-        yield store
-
-
 @pytest.mark.parametrize("name", ["rr_bert", "rr_qwen"])
 def test_matcher_rescores_with_a_reranker(faq_kb, embedder, request, name):
     reranker = request.getfixturevalue(name)
@@ -324,7 +312,7 @@ def test_matcher_rescores_with_a_reranker(faq_kb, embedder, request, name):
 
 
 def test_matcher_threshold_defaults_to_the_calibrated_one(faq_kb, embedder, rr_bert, clf):
-    scores = rr_bert.score([(QUERY, q) for q in QUESTIONS])
+    scores = rr_bert.score([(QUERY, q) for q in FAQ_QUESTIONS])
     matcher = FaqMatcher(embedder, faq_kb, rescorer=calibrated(rr_bert, float(scores.max()) + 1e-4))
     assert matcher.threshold == pytest.approx(float(scores.max()) + 1e-4)
     assert matcher.match(QUERY)["matched"] is False
