@@ -1,4 +1,4 @@
-"""Tests for the offline demo data set (qtune.demo_data)."""
+"""Tests for the offline demo data set (qtune.demo.data)."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import csv
 
 import pytest
 
-from qtune import demo_data
-from qtune.demo_data import CONFUSABLE_PAIRS, INTENTS, make_pairs, sibling_id, write_demo_files
+from qtune.demo import data as demo_data
+from qtune.demo.data import CONFUSABLE_PAIRS, INTENTS, make_pairs, sibling_id, write_demo_files
 
 INTENT_OF = {s: i.id for i in INTENTS for s in (i.question, *i.paraphrases)}
 

@@ -5,7 +5,7 @@ Importing the package is cheap; torch and transformers load only when a model is
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "load", "train", "evaluate", "predict"]
+__all__ = ["__version__", "evaluate", "load", "predict", "train"]
 
 
 def __getattr__(name):

@@ -8,19 +8,17 @@ import sys
 from pathlib import Path
 
 from qtune import __version__
-from qtune.config import TASK_CONFIGS, add_config_flags, config_from_args
+from qtune.config import add_config_flags, config_from_args
 from qtune.errors import QtuneError
+from qtune.tasks import TASKS, Command, get
 
 
-def _device_flags(parser: argparse.ArgumentParser, pairs: bool = True) -> None:
+def _device_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=64, help="rows per forward pass (default: 64)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
     parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"),
                         help="auto: bf16 on a GPU that supports it, else fp32")
     _quantize_flag(parser)
-    if pairs:
-        parser.add_argument("--text-columns", nargs=2, default=["sentence1", "sentence2"], metavar=("COL1", "COL2"),
-                            help="the two text columns (default: sentence1 sentence2)")
 
 
 def _quantize_flag(parser: argparse.ArgumentParser) -> None:
@@ -30,28 +28,21 @@ def _quantize_flag(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_data_stats(args) -> None:
-    from qtune.api import pair_length_stats
+    from qtune.api import length_stats
     from qtune.data.stats import text_histogram
 
     plot = args.plot or f"{Path(args.file).stem}.lengths.png"
-    if args.task == "extract":
-        from qtune.api import extraction_length_stats
-
-        summary, lengths = extraction_length_stats(args.file, args.model, plot=plot)
-        unit = "example (chat prompt, answer, EOS)"
-    else:
-        summary, lengths = pair_length_stats(args.file, args.model, text_columns=args.text_columns, plot=plot)
-        unit = "pair"
+    task = get(args.task)
+    summary, lengths = length_stats(args.task, args.file, args.model, plot=plot, text_columns=args.text_columns)
     if args.json:
         print(json.dumps(summary, indent=2))
         return
-    print(f"{args.file}: {summary['rows']} rows, tokens per {unit} with {args.model}")
+    print(f"{args.file}: {summary['rows']} rows, tokens per {task.stats_unit} with {args.model}")
     print("  ".join(f"{k} {summary[k]}" for k in ("min", "p50", "p90", "p95", "p99", "max")) +
           f"  mean {summary['mean']:.1f}")
     print(text_histogram(lengths))
     print(f"suggested --max-length {summary['suggested_max_length']} (covers {summary['coverage']:.0%} of rows; "
-          f"{summary['rows_truncated_at_suggestion']} rows would be "
-          f"{'left out of training' if args.task == 'extract' else 'truncated'})")
+          f"{summary['rows_truncated_at_suggestion']} rows would be {task.over_length})")
     print(f"plot: {plot}")
 
 
@@ -96,7 +87,7 @@ def cmd_mine(args) -> None:
 def cmd_train(args) -> None:
     from qtune.api import train
 
-    config = config_from_args(TASK_CONFIGS[args.task], args)
+    config = config_from_args(get(args.task).config, args)
     result = train(args.task, config)
     best = result.get("best") or {}
     shown = {k: v for k, v in best.items() if isinstance(v, (int, float))}
@@ -104,82 +95,32 @@ def cmd_train(args) -> None:
           + (", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in shown.items()) or "n/a"))
 
 
-def cmd_eval_retrieval(args) -> None:
-    from qtune.api import evaluate_retrieval_models
-    from qtune.evaluation.retrieval import retrieval_report
+def command_runner(command: Command):
+    """The CLI function of a task's eval/predict/calibrate command: settings from the flags, run, print."""
+    def run(args) -> None:
+        from qtune.api import load
 
-    results = evaluate_retrieval_models(args.model, args.data, compare=args.compare, output=args.output,
-                                        triplets=args.triplets, top_k=args.top_k, batch_size=args.batch_size,
-                                        reranker=args.reranker, rerank_top_k=args.rerank_top_k,
-                                        device=args.device, precision=args.precision)
-    print(retrieval_report(results, args.data, baseline=args.model if args.reranker and not args.compare else None))
-    if args.output:
-        print(f"wrote {args.output}/metrics.json, report.md, retrieval.png")
+        config = config_from_args(command.config, args)
+        print(command.show(config, command.run(config, load)))
+
+    return run
 
 
-def cmd_eval_rerank(args) -> None:
-    from qtune.api import evaluate_rerank
-    from qtune.evaluation.retrieval import retrieval_report
-
-    results = evaluate_rerank(args.model, args.data, args.retriever, compare=args.compare, top_k=args.top_k,
-                              output=args.output, batch_size=args.batch_size, device=args.device,
-                              precision=args.precision)
-    print(retrieval_report(results, args.data, baseline=args.retriever, title="Reranking"))
-    if args.output:
-        print(f"wrote {args.output}/metrics.json, report.md, retrieval.png")
+def add_command(commands, command: Command) -> None:
+    sub = commands.add_parser(command.name, help=(command.help or "").split(": ", 1)[-1].strip().rstrip("."))
+    add_config_flags(sub, command.config, recipe=False)
+    sub.set_defaults(func=command_runner(command), from_config=True)
 
 
-def cmd_eval_extract(args) -> None:
-    from qtune.api import evaluate_extract
-    from qtune.evaluation.extraction import extraction_report
-
-    results = evaluate_extract(args.model, args.data, compare=args.compare, output=args.output,
-                               batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, device=args.device,
-                               precision=args.precision)
-    print(extraction_report(results, args.data))
-    if args.output:
-        print(f"wrote {args.output}/metrics.json, report.md, extraction.png")
-
-
-def cmd_calibrate(args) -> None:
-    from qtune.api import calibrate
-
-    found = calibrate(args.model, args.data, min_precision=args.min_precision, output=args.output,
-                      text_columns=args.text_columns, label_column=args.label_column, batch_size=args.batch_size,
-                      device=args.device, precision=args.precision)
-    print(f"threshold {found['threshold']:.6f}: precision {found['precision']:.4f}, recall {found['recall']:.4f}, "
-          f"F1 {found['f1']:.4f} on {found['pairs']} pairs ({found['relevant']} relevant)")
-    print(f"stored in {args.model}/qtune.json")
-
-
-def cmd_extract(args) -> None:
-    from qtune.api import extract_file
-
-    counts = extract_file(args.model, args.input, args.output, batch_size=args.batch_size,
-                          max_new_tokens=args.max_new_tokens, device=args.device, precision=args.precision)
-    print(f"wrote {counts['rows']} rows to {args.output}: {counts['parsed']} parsed, {counts['failed']} did not "
-          "parse (output null, see their error field)")
-
-
-def cmd_eval(args) -> None:
-    from qtune.api import evaluate_pair_cls
-    from qtune.evaluation.report import pair_cls_report
-
-    results = evaluate_pair_cls(args.model, args.data, compare=args.compare, output=args.output,
-                                batch_size=args.batch_size, device=args.device, precision=args.precision,
-                                text_columns=args.text_columns, label_column=args.label_column)
-    print(pair_cls_report(results, args.data))
-    if args.output:
-        print(f"wrote {args.output}/metrics.json, report.md, confusion.png")
-
-
-def cmd_predict(args) -> None:
-    from qtune.api import predict_pair_cls_file
-
-    count = predict_pair_cls_file(args.model, args.input, args.output, batch_size=args.batch_size,
-                                  threshold=args.threshold, device=args.device, precision=args.precision,
-                                  text_columns=args.text_columns)
-    print(f"wrote {count} predictions to {args.output}")
+def task_commands(kind: str) -> list[Command]:
+    """Every registered task's `evaluation`, `prediction` or `calibration` command."""
+    found = []
+    for task in TASKS.values():
+        make = getattr(task, kind, None)
+        command = make() if make is not None else None
+        if command is not None:
+            found.append(command)
+    return found
 
 
 def cmd_export(args) -> None:
@@ -239,8 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
     stats = data.add_parser("stats", help="token-length percentiles, histogram and a suggested --max-length")
     stats.add_argument("file")
     stats.add_argument("--model", required=True, help="model or tokenizer (hub id or folder)")
-    stats.add_argument("--task", choices=("pair-cls", "extract"), default="pair-cls",
-                       help="how rows are encoded: sentence pairs, or extraction JSONL (default: pair-cls)")
+    stats.add_argument("--task", choices=[t.name for t in TASKS.values() if t.token_lengths is not None],
+                       default="pair-cls", help="how rows are encoded, as that task trains (default: pair-cls)")
     stats.add_argument("--text-columns", nargs=2, default=["sentence1", "sentence2"], metavar=("COL1", "COL2"))
     stats.add_argument("--plot", help="PNG histogram path (default: FILE-STEM.lengths.png here)")
     stats.add_argument("--json", action="store_true", help="print the summary as JSON")
@@ -278,79 +219,24 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--seed", type=int, default=42)
     sub.add_argument("--format", choices=("flagembedding", "swift"), default="flagembedding",
                      help="{query,pos,neg} or {query,response,rejected_response}")
-    _device_flags(sub, pairs=False)
+    _device_flags(sub)
     sub.set_defaults(func=cmd_mine)
 
     train = commands.add_parser("train", help="fine-tune a model").add_subparsers(dest="task", required=True)
-    for task, cls in TASK_CONFIGS.items():
-        sub = train.add_parser(task, help=(cls.__doc__ or "").strip().splitlines()[0])
-        add_config_flags(sub, cls)
+    for task in TASKS.values():
+        sub = train.add_parser(task.name, help=(task.config.__doc__ or "").strip().splitlines()[0])
+        add_config_flags(sub, task.config)
         sub.set_defaults(func=cmd_train)
 
     evaluate = commands.add_parser("eval", help="evaluate a model").add_subparsers(dest="task", required=True)
-    sub = evaluate.add_parser("pair-cls", help="accuracy, macro-F1, per-class P/R, confusion, best threshold")
-    sub.add_argument("--model", required=True, help="trained folder, exported folder or base model")
-    sub.add_argument("--data", required=True, help="labelled pair file")
-    sub.add_argument("--compare", help="a second model, evaluated side by side")
-    sub.add_argument("--output", help="folder for metrics.json, report.md and confusion.png")
-    sub.add_argument("--label-column", default="label")
-    _device_flags(sub)
-    sub.set_defaults(func=cmd_eval)
-    sub = evaluate.add_parser("retrieval", help="nDCG@k, Recall@k, MRR@10, MAP@100 on a BEIR folder")
-    sub.add_argument("--model", required=True, help="embedding model: trained folder or base model")
-    sub.add_argument("--data", required=True, help="BEIR folder (corpus.jsonl, queries.jsonl, qrels/test.tsv)")
-    sub.add_argument("--compare", help="a second model, side by side (e.g. the base model)")
-    sub.add_argument("--output", help="folder for metrics.json, report.md and retrieval.png")
-    sub.add_argument("--triplets", help="JSONL with negatives: also report mean sim(q,pos) - sim(q,neg)")
-    sub.add_argument("--top-k", type=int, default=100, help="passages retrieved per query (default: 100)")
-    sub.add_argument("--reranker", help="also rerank each model's top --rerank-top-k with this reranker")
-    sub.add_argument("--rerank-top-k", type=int, default=100, help="passages reranked per query (default: 100)")
-    _device_flags(sub, pairs=False)
-    sub.set_defaults(func=cmd_eval_retrieval)
-    sub = evaluate.add_parser("rerank", help="retriever alone vs retriever + reranker: nDCG@10, MRR@10, ...")
-    sub.add_argument("--model", required=True, help="reranker: trained folder or base model")
-    sub.add_argument("--data", required=True, help="BEIR folder (corpus.jsonl, queries.jsonl, qrels/test.tsv)")
-    sub.add_argument("--retriever", required=True, help="embedding model for the first stage")
-    sub.add_argument("--top-k", type=int, default=100, help="passages retrieved and reranked per query (default: 100)")
-    sub.add_argument("--compare", help="a second reranker, side by side (e.g. the base model)")
-    sub.add_argument("--output", help="folder for metrics.json, report.md and retrieval.png")
-    _device_flags(sub, pairs=False)
-    sub.set_defaults(func=cmd_eval_rerank, batch_size=32)
-    sub = evaluate.add_parser("extract", help="JSON validity, per-field and all-fields exact match")
-    sub.add_argument("--model", required=True, help="extraction model: trained folder or base model")
-    sub.add_argument("--data", required=True, help="JSONL {instruction, input, output}")
-    sub.add_argument("--compare", help="a second model, side by side (e.g. the base model)")
-    sub.add_argument("--output", help="folder for metrics.json, report.md and extraction.png")
-    sub.add_argument("--max-new-tokens", type=int, default=256, help="longest answer (default: 256)")
-    _device_flags(sub, pairs=False)
-    sub.set_defaults(func=cmd_eval_extract, batch_size=16)
-
+    for command in task_commands("evaluation"):
+        add_command(evaluate, command)
     predict = commands.add_parser("predict", help="predict a file").add_subparsers(dest="task", required=True)
-    sub = predict.add_parser("pair-cls", help="probability and label for every row, in input order")
-    sub.add_argument("--model", required=True)
-    sub.add_argument("--input", required=True, help="pair file (CSV, TSV or JSONL; labels not needed)")
-    sub.add_argument("--output", required=True, help="output file (CSV, TSV or JSONL by extension)")
-    sub.add_argument("--threshold", type=float, help="positive when P(positive) >= this (default: argmax)")
-    _device_flags(sub)
-    sub.set_defaults(func=cmd_predict)
-
-    sub = commands.add_parser("extract", help="JSON from every row of a JSONL file, in input order")
-    sub.add_argument("--model", required=True, help="extraction model (a `qtune train extract` folder)")
-    sub.add_argument("--input", required=True, help="JSONL rows {input, instruction?}")
-    sub.add_argument("--output", required=True, help="JSONL: each row with output (JSON or null) and error")
-    sub.add_argument("--max-new-tokens", type=int, default=256, help="longest answer (default: 256)")
-    _device_flags(sub, pairs=False)
-    sub.set_defaults(func=cmd_extract, batch_size=16)
-
-    sub = commands.add_parser("calibrate", help="reranker score threshold from labelled pairs, stored with the model")
-    sub.add_argument("--model", required=True, help="reranker folder (the threshold goes into its qtune.json)")
-    sub.add_argument("--data", required=True, help="labelled pairs: query, document, label 1 (relevant) or 0")
-    sub.add_argument("--min-precision", type=float,
-                     help="the lowest threshold with at least this precision (default: the F1-best threshold)")
-    sub.add_argument("--output", help="folder for metrics.json")
-    sub.add_argument("--label-column", default="label")
-    _device_flags(sub)
-    sub.set_defaults(func=cmd_calibrate, batch_size=32)
+    for command in task_commands("prediction"):
+        add_command(predict, command)
+    # `qtune extract` is `qtune predict extract`; `qtune calibrate` is the reranker's calibration
+    for command in [c for c in task_commands("prediction") if c.name == "extract"] + task_commands("calibration"):
+        add_command(commands, command)
 
     sub = commands.add_parser("export", help="merge LoRA into a plain transformers checkpoint")
     sub.add_argument("--model", required=True, help="a qtune training folder (e.g. OUT/best)")
@@ -359,7 +245,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub = commands.add_parser("serve", help="OpenAI-compatible HTTP server (embeddings, classify, rerank, extract, FAQ match)")
     sub.add_argument("--embedding", help="embedding model for /v1/embeddings (and the knowledge base)")
-    sub.add_argument("--classifier", help="pair classifier for /v1/classify (and FAQ rescoring)")
+    sub.add_argument("--classifier", nargs="+", help="pair and/or text classifiers for /v1/classify (a pair "
+                     "classifier also rescores FAQ matches)")
     sub.add_argument("--reranker", help="reranker for /v1/rerank (and FAQ rescoring, with its calibrated threshold)")
     sub.add_argument("--extractor", help="extraction model for /v1/extract")
     sub.add_argument("--kb", help="knowledge base for /v1/match: Milvus Lite file or Milvus server URI")
@@ -416,8 +303,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if getattr(args, "quantize", None) == "int8":
-        args.precision = "int8"  # the loader exports the fp32 model to int8
+    if getattr(args, "quantize", None) == "int8" and not getattr(args, "from_config", False):
+        args.precision = "int8"  # the loader exports the fp32 model to int8 (config commands: InferenceConfig)
     try:
         import warnings
 

@@ -19,3 +19,26 @@ class DataError(QtuneError):
         if field is not None:
             where.append(f"field '{field}'")
         super().__init__(f"{', '.join(where)}: {message}" if where else message)
+
+
+# The JSON error `type` of each HTTP status (OpenAI's names).
+ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
+               413: "invalid_request_error", 422: "invalid_request_error", 429: "rate_limit_error",
+               503: "service_unavailable"}
+
+
+class RequestError(QtuneError):
+    """A request the client got wrong (or a state it must wait out): an HTTP status and the JSON
+    error shape `{"error": {message, type, param, code}}`. Raised by the tasks' request handlers,
+    answered by the server."""
+
+    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+
+    def body(self) -> dict:
+        return error_body(self.message, ERROR_TYPES.get(self.status, "server_error"), self.param, self.code)
+
+
+def error_body(message: str, type_: str, param: str | None = None, code: str | None = None) -> dict:
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}

@@ -105,3 +105,13 @@ def calibrate_threshold(y_true: Sequence[int], scores: Sequence[float], min_prec
         best = int(np.flatnonzero(ok)[-1])
     return {"threshold": float(s_sorted[best]), "precision": float(precision[best]), "recall": float(recall[best]),
             "f1": float(f1[best]), "pairs": int(len(y)), "relevant": positives, "min_precision": min_precision}
+
+
+def metrics_from_probs(y_true: Sequence[int], probs: np.ndarray, labels: Sequence[str]) -> dict:
+    """Report for argmax predictions, plus (two classes) the threshold that maximises macro-F1."""
+    report = classification_report(y_true, probs.argmax(axis=1), labels)
+    if len(labels) == 2:
+        threshold, macro_f1 = best_threshold(y_true, probs[:, 1])
+        report["best_threshold"] = threshold
+        report["best_threshold_macro_f1"] = macro_f1
+    return report

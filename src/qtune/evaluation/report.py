@@ -23,12 +23,12 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> s
     return "\n".join(lines)
 
 
-def pair_cls_report(results: dict[str, dict], data: str) -> str:
+def classification_report_md(results: dict[str, dict], data: str, title: str = "Pair classification") -> str:
     """Markdown report; `results` maps a model name to its metrics, shown side by side."""
     names = list(results)
     summary_keys = ["accuracy", "macro_f1", "best_threshold", "best_threshold_macro_f1"]
     rows = [[key] + [results[n].get(key, "") for n in names] for key in summary_keys]
-    parts = [f"# Pair classification: {data}", "", markdown_table(["metric", *names], rows), ""]
+    parts = [f"# {title}: {data}", "", markdown_table(["metric", *names], rows), ""]
     for name in names:
         metrics = results[name]
         labels = list(metrics["per_class"])
@@ -64,8 +64,9 @@ def plot_confusion(results: dict[str, dict], path: Path) -> None:
     save_png(fig, path)
 
 
-def write_pair_cls_outputs(results: dict[str, dict], data: str, output: str | Path) -> None:
+def write_classification_outputs(results: dict[str, dict], data: str, output: str | Path,
+                                 title: str = "Pair classification") -> None:
     output = Path(output)
     write_json(output / "metrics.json", results)
-    write_text(output / "report.md", pair_cls_report(results, data))
+    write_text(output / "report.md", classification_report_md(results, data, title))
     plot_confusion(results, output / "confusion.png")

@@ -27,7 +27,7 @@ def evaluate_retrieval(embedder, data: RetrievalSet, *, top_k: int = 100, batch_
 def retrieve(embedder, data: RetrievalSet, *, top_k: int = 100, batch_size: int = 64,
              progress: bool = False) -> dict[str, list[str]]:
     """query id -> the `top_k` document ids by exact inner-product search, best first."""
-    from qtune.mining import exact_search
+    from qtune.vector_search import exact_search
 
     doc_ids = list(data.corpus)
     query_ids = list(data.queries)

@@ -14,16 +14,35 @@ import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
+
+import numpy as np
 
 from qtune.data.tables import read_table, required_text
 from qtune.errors import DataError, QtuneError
 
 if TYPE_CHECKING:
-    from qtune.api import PairClassifier
     from qtune.kb.store import KnowledgeBase
-    from qtune.modeling.embedding import Embedder
-    from qtune.modeling.reranker import Reranker
+
+
+class Embeds(Protocol):
+    """Something that embeds texts (an embedding model from `qtune.load`)."""
+
+    dimension: int
+
+    def embed(self, texts: Sequence[str], *, is_query: bool = False, batch_size: int = 64) -> np.ndarray: ...
+
+
+class ScoresPairs(Protocol):
+    """Something that scores (query, candidate) pairs in [0, 1] (a reranker or a two-label pair classifier)."""
+
+    scorer_kind: str  # "reranker", "classifier": shown in /health
+    default_threshold: float | None  # a calibrated threshold, if the model has one
+
+    def check_scorer(self) -> None:
+        """Raise QtuneError if this model cannot score pairs for matching."""
+
+    def pair_scores(self, pairs: list[tuple[str, str]]) -> np.ndarray: ...
 
 FAQ_COLUMNS = ("question", "answer")
 DEFAULT_TOP_K = 5
@@ -79,12 +98,12 @@ def _given_id(value, path, line: int) -> str | None:
     return text or None
 
 
-def _embed_questions(embedder: Embedder, entries: Sequence[FaqEntry], batch_size: int):
+def _embed_questions(embedder: Embeds, entries: Sequence[FaqEntry], batch_size: int):
     # FAQ questions are the passages: embedded as documents, without the query instruction.
     return embedder.embed([e.question for e in entries], is_query=False, batch_size=batch_size)  # (n, dim)
 
 
-def build_kb(embedder: Embedder, faq_path: str | Path, uri: str, model_name: str, *, token: str | None = None,
+def build_kb(embedder: Embeds, faq_path: str | Path, uri: str, model_name: str, *, token: str | None = None,
              batch_size: int = 64) -> KnowledgeBase:
     """A new knowledge base at `uri` holding every entry of `faq_path`; returned open.
 
@@ -103,7 +122,7 @@ def build_kb(embedder: Embedder, faq_path: str | Path, uri: str, model_name: str
     return kb
 
 
-def add_entries(embedder: Embedder, kb: KnowledgeBase, entries: Sequence[FaqEntry], *,
+def add_entries(embedder: Embeds, kb: KnowledgeBase, entries: Sequence[FaqEntry], *,
                 batch_size: int = 64) -> int:
     """Insert or replace entries (by id); returns how many were written."""
     kb.check_model(dimension=embedder.dimension)
@@ -120,24 +139,22 @@ def delete_entries(kb: KnowledgeBase, ids: Sequence[str]) -> int:
 class FaqMatcher:
     """Best FAQ entry for a user question: `FaqMatcher(embedder, kb).match("...")`.
 
-    `rescorer` is a two-label `PairClassifier` or a `Reranker`. Without `threshold`: a reranker's
-    calibrated threshold when it has one, else 0.5 with a rescorer, else 0.8 (cosine).
+    `rescorer` scores pairs (`ScoresPairs`: a reranker or a two-label pair classifier). Without
+    `threshold`: the rescorer's calibrated threshold when it has one, else 0.5 with a rescorer,
+    else 0.8 (cosine).
     """
 
-    def __init__(self, embedder: Embedder, kb: KnowledgeBase, rescorer: PairClassifier | Reranker | None = None,
+    def __init__(self, embedder: Embeds, kb: KnowledgeBase, rescorer: ScoresPairs | None = None,
                  threshold: float | None = None, top_k: int = DEFAULT_TOP_K):
-        from qtune.modeling.reranker import Reranker
-
         kb.check_model(dimension=embedder.dimension)
-        is_reranker = isinstance(rescorer, Reranker)
-        if rescorer is not None and not is_reranker and len(rescorer.labels) != 2:
-            raise QtuneError(f"the rescoring classifier needs two labels, it has {rescorer.labels}")
+        if rescorer is not None:
+            rescorer.check_scorer()
         self.embedder, self.kb, self.rescorer, self.top_k = embedder, kb, rescorer, top_k
-        self.rescored_by = None if rescorer is None else "reranker" if is_reranker else "classifier"
+        self.rescored_by = None if rescorer is None else rescorer.scorer_kind
         if rescorer is None:
             default = DEFAULT_THRESHOLD_COSINE
-        elif is_reranker and rescorer.threshold is not None:
-            default = float(rescorer.threshold)
+        elif rescorer.default_threshold is not None:
+            default = float(rescorer.default_threshold)
         else:
             default = DEFAULT_THRESHOLD_CLASSIFIER
         self.threshold = default if threshold is None else float(threshold)
@@ -155,11 +172,8 @@ class FaqMatcher:
         vector = self.embedder.embed([query], is_query=True)[0]  # (dim,)
         hits = self.kb.search(vector, top_k)
         scores = [h.score for h in hits]
-        if self.rescored_by == "reranker" and hits:
-            scores = [float(s) for s in self.rescorer.score([(query, h.question) for h in hits])]  # (k,)
-        elif self.rescored_by == "classifier" and hits:
-            probs = self.rescorer.predict_proba([(query, h.question) for h in hits])  # (k, 2)
-            scores = [float(p) for p in probs[:, 1]]
+        if self.rescorer is not None and hits:
+            scores = [float(s) for s in self.rescorer.pair_scores([(query, h.question) for h in hits])]  # (k,)
         candidates = sorted(({"id": h.id, "question": h.question, "answer": h.answer, "score": s}
                              for h, s in zip(hits, scores)), key=lambda c: -c["score"])
         if not candidates:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from qtune.errors import QtuneError
 from qtune.io import atomic_dir
-from qtune.modeling.loading import LoadedModel, load_model
+from qtune.modeling.loading import LoadedModel
 
 
 def save_model_files(loaded: LoadedModel, folder: str | os.PathLike) -> None:
@@ -29,15 +29,19 @@ def save_checkpoint(loaded: LoadedModel, folder: str | os.PathLike, extra_files:
             write(tmp / name)
 
 
-def export_merged(model_dir: str | os.PathLike, output: str | os.PathLike) -> Path:
-    """Merge a LoRA checkpoint into a plain transformers checkpoint (loadable without peft).
-
-    The output folder must not exist yet (or be empty): an export never replaces other files.
-    """
+def check_export_target(output: str | os.PathLike) -> Path:
+    """The export folder, refused before any model loads if it exists and is not empty: an export
+    never replaces other files."""
     output = Path(output).resolve()
     if output.exists() and (not output.is_dir() or any(output.iterdir())):
         raise QtuneError(f"{output} already exists and is not empty; choose a new --output")
-    loaded = load_model(model_dir, device="cpu", precision="fp32")
+    return output
+
+
+def export_merged(loaded: LoadedModel, output: str | os.PathLike) -> Path:
+    """Merge a loaded LoRA model into a plain transformers checkpoint (loadable without peft) at
+    `output` (which must not exist yet, or be empty). Load it on the CPU in fp32 first."""
+    output = check_export_target(output)
     if loaded.is_adapter:
         loaded.model = loaded.model.merge_and_unload()
     with atomic_dir(output) as tmp:

@@ -25,8 +25,6 @@ import numpy as np
 from qtune.errors import QtuneError
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
-# The output each task reads from the model.
-TASK_OUTPUT = {"embedding": "last_hidden_state", "pair-cls": "logits", "reranker": "logits"}
 
 
 class OnnxModel:
@@ -76,10 +74,11 @@ def _export_module(model, output: str):
     return Exported
 
 
-def quantize_int8(loaded, *, threads: int | None = None, int8: bool = True):
+def quantize_int8(loaded, *, output: str | None, threads: int | None = None, int8: bool = True):
     """Replace `loaded.model` by an int8 ONNX Runtime model of it; returns `loaded`.
 
-    `int8=False` keeps the exported fp32 graph (the export alone, e.g. to check it)."""
+    `output` is the model output the task reads ("last_hidden_state", "logits"; None: the task
+    has no int8 path). `int8=False` keeps the exported fp32 graph (the export alone, e.g. to check it)."""
     import torch
 
     try:
@@ -88,7 +87,7 @@ def quantize_int8(loaded, *, threads: int | None = None, int8: bool = True):
     except ImportError:
         raise QtuneError("--quantize int8 needs ONNX Runtime: pip install 'qtune[int8]' (onnxruntime, onnx)") from None
     task = loaded.meta.task
-    if loaded.family.is_decoder or task not in TASK_OUTPUT:
+    if loaded.family.is_decoder or output is None:
         raise QtuneError(f"--quantize int8 is available for BERT-family encoders (embedding, pair-cls, "
                          f"cross-encoder reranker); '{loaded.meta.base_model}' is a {loaded.family.model_type} "
                          f"{task} model")
@@ -98,7 +97,6 @@ def quantize_int8(loaded, *, threads: int | None = None, int8: bool = True):
     if loaded.is_adapter:
         model = model.merge_and_unload()
     model = model.float().eval()
-    output = TASK_OUTPUT[task]
     probe = loaded.tokenizer(["a probe text", "a longer probe text for the exporter"], padding=True,
                              return_tensors="pt")
     names = [n for n in MODEL_INPUTS if n in probe]

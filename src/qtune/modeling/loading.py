@@ -13,7 +13,7 @@ import logging
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Protocol, Sequence
 
 from qtune import __version__
 from qtune.errors import QtuneError
@@ -22,19 +22,24 @@ from qtune.modeling.family import Family, family_of
 log = logging.getLogger(__name__)
 
 META_FILE = "qtune.json"
-# Which transformers auto class carries each task's head, and the matching peft task type.
-# Rerankers depend on the family: a decoder answers "yes"/"no" with its LM head (Qwen3-Reranker),
-# an encoder is a cross-encoder with a one-logit classification head.
-TASK_AUTO_CLASS = {"pair-cls": "AutoModelForSequenceClassification", "embedding": "AutoModel",
-                   "reranker": ("AutoModelForSequenceClassification", "AutoModelForCausalLM"),
-                   "extract": "AutoModelForCausalLM"}
-TASK_PEFT_TYPE = {"pair-cls": "SEQ_CLS", "embedding": "FEATURE_EXTRACTION", "reranker": ("SEQ_CLS", "CAUSAL_LM"),
-                  "extract": "CAUSAL_LM"}
 
 
-def _for_family(value, family: Family) -> str:
-    """A per-task entry of the tables above: one name, or (encoder name, decoder name)."""
-    return value[family.is_decoder] if isinstance(value, tuple) else value
+class ModelSpec(Protocol):
+    """What the loader needs from a task (each `qtune.tasks` Task is one): which transformers auto
+    class carries its head, how LoRA wraps it, and the head settings and metadata defaults."""
+
+    name: str
+    int8_output: str | None  # the output an int8 ONNX export returns ("logits", ...); None: no int8
+
+    def auto_class(self, family: Family) -> str: ...
+
+    def peft_task_type(self, family: Family) -> str: ...
+
+    def lora_targets(self, family: Family) -> list[str]: ...
+
+    def prepare(self, meta: "CheckpointMeta", source: str, tokenizer, family: Family) -> dict:
+        """Fill `meta`'s task defaults (pooling, instruction, labels); return from_pretrained kwargs."""
+        ...
 
 
 @dataclass
@@ -46,7 +51,7 @@ class CheckpointMeta:
     adapter: bool
     labels: list[str] = field(default_factory=list)
     max_length: int = 512
-    # embedding models: how a text becomes one vector (see qtune.modeling.embedding)
+    # embedding models: how a text becomes one vector (see qtune.modeling.pooling)
     pooling: str | None = None  # "last", "mean" or "cls"
     query_instruction: str | None = None
     # rerankers (decoders) and extractors: the instruction put in every prompt unless a row has one
@@ -120,33 +125,53 @@ class LoadedModel:
 
         return to_device(pack_or_pad(self.tokenizer, features, self.packs), self.device)
 
-    def run_sorted(self, features: Sequence[dict], out, forward, *, batch_size: int, collate=None,
-                   max_tokens: int | None = None, desc: str = "predict", progress: bool = False):
-        """Inference over `features` in batches sorted by length (least padding): `out[rows] =
-        forward(batch)` for each batch, made by `collate` (default: `self.collate`) and on the
-        model's device, without gradients, in eval mode (the mode is restored after). A batch holds
-        at most `batch_size` rows and, with `max_tokens`, at most that many tokens counting padding
-        (a longer single row still runs alone). Returns `out`."""
-        import numpy as np
+    @contextlib.contextmanager
+    def inference(self):
+        """Eval mode, no gradients, autocast where chosen; the previous mode is restored after."""
         import torch
-        from tqdm.auto import tqdm
 
-        from qtune.data.batching import sorted_batches
-
-        lengths = np.array([len(f["input_ids"]) for f in features])
-        order = np.argsort(-lengths, kind="stable")
-        batches = sorted_batches(lengths[order].tolist(), batch_size, max_tokens)
         was_training = self.model.training
         self.model.eval()
         try:
             with torch.inference_mode(), self.autocast():
-                for start, end in tqdm(batches, desc=desc, unit="batch", disable=not progress):
-                    rows = order[start:end]
-                    chosen = [features[i] for i in rows]
-                    batch = self.collate(chosen) if collate is None else to_device(collate(chosen), self.device)
-                    out[rows] = forward(batch)
+                yield
         finally:
             self.model.train(was_training)
+
+    def infer_batch(self, features: Sequence[dict], forward, collate=None):
+        """`forward(batch)` of ONE batch made of `features` (by `collate`, default `self.collate`), under
+        `inference()`. The server's micro-batcher and `run_sorted` call the same `forward`."""
+        with self.inference():
+            return forward(self.collate(features) if collate is None else to_device(collate(features), self.device))
+
+    def sorted_batches(self, lengths: Sequence[int], *, batch_size: int, max_tokens: int | None = None,
+                       desc: str = "predict", progress: bool = False):
+        """Index arrays of batches sorted by length, longest first (least padding): at most
+        `batch_size` rows and, with `max_tokens`, at most that many tokens counting padding (a longer
+        single row still runs alone). Shows a progress bar with `progress`."""
+        import numpy as np
+        from tqdm.auto import tqdm
+
+        from qtune.data.batching import sorted_batches
+
+        lengths = np.asarray(lengths)
+        order = np.argsort(-lengths, kind="stable")
+        for start, end in tqdm(sorted_batches(lengths[order].tolist(), batch_size, max_tokens), desc=desc,
+                               unit="batch", disable=not progress):
+            yield order[start:end]
+
+    def run_sorted(self, features: Sequence[dict], out, forward, *, batch_size: int, collate=None,
+                   max_tokens: int | None = None, desc: str = "predict", progress: bool = False):
+        """Inference over `features` in length-sorted batches (see `sorted_batches`): `out[rows] =
+        forward(batch)` for each batch, made by `collate` (default: `self.collate`), under
+        `inference()`. Returns `out`."""
+        lengths = [len(f["input_ids"]) for f in features]
+        with self.inference():
+            for rows in self.sorted_batches(lengths, batch_size=batch_size, max_tokens=max_tokens, desc=desc,
+                                            progress=progress):
+                chosen = [features[i] for i in rows]
+                batch = self.collate(chosen) if collate is None else to_device(collate(chosen), self.device)
+                out[rows] = forward(batch)
         return out
 
 
@@ -199,37 +224,23 @@ def load_config(name_or_path: str):
         raise QtuneError(f"cannot load model '{name_or_path}': {e}") from None
 
 
-def _auto_class(task: str, family: Family):
-    import transformers
-
-    try:
-        return getattr(transformers, _for_family(TASK_AUTO_CLASS[task], family))
-    except KeyError:
-        raise QtuneError(f"unknown task {task!r}; known: {', '.join(TASK_AUTO_CLASS)}") from None
-
-
-def load_model(name_or_path: str | os.PathLike, *, task: str | None = None, labels: Sequence[str] | None = None,
+def load_model(name_or_path: str | os.PathLike, spec: ModelSpec, *, labels: Sequence[str] | None = None,
                max_length: int | None = None, lora: LoraSettings | None = None, trainable: bool = False,
                device: str = "auto", precision: str = "auto", packing: bool = True) -> LoadedModel:
-    """Load a model for `task`, ready to train (`trainable=True`) or to run.
+    """Load a model for the task `spec`, ready to train (`trainable=True`) or to run.
 
-    A qtune folder brings its own task, labels and max length. For a base model, `lora` wraps it
-    with fresh LoRA adapters (training); `lora=None` keeps every weight trainable. `packing`:
-    decoders take padding-free packed batches (same results, no work on padding); encoders and
-    int8 models are always padded.
+    A qtune folder brings its own labels and max length. For a base model, `lora` wraps it with
+    fresh LoRA adapters (training); `lora=None` keeps every weight trainable. `packing`: decoders
+    take padding-free packed batches (same results, no work on padding); encoders and int8 models
+    are always padded. Callers pick `spec` from the task registry (`qtune.tasks.load_model`).
     """
     import torch
 
     name_or_path = str(name_or_path)
     saved = read_meta(name_or_path)
     meta = saved
-    if meta is not None and task is not None and meta.task != task:
-        raise QtuneError(f"'{name_or_path}' was trained for {meta.task}, not {task}")
-    task = meta.task if meta is not None else task
-    if task is None:
-        raise QtuneError(f"'{name_or_path}' is not a qtune folder: say which task it is for")
-    if task not in TASK_AUTO_CLASS:
-        raise QtuneError(f"unknown task {task!r}; known: {', '.join(TASK_AUTO_CLASS)}")
+    if meta is not None and meta.task != spec.name:
+        raise QtuneError(f"'{name_or_path}' was trained for {meta.task}, not {spec.name}")
     quantize = precision == "int8"  # loaded in fp32, then exported to an int8 ONNX Runtime model
     torch_device = resolve_device("cpu" if quantize and device == "auto" else device)
     if quantize and trainable:
@@ -242,36 +253,19 @@ def load_model(name_or_path: str | os.PathLike, *, task: str | None = None, labe
     tokenizer = load_tokenizer(name_or_path, family)
     if meta is None:
         labels = list(labels or ("0", "1"))
-        meta = CheckpointMeta(task=task, base_model=name_or_path, adapter=lora is not None, labels=labels,
+        meta = CheckpointMeta(task=spec.name, base_model=name_or_path, adapter=lora is not None, labels=labels,
                               max_length=max_length or default_max_length(name_or_path, tokenizer))
     elif max_length is not None:
         meta.max_length = max_length
-
-    head_kwargs = {}
-    if task == "pair-cls":
-        head_kwargs = dict(num_labels=len(meta.labels), id2label=dict(enumerate(meta.labels)),
-                           label2id={name: i for i, name in enumerate(meta.labels)},
-                           pad_token_id=tokenizer.pad_token_id)
-    else:
-        meta.labels = []
-    if task == "reranker" and not family.is_decoder:
-        head_kwargs = dict(num_labels=1, pad_token_id=tokenizer.pad_token_id)
-    if task == "reranker" and family.is_decoder and meta.instruction is None:
-        from qtune.modeling.reranker import DEFAULT_INSTRUCTION
-
-        meta.instruction = DEFAULT_INSTRUCTION
-    if task == "embedding":
-        if meta.pooling is None:
-            from qtune.modeling.embedding import default_pooling, default_query_instruction
-
-            meta.pooling = default_pooling(name_or_path, family)
-            meta.query_instruction = default_query_instruction(family)
+    head_kwargs = spec.prepare(meta, name_or_path, tokenizer, family)
     # Frozen base weights can live in bf16 (half the memory, faster); trained ones stay fp32. For
     # inference every weight is frozen: bf16 weights also spare autocast a cast of each weight on
     # every call (torch does not cache those casts under inference_mode).
     frozen_base = chosen == "bf16" and (lora is not None or not trainable)
     dtype = torch.bfloat16 if frozen_base else torch.float32
-    auto_class = _auto_class(task, family)
+    import transformers
+
+    auto_class = getattr(transformers, spec.auto_class(family))
     packed = packing and family.is_decoder and not quantize
     if packed:
         from qtune.modeling.packing import register_attention
@@ -288,7 +282,7 @@ def load_model(name_or_path: str | os.PathLike, *, task: str | None = None, labe
 
         model = PeftModel.from_pretrained(model, name_or_path, is_trainable=trainable)
     elif lora is not None:
-        model = _add_lora(model, family, lora, _untrained_modules(info.get("missing_keys", ())), task)
+        model = _add_lora(model, family, lora, _untrained_modules(info.get("missing_keys", ())), spec)
     if trainable:
         for p in model.parameters():
             if p.requires_grad:
@@ -300,7 +294,7 @@ def load_model(name_or_path: str | os.PathLike, *, task: str | None = None, labe
     if quantize:
         from qtune.modeling.int8 import quantize_int8
 
-        quantize_int8(loaded)
+        quantize_int8(loaded, output=spec.int8_output)
     return loaded
 
 
@@ -324,15 +318,12 @@ def _untrained_modules(missing_keys: Sequence[str]) -> list[str]:
     return sorted({key.rsplit(".", 1)[0] for key in missing_keys})
 
 
-def _add_lora(model, family: Family, lora: LoraSettings, extra_modules: Sequence[str], task: str):
+def _add_lora(model, family: Family, lora: LoraSettings, extra_modules: Sequence[str], spec: ModelSpec):
     from peft import LoraConfig, TaskType, get_peft_model
 
-    if lora.targets:
-        targets = list(lora.targets)
-    else:  # generation learns a new output format: every linear projection of a decoder
-        targets = family.linear_targets if task == "extract" else family.attention_targets
-    config = LoraConfig(task_type=getattr(TaskType, _for_family(TASK_PEFT_TYPE[task], family)), r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                        target_modules=targets, modules_to_save=list(extra_modules) or None)
+    targets = list(lora.targets) if lora.targets else spec.lora_targets(family)
+    config = LoraConfig(task_type=getattr(TaskType, spec.peft_task_type(family)), r=lora.r, lora_alpha=lora.alpha,
+                        lora_dropout=lora.dropout, target_modules=targets, modules_to_save=list(extra_modules) or None)
     try:
         return get_peft_model(model, config)
     except ValueError as e:

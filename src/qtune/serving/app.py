@@ -1,25 +1,20 @@
-"""The FastAPI app: `/v1/embeddings`, `/v1/classify`, `/v1/rerank`, `/v1/extract`, `/v1/match`,
-`/v1/models`, `/health`, `/metrics`.
+"""The FastAPI app: every endpoint the served models' tasks expose (`/v1/embeddings`,
+`/v1/classify`, `/v1/rerank`, `/v1/extract`, ...), plus `/v1/match`, `/v1/models`, `/health`, `/metrics`.
 
-Embeddings, pair classification and reranking go through one `MicroBatcher` per model; extraction
-(generation: slow, stateful) runs one request per model call on the same single model thread.
-
-Request bodies are read and parsed here (not by FastAPI) so that every failure, from a too-large
-body to a bad field, is answered in the one error shape `{"error": {message, type, param, code}}`.
+Which paths exist and how each request is answered come from the task registry (each task's
+`endpoints()`); this module routes a request to a served model, micro-batches wrappers that have a
+batch function (`run_batch`), runs every model call on one model thread, and answers every failure
+in the one error shape `{"error": {message, type, param, code}}`. Request bodies are read and parsed
+here (not by FastAPI) so that a too-large body and a bad field alike get that shape.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
-import copy
-import functools
-import json
 import logging
 import signal
 import threading
 import time
-import uuid
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -32,43 +27,27 @@ from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from qtune.errors import QtuneError
-from qtune.serving.batcher import (
-    MicroBatcher,
-    QueueFullError,
-    classifier_runner,
-    embedding_runner,
-    reranker_runner,
-)
-from qtune.serving.schemas import (
-    ERROR_TYPES,
-    ApiError,
-    ClassifyRequest,
-    EmbeddingRequest,
-    ExtractRequest,
-    RerankRequest,
-    ServerSettings,
-    error_body,
-)
+from qtune.serving.batcher import MicroBatcher, QueueFullError
+from qtune.serving.schemas import ERROR_TYPES, ApiError, ServerSettings, error_body
+from qtune.tasks import TASKS, Endpoint, Task
 
 logger = logging.getLogger("qtune.serving")
 
-KINDS = {"embedding": "an embedding model", "pair-cls": "a pair classifier", "reranker": "a reranker",
-         "extract": "an extractor"}
-DEFAULT_MAX_NEW_TOKENS = 256  # /v1/extract without max_new_tokens (capped by ServerSettings.max_new_tokens)
-NO_LIMIT = 10 ** 9  # tokenize without cutting, so too-long inputs are reported (bounded by the body size)
-ENDPOINTS = ("/v1/embeddings", "/v1/classify", "/v1/rerank", "/v1/extract", "/v1/match", "/v1/models",
-             "/health", "/metrics")
+FIXED_ENDPOINTS = ("/v1/match", "/v1/models", "/health", "/metrics")
 
 
 @dataclass
 class ServedModel:
     name: str
-    kind: str  # "embedding" | "pair-cls" | "reranker" | "extract"
-    model: object  # Embedder | PairClassifier | Reranker | Extractor
+    task: Task
+    model: object  # the task's inference wrapper (`Task.wrap`)
     max_input_tokens: int
-    batcher: MicroBatcher | None = None  # None for extractors
-    pending: int = 0  # extraction requests waiting for or in a model call
-    pair_formatter: object | None = None  # rerankers: their PairFormatter, without truncation
+    batcher: MicroBatcher | None = None  # None for wrappers without a batch function (extraction)
+    pending: int = 0  # requests waiting for or in a one-per-request model call
+
+    @property
+    def kind(self) -> str:
+        return self.task.name
 
     @property
     def loaded(self):
@@ -88,30 +67,17 @@ class ServingState:
     created: int = field(default_factory=lambda: int(time.time()))
 
 
-def _kind(model) -> str:
-    from qtune.api import PairClassifier
-    from qtune.modeling.embedding import Embedder
-    from qtune.modeling.reranker import Reranker
-    from qtune.tasks.extraction import Extractor
-
-    if isinstance(model, Embedder):
-        return "embedding"
-    if isinstance(model, PairClassifier):
-        return "pair-cls"
-    if isinstance(model, Reranker):
-        return "reranker"
-    if isinstance(model, Extractor):
-        return "extract"
-    raise QtuneError(f"cannot serve a {type(model).__name__}: expected an Embedder, a PairClassifier, "
-                     "a Reranker or an Extractor")
+def _task_of(model) -> Task:
+    """The registered task whose wrapper `model` is (the wrapper a `qtune.load` returned)."""
+    name = getattr(getattr(getattr(model, "loaded", None), "meta", None), "task", None)
+    if name in TASKS:
+        return TASKS[name]
+    kinds = ", ".join(t.kind for t in TASKS.values())
+    raise QtuneError(f"cannot serve a {type(model).__name__}: expected a model loaded by qtune.load ({kinds})")
 
 
-def _runner(entry: ServedModel):
-    if entry.kind == "embedding":
-        return embedding_runner(entry.loaded)
-    if entry.kind == "pair-cls":
-        return classifier_runner(entry.loaded)
-    return reranker_runner(entry.loaded, entry.model.formatter.prompt)
+def _noun(kind: str) -> str:
+    return kind.split(" ", 1)[1]
 
 
 def _queue_depth(entry: ServedModel) -> int:
@@ -148,37 +114,74 @@ def _metrics(state: ServingState):
     return m
 
 
+class ModelCalls:
+    """The server's side of a task's request handler (see `qtune.tasks.base.Endpoint`)."""
+
+    def __init__(self, state: ServingState, metrics: dict):
+        self.state, self.metrics = state, metrics
+
+    @property
+    def settings(self) -> ServerSettings:
+        return self.state.settings
+
+    def counted(self, name: str, rows: int) -> None:
+        self.metrics["batches"].labels(model=name).inc()
+        self.metrics["batch_size"].labels(model=name).observe(rows)
+
+    async def submit(self, entry: ServedModel, features: list[dict]) -> np.ndarray:
+        """(len(features), width) rows of the wrapper's batch function, micro-batched with other requests."""
+        try:
+            return await entry.batcher.submit(features)
+        except QueueFullError as error:
+            raise ApiError(429, f"too many requests waiting for model {entry.name!r}: {error}; retry later",
+                           code="queue_full") from None
+
+    async def run(self, entry: ServedModel, fn, *args, rows: int = 1):
+        """`fn(*args)` as one model call on the model thread (for work that is not micro-batched)."""
+        limit = self.settings.max_queue
+        if entry.pending >= limit:
+            raise ApiError(429, f"too many requests waiting for model {entry.name!r}: {limit} requests are "
+                                "already waiting for this model; retry later", code="queue_full")
+        entry.pending += 1
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self.state.executor, fn, *args)
+        finally:
+            entry.pending -= 1
+            self.counted(entry.name, rows)
+
+
+def _routes() -> dict[str, list[tuple[Task, Endpoint]]]:
+    """path -> the (task, endpoint) pairs answering it, in registry order."""
+    routes: dict[str, list[tuple[Task, Endpoint]]] = {}
+    for task in TASKS.values():
+        for endpoint in task.endpoints():
+            routes.setdefault(endpoint.path, []).append((task, endpoint))
+    return routes
+
+
 def create_app(models: dict[str, object], settings: ServerSettings, matcher=None) -> FastAPI:
-    """An app serving `models` (public name -> loaded Embedder, PairClassifier, Reranker or Extractor)."""
+    """An app serving `models` (public name -> a wrapper from `qtune.load`: Embedder, PairClassifier, ...)."""
     served = {}
     for name, model in models.items():
-        kind = _kind(model)
+        task = _task_of(model)
         model.loaded.model.eval()
-        served[name] = ServedModel(name, kind, model, _token_limit(model.loaded, settings))
-        if kind == "reranker":
-            # Within the token limit (never above the model's max_length) nothing would be cut, so
-            # these features equal `Reranker.features`; longer pairs are counted and refused.
-            formatter = copy.copy(model.formatter)
-            formatter.max_length = NO_LIMIT
-            served[name].pair_formatter = formatter
+        served[name] = ServedModel(name, task, model, _token_limit(model.loaded, settings))
     state = ServingState(served, settings, matcher)
     metrics = _metrics(state)
+    calls = ModelCalls(state, metrics)
+    routes = _routes()
+    endpoints = (*routes, *FIXED_ENDPOINTS)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         state.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="qtune-model")
         for entry in served.values():
-            if entry.kind == "extract":
-                continue  # generation runs per request on the model thread, not micro-batched
-
-            def on_call(rows: int, name=entry.name) -> None:
-                metrics["batches"].labels(model=name).inc()
-                metrics["batch_size"].labels(model=name).observe(rows)
-
-            entry.batcher = MicroBatcher(_runner(entry), state.executor,
-                                         max_batch_tokens=settings.max_batch_tokens,
+            run_batch = getattr(entry.model, "run_batch", None)
+            if run_batch is None:
+                continue  # e.g. generation: one model call per request, not micro-batched
+            entry.batcher = MicroBatcher(run_batch, state.executor, max_batch_tokens=settings.max_batch_tokens,
                                          max_wait_ms=settings.max_wait_ms, max_queue=settings.max_queue,
-                                         on_call=on_call)
+                                         on_call=lambda rows, name=entry.name: calls.counted(name, rows))
             entry.batcher.start()
         state.draining, state.ready = False, True
         try:
@@ -211,7 +214,7 @@ def create_app(models: dict[str, object], settings: ServerSettings, matcher=None
     @app.middleware("http")
     async def gate(request: Request, call_next):
         path = request.url.path
-        endpoint = path if path in ENDPOINTS else "other"
+        endpoint = path if path in endpoints else "other"
         metrics["in_progress"].inc()
         try:
             response = _refusal(state, request)
@@ -245,99 +248,19 @@ def create_app(models: dict[str, object], settings: ServerSettings, matcher=None
             {"id": name, "object": "model", "created": state.created, "owned_by": "qtune", "task": entry.kind}
             for name, entry in served.items()]}
 
-    @app.post("/v1/embeddings")
-    async def embeddings(request: Request):
-        body = _parse(EmbeddingRequest, await _read_json(request, settings))
-        entry = _pick(served, body.model, "embedding")
-        features = _embedding_features(entry, body.input, is_query=body.input_type == "query", settings=settings)
-        width = entry.model.dimension
-        if body.dimensions is not None and body.dimensions > width:
-            raise ApiError(422, f"dimensions must be between 1 and the model's {width}, got {body.dimensions}",
-                           param="dimensions", code="invalid_dimensions")
-        vectors = await _submit(entry, features)  # (n, width), L2-normalised
-        if body.dimensions is not None:  # Matryoshka: truncate, then renormalise
-            vectors = vectors[:, :body.dimensions]
-            vectors = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
-        return {"object": "list", "model": entry.name,
-                "data": [{"object": "embedding", "index": i, "embedding": _encode(v, body.encoding_format)}
-                         for i, v in enumerate(vectors)],
-                "usage": _usage(features)}
+    for path, handlers in routes.items():
+        def answer(handlers=handlers):
+            async def route(request: Request):
+                payload = await _read_json(request, settings)
+                first = handlers[0][1].request
+                body = _parse(first, payload)  # field errors first, whichever model is loaded
+                entry, endpoint = _pick(served, handlers, body)
+                if endpoint.request is not first:
+                    body = _parse(endpoint.request, payload)
+                return await endpoint.handle(calls, entry, body)
+            return route
 
-    @app.post("/v1/classify")
-    async def classify(request: Request):
-        body = _parse(ClassifyRequest, await _read_json(request, settings))
-        entry = _pick(served, body.model, "pair-cls")
-        features = _pair_features(entry, body.input, settings)
-        probs = await _submit(entry, features)  # (n, labels)
-        labels = entry.model.labels
-        return {"object": "list", "model": entry.name,
-                "data": [{"index": i, "label": labels[int(p.argmax())], "probs": [float(x) for x in p]}
-                         for i, p in enumerate(probs)],
-                "usage": _usage(features)}
-
-    @app.post("/v1/rerank")
-    async def rerank(request: Request):
-        body = _parse(RerankRequest, await _read_json(request, settings))
-        entry = _pick(served, body.model, "reranker")
-        documents = [d if isinstance(d, str) else d.text for d in body.documents]
-        features = _rerank_features(entry, body.query, documents, settings)
-        scores = (await _submit(entry, features))[:, 0]  # (n,) in [0, 1]
-        threshold = entry.model.threshold
-        results = []
-        for i in np.argsort(-scores, kind="stable")[:body.top_n]:  # best first; ties keep input order
-            score = float(scores[i])
-            result = {"index": int(i), "relevance_score": score}
-            if threshold is not None:
-                result["relevant"] = score >= threshold
-            if body.return_documents:
-                result["document"] = {"text": documents[i]}
-            results.append(result)
-        answer = {"id": f"rerank-{uuid.uuid4().hex}", "model": entry.name,
-                  "usage": _usage(features), "results": results}
-        if threshold is not None:
-            answer["threshold"] = float(threshold)
-        return answer
-
-    @app.post("/v1/extract")
-    async def extract(request: Request):
-        body = _parse(ExtractRequest, await _read_json(request, settings))
-        entry = _pick(served, body.model, "extract")
-        texts = [body.input] if isinstance(body.input, str) else body.input
-        if not texts:
-            raise ApiError(400, "input must not be empty", param="input", code="empty_input")
-        _check_count(texts, settings)
-        for i, text in enumerate(texts):
-            if not text:
-                raise ApiError(400, f"input {i} is empty", param="input", code="empty_input")
-        cap = settings.max_new_tokens
-        max_new_tokens = min(DEFAULT_MAX_NEW_TOKENS, cap) if body.max_new_tokens is None else body.max_new_tokens
-        if max_new_tokens > cap:
-            raise ApiError(422, f"max_new_tokens must be between 1 and {cap}, got {max_new_tokens}",
-                           param="max_new_tokens", code="invalid_max_new_tokens")
-        prompts = [{"input_ids": entry.model.builder.prompt_ids(t)} for t in texts]
-        _check_lengths(prompts, entry.max_input_tokens, note=" with the extraction prompt")
-        if entry.pending >= settings.max_queue:
-            raise ApiError(429, f"too many requests waiting for model {entry.name!r}: {settings.max_queue} "
-                                "requests are already waiting for this model; retry later", code="queue_full")
-        loop = asyncio.get_running_loop()
-        entry.pending += 1
-        try:  # one call per request: generation is slow and stateful, so it is not micro-batched
-            found = await loop.run_in_executor(state.executor, functools.partial(
-                entry.model.extract_prompts, [p["input_ids"] for p in prompts], batch_size=settings.extract_batch_size,
-                max_new_tokens=max_new_tokens))
-        finally:
-            entry.pending -= 1
-        metrics["batches"].labels(model=entry.name).inc()
-        metrics["batch_size"].labels(model=entry.name).observe(len(texts))
-        data = []
-        for i, result in enumerate(found):
-            row = {"index": i, "output": result.output}
-            if result.error is not None:  # an answer that did not parse: this row's problem, not the request's
-                row["error"] = result.error
-                row["raw"] = result.text
-            data.append(row)
-        return {"object": "list", "model": entry.name, "data": data,
-                "usage": _usage(prompts, generated=sum(r.tokens for r in found))}
+        app.post(path)(answer())
 
     @app.post("/v1/match")
     async def match(request: Request):
@@ -436,146 +359,33 @@ def _validation_api_error(errors, union_messages: dict[str, str] | None = None) 
     return ApiError(422, message, param=param, code="invalid_field")
 
 
-def _pick(served: dict[str, ServedModel], name: str | None, kind: str) -> ServedModel:
-    """The named model, or the only one of this kind when `model` was omitted."""
-    candidates = [e for e in served.values() if e.kind == kind]
+def _pick(served: dict[str, ServedModel], handlers: list[tuple[Task, Endpoint]],
+          body) -> tuple[ServedModel, Endpoint]:
+    """The model a request names, or else the only served model whose task takes this body."""
+    by_task = {task.name: endpoint for task, endpoint in handlers}
+    kinds = " or ".join(task.kind for task, _ in handlers)
+    name = getattr(body, "model", None)
     if name is None:
+        candidates = [e for e in served.values() if e.kind in by_task]
+        if len(candidates) > 1:  # several tasks share the path: the body's shape decides
+            taking = [e for e in candidates if by_task[e.kind].accepts(body)]
+            candidates = taking or candidates
         if len(candidates) == 1:
-            return candidates[0]
+            return candidates[0], by_task[candidates[0].kind]
         if not candidates:
-            raise ApiError(404, f"no {KINDS[kind][KINDS[kind].index(' ') + 1:]} loaded", param="model",
-                           code="model_not_found")
+            wanted = [t for t, ep in handlers if ep.accepts(body)] or [t for t, _ in handlers]
+            raise ApiError(404, f"no {_noun(wanted[0].kind)} loaded", param="model", code="model_not_found")
         raise ApiError(422, f"model is required: several are loaded ({', '.join(e.name for e in candidates)})",
                        param="model", code="model_required")
     entry = served.get(name)
     if entry is None:
-        known = ", ".join(e.name for e in candidates) or "none"
+        known = ", ".join(e.name for e in served.values() if e.kind in by_task) or "none"
         raise ApiError(404, f"model {name!r} is not loaded (loaded: {known})", param="model",
                        code="model_not_found")
-    if entry.kind != kind:
-        raise ApiError(404, f"model {name!r} is {KINDS[entry.kind]}, not {KINDS[kind]}", param="model",
+    if entry.kind not in by_task:
+        raise ApiError(404, f"model {name!r} is {entry.task.kind}, not {kinds}", param="model",
                        code="model_not_found")
-    return entry
-
-
-def _embedding_features(entry: ServedModel, value, *, is_query: bool, settings: ServerSettings) -> list[dict]:
-    """Validated, unpadded features for `input`: texts are tokenized as `Embedder.features` does
-    (without truncating, so too-long inputs are reported), token ids are taken as given."""
-    from qtune.modeling.embedding import format_text, tokenize_texts
-
-    if isinstance(value, str):
-        value = [value]
-    elif value and isinstance(value[0], int):
-        value = [value]  # one input given as token ids
-    if not value:
-        raise ApiError(400, "input must not be empty", param="input", code="empty_input")
-    _check_count(value, settings)
-    for i, item in enumerate(value):
-        if len(item) == 0:
-            raise ApiError(400, f"input {i} is empty", param="input", code="empty_input")
-    loaded = entry.loaded
-    tokenizer, is_decoder = loaded.tokenizer, loaded.family.is_decoder
-    if isinstance(value[0], str):
-        texts = [format_text(t, is_query=is_query, instruction=loaded.meta.query_instruction, is_decoder=is_decoder)
-                 for t in value]
-        # Bounded by the body size limit; huge max_length means: count, do not cut.
-        features = tokenize_texts(tokenizer, texts, max_length=10 ** 9, is_decoder=is_decoder)
-        features = [_model_inputs(tokenizer, f) for f in features]
-    else:
-        vocab = loaded.model.get_input_embeddings().num_embeddings
-        for i, ids in enumerate(value):
-            bad = next((t for t in ids if not 0 <= t < vocab), None)
-            if bad is not None:
-                raise ApiError(422, f"input {i} has token id {bad}; ids must be between 0 and {vocab - 1}",
-                               param="input", code="invalid_token_id")
-        features = [_model_inputs(tokenizer, {"input_ids": list(ids)}) for ids in value]
-    _check_lengths(features, entry.max_input_tokens)
-    return features
-
-
-def _usage(features: list[dict], generated: int | None = None) -> dict:
-    """OpenAI-style token counts: the inputs' tokens (prompts included), plus what was generated."""
-    prompt = sum(len(f["input_ids"]) for f in features)
-    if generated is None:
-        return {"prompt_tokens": prompt, "total_tokens": prompt}
-    return {"prompt_tokens": prompt, "completion_tokens": generated, "total_tokens": prompt + generated}
-
-
-def _check_count(value: list, settings: ServerSettings, param: str = "input") -> None:
-    if len(value) > settings.max_inputs:
-        noun = "inputs" if param == "input" else param
-        raise ApiError(422, f"too many {noun}: {len(value)}; the limit is {settings.max_inputs} per request",
-                       param=param, code="too_many_inputs")
-
-
-def _model_inputs(tokenizer, feature: dict) -> dict:
-    """The same keys for text and token-id inputs, so they pad together in one batch."""
-    ids = feature["input_ids"]
-    out = {"input_ids": ids, "attention_mask": [1] * len(ids)}
-    if "token_type_ids" in tokenizer.model_input_names:
-        out["token_type_ids"] = feature.get("token_type_ids", [0] * len(ids))
-    return out
-
-
-def _pair_features(entry: ServedModel, value, settings: ServerSettings) -> list[dict]:
-    from qtune.tasks.pair_classification import PairEncoder
-
-    if isinstance(value, str) or (value and isinstance(value[0], str)):
-        raise ApiError(422, f"model {entry.name!r} is a pair classifier: input must be a list of pairs "
-                            "[[text_a, text_b], ...], not single texts", param="input", code="pairs_required")
-    if not value:
-        raise ApiError(400, "input must not be empty", param="input", code="empty_input")
-    _check_count(value, settings)
-    for i, pair in enumerate(value):
-        if len(pair) != 2:
-            raise ApiError(422, f"input {i} has {len(pair)} texts; each input must be a pair [text_a, text_b]",
-                           param="input", code="pairs_required")
-    loaded = entry.loaded
-    # Untruncated, to report too-long pairs; within the limit this equals the truncating encoder.
-    encoder = PairEncoder(loaded.tokenizer, loaded.family.is_decoder, max_length=None)
-    features = [dict(encoder.encode(a, b)) for a, b in value]
-    _check_lengths(features, entry.max_input_tokens)
-    return features
-
-
-def _check_lengths(features: list[dict], limit: int, note: str = "") -> None:
-    for i, f in enumerate(features):
-        if len(f["input_ids"]) > limit:
-            raise ApiError(422, f"input {i} has {len(f['input_ids'])} tokens{note}; the limit is {limit}",
-                           param="input", code="input_too_long")
-
-
-def _rerank_features(entry: ServedModel, query: str, documents: list[str], settings: ServerSettings) -> list[dict]:
-    """Validated, unpadded (query, document) features, as `Reranker.features` makes them."""
-    if not query.strip():
-        raise ApiError(400, "query must not be empty", param="query", code="empty_input")
-    if not documents:
-        raise ApiError(400, "documents must not be empty", param="documents", code="empty_input")
-    _check_count(documents, settings, param="documents")
-    for i, document in enumerate(documents):
-        if not document:
-            raise ApiError(400, f"document {i} is empty", param="documents", code="empty_input")
-    features = [entry.pair_formatter.encode(query, d) for d in documents]
-    prompt = " with the reranker prompt" if entry.pair_formatter.prompt is not None else ""
-    for i, f in enumerate(features):
-        if len(f["input_ids"]) > entry.max_input_tokens:
-            raise ApiError(422, f"document {i} has {len(f['input_ids'])} tokens together with the query{prompt}; "
-                                f"the limit is {entry.max_input_tokens}", param="documents", code="input_too_long")
-    return features
-
-
-async def _submit(entry: ServedModel, features: list[dict]) -> np.ndarray:
-    try:
-        return await entry.batcher.submit(features)
-    except QueueFullError as error:
-        raise ApiError(429, f"too many requests waiting for model {entry.name!r}: {error}; retry later",
-                       code="queue_full") from None
-
-
-def _encode(vector: np.ndarray, encoding_format: str):
-    if encoding_format == "base64":
-        return base64.b64encode(np.asarray(vector, dtype="<f4").tobytes()).decode("ascii")
-    return [float(x) for x in vector]
+    return entry, by_task[entry.kind]
 
 
 def serve(models: dict[str, object], settings: ServerSettings, matcher=None) -> None:

@@ -7,9 +7,8 @@ first waiting request, then keeps taking requests until their tokens reach `max_
 an executor with a single thread, shared by all models, so torch never runs two calls at once and
 the event loop stays free.
 
-The runners below compute exactly what `Embedder.embed` / `PairClassifier.predict_proba` /
-`Reranker.score` compute for one padded batch, so batched answers equal unbatched ones (up to float
-rounding from padding).
+The runner is the served wrapper's own batch function (`run_batch`), the one its Python API runs
+too, so batched answers equal unbatched ones (up to float rounding from padding).
 """
 
 from __future__ import annotations
@@ -124,43 +123,3 @@ class MicroBatcher:
         for item, out in zip(items, outputs):
             if not item.future.done():
                 item.future.set_result(out)
-
-
-def embedding_runner(loaded) -> Runner:
-    def run(features: list[dict]) -> np.ndarray:
-        import torch
-
-        from qtune.modeling.embedding import forward_embeddings
-
-        with torch.inference_mode(), loaded.autocast():
-            batch = loaded.collate(features)
-            return forward_embeddings(loaded.model, batch, loaded.meta.pooling).cpu().numpy()  # (rows, dim)
-
-    return run
-
-
-def classifier_runner(loaded) -> Runner:
-    def run(features: list[dict]) -> np.ndarray:
-        import torch
-
-        from qtune.tasks.pair_classification import logits
-
-        with torch.inference_mode(), loaded.autocast():
-            batch = loaded.collate(features)
-            return torch.softmax(logits(loaded.model, batch).float(), dim=-1).cpu().numpy()  # (rows, num_labels)
-
-    return run
-
-
-def reranker_runner(loaded, prompt) -> Runner:
-    """(rows, 1) relevance scores; `prompt` is the reranker's `formatter.prompt` (None for encoders)."""
-    def run(features: list[dict]) -> np.ndarray:
-        import torch
-
-        from qtune.modeling.reranker import forward_logits
-
-        with torch.inference_mode(), loaded.autocast():
-            batch = loaded.collate(features)
-            return torch.sigmoid(forward_logits(loaded.model, batch, prompt)).cpu().numpy()[:, None]
-
-    return run

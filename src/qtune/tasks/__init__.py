@@ -1,1 +1,55 @@
-"""One module per task: how its records become tensors, a loss and predictions."""
+"""The task registry: one line per task. Everything else asks it (`get`, `TASKS`), never a task's name.
+
+    >>> from qtune.tasks import get, load_model
+    >>> get("pair-cls").config          # the training settings dataclass
+    >>> load_model("runs/x/best")       # a qtune folder names its own task
+"""
+
+from __future__ import annotations
+
+import os
+
+from qtune.errors import QtuneError
+from qtune.modeling.loading import LoadedModel, read_meta
+from qtune.tasks.base import Command, Endpoint, Task, TrainedRun
+# CLASSIFY from qtune.tasks.classify import ClassifyTask
+from qtune.tasks.embedding import EmbeddingTask
+from qtune.tasks.extraction import ExtractionTask
+from qtune.tasks.pair_cls import PairClsTask
+from qtune.tasks.reranker import RerankerTask
+
+TASKS: dict[str, Task] = {task.name: task for task in (
+    PairClsTask(),
+    EmbeddingTask(),
+    RerankerTask(),
+    ExtractionTask(),
+    # CLASSIFY ClassifyTask(),
+)}
+
+__all__ = ["TASKS", "Command", "Endpoint", "Task", "TrainedRun", "get", "load_model", "task_of"]
+
+
+def get(name: str) -> Task:
+    try:
+        return TASKS[name]
+    except KeyError:
+        raise QtuneError(f"unknown task {name!r}; known: {', '.join(TASKS)}") from None
+
+
+def task_of(name_or_path: str | os.PathLike, task: str | None = None) -> Task:
+    """The task of a model: the one its qtune.json names (which must agree with `task`), else `task`."""
+    meta = read_meta(name_or_path)
+    if meta is not None:
+        if task is not None and meta.task != task:
+            raise QtuneError(f"'{name_or_path}' was trained for {meta.task}, not {task}")
+        return get(meta.task)
+    if task is None:
+        raise QtuneError(f"'{name_or_path}' is not a qtune folder: say which task it is for")
+    return get(task)
+
+
+def load_model(name_or_path: str | os.PathLike, task: str | None = None, **kwargs) -> LoadedModel:
+    """`qtune.modeling.loading.load_model` with the task's model settings taken from the registry."""
+    from qtune.modeling.loading import load_model as load_with_spec
+
+    return load_with_spec(name_or_path, task_of(name_or_path, task), **kwargs)

@@ -9,14 +9,10 @@ loss and gradients in mini-batches, so a batch of thousands fits in little memor
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
-
-import numpy as np
 
 from qtune.losses import matryoshka_info_nce
-from qtune.modeling.embedding import forward_embeddings
-from qtune.modeling.packing import is_packed, pack_or_pad, split_packed
-from qtune.records import QueryGroup
+from qtune.modeling.packing import is_packed, split_packed
+from qtune.tasks.embedding.model import forward_embeddings
 
 
 @dataclass(frozen=True)
@@ -26,55 +22,6 @@ class ContrastiveSettings:
     false_negative_offset: float | None = None
     matryoshka_dims: tuple[int, ...] | None = None
     mini_batch_size: int = 32  # GradCache chunk size
-
-
-def group_features(groups: Sequence[QueryGroup], embed_features, hard_negatives: int) -> list[dict]:
-    """Tokenised query, first positive and up to `hard_negatives` negatives per group.
-
-    `embed_features(texts, is_query)` is `Embedder.features`, so training sees texts exactly as
-    inference does (instruction, end token, truncation).
-    """
-    queries = embed_features([g.query for g in groups], True)
-    positives = embed_features([g.positives[0] for g in groups], False)
-    negative_texts = [list(g.negatives[:hard_negatives]) for g in groups]
-    flat = embed_features([t for texts in negative_texts for t in texts], False)
-    features, start = [], 0
-    for g, q, p, texts in zip(groups, queries, positives, negative_texts):
-        features.append({"query": q, "positive": p, "negatives": flat[start:start + len(texts)],
-                         "texts": frozenset([g.query, g.positives[0], *texts])})
-        start += len(texts)
-    return features
-
-
-def unique_text_batches(features: Sequence[dict], batch_size: int, *, seed: int, epoch: int) -> list[list[int]]:
-    """Seeded batches in which no text (query, positive or negative) occurs twice.
-
-    Groups that clash with the batch being filled wait for a later batch, so every group is
-    used once per epoch; only the last batches may be smaller.
-    """
-    rng = np.random.default_rng([seed, epoch])
-    pending = rng.permutation(len(features)).tolist()
-    batches = []
-    while pending:
-        batch, seen, rest = [], set(), []
-        for i in pending:
-            texts = features[i]["texts"]
-            if len(batch) < batch_size and seen.isdisjoint(texts):
-                batch.append(i)
-                seen |= texts
-            else:
-                rest.append(i)
-        batches.append(batch)
-        pending = rest
-    return batches
-
-
-def collate(tokenizer, features: Sequence[dict], packed=False) -> dict:
-    """Queries and candidates (positives first, then all hard negatives), each side padded or
-    packed (`packed`: True/False or a policy, see `qtune.modeling.packing.wants_packing`)."""
-    candidates = [f["positive"] for f in features] + [n for f in features for n in f["negatives"]]
-    sides = {"q_": [f["query"] for f in features], "p_": candidates}
-    return {prefix + k: v for prefix, rows in sides.items() for k, v in pack_or_pad(tokenizer, rows, packed).items()}
 
 
 def _loss_from_vectors(q, p, settings: ContrastiveSettings):

@@ -16,9 +16,6 @@ the log-odds logit(yes) - logit(no), which is exactly the two-way softmax).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
-
-import numpy as np
 
 from qtune.errors import QtuneError
 
@@ -87,62 +84,3 @@ class PairFormatter:
                                 truncation=True, max_length=budget)["input_ids"]
         ids = p.prefix + middle + p.suffix
         return {"input_ids": ids, "attention_mask": [1] * len(ids)}
-
-
-def forward_logits(model, batch: dict, prompt: RerankPrompt | None):
-    """(rows,) float32 logits whose sigmoid is the relevance score.
-
-    Decoders are padded on the left, so the last position is the answer slot of every row; only
-    that position's logits are computed. In a packed batch the answer slots are the sequences'
-    last tokens.
-    """
-    from qtune.modeling.packing import head_model, is_packed, last_positions, packed_hidden
-
-    if is_packed(batch):
-        hidden = packed_hidden(model, batch)  # (tokens, hidden)
-        logits = head_model(model).lm_head(hidden[last_positions(batch["cu_seq_lens_q"])]).float()  # (rows, vocab)
-        return logits[:, prompt.yes_id] - logits[:, prompt.no_id]
-    inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
-    if prompt is None:
-        return model(**inputs).logits[:, 0].float()
-    logits = model(**inputs, logits_to_keep=1).logits[:, -1, :].float()  # (rows, vocab)
-    return logits[:, prompt.yes_id] - logits[:, prompt.no_id]
-
-
-class Reranker:
-    """A loaded reranker: `score([(query, doc), ...])` -> relevance in [0, 1]."""
-
-    def __init__(self, loaded):
-        self.loaded = loaded
-        self.formatter = PairFormatter(loaded.tokenizer, loaded.family.is_decoder, loaded.meta.max_length,
-                                       loaded.meta.instruction)
-
-    @property
-    def threshold(self) -> float | None:
-        """The calibrated threshold stored with the model (`qtune calibrate`), if any."""
-        return self.loaded.meta.threshold
-
-    def features(self, pairs: Sequence[tuple[str, str]]) -> list[dict]:
-        return [self.formatter.encode(q, d) for q, d in pairs]
-
-    def score_features(self, features: Sequence[dict], batch_size: int = 32, progress: bool = False) -> np.ndarray:
-        import torch
-
-        loaded, prompt = self.loaded, self.formatter.prompt
-
-        def forward(batch):
-            return torch.sigmoid(forward_logits(loaded.model, batch, prompt)).cpu().numpy()
-
-        out = np.zeros(len(features), dtype=np.float32)
-        return loaded.run_sorted(features, out, forward, batch_size=batch_size, desc="rerank", progress=progress)
-
-    def score(self, pairs: Sequence[tuple[str, str]], *, batch_size: int = 32, progress: bool = False) -> np.ndarray:
-        """(len(pairs),) float32 relevance scores in input order; batches are length-sorted."""
-        return self.score_features(self.features(list(pairs)), batch_size=batch_size, progress=progress)
-
-    def rerank(self, query: str, documents: Sequence[str], *, top_n: int | None = None,
-               batch_size: int = 32) -> list[tuple[int, float]]:
-        """(document index, score), best first; ties keep the input order."""
-        scores = self.score([(query, d) for d in documents], batch_size=batch_size)
-        order = np.argsort(-scores, kind="stable")[:top_n]
-        return [(int(i), float(scores[i])) for i in order]

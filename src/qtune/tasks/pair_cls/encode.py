@@ -14,8 +14,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
-import numpy as np
-
 from qtune.records import Pair
 
 
@@ -74,48 +72,3 @@ def collate(tokenizer, features: Sequence[dict], packed=False):
     if labels:
         batch["labels"] = torch.tensor(labels, dtype=torch.long)
     return batch
-
-
-def logits(model, batch):
-    """(rows, num_labels) class logits of a padded or packed batch.
-
-    Packed: the decoder body runs once over the packed row and the classification head reads
-    each pair's last token, the position `*ForSequenceClassification` pools in a padded batch.
-    """
-    from qtune.modeling.packing import head_model, is_packed, last_positions, packed_hidden
-
-    if is_packed(batch):
-        hidden = packed_hidden(model, batch)  # (tokens, hidden)
-        return head_model(model).score(hidden[last_positions(batch["cu_seq_lens_q"])])
-    return model(**{k: v for k, v in batch.items() if k != "labels"}).logits
-
-
-def loss(model, batch):
-    """Cross-entropy over the classes; `batch` comes from `collate` with labels."""
-    import torch.nn.functional as F
-
-    return F.cross_entropy(logits(model, batch).float(), batch["labels"])
-
-
-def predict_probs(loaded, features: Sequence[dict], batch_size: int = 64, progress: bool = False) -> np.ndarray:
-    """Class probabilities (rows, num_labels) in input order; batches are length-sorted, no gradient."""
-    import torch
-
-    def forward(batch):
-        return torch.softmax(logits(loaded.model, batch).float(), dim=-1).cpu().numpy()  # (batch, num_labels)
-
-    out = np.zeros((len(features), len(loaded.meta.labels)), dtype=np.float32)
-    unlabelled = [{k: v for k, v in f.items() if k != "labels"} for f in features]
-    return loaded.run_sorted(unlabelled, out, forward, batch_size=batch_size, progress=progress)
-
-
-def metrics_from_probs(y_true: Sequence[int], probs: np.ndarray, labels: Sequence[str]) -> dict:
-    """Report for argmax predictions, plus (two classes) the threshold that maximises macro-F1."""
-    from qtune.evaluation.metrics import best_threshold, classification_report
-
-    report = classification_report(y_true, probs.argmax(axis=1), labels)
-    if len(labels) == 2:
-        threshold, macro_f1 = best_threshold(y_true, probs[:, 1])
-        report["best_threshold"] = threshold
-        report["best_threshold_macro_f1"] = macro_f1
-    return report

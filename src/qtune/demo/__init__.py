@@ -50,14 +50,14 @@ def _print_table(header: list[str], rows: list[list[object]]) -> None:
 
 def run_demo(output: str | Path = "demo-output", epochs: float = 6.0) -> dict:
     from qtune import api
-    from qtune.config import PairClsConfig
-    from qtune.demo_data import write_demo_files
+    from qtune.demo.data import write_demo_files
+    from qtune.tasks.pair_cls.config import PairClsConfig
 
     output = Path(output)
     model = str(minilm_path())
     print(f"== 1. data: customer-service question pairs -> {output / 'data'}")
     files = write_demo_files(output / "data")
-    summary, _ = api.pair_length_stats(str(files["train"]), model, plot=output / "data" / "train.lengths.png")
+    summary, _ = api.length_stats("pair-cls", str(files["train"]), model, plot=output / "data" / "train.lengths.png")
     print(f"tokens per pair: p50 {summary['p50']}, p99 {summary['p99']}, max {summary['max']}; "
           f"suggested --max-length {summary['suggested_max_length']}")
 
@@ -72,9 +72,9 @@ def run_demo(output: str | Path = "demo-output", epochs: float = 6.0) -> dict:
     result = api.train("pair-cls", config)
 
     print("\n== 3. evaluate on held-out paraphrases: untrained head vs fine-tuned")
-    base = api.evaluate_pair_cls(model, str(files["dev"]), device="cpu")[model]
-    tuned = api.evaluate_pair_cls(str(run_dir / "best"), str(files["dev"]), output=str(output / "eval"),
-                                  device="cpu")[str(run_dir / "best")]
+    base = api.evaluate("pair-cls", model=model, data=str(files["dev"]), device="cpu", output=None)[model]
+    tuned = api.evaluate("pair-cls", model=str(run_dir / "best"), data=str(files["dev"]), device="cpu",
+                         output=str(output / "eval"))[str(run_dir / "best")]
     _print_table(["metric", "before training", "fine-tuned"],
                  [[k, base[k], tuned[k]] for k in ("accuracy", "macro_f1", "best_threshold_macro_f1")])
 
@@ -94,9 +94,9 @@ def run_demo(output: str | Path = "demo-output", epochs: float = 6.0) -> dict:
 def run_embedding_demo(output: Path, model: str) -> dict:
     """Domain embeddings: mine hard negatives, fine-tune MiniLM with InfoNCE, compare retrieval."""
     from qtune import api
-    from qtune.config import EmbeddingConfig
-    from qtune.demo_data import write_demo_retrieval
+    from qtune.demo.data import write_demo_retrieval
     from qtune.mining import MiningSettings
+    from qtune.tasks.embedding.config import EmbeddingConfig
 
     run_dir = output / "embedding"
     if run_dir.exists():  # the demo's own folder: a rerun starts afresh
@@ -114,8 +114,8 @@ def run_embedding_demo(output: Path, model: str) -> dict:
     api.train("embedding", config)
 
     print("\n== 8. evaluate retrieval on held-out paraphrases: base vs fine-tuned")
-    results = api.evaluate_retrieval_models(str(run_dir / "best"), str(files["test"]), compare=model,
-                                            output=str(output / "retrieval-eval"), device="cpu")
+    results = api.evaluate("retrieval", model=str(run_dir / "best"), data=str(files["test"]), compare=model,
+                           output=str(output / "retrieval-eval"), device="cpu")
     tuned, base = results[str(run_dir / "best")], results[model]
     _print_table(["metric", "base", "fine-tuned"],
                  [[k, base[k], tuned[k]] for k in ("ndcg@10", "recall@1", "recall@10", "mrr@10")])

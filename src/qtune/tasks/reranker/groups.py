@@ -11,21 +11,15 @@ Losses, on the logits of `qtune.modeling.reranker.forward_logits` (sigmoid = the
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
 
 from qtune.errors import QtuneError
 from qtune.records import QueryGroup
+from qtune.tasks.reranker.model import forward_logits
 
 LOSSES = ("listwise", "pointwise")
-
-
-@dataclass(frozen=True)
-class RerankSettings:
-    group_size: int = 8  # 1 positive + group_size - 1 negatives
-    loss: str = "listwise"
 
 
 def group_features(groups: Sequence[QueryGroup], encode, group_size: int) -> tuple[list[dict], int]:
@@ -71,10 +65,9 @@ def group_loss(logits, group_labels, kind: str):
     raise QtuneError(f"unknown reranker loss {kind!r}; use one of {', '.join(LOSSES)}")
 
 
-def loss(model, batch: dict, *, prompt, settings: RerankSettings):
-    from qtune.modeling.reranker import forward_logits
-
-    return group_loss(forward_logits(model, batch, prompt), batch["group_labels"], settings.loss)
+def loss(model, batch: dict, *, prompt, kind: str):
+    """`group_loss` of a collated batch (`kind`: listwise or pointwise)."""
+    return group_loss(forward_logits(model, batch, prompt), batch["group_labels"], kind)
 
 
 def group_ranking_metrics(scores: Sequence[np.ndarray]) -> dict:

@@ -1,0 +1,59 @@
+"""Sequence-classification heads (`*ForSequenceClassification`), padded or packed.
+
+Shared by every task that puts a class head on a sequence (pair classification, text
+classification): the batch with its labels, the class logits, and the probabilities.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+
+def collate_labelled(tokenizer, features: Sequence[dict], packed=False) -> dict:
+    """Pad a batch to its own longest row (on the tokenizer's padding side), or pack it (decoders;
+    `packed`: True/False or a policy, see `qtune.modeling.packing.wants_packing`); integer labels
+    become one (rows,) tensor."""
+    import torch
+
+    from qtune.modeling.packing import pack_or_pad
+
+    labels = [f["labels"] for f in features if "labels" in f]
+    inputs = [{k: v for k, v in f.items() if k != "labels"} for f in features]
+    batch = pack_or_pad(tokenizer, inputs, packed)
+    if labels:
+        batch["labels"] = torch.tensor(labels, dtype=torch.long)
+    return batch
+
+
+def class_logits(model, batch: dict):
+    """(rows, num_labels) class logits of a padded or packed batch.
+
+    Packed: the decoder body runs once over the packed row and the classification head reads
+    each sequence's last token, the position `*ForSequenceClassification` pools in a padded batch.
+    """
+    from qtune.modeling.packing import head_model, is_packed, last_positions, packed_hidden
+
+    if is_packed(batch):
+        hidden = packed_hidden(model, batch)  # (tokens, hidden)
+        return head_model(model).score(hidden[last_positions(batch["cu_seq_lens_q"])])
+    return model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+
+
+def class_loss(model, batch: dict):
+    """Cross-entropy over the classes; `batch` comes from `collate_labelled` with labels."""
+    import torch.nn.functional as F
+
+    return F.cross_entropy(class_logits(model, batch).float(), batch["labels"])
+
+
+def class_probs(model, batch: dict):
+    """(rows, num_labels) float32 numpy softmax probabilities of one batch."""
+    import torch
+
+    return torch.softmax(class_logits(model, batch).float(), dim=-1).cpu().numpy()
+
+
+def label_head_kwargs(labels: Sequence[str], tokenizer) -> dict:
+    """`from_pretrained` settings of a head with these labels, in class order."""
+    return dict(num_labels=len(labels), id2label=dict(enumerate(labels)),
+                label2id={name: i for i, name in enumerate(labels)}, pad_token_id=tokenizer.pad_token_id)

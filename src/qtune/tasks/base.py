@@ -1,0 +1,116 @@
+"""The Task contract: everything the rest of qtune needs to know about one task.
+
+A task is a `Task` subclass in `qtune/tasks/<task>/__init__.py`, listed once in the registry
+(`qtune/tasks/__init__.py`). Loading, training, the CLI, int8, serving and the knowledge base
+ask the registry; nothing outside `qtune/tasks/` branches on a task name. A task folder holds:
+
+- `config.py`: its settings dataclasses (training; evaluation and prediction if it has them),
+  from which YAML recipes and CLI flags are generated;
+- `encode.py`: records -> unpadded model features (exactly as training and inference see them);
+- `model.py`: the batch function (one collated batch -> output rows), the training loss and the
+  inference wrapper that `qtune.load` returns;
+- `train.py`: reading the data, the training hooks (collate, loss, evaluation, best metric);
+- `evaluate.py`: the `qtune eval` runner and report; `serve.py`: its HTTP endpoints.
+
+Task modules import torch, transformers and pydantic only inside functions, so `import qtune`
+and `qtune --help` stay light. No task imports another task.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, ClassVar, NamedTuple
+
+from qtune.modeling.family import Family
+from qtune.modeling.loading import CheckpointMeta, LoadedModel
+
+
+class TrainedRun(NamedTuple):
+    """What `Task.train` returns: the model as it stands at the end (it equals `output/last`) and
+    the metrics also written to `output/metrics.json`."""
+
+    loaded: LoadedModel
+    metrics: dict
+
+
+@dataclass(frozen=True)
+class Command:
+    """An `eval` or `predict` subcommand of a task. Its flags are generated from `config`;
+    `run(config)` does the work and returns the results, `show(config, results)` is what the CLI prints."""
+
+    name: str
+    help: str
+    config: type
+    run: Callable[[Any], Any]
+    show: Callable[[Any, Any], str]
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """What a task serves at one HTTP path.
+
+    `handle(call, entry, body)` is an async function: `body` is the parsed `request` model, `entry`
+    the served model (`.name`, `.model` = the task's wrapper, `.max_input_tokens`), `call` the
+    server's side (`.settings`, `await call.submit(entry, features)` for micro-batched rows,
+    `await call.run(entry, fn, *args)` for one model call on the model thread). It raises
+    `qtune.errors.RequestError` for a bad request and returns the JSON answer.
+    `accepts(body)`: when a request names no model, whether this task takes it (several tasks
+    may share a path, e.g. /v1/classify for pairs and for single texts)."""
+
+    path: str
+    request: type
+    handle: Callable
+    accepts: Callable[[Any], bool] = lambda body: True
+
+
+class Task:
+    """One task: its name, settings, model head, training, inference wrapper, evaluation and endpoints."""
+
+    name: ClassVar[str]  # as in `qtune train NAME` and qtune.json
+    kind: ClassVar[str]  # what a model of this task is called in messages: "a pair classifier"
+    config: ClassVar[type]  # the training settings dataclass (a `qtune.config.TrainConfig`)
+    # The model output an int8 ONNX export returns ("logits", "last_hidden_state"); None: no int8.
+    int8_output: ClassVar[str | None] = None
+    # `qtune data stats --task NAME` (tasks with `token_lengths`): what one row is, what happens
+    # to rows over the suggested --max-length.
+    stats_unit: ClassVar[str] = "row"
+    over_length: ClassVar[str] = "truncated"
+    token_lengths: ClassVar[Callable | None] = None  # (data, tokenizer, family, **settings) -> [tokens per row]
+
+    # -- the model: which transformers class carries the head, how LoRA wraps it
+    def auto_class(self, family: Family) -> str:
+        raise NotImplementedError
+
+    def peft_task_type(self, family: Family) -> str:
+        raise NotImplementedError
+
+    def lora_targets(self, family: Family) -> list[str]:
+        """Default LoRA targets (without --lora-targets): the attention projections."""
+        return family.attention_targets
+
+    def prepare(self, meta: CheckpointMeta, source: str, tokenizer, family: Family) -> dict:
+        """Fill `meta`'s task defaults for a model being loaded from `source`; return the head's
+        `from_pretrained` keyword arguments. Tasks without labels keep none."""
+        meta.labels = []
+        return {}
+
+    # -- training and inference
+    def train(self, config, on_step=None) -> TrainedRun:
+        raise NotImplementedError
+
+    def wrap(self, loaded: LoadedModel):
+        """The inference wrapper (`qtune.load` returns it)."""
+        raise NotImplementedError
+
+    # -- commands and serving (none by default)
+    def evaluation(self) -> Command | None:
+        return None
+
+    def prediction(self) -> Command | None:
+        return None
+
+    def endpoints(self) -> list[Endpoint]:
+        return []
+
+    def __repr__(self) -> str:
+        return f"<task {self.name}>"

@@ -1,0 +1,52 @@
+"""Domain embeddings: contrastive fine-tuning (InfoNCE over in-batch and mined hard negatives),
+retrieval evaluation on BEIR folders, and `/v1/embeddings`."""
+
+from __future__ import annotations
+
+from qtune.modeling.family import Family
+from qtune.tasks.base import Command, Endpoint, Task
+from qtune.tasks.embedding.config import EmbeddingConfig, RetrievalEvalConfig
+
+
+class EmbeddingTask(Task):
+    name = "embedding"
+    kind = "an embedding model"
+    config = EmbeddingConfig
+    int8_output = "last_hidden_state"
+
+    def auto_class(self, family: Family) -> str:
+        return "AutoModel"
+
+    def peft_task_type(self, family: Family) -> str:
+        return "FEATURE_EXTRACTION"
+
+    def prepare(self, meta, source, tokenizer, family) -> dict:
+        meta.labels = []
+        if meta.pooling is None:
+            from qtune.modeling.pooling import default_pooling
+            from qtune.tasks.embedding.encode import default_query_instruction
+
+            meta.pooling = default_pooling(source, family)
+            meta.query_instruction = default_query_instruction(family)
+        return {}
+
+    def train(self, config, on_step=None):
+        from qtune.tasks.embedding.train import train
+
+        return train(self, config, on_step)
+
+    def wrap(self, loaded):
+        from qtune.tasks.embedding.model import Embedder
+
+        return Embedder(loaded)
+
+    def evaluation(self) -> Command:
+        from qtune.tasks.embedding import evaluate
+
+        return Command("retrieval", RetrievalEvalConfig.__doc__, RetrievalEvalConfig, evaluate.evaluate,
+                       evaluate.show_evaluation)
+
+    def endpoints(self) -> list[Endpoint]:
+        from qtune.tasks.embedding import serve
+
+        return [Endpoint("/v1/embeddings", serve.EmbeddingRequest, serve.embeddings)]

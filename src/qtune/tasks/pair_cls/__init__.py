@@ -1,0 +1,70 @@
+"""Pair classification (semantic matching): "do these two sentences mean the same thing?"
+
+A sequence-classification head over the pair, LoRA or full, on a BERT-family encoder (the
+tokenizer's `[CLS] a [SEP] b [SEP]`) or a Qwen3 decoder (`a \\n b <eos>`, last token pooled).
+"""
+
+from __future__ import annotations
+
+from qtune.modeling.family import Family
+from qtune.tasks.base import Command, Endpoint, Task
+from qtune.tasks.pair_cls.config import PairClsConfig, PairClsEvalConfig, PairClsPredictConfig
+
+
+class PairClsTask(Task):
+    name = "pair-cls"
+    kind = "a pair classifier"
+    config = PairClsConfig
+    int8_output = "logits"
+    stats_unit = "pair"
+    over_length = "truncated"
+
+    def auto_class(self, family: Family) -> str:
+        return "AutoModelForSequenceClassification"
+
+    def peft_task_type(self, family: Family) -> str:
+        return "SEQ_CLS"
+
+    def prepare(self, meta, source, tokenizer, family) -> dict:
+        from qtune.modeling.heads import label_head_kwargs
+
+        return label_head_kwargs(meta.labels, tokenizer)
+
+    def train(self, config, on_step=None):
+        from qtune.tasks.pair_cls.train import train
+
+        return train(self, config, on_step)
+
+    def wrap(self, loaded):
+        from qtune.tasks.pair_cls.model import PairClassifier
+
+        return PairClassifier(loaded)
+
+    def evaluation(self) -> Command:
+        from qtune.tasks.pair_cls import evaluate
+
+        return Command("pair-cls", PairClsEvalConfig.__doc__, PairClsEvalConfig, evaluate.evaluate,
+                       evaluate.show_evaluation)
+
+    def prediction(self) -> Command:
+        from qtune.tasks.pair_cls import evaluate
+
+        return Command("pair-cls", PairClsPredictConfig.__doc__, PairClsPredictConfig, evaluate.predict,
+                       evaluate.show_prediction)
+
+    def token_lengths(self, data: str, tokenizer, family: Family, text_columns=("sentence1", "sentence2")) -> list[int]:
+        """Tokens of each pair exactly as training encodes it (both sentences, special tokens)."""
+        from qtune.data.pairs import pairs_from_rows
+        from qtune.data.tables import read_table
+        from qtune.tasks.pair_cls.encode import PairEncoder
+
+        rows, _ = read_table(data, text_columns)
+        pairs = pairs_from_rows(rows, data, text_columns=text_columns, labels=None)
+        encoder = PairEncoder(tokenizer, family.is_decoder, max_length=None)
+        return [len(encoder.encode(p.sentence1, p.sentence2)["input_ids"]) for p in pairs]
+
+    def endpoints(self) -> list[Endpoint]:
+        from qtune.tasks.pair_cls import serve
+        from qtune.tasks.requests import ClassifyRequest
+
+        return [Endpoint("/v1/classify", ClassifyRequest, serve.classify, accepts=serve.is_pairs)]

@@ -1,0 +1,41 @@
+"""Settings of `qtune train|eval|predict pair-cls`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from qtune.config import InferenceConfig, TrainConfig, opt
+
+
+@dataclass(kw_only=True)
+class PairClsConfig(TrainConfig):
+    """`qtune train pair-cls`: LoRA on a sequence-classification head over sentence pairs."""
+
+    text_columns: list[str] = opt(["sentence1", "sentence2"], "the two text columns")
+    label_column: str = opt("label", "the label column")
+    labels: list[str] = opt(["0", "1"], "label values in the file, in class order (last = positive)")
+    group_by_length: bool = opt(True, "length-grouped batches (less padding)")
+    max_length: int = opt(128, "maximum tokens per pair, both sentences together", low=4)
+
+
+@dataclass(kw_only=True)
+class PairClsEvalConfig(InferenceConfig):
+    """`qtune eval pair-cls`: accuracy, macro-F1, per-class P/R, confusion, best threshold."""
+
+    data: str = opt("", "labelled pair file", required=True)
+    compare: str | None = opt(None, "a second model, evaluated side by side")
+    output: str | None = opt(None, "folder for metrics.json, report.md and confusion.png")
+    text_columns: list[str] = opt(["sentence1", "sentence2"], "the two text columns", count=2,
+                                  metavar=("COL1", "COL2"))
+    label_column: str = opt("label", "the label column")
+
+
+@dataclass(kw_only=True)
+class PairClsPredictConfig(InferenceConfig):
+    """`qtune predict pair-cls`: probability and label for every row, in input order."""
+
+    input: str = opt("", "pair file (CSV, TSV or JSONL; labels not needed)", required=True)
+    output: str = opt("", "output file (CSV, TSV or JSONL by extension)", required=True)
+    threshold: float | None = opt(None, "positive when P(positive) >= this (default: argmax)")
+    text_columns: list[str] = opt(["sentence1", "sentence2"], "the two text columns", count=2,
+                                  metavar=("COL1", "COL2"))

@@ -1,0 +1,55 @@
+"""`qtune eval pair-cls` and `qtune predict pair-cls`."""
+
+from __future__ import annotations
+
+from qtune.data.pairs import pairs_from_rows, read_pairs
+from qtune.data.tables import read_table, table_format, write_table
+from qtune.evaluation.metrics import metrics_from_probs
+from qtune.evaluation.report import classification_report_md, write_classification_outputs
+from qtune.modeling.loading import read_meta
+from qtune.tasks.pair_cls.config import PairClsEvalConfig, PairClsPredictConfig
+
+
+def evaluate(config: PairClsEvalConfig, load) -> dict:
+    """Metrics for one model (or two side by side) on a labelled pair file; optional report folder.
+    `load(name, task, device=, precision=)` gives a loaded model (`qtune.load`)."""
+    results = {}
+    for name in [config.model] + ([config.compare] if config.compare else []):
+        meta = read_meta(name)
+        labels = meta.labels if meta else ["0", "1"]
+        pairs = read_pairs(config.data, text_columns=config.text_columns, label_column=config.label_column,
+                           labels=labels)
+        clf = load(name, "pair-cls", device=config.device, precision=config.load_precision)
+        probs = clf.predict_proba([(p.sentence1, p.sentence2) for p in pairs], batch_size=config.batch_size,
+                                  progress=True)
+        results[name] = metrics_from_probs([p.label for p in pairs], probs, labels)
+    if config.output:
+        write_classification_outputs(results, str(config.data), config.output)
+    return results
+
+
+def show_evaluation(config: PairClsEvalConfig, results: dict) -> str:
+    text = classification_report_md(results, config.data)
+    if config.output:
+        text += f"\nwrote {config.output}/metrics.json, report.md, confusion.png"
+    return text
+
+
+def predict(config: PairClsPredictConfig, load) -> int:
+    """Predict every row of `input` and write it, with `predicted_label` and `probability` (of the
+    positive label), to `output` (CSV, TSV or JSONL by extension). Returns the row count."""
+    table_format(config.output)  # fail on an unsupported output type before any work
+    rows, names = read_table(config.input, config.text_columns)
+    pairs = pairs_from_rows(rows, config.input, text_columns=config.text_columns, labels=None)
+    clf = load(config.model, "pair-cls", device=config.device, precision=config.load_precision)
+    predictions = clf.predict([(p.sentence1, p.sentence2) for p in pairs], batch_size=config.batch_size,
+                              threshold=config.threshold, progress=True)
+    added = ["predicted_label", "probability"]  # replaced, not repeated, when the input has them
+    out_rows = [{**row.fields, "predicted_label": pred.label, "probability": round(pred.score, 6)}
+                for row, pred in zip(rows, predictions)]
+    write_table(config.output, out_rows, [*[n for n in names if n not in added], *added])
+    return len(out_rows)
+
+
+def show_prediction(config: PairClsPredictConfig, count: int) -> str:
+    return f"wrote {count} predictions to {config.output}"

@@ -1,0 +1,81 @@
+"""The pair classifier: one batch function for the Python API and the server, and its wrapper."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable
+
+import numpy as np
+
+from qtune.errors import QtuneError
+from qtune.modeling.heads import class_probs
+from qtune.tasks.pair_cls.encode import PairEncoder
+
+
+@dataclass(frozen=True)
+class PairPrediction:
+    label: str
+    score: float  # probability of the positive (last) label
+    probs: tuple[float, ...]
+
+
+class PairClassifier:
+    """A loaded pair classifier: `predict([(a, b), ...])`."""
+
+    def __init__(self, loaded):
+        self.loaded = loaded
+
+    @property
+    def labels(self) -> list[str]:
+        return list(self.loaded.meta.labels)
+
+    def encoder(self, truncate: bool = True) -> PairEncoder:
+        """How pairs become features (`truncate=False`: nothing cut, to count tokens)."""
+        loaded = self.loaded
+        return PairEncoder(loaded.tokenizer, loaded.family.is_decoder, loaded.meta.max_length if truncate else None)
+
+    def forward(self, batch: dict) -> np.ndarray:
+        """(rows, num_labels) class probabilities of one collated batch: the batch function."""
+        return class_probs(self.loaded.model, batch)
+
+    def run_batch(self, features: list[dict]) -> np.ndarray:
+        """`forward` of the batch made of these unpadded features (the server's micro-batcher calls this)."""
+        return self.loaded.infer_batch(features, self.forward)
+
+    def predict_features(self, features: list[dict], batch_size: int = 64, progress: bool = False) -> np.ndarray:
+        """(rows, num_labels) probabilities of encoded pairs, in input order; batches are length-sorted."""
+        out = np.zeros((len(features), len(self.labels)), dtype=np.float32)
+        unlabelled = [{k: v for k, v in f.items() if k != "labels"} for f in features]
+        return self.loaded.run_sorted(unlabelled, out, self.forward, batch_size=batch_size, progress=progress)
+
+    def predict_proba(self, pairs: Iterable[tuple[str, str]], batch_size: int = 64,
+                      progress: bool = False) -> np.ndarray:
+        """(len(pairs), num_labels) class probabilities, in input order."""
+        encoder = self.encoder()
+        return self.predict_features([encoder.encode(a, b) for a, b in pairs], batch_size=batch_size,
+                                     progress=progress)
+
+    def predict(self, pairs: Iterable[tuple[str, str]], batch_size: int = 64, threshold: float | None = None,
+                progress: bool = False) -> list[PairPrediction]:
+        """Label and probabilities per pair. With two labels, `threshold` on the positive
+        probability replaces argmax (e.g. the one `qtune eval pair-cls` found)."""
+        probs = self.predict_proba(pairs, batch_size=batch_size, progress=progress)
+        if threshold is not None and len(self.labels) != 2:
+            raise QtuneError("a threshold needs exactly two labels")
+        if threshold is None:
+            chosen = probs.argmax(axis=1)
+        else:
+            chosen = (probs[:, 1] >= threshold).astype(int)
+        return [PairPrediction(self.labels[c], float(p[-1]), tuple(float(x) for x in p)) for c, p in zip(chosen, probs)]
+
+    # -- as the FAQ matcher's rescorer (`qtune.kb.faq.ScoresPairs`)
+    scorer_kind = "classifier"
+    default_threshold = None  # a classifier brings no calibrated threshold
+
+    def check_scorer(self) -> None:
+        if len(self.labels) != 2:
+            raise QtuneError(f"the rescoring classifier needs two labels, it has {self.labels}")
+
+    def pair_scores(self, pairs: list[tuple[str, str]]) -> np.ndarray:
+        """(len(pairs),) P(positive) of each (query, FAQ question) pair."""
+        return self.predict_proba(pairs)[:, 1]

@@ -1,0 +1,73 @@
+"""What the tasks' HTTP handlers share: the request base model, input checks and token usage.
+
+Imported by the `serve.py` of each task, which the server loads; pydantic loads with it.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from pydantic import BaseModel, ConfigDict, StrictStr
+
+from qtune.errors import RequestError
+
+NO_LIMIT = 10 ** 9  # tokenize without cutting, so too-long inputs are reported (bounded by the body size)
+
+
+class Request(BaseModel):
+    # Clients send extra fields (`user`, ...); they are ignored rather than rejected.
+    model_config = ConfigDict(extra="ignore")
+    # What a union field accepts, said once instead of one pydantic failure per alternative.
+    union_messages: ClassVar[dict[str, str]] = {}
+
+
+class ClassifyRequest(Request):
+    """`/v1/classify` (vLLM's shape): pairs for a pair classifier, texts for a text classifier."""
+
+    union_messages = {"input": "input: expected a string, a list of strings or a list of pairs [[text_a, text_b], ...]"}
+    input: list[list[StrictStr]] | list[StrictStr] | StrictStr
+    model: StrictStr | None = None
+
+
+def check_count(value: list, settings, param: str = "input") -> None:
+    if len(value) > settings.max_inputs:
+        noun = "inputs" if param == "input" else param
+        raise RequestError(422, f"too many {noun}: {len(value)}; the limit is {settings.max_inputs} per request",
+                           param=param, code="too_many_inputs")
+
+
+def check_lengths(features: list[dict], limit: int, note: str = "") -> None:
+    for i, f in enumerate(features):
+        if len(f["input_ids"]) > limit:
+            raise RequestError(422, f"input {i} has {len(f['input_ids'])} tokens{note}; the limit is {limit}",
+                               param="input", code="input_too_long")
+
+
+def check_texts(value, settings) -> list[str]:
+    """A string or a non-empty list of non-empty strings -> the list."""
+    texts = [value] if isinstance(value, str) else value
+    if not texts:
+        raise RequestError(400, "input must not be empty", param="input", code="empty_input")
+    check_count(texts, settings)
+    for i, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise RequestError(422, f"input {i} must be a string", param="input", code="invalid_field")
+        if not text:
+            raise RequestError(400, f"input {i} is empty", param="input", code="empty_input")
+    return texts
+
+
+def usage(features: list[dict], generated: int | None = None) -> dict:
+    """OpenAI-style token counts: the inputs' tokens (prompts included), plus what was generated."""
+    prompt = sum(len(f["input_ids"]) for f in features)
+    if generated is None:
+        return {"prompt_tokens": prompt, "total_tokens": prompt}
+    return {"prompt_tokens": prompt, "completion_tokens": generated, "total_tokens": prompt + generated}
+
+
+def classify_answer(entry, probs, labels, features) -> dict:
+    """The `/v1/classify` answer: `{data: [{index, label, probs}]}` from (rows, labels) probabilities."""
+    return {"object": "list", "model": entry.name,
+            "data": [{"index": i, "label": labels[int(p.argmax())], "probs": [float(x) for x in p]}
+                     for i, p in enumerate(probs)],
+            "usage": usage(features)}

@@ -1,0 +1,62 @@
+"""Reranking: a relevance score per (query, document), the second stage after recall.
+
+Decoders (Qwen3-Reranker) answer "yes"/"no" with their LM head; BERT-family encoders are
+cross-encoders with one logit. Trained listwise or pointwise on mined groups, evaluated as the
+second stage of retrieval, calibrated for a "no good answer" threshold, served at `/v1/rerank`.
+"""
+
+from __future__ import annotations
+
+from qtune.modeling.family import Family
+from qtune.tasks.base import Command, Endpoint, Task
+from qtune.tasks.reranker.config import CalibrateConfig, RerankerConfig, RerankEvalConfig
+
+
+class RerankerTask(Task):
+    name = "reranker"
+    kind = "a reranker"
+    config = RerankerConfig
+    int8_output = "logits"  # cross-encoders; decoders have no int8 path
+
+    def auto_class(self, family: Family) -> str:
+        return "AutoModelForCausalLM" if family.is_decoder else "AutoModelForSequenceClassification"
+
+    def peft_task_type(self, family: Family) -> str:
+        return "CAUSAL_LM" if family.is_decoder else "SEQ_CLS"
+
+    def prepare(self, meta, source, tokenizer, family) -> dict:
+        meta.labels = []
+        if family.is_decoder:
+            if meta.instruction is None:
+                from qtune.tasks.reranker.encode import DEFAULT_INSTRUCTION
+
+                meta.instruction = DEFAULT_INSTRUCTION
+            return {}
+        return dict(num_labels=1, pad_token_id=tokenizer.pad_token_id)
+
+    def train(self, config, on_step=None):
+        from qtune.tasks.reranker.train import train
+
+        return train(self, config, on_step)
+
+    def wrap(self, loaded):
+        from qtune.tasks.reranker.model import Reranker
+
+        return Reranker(loaded)
+
+    def evaluation(self) -> Command:
+        from qtune.tasks.reranker import evaluate
+
+        return Command("rerank", RerankEvalConfig.__doc__, RerankEvalConfig, evaluate.evaluate,
+                       evaluate.show_evaluation)
+
+    def calibration(self) -> Command:
+        from qtune.tasks.reranker import evaluate
+
+        return Command("calibrate", CalibrateConfig.__doc__, CalibrateConfig, evaluate.calibrate,
+                       evaluate.show_calibration)
+
+    def endpoints(self) -> list[Endpoint]:
+        from qtune.tasks.reranker import serve
+
+        return [Endpoint("/v1/rerank", serve.RerankRequest, serve.rerank)]

@@ -1,0 +1,53 @@
+"""Settings of `qtune train reranker`, `qtune eval rerank` and `qtune calibrate`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from qtune.config import InferenceConfig, TrainConfig, opt
+
+
+@dataclass(kw_only=True)
+class RerankerConfig(TrainConfig):
+    """`qtune train reranker`: groups of (query, positive, hard negatives), listwise or pointwise."""
+
+    train: str = opt("", "training groups, JSONL {query, pos, neg} (e.g. `qtune mine` output)", required=True)
+    eval: str | None = opt(None, "held-out groups in the same format; scored by the positive's rank in its group")
+    batch_size: int = opt(8, "query groups per batch (times --group-size pairs)", low=1)
+    eval_batch_size: int = opt(32, "pairs per evaluation batch", low=1)
+    lr: float = opt(1e-4, "peak learning rate (AdamW); about 2e-5 for --full", low=0, low_open=True)
+    epochs: float = opt(1.0, "training epochs (fractions allowed)", low=0, low_open=True)
+    max_length: int = opt(512, "maximum tokens per (query, document) pair, prompt included", low=16)
+    group_size: int = opt(8, "pairs per group: the positive and group_size - 1 negatives", low=2)
+    loss: str = opt("listwise", "listwise: softmax cross-entropy over each group; pointwise: binary "
+                     "cross-entropy per pair", choices=("listwise", "pointwise"))
+    instruction: str | None = opt(None, "decoder rerankers: the <Instruct> text (default: the Qwen3-Reranker one)")
+
+
+@dataclass(kw_only=True)
+class RerankEvalConfig(InferenceConfig):
+    """`qtune eval rerank`: retriever alone vs retriever + reranker: nDCG@10, MRR@10, ..."""
+
+    model: str = opt("", "reranker: trained folder or base model", required=True)
+    data: str = opt("", "BEIR folder (corpus.jsonl, queries.jsonl, qrels/test.tsv)", required=True)
+    retriever: str = opt("", "embedding model for the first stage", required=True)
+    top_k: int = opt(100, "passages retrieved and reranked per query", low=1)
+    compare: str | None = opt(None, "a second reranker, side by side (e.g. the base model)")
+    output: str | None = opt(None, "folder for metrics.json, report.md and retrieval.png")
+    batch_size: int = opt(32, "pairs per reranker forward pass", low=1)
+    retriever_batch_size: int = opt(64, "texts per retriever forward pass", low=1)
+
+
+@dataclass(kw_only=True)
+class CalibrateConfig(InferenceConfig):
+    """`qtune calibrate`: the reranker score threshold from labelled pairs, stored with the model."""
+
+    model: str = opt("", "reranker folder (the threshold goes into its qtune.json)", required=True)
+    data: str = opt("", "labelled pairs: query, document, label 1 (relevant) or 0", required=True)
+    min_precision: float | None = opt(None, "the lowest threshold with at least this precision (default: the "
+                                      "F1-best threshold)")
+    output: str | None = opt(None, "folder for metrics.json")
+    batch_size: int = opt(32, "pairs per forward pass", low=1)
+    text_columns: list[str] = opt(["sentence1", "sentence2"], "the query and document columns", count=2,
+                                  metavar=("COL1", "COL2"))
+    label_column: str = opt("label", "the label column")

@@ -1,0 +1,69 @@
+"""`qtune eval rerank` (the retriever alone, then its top-k reranked, side by side) and `qtune calibrate`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from qtune.data.pairs import read_pairs
+from qtune.data.retrieval import read_beir
+from qtune.errors import QtuneError
+from qtune.evaluation.metrics import calibrate_threshold
+from qtune.evaluation.report import short_name
+from qtune.evaluation.retrieval import rerank_run, retrieval_report, retrieve, write_retrieval_outputs
+from qtune.evaluation.retrieval_metrics import retrieval_metrics
+from qtune.io import write_json
+from qtune.tasks.reranker.config import CalibrateConfig, RerankEvalConfig
+
+
+def evaluate(config: RerankEvalConfig, load) -> dict:
+    """Two-stage quality on a BEIR folder: the retriever alone, then its top `top_k` reranked by
+    `model` (and by `compare`), side by side. Keys: the retriever's name, then one per reranker."""
+    data_set = read_beir(config.data)
+    load_args = dict(device=config.device, precision=config.load_precision)
+    embedder = load(config.retriever, "embedding", **load_args)
+    run = retrieve(embedder, data_set, top_k=config.top_k, batch_size=config.retriever_batch_size, progress=True)
+    del embedder
+    results = {config.retriever: retrieval_metrics(run, data_set.qrels)}
+    for name in [config.model] + ([config.compare] if config.compare else []):
+        reranker = load(name, "reranker", **load_args)
+        reranked = rerank_run(reranker, data_set, run, top_k=config.top_k, batch_size=config.batch_size, progress=True)
+        results[f"{short_name(config.retriever)} + {short_name(name)}"] = retrieval_metrics(reranked, data_set.qrels)
+    if config.output:
+        write_retrieval_outputs(results, str(config.data), config.output, baseline=config.retriever, title="Reranking")
+    return results
+
+
+def show_evaluation(config: RerankEvalConfig, results: dict) -> str:
+    text = retrieval_report(results, config.data, baseline=config.retriever, title="Reranking")
+    if config.output:
+        text += f"\nwrote {config.output}/metrics.json, report.md, retrieval.png"
+    return text
+
+
+def calibrate(config: CalibrateConfig, load) -> dict:
+    """Find the reranker score threshold for "a good answer" on labelled (query, document, 0/1)
+    pairs and store it in the model folder's qtune.json, where the server reads it."""
+    from dataclasses import replace
+
+    folder = Path(config.model)
+    if not folder.is_dir():
+        raise QtuneError(f"{config.model}: the threshold is stored in the model folder; give a local folder "
+                         "(a hub model can be saved with save_pretrained first)")
+    pairs = read_pairs(config.data, text_columns=config.text_columns, label_column=config.label_column,
+                       labels=["0", "1"])
+    reranker = load(config.model, "reranker", device=config.device, precision=config.load_precision)
+    scores = reranker.score([(p.sentence1, p.sentence2) for p in pairs], batch_size=config.batch_size, progress=True)
+    try:
+        found = calibrate_threshold([p.label for p in pairs], scores, min_precision=config.min_precision)
+    except ValueError as e:
+        raise QtuneError(f"{config.data}: {e}") from None
+    replace(reranker.loaded.meta, threshold=found["threshold"], adapter=reranker.loaded.is_adapter).save(folder)
+    if config.output:
+        write_json(Path(config.output) / "metrics.json", {"model": config.model, "data": str(config.data), **found})
+    return found
+
+
+def show_calibration(config: CalibrateConfig, found: dict) -> str:
+    return (f"threshold {found['threshold']:.6f}: precision {found['precision']:.4f}, recall {found['recall']:.4f}, "
+            f"F1 {found['f1']:.4f} on {found['pairs']} pairs ({found['relevant']} relevant)\n"
+            f"stored in {config.model}/qtune.json")

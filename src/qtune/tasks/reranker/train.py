@@ -1,0 +1,56 @@
+"""`qtune train reranker`: groups of (query, positive, hard negatives), listwise or pointwise."""
+
+from __future__ import annotations
+
+from functools import partial
+
+import numpy as np
+
+from qtune.data.batching import length_grouped_batches
+from qtune.data.retrieval import read_query_groups
+from qtune.errors import QtuneError
+from qtune.modeling.loading import LoadedModel
+from qtune.tasks.base import TrainedRun
+from qtune.tasks.reranker.config import RerankerConfig
+from qtune.tasks.reranker.groups import collate, group_features, group_ranking_metrics, loss
+from qtune.tasks.reranker.model import Reranker
+from qtune.training.run import resume_state, start_run
+from qtune.training.trainer import TaskHooks, fit
+
+
+def train(task, config: RerankerConfig, on_step=None) -> TrainedRun:
+    groups = read_query_groups(config.train)
+    eval_groups = read_query_groups(config.eval) if config.eval else None
+    for path, found in ((config.train, groups), (config.eval, eval_groups)):
+        if found is not None and not any(g.negatives for g in found):
+            raise QtuneError(f"{path}: no group has a negative, so there is nothing to rank "
+                             "(add them with `qtune mine`)")
+
+    def validate(model: LoadedModel) -> None:  # settings that need the tokenizer, before anything is written
+        Reranker(model).formatter.encode("query", "document")
+
+    loaded = start_run(config, task, validate=validate)
+    if config.instruction is not None and not config.resume and loaded.family.is_decoder:
+        loaded.meta.instruction = config.instruction
+    reranker = Reranker(loaded)
+    features, dropped = group_features(groups, reranker.formatter.encode, config.group_size)
+    if dropped:
+        print(f"{dropped} of {len(groups)} training groups have no negative and are left out")
+    evaluate = None
+    if eval_groups is not None:
+        scored = [g for g in eval_groups if g.negatives]
+        eval_features = [reranker.formatter.encode(g.query, d) for g in scored for d in (g.positives[0], *g.negatives)]
+        bounds = np.cumsum([0] + [1 + len(g.negatives) for g in scored])
+
+        def evaluate(model: LoadedModel) -> dict:
+            scores = Reranker(model).score_features(eval_features, batch_size=config.eval_batch_size)
+            return group_ranking_metrics([scores[a:b] for a, b in zip(bounds[:-1], bounds[1:])])
+
+    lengths = [f["length"] for f in features]
+    hooks = TaskHooks(
+        collate=partial(collate, loaded.tokenizer, packed=loaded.packs),
+        loss=partial(loss, prompt=reranker.formatter.prompt, kind=config.loss),
+        evaluate=evaluate, best_metric="mrr",
+        batches=lambda epoch: length_grouped_batches(lengths, config.batch_size, seed=config.seed, epoch=epoch))
+    return TrainedRun(loaded, fit(config, loaded, features, hooks, resume_state=resume_state(config),
+                                  on_step=on_step))
