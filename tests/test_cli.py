@@ -330,7 +330,7 @@ def test_yaml_recipe_with_flags_overriding_it(tiny_bert_dir, tmp_path, capsys):
 def test_data_stats_json_and_plot(tiny_qwen_dir, tmp_path, capsys):
     from transformers import AutoTokenizer
 
-    from qtune.tasks.pair_classification import PairEncoder
+    from qtune.tasks.pair_cls.encode import PairEncoder
 
     pairs = synthetic_pairs(30, seed=4)
     pairs += [("怎么修改我的登录密码？", "我忘记了密码，如何重置", 1),

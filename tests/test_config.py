@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from qtune.config import (PairClsConfig, add_config_flags, build_config, config_from_args, config_to_yaml,
-                          load_yaml)
+from qtune.config import add_config_flags, build_config, config_from_args, config_to_yaml, load_yaml
 from qtune.errors import QtuneError
+from qtune.tasks.pair_cls.config import PairClsConfig
 
 REQUIRED = ["--model", "m", "--train", "train.csv", "--output", "out"]
 

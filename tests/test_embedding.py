@@ -8,8 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from qtune.modeling.embedding import QWEN3_QUERY_INSTRUCTION, Embedder
-from qtune.modeling.loading import LoraSettings, load_model
+from qtune.modeling.loading import LoraSettings
+from qtune.tasks import load_model
+from qtune.tasks.embedding.encode import QWEN3_QUERY_INSTRUCTION
+from qtune.tasks.embedding.model import Embedder
 
 TEXTS = ["the cat", "a very big old dog is here now", "my bus", "the small green plane is there", "cow"]
 
@@ -77,7 +79,7 @@ def test_matryoshka_truncates_then_normalises(tiny_qwen_dir):
 @pytest.mark.parametrize("family", ["bert", "qwen"])
 def test_gradcache_gives_the_gradients_of_the_plain_loss(family, tiny_bert_dir, tiny_qwen_dir):
     from qtune.records import QueryGroup
-    from qtune.tasks import embedding as task
+    from qtune.tasks.embedding import encode, loss as contrastive
 
     folder = tiny_bert_dir if family == "bert" else tiny_qwen_dir
     loaded = load_model(folder, task="embedding", device="cpu", trainable=True,
@@ -86,18 +88,18 @@ def test_gradcache_gives_the_gradients_of_the_plain_loss(family, tiny_bert_dir, 
     embedder = Embedder(loaded)
     groups = [QueryGroup(f"q {w}", (f"the {w} is here",), (f"a {w} there now", "my old bus"))
               for w in ["cat", "dog", "cow", "goat", "tiger", "horse", "mouse"]]
-    features = task.group_features(groups, embedder.features, hard_negatives=1)
-    batch = task.collate(loaded.tokenizer, features)
-    settings = task.ContrastiveSettings(pooling=loaded.meta.pooling, temperature=0.05, mini_batch_size=3,
+    features = encode.group_features(groups, embedder.features, hard_negatives=1)
+    batch = encode.collate(loaded.tokenizer, features)
+    settings = contrastive.ContrastiveSettings(pooling=loaded.meta.pooling, temperature=0.05, mini_batch_size=3,
                                         matryoshka_dims=(16,))
     params = [p for p in loaded.model.parameters() if p.requires_grad]
 
-    plain_loss = task.loss(loaded.model, batch, settings)
+    plain_loss = contrastive.loss(loaded.model, batch, settings)
     plain_loss.backward()
     plain = [p.grad.clone() for p in params]
     for p in params:
         p.grad = None
-    cached_loss = task.cached_backward(loaded.model, batch, settings)
+    cached_loss = contrastive.cached_backward(loaded.model, batch, settings)
     cached = [p.grad.clone() for p in params]
 
     assert cached_loss.item() == pytest.approx(plain_loss.item(), abs=1e-5)
@@ -107,7 +109,7 @@ def test_gradcache_gives_the_gradients_of_the_plain_loss(family, tiny_bert_dir, 
 
 
 def test_batches_never_repeat_a_text_and_use_every_group():
-    from qtune.tasks.embedding import unique_text_batches
+    from qtune.tasks.embedding.encode import unique_text_batches
 
     # groups 0 and 1 share a positive, 2 has 0's query as a negative: they must not meet
     texts = [{"q0", "shared"}, {"q1", "shared"}, {"q2", "p2", "q0"}, {"q3", "p3"}, {"q4", "p4"}, {"q5", "p5"}]

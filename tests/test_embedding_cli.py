@@ -475,7 +475,7 @@ def test_eval_retrieval_without_qrels_names_the_missing_file(tiny_bert_dir, tmp_
 
 
 def test_load_returns_an_embedder_with_unit_float32_rows(trained):
-    from qtune.modeling.embedding import Embedder
+    from qtune.tasks.embedding.model import Embedder
 
     embedder = qtune.load(trained / "best", device="cpu")
     assert isinstance(embedder, Embedder)

@@ -11,7 +11,8 @@ from conftest import (assert_refused_before_the_model_loads, assert_user_error, 
                       read_jsonl, run, save_tiny_qwen, write, write_lines)
 from qtune.errors import QtuneError
 from qtune.records import ExtractionExample
-from qtune.tasks import extraction as task
+from qtune.tasks.extraction.encode import DEFAULT_INSTRUCTION, PromptBuilder, collate
+from qtune.tasks.extraction.model import loss as sft_loss
 
 INSTRUCTION = "Extract name and phone as JSON."
 PEOPLE = [("张伟", "13800000001"), ("Alice Smith", "555-0101"), ("李娜", "13900000002"), ("Bob Jones", "555-0199"),
@@ -40,18 +41,18 @@ def qwen64_dir(tmp_path_factory) -> str:
 
 
 def test_prompt_is_the_chat_template_with_thinking_off(tokenizer):
-    builder = task.PromptBuilder(tokenizer, "default instruction")
+    builder = PromptBuilder(tokenizer, "default instruction")
     text = tokenizer.decode(builder.prompt_ids("张伟的电话是123", INSTRUCTION))
     assert text == (f"<|im_start|>user\n{INSTRUCTION}\n\n张伟的电话是123<|im_end|>\n"
                     "<|im_start|>assistant\n<think>\n\n</think>\n\n")
     # rows without an instruction get the model's default one
     assert tokenizer.decode(builder.prompt_ids("x")).startswith("<|im_start|>user\ndefault instruction\n\nx")
-    assert tokenizer.decode(task.PromptBuilder(tokenizer).prompt_ids("x")).startswith(
-        f"<|im_start|>user\n{task.DEFAULT_INSTRUCTION}\n\nx")
+    assert tokenizer.decode(PromptBuilder(tokenizer).prompt_ids("x")).startswith(
+        f"<|im_start|>user\n{DEFAULT_INSTRUCTION}\n\nx")
 
 
 def test_label_mask_trains_exactly_the_answer_and_eos(tokenizer):
-    builder = task.PromptBuilder(tokenizer)
+    builder = PromptBuilder(tokenizer)
     output = json.dumps({"name": "张伟", "phone": "13800000001"}, ensure_ascii=False)
     feature = builder.encode(ExtractionExample(input="张伟的电话是13800000001", output=output, instruction=INSTRUCTION))
     ids, labels = feature["input_ids"], feature["labels"]
@@ -77,14 +78,14 @@ def test_a_tokenizer_without_chat_template_is_refused(tiny_bert_dir):
     from transformers import AutoTokenizer
 
     with pytest.raises(QtuneError, match="chat template"):
-        task.PromptBuilder(AutoTokenizer.from_pretrained(tiny_bert_dir))
+        PromptBuilder(AutoTokenizer.from_pretrained(tiny_bert_dir))
 
 
 def test_collate_pads_right_and_keeps_logits_from_the_first_answer(tokenizer):
-    builder = task.PromptBuilder(tokenizer)
+    builder = PromptBuilder(tokenizer)
     features = [builder.encode(ExtractionExample(input=r["input"], output=json.dumps(r["output"]),
                                                  instruction=r["instruction"])) for r in _rows()[:3]]
-    batch = task.collate(tokenizer, features)
+    batch = collate(tokenizer, features)
     width = max(len(f["input_ids"]) for f in features)
     assert batch["input_ids"].shape == batch["labels"].shape == (3, width)
     for row, f in enumerate(features):
@@ -100,16 +101,16 @@ def test_collate_pads_right_and_keeps_logits_from_the_first_answer(tokenizer):
 def test_loss_on_kept_logits_equals_the_loss_on_all_positions(tokenizer, tiny_qwen_dir):
     import torch.nn.functional as F
 
-    from qtune.modeling.loading import load_model
+    from qtune.tasks import load_model
 
     loaded = load_model(tiny_qwen_dir, task="extract", device="cpu", precision="fp32")
-    builder = task.PromptBuilder(tokenizer)
+    builder = PromptBuilder(tokenizer)
     features = [builder.encode(ExtractionExample(input=r["input"], output=json.dumps(r["output"]),
                                                  instruction=r["instruction"])) for r in _rows()[:4]]
-    batch = task.collate(tokenizer, features)
+    batch = collate(tokenizer, features)
     assert batch["logits_to_keep"] < batch["input_ids"].shape[1]
     with torch.no_grad():
-        fast = task.loss(loaded.model, batch)
+        fast = sft_loss(loaded.model, batch)
         logits = loaded.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         full = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), batch["labels"][:, 1:].reshape(-1),
                                ignore_index=-100)
@@ -117,7 +118,8 @@ def test_loss_on_kept_logits_equals_the_loss_on_all_positions(tokenizer, tiny_qw
 
 
 def test_lora_for_extraction_covers_every_linear_projection(tiny_qwen_dir):
-    from qtune.modeling.loading import LoraSettings, load_model
+    from qtune.modeling.loading import LoraSettings
+    from qtune.tasks import load_model
 
     loaded = load_model(tiny_qwen_dir, task="extract", lora=LoraSettings(), trainable=True, device="cpu")
     targets = set(loaded.model.peft_config["default"].target_modules)
@@ -253,7 +255,7 @@ def test_data_pii_sft_command(tmp_path, capsys):
 def test_data_stats_counts_tokens_as_training_encodes_them(tokenizer, tmp_path, capsys):
     rows = _rows()
     train = write(tmp_path / "train.jsonl", jsonl(rows))
-    builder = task.PromptBuilder(tokenizer)
+    builder = PromptBuilder(tokenizer)
     expected = sorted(len(builder.encode(ExtractionExample(input=r["input"], output=json.dumps(r["output"], ensure_ascii=False),
                                                            instruction=r["instruction"]))["input_ids"]) for r in rows)
     code, out, err = run(capsys, "data", "stats", train, "--task", "extract", "--model", qwen_tokenizer_dir(),

@@ -9,7 +9,7 @@ from conftest import assert_user_error, run, synthetic_pairs, write_pairs_csv
 from qtune import api
 from qtune.errors import QtuneError
 from qtune.modeling.int8 import OnnxModel, quantize_int8
-from qtune.modeling.loading import load_model
+from qtune.tasks import load_model
 
 TEXTS = ["cat", "the big red dog is here now", "a small green bus", "my old train is there", "horse",
          "the cow and the goat and the sheep are here now in the old red barn"]
@@ -20,7 +20,7 @@ def test_onnx_export_equals_pytorch_for_any_batch_shape(tiny_bert_dir):
     export's probe, padded or not."""
     torch_side = api.load(tiny_bert_dir, task="embedding", device="cpu", precision="fp32")
     onnx_side = api.load(tiny_bert_dir, task="embedding", device="cpu", precision="fp32")
-    quantize_int8(onnx_side.loaded, int8=False)
+    quantize_int8(onnx_side.loaded, output="last_hidden_state", int8=False)
     assert isinstance(onnx_side.loaded.model, OnnxModel)
     for batch_size in (1, 4, 6):
         np.testing.assert_allclose(onnx_side.embed(TEXTS, batch_size=batch_size),

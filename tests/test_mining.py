@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from qtune import mining
+from qtune import mining, vector_search
 from qtune.mining import MiningSettings, exact_search, mine_hard_negatives, summarize
 
 QUERY = np.array([[1.0, 0.0]], dtype=np.float32)  # (1, 2)
@@ -65,7 +65,7 @@ def _brute_force(q, c, k):
 
 def test_exact_search_numpy_matches_brute_force_across_batches_and_corpus_chunks(monkeypatch):
     _use_numpy(monkeypatch)
-    monkeypatch.setattr(mining, "_BLOCK_ELEMENTS", 64)  # 8 queries per batch -> corpus chunks of 8 docs
+    monkeypatch.setattr(vector_search, "_BLOCK_ELEMENTS", 64)  # 8 queries per batch -> corpus chunks of 8 docs
     q, c = _random_unit(37, 16, seed=1), _random_unit(500, 16, seed=2)
     scores, indices = exact_search(q, c, 10, batch_size=8)
     want_s, want_i = _brute_force(q, c, 10)

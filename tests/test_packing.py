@@ -12,7 +12,8 @@ import qtune
 from qtune.errors import QtuneError
 from qtune.modeling import packing
 from qtune.data.batching import sorted_batches
-from qtune.modeling.loading import LoraSettings, load_model
+from qtune.modeling.loading import LoraSettings
+from qtune.tasks import load_model
 from qtune.records import ExtractionExample, QueryGroup
 
 from conftest import synthetic_pairs
@@ -80,7 +81,7 @@ def test_sorted_batches_respect_rows_and_the_token_budget():
 
 
 def test_pool_packed_matches_padded_pooling():
-    from qtune.modeling.embedding import pool
+    from qtune.modeling.pooling import pool
 
     torch.manual_seed(0)
     lengths = [3, 1, 4]
@@ -113,39 +114,42 @@ def test_embeddings_packed_equal_padded(tiny_qwen_dir):
 
 def test_pair_classification_packed_equals_padded(tiny_qwen_dir):
     from qtune.records import Pair
-    from qtune.tasks import pair_classification as task
+    from qtune.modeling.heads import class_loss, collate_labelled
+    from qtune.tasks.pair_cls.encode import PairEncoder
+    from qtune.tasks.pair_cls.model import PairClassifier
 
     loaded = load_model(tiny_qwen_dir, task="pair-cls", device="cpu", trainable=True, lora=NO_DROPOUT)
     loaded.model.eval()
     with torch.no_grad():  # a sharper head, so a wrong pooled row shows
         packing.head_model(loaded.model).score.modules_to_save["default"].weight.normal_(0.0, 3.0)
-    encoder = task.PairEncoder(loaded.tokenizer, True, 32)
+    encoder = PairEncoder(loaded.tokenizer, True, 32)
     features = encoder.encode_pairs([Pair(a, b, label) for a, b, label in synthetic_pairs(6, seed=3)])
-    _assert_same_training_signal(loaded.model, task.loss, task.collate(loaded.tokenizer, features),
-                                 task.collate(loaded.tokenizer, features, packed=True))
-    probs = task.predict_probs(loaded, features, batch_size=4)
+    _assert_same_training_signal(loaded.model, class_loss, collate_labelled(loaded.tokenizer, features),
+                                 collate_labelled(loaded.tokenizer, features, packed=True))
+    probs = PairClassifier(loaded).predict_features(features, batch_size=4)
     loaded.packed = False
-    np.testing.assert_allclose(probs, task.predict_probs(loaded, features, batch_size=4), atol=1e-5)
+    np.testing.assert_allclose(probs, PairClassifier(loaded).predict_features(features, batch_size=4), atol=1e-5)
 
 
 def test_contrastive_loss_and_gradcache_packed_equal_padded(tiny_qwen_dir):
-    from qtune.modeling.embedding import Embedder
-    from qtune.tasks import embedding as task
+    from qtune.tasks.embedding import encode
+    from qtune.tasks.embedding import loss as contrastive
+    from qtune.tasks.embedding.model import Embedder
 
     loaded = load_model(tiny_qwen_dir, task="embedding", device="cpu", trainable=True, lora=NO_DROPOUT)
     loaded.model.eval()
     groups = [QueryGroup(f"q {w}", (f"the {w} is here",), (f"a {w} there now", "my old bus"))
               for w in ["cat", "dog", "cow", "goat", "tiger"]]
-    features = task.group_features(groups, Embedder(loaded).features, hard_negatives=1)
-    settings = task.ContrastiveSettings(pooling="last", temperature=0.05, mini_batch_size=2)
-    padded = task.collate(loaded.tokenizer, features)
-    packed = task.collate(loaded.tokenizer, features, packed=True)
+    features = encode.group_features(groups, Embedder(loaded).features, hard_negatives=1)
+    settings = contrastive.ContrastiveSettings(pooling="last", temperature=0.05, mini_batch_size=2)
+    padded = encode.collate(loaded.tokenizer, features)
+    packed = encode.collate(loaded.tokenizer, features, packed=True)
     assert packed["p_cu_seq_lens_q"].shape == (len(groups) * 2 + 1,)  # positives + one negative each
-    loss = lambda model, batch: task.loss(model, batch, settings)  # noqa: E731
+    loss = lambda model, batch: contrastive.loss(model, batch, settings)  # noqa: E731
     _assert_same_training_signal(loaded.model, loss, padded, packed)
-    cached = lambda model, batch: task.cached_backward(model, batch, settings)  # noqa: E731
+    cached = lambda model, batch: contrastive.cached_backward(model, batch, settings)  # noqa: E731
     loaded.model.zero_grad(set_to_none=True)
-    padded_loss = task.loss(loaded.model, padded, settings)
+    padded_loss = contrastive.loss(loaded.model, padded, settings)
     padded_loss.backward()
     reference = _grads(loaded.model)
     loaded.model.zero_grad(set_to_none=True)
@@ -155,8 +159,8 @@ def test_contrastive_loss_and_gradcache_packed_equal_padded(tiny_qwen_dir):
 
 
 def test_reranker_group_loss_packed_equals_padded(tiny_qwen_dir):
-    from qtune.modeling.reranker import Reranker
-    from qtune.tasks import reranker as task
+    from qtune.tasks.reranker import groups as task
+    from qtune.tasks.reranker.model import Reranker
 
     loaded = load_model(tiny_qwen_dir, task="reranker", device="cpu", trainable=True, lora=NO_DROPOUT)
     loaded.model.eval()
@@ -164,15 +168,15 @@ def test_reranker_group_loss_packed_equals_padded(tiny_qwen_dir):
     groups = [QueryGroup("which animal", ("the cat is here",), ("my old bus", "a red car there now")),
               QueryGroup("a vehicle", ("the tram",), ("a small green cow",))]
     features, _ = task.group_features(groups, reranker.formatter.encode, group_size=3)
-    settings = task.RerankSettings(group_size=3, loss="listwise")
-    loss = lambda model, batch: task.loss(model, batch, prompt=reranker.formatter.prompt, settings=settings)  # noqa: E731
+    loss = lambda model, batch: task.loss(model, batch, prompt=reranker.formatter.prompt, kind="listwise")  # noqa: E731
     _assert_same_training_signal(loaded.model, loss, task.collate(loaded.tokenizer, features),
                                  task.collate(loaded.tokenizer, features, packed=True))
 
 
 @pytest.mark.parametrize("checkpointing", [False, True])
 def test_extraction_loss_packed_equals_padded(tiny_qwen_dir, checkpointing):
-    from qtune.tasks import extraction as task
+    from qtune.tasks.extraction import encode as task
+    from qtune.tasks.extraction.model import loss as sft_loss
 
     loaded = load_model(tiny_qwen_dir, task="extract", device="cpu", trainable=True, lora=NO_DROPOUT)
     if checkpointing:  # recomputed blocks get the packing arguments again in the backward pass
@@ -186,12 +190,12 @@ def test_extraction_loss_packed_equals_padded(tiny_qwen_dir, checkpointing):
     packed = task.collate(loaded.tokenizer, features, packed=True)
     answer_tokens = sum(sum(t != -100 for t in f["labels"]) for f in features)
     assert len(packed["answer_positions"]) == answer_tokens  # exactly the answer tokens are predicted
-    _assert_same_training_signal(loaded.model, task.loss, task.collate(loaded.tokenizer, features), packed)
+    _assert_same_training_signal(loaded.model, sft_loss, task.collate(loaded.tokenizer, features), packed)
 
 
 def test_generation_is_unchanged_by_the_packing_attention(tiny_qwen_dir):
     """Generation runs padded (left padding, a KV cache) through the same attention function."""
-    from qtune.tasks.extraction import generate
+    from qtune.tasks.extraction.model import generate
 
     prompts = [[9707, 11, 1879], [1, 2, 3, 4, 5, 6, 7], [42]]
     runs = {}
@@ -203,8 +207,8 @@ def test_generation_is_unchanged_by_the_packing_attention(tiny_qwen_dir):
 
 
 def test_packed_training_matches_padded_training(tiny_qwen_dir, synthetic_files, tmp_path, monkeypatch):
-    from qtune.api import _train_pair_cls
-    from qtune.config import PairClsConfig
+    from qtune.tasks import get
+    from qtune.tasks.pair_cls.config import PairClsConfig
 
     monkeypatch.setattr(packing, "MIN_PADDING_WITHOUT_KERNEL", 0.0)  # pack every batch, even on a CPU
     packed_batches = []
@@ -216,7 +220,7 @@ def test_packed_training_matches_padded_training(tiny_qwen_dir, synthetic_files,
                                output=str(tmp_path / str(packed)), epochs=0.2, batch_size=16, lr=5e-3, max_length=32,
                                lora_dropout=0.0, device="cpu", packing=packed)
         before = len(packed_batches)
-        loaded, results[packed] = _train_pair_cls(config)
+        loaded, results[packed] = get("pair-cls").train(config)
         assert loaded.packed is packed
         assert (len(packed_batches) > before) is packed  # the packed run really packed its batches
     assert results[True]["train"]["tokens"] == results[False]["train"]["tokens"] > 0
@@ -229,7 +233,7 @@ def test_packed_training_matches_padded_training(tiny_qwen_dir, synthetic_files,
 
 
 def test_packed_batches_need_the_packing_attention(tiny_qwen_dir):
-    from qtune.modeling.embedding import forward_embeddings
+    from qtune.tasks.embedding.model import forward_embeddings
 
     loaded = load_model(tiny_qwen_dir, task="embedding", device="cpu", packing=False)
     with pytest.raises(QtuneError, match="attn_implementation='qtune_varlen'"):

@@ -8,10 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from qtune.api import PairClassifier, _train_pair_cls, evaluate_pair_cls, export, load
-from qtune.config import PairClsConfig
-from qtune.modeling.loading import load_model
-from qtune.tasks.pair_classification import PairEncoder
+from qtune.api import evaluate, export, load
+from qtune.tasks import get, load_model
+from qtune.tasks.pair_cls.config import PairClsConfig
+from qtune.tasks.pair_cls.encode import PairEncoder
+from qtune.tasks.pair_cls.model import PairClassifier
+
+_train_pair_cls = get("pair-cls").train
 
 from conftest import synthetic_pairs
 
@@ -26,14 +29,14 @@ def _config(model, files, output, **overrides) -> PairClsConfig:
 
 
 def test_training_learns_a_rule_only_training_can_teach(tiny_bert_dir, synthetic_files, tmp_path):
-    before = evaluate_pair_cls(tiny_bert_dir, str(synthetic_files["eval"]), device="cpu")[tiny_bert_dir]
+    before = evaluate("pair-cls", model=tiny_bert_dir, data=str(synthetic_files["eval"]), device="cpu")[tiny_bert_dir]
     _, result = _train_pair_cls(_config(tiny_bert_dir, synthetic_files, tmp_path / "run", full=True, epochs=40.0,
                                         lr=2e-3))
     assert before["accuracy"] < 0.7
     assert result["best"]["accuracy"] >= 0.95
     assert result["best"]["macro_f1"] >= 0.95
     # best/ really holds the best model: evaluating it again gives the recorded number
-    again = evaluate_pair_cls(str(tmp_path / "run" / "best"), str(synthetic_files["eval"]), device="cpu")
+    again = evaluate("pair-cls", model=str(tmp_path / "run" / "best"), data=str(synthetic_files["eval"]), device="cpu")
     assert again[str(tmp_path / "run" / "best")]["accuracy"] == pytest.approx(result["best"]["accuracy"])
 
 
@@ -115,13 +118,13 @@ def test_truncation_is_longest_first_and_respects_max_length(tiny_qwen_dir, tiny
 
 def test_resume_after_a_crash_ends_where_an_uninterrupted_run_ends(tiny_bert_dir, synthetic_files, tmp_path,
                                                                    monkeypatch):
-    from qtune.tasks import pair_classification as task
+    from qtune.tasks.pair_cls import train as task
 
     settings = dict(eval_steps=5, epochs=2.0, full=True, lr=2e-3)
     straight, _ = _train_pair_cls(_config(tiny_bert_dir, synthetic_files, tmp_path / "straight", **settings))
     expected = PairClassifier(straight).predict_proba(PROBE)
 
-    real_loss, calls = task.loss, {"n": 0}
+    real_loss, calls = task.class_loss, {"n": 0}
 
     def crashing_loss(model, batch):
         calls["n"] += 1
@@ -129,10 +132,10 @@ def test_resume_after_a_crash_ends_where_an_uninterrupted_run_ends(tiny_bert_dir
             raise KeyboardInterrupt
         return real_loss(model, batch)
 
-    monkeypatch.setattr(task, "loss", crashing_loss)
+    monkeypatch.setattr(task, "class_loss", crashing_loss)
     with pytest.raises(KeyboardInterrupt):
         _train_pair_cls(_config(tiny_bert_dir, synthetic_files, tmp_path / "crashed", **settings))
-    monkeypatch.setattr(task, "loss", real_loss)
+    monkeypatch.setattr(task, "class_loss", real_loss)
     assert (tmp_path / "crashed" / "last" / "trainer_state.pt").is_file()
 
     resumed, result = _train_pair_cls(_config(tiny_bert_dir, synthetic_files, tmp_path / "crashed", resume=True,

@@ -29,18 +29,19 @@ import torch
 import yaml
 
 import qtune
-from qtune.api import _train_reranker
 from qtune.cli import main
-from qtune.config import RerankerConfig
+from qtune.tasks import get
+from qtune.tasks.reranker.config import RerankerConfig
 from qtune.data.retrieval import read_beir, read_query_groups, write_beir, write_query_groups
 from qtune.errors import QtuneError
 from qtune.evaluation.metrics import calibrate_threshold
 from qtune.evaluation.report import short_name
 from qtune.evaluation.retrieval import rerank_run, retrieve
 from qtune.evaluation.retrieval_metrics import retrieval_metrics
-from qtune.modeling.reranker import DEFAULT_INSTRUCTION, SYSTEM_PROMPT, PairFormatter, Reranker, decoder_prompt
+from qtune.tasks.reranker.encode import DEFAULT_INSTRUCTION, SYSTEM_PROMPT, PairFormatter, decoder_prompt
+from qtune.tasks.reranker.model import Reranker
 from qtune.records import QueryGroup, RetrievalSet
-from qtune.tasks.reranker import collate, group_features, group_loss, group_ranking_metrics
+from qtune.tasks.reranker.groups import collate, group_features, group_loss, group_ranking_metrics
 
 from conftest import (ANIMALS, FILLER, SPECIALS, VEHICLES, assert_data_accepted_up_to_the_model,
                       assert_refused_before_the_model_loads, assert_user_error, run, write_lines)
@@ -597,7 +598,7 @@ RESUME_FLAGS = ["--full", "--lr", "3e-3", "--epochs", "2", "--batch-size", "4", 
 
 
 def test_resume_after_a_crash_ends_where_an_uninterrupted_run_ends(ce_dir, data, tmp_path, capsys, monkeypatch):
-    from qtune.tasks import reranker as task
+    from qtune.tasks.reranker import train as task
 
     common = ["train", "reranker", "--model", ce_dir, "--train", data["small"], "--eval", data["eval"],
               *RESUME_FLAGS]
@@ -664,7 +665,7 @@ def test_lora_run_saves_an_adapter_that_reloads_to_the_same_scores(family, ce_di
     out = tmp_path / "lora"
     config = RerankerConfig(model=base, train=str(data["small"]), output=str(out), epochs=0.5, batch_size=4,
                             group_size=4, lr=2e-2, max_length=96, device="cpu", seed=3)
-    loaded, result = _train_reranker(config)
+    loaded, result = get("reranker").train(config)
     assert loaded.is_adapter and result["train"]["steps"] == 4
     probe = [(g.query, d) for g in read_query_groups(data["eval"])[:6] for d in (g.positives[0], *g.negatives)]
     in_process = Reranker(loaded).score(probe)

@@ -15,7 +15,7 @@ from fastapi.testclient import TestClient
 from conftest import FAQ_QUESTIONS, assert_api_error
 from qtune.api import load
 from qtune.kb import FaqMatcher
-from qtune.modeling.reranker import Reranker
+from qtune.tasks.reranker.model import Reranker
 from qtune.serving import ServerSettings, create_app
 
 QUERY = "the big cat"

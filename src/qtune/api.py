@@ -89,7 +89,8 @@ def export(model_dir: str, output: str) -> Path:
     return export_merged(load_model(model_dir, device="cpu", precision="fp32"), output)
 
 
-def length_stats(task: str, data: str, model: str, *, plot: str | Path | None = None, **settings) -> tuple[dict, list[int]]:
+def length_stats(task: str, data: str, model: str, *, plot: str | Path | None = None,
+                 **settings) -> tuple[dict, list[int]]:
     """Token lengths of each row of `data` exactly as training `task` encodes it, their summary
     (percentiles, suggested --max-length) and an optional histogram PNG."""
     from qtune.data.stats import length_summary, plot_lengths

@@ -49,3 +49,12 @@ class ExtractionExample:
     instruction: str | None = None  # None: the model's default instruction
     # Where the example came from, for error messages downstream.
     line: int | None = None
+
+
+@dataclass(frozen=True)
+class FaqEntry:
+    """One knowledge-base entry: a canonical question and its answer."""
+
+    id: str
+    question: str
+    answer: str

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
@@ -20,6 +19,7 @@ import numpy as np
 
 from qtune.data.tables import read_table, required_text
 from qtune.errors import DataError, QtuneError
+from qtune.records import FaqEntry
 
 if TYPE_CHECKING:
     from qtune.kb.store import KnowledgeBase
@@ -48,13 +48,6 @@ FAQ_COLUMNS = ("question", "answer")
 DEFAULT_TOP_K = 5
 DEFAULT_THRESHOLD_CLASSIFIER = 0.5  # P(same) from a pair classifier, or an uncalibrated reranker's score
 DEFAULT_THRESHOLD_COSINE = 0.8  # cosine similarity from the embedder alone
-
-
-@dataclass(frozen=True)
-class FaqEntry:
-    id: str
-    question: str
-    answer: str
 
 
 def question_id(question: str) -> str:

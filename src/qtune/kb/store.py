@@ -19,14 +19,11 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 
 from qtune.errors import QtuneError
-
-if TYPE_CHECKING:
-    from qtune.kb.faq import FaqEntry
+from qtune.records import FaqEntry
 
 ENTRIES = "qtune_faq"
 META = "qtune_faq_meta"
@@ -231,8 +228,7 @@ class KnowledgeBase:
 
     def get(self, ids: Sequence[str]) -> list[FaqEntry]:
         """The entries with these ids, in the order asked; unknown ids are left out."""
-        from qtune.kb.faq import FaqEntry
-
+    
         ids = list(dict.fromkeys(ids))
         if not ids:
             return []

@@ -11,6 +11,7 @@ here (not by FastAPI) so that a too-large body and a bad field alike get that sh
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import signal
 import threading

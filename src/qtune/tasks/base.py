@@ -18,11 +18,21 @@ and `qtune --help` stay light. No task imports another task.
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, NamedTuple
 
 from qtune.modeling.family import Family
 from qtune.modeling.loading import CheckpointMeta, LoadedModel
+
+
+def lazy(module: str, name: str) -> Callable:
+    """`module.name`, imported on the first call (so building the CLI imports no task's runners)."""
+    def call(*args, **kwargs):
+        return getattr(importlib.import_module(module), name)(*args, **kwargs)
+
+    call.__qualname__ = f"{module}.{name}"
+    return call
 
 
 class TrainedRun(NamedTuple):

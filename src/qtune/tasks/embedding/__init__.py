@@ -4,8 +4,10 @@ retrieval evaluation on BEIR folders, and `/v1/embeddings`."""
 from __future__ import annotations
 
 from qtune.modeling.family import Family
-from qtune.tasks.base import Command, Endpoint, Task
+from qtune.tasks.base import Command, Endpoint, Task, lazy
 from qtune.tasks.embedding.config import EmbeddingConfig, RetrievalEvalConfig
+
+RUNNERS = "qtune.tasks.embedding.evaluate"  # eval/predict runners, imported when a command runs
 
 
 class EmbeddingTask(Task):
@@ -41,10 +43,8 @@ class EmbeddingTask(Task):
         return Embedder(loaded)
 
     def evaluation(self) -> Command:
-        from qtune.tasks.embedding import evaluate
-
-        return Command("retrieval", RetrievalEvalConfig.__doc__, RetrievalEvalConfig, evaluate.evaluate,
-                       evaluate.show_evaluation)
+        return Command("retrieval", RetrievalEvalConfig.__doc__, RetrievalEvalConfig, lazy(RUNNERS, "evaluate"),
+                       lazy(RUNNERS, "show_evaluation"))
 
     def endpoints(self) -> list[Endpoint]:
         from qtune.tasks.embedding import serve

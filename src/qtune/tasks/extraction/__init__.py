@@ -4,8 +4,10 @@ batched greedy generation, validity and per-field exact match, `/v1/extract`."""
 from __future__ import annotations
 
 from qtune.modeling.family import Family
-from qtune.tasks.base import Command, Endpoint, Task
+from qtune.tasks.base import Command, Endpoint, Task, lazy
 from qtune.tasks.extraction.config import ExtractConfig, ExtractEvalConfig, ExtractPredictConfig
+
+RUNNERS = "qtune.tasks.extraction.evaluate"  # eval/predict runners, imported when a command runs
 
 
 class ExtractionTask(Task):
@@ -36,16 +38,12 @@ class ExtractionTask(Task):
         return Extractor(loaded)
 
     def evaluation(self) -> Command:
-        from qtune.tasks.extraction import evaluate
-
-        return Command("extract", ExtractEvalConfig.__doc__, ExtractEvalConfig, evaluate.evaluate,
-                       evaluate.show_evaluation)
+        return Command("extract", ExtractEvalConfig.__doc__, ExtractEvalConfig, lazy(RUNNERS, "evaluate"),
+                       lazy(RUNNERS, "show_evaluation"))
 
     def prediction(self) -> Command:
-        from qtune.tasks.extraction import evaluate
-
-        return Command("extract", ExtractPredictConfig.__doc__, ExtractPredictConfig, evaluate.predict,
-                       evaluate.show_prediction)
+        return Command("extract", ExtractPredictConfig.__doc__, ExtractPredictConfig, lazy(RUNNERS, "predict"),
+                       lazy(RUNNERS, "show_prediction"))
 
     def token_lengths(self, data: str, tokenizer, family: Family, **_) -> list[int]:
         """Tokens per example exactly as training encodes it (chat prompt + answer + EOS)."""

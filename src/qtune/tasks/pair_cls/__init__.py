@@ -7,8 +7,10 @@ tokenizer's `[CLS] a [SEP] b [SEP]`) or a Qwen3 decoder (`a \\n b <eos>`, last t
 from __future__ import annotations
 
 from qtune.modeling.family import Family
-from qtune.tasks.base import Command, Endpoint, Task
+from qtune.tasks.base import Command, Endpoint, Task, lazy
 from qtune.tasks.pair_cls.config import PairClsConfig, PairClsEvalConfig, PairClsPredictConfig
+
+RUNNERS = "qtune.tasks.pair_cls.evaluate"  # eval/predict runners, imported when a command runs
 
 
 class PairClsTask(Task):
@@ -41,16 +43,12 @@ class PairClsTask(Task):
         return PairClassifier(loaded)
 
     def evaluation(self) -> Command:
-        from qtune.tasks.pair_cls import evaluate
-
-        return Command("pair-cls", PairClsEvalConfig.__doc__, PairClsEvalConfig, evaluate.evaluate,
-                       evaluate.show_evaluation)
+        return Command("pair-cls", PairClsEvalConfig.__doc__, PairClsEvalConfig, lazy(RUNNERS, "evaluate"),
+                       lazy(RUNNERS, "show_evaluation"))
 
     def prediction(self) -> Command:
-        from qtune.tasks.pair_cls import evaluate
-
-        return Command("pair-cls", PairClsPredictConfig.__doc__, PairClsPredictConfig, evaluate.predict,
-                       evaluate.show_prediction)
+        return Command("pair-cls", PairClsPredictConfig.__doc__, PairClsPredictConfig, lazy(RUNNERS, "predict"),
+                       lazy(RUNNERS, "show_prediction"))
 
     def token_lengths(self, data: str, tokenizer, family: Family, text_columns=("sentence1", "sentence2")) -> list[int]:
         """Tokens of each pair exactly as training encodes it (both sentences, special tokens)."""

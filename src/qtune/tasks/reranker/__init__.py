@@ -8,8 +8,10 @@ second stage of retrieval, calibrated for a "no good answer" threshold, served a
 from __future__ import annotations
 
 from qtune.modeling.family import Family
-from qtune.tasks.base import Command, Endpoint, Task
+from qtune.tasks.base import Command, Endpoint, Task, lazy
 from qtune.tasks.reranker.config import CalibrateConfig, RerankerConfig, RerankEvalConfig
+
+RUNNERS = "qtune.tasks.reranker.evaluate"  # eval/predict runners, imported when a command runs
 
 
 class RerankerTask(Task):
@@ -45,16 +47,12 @@ class RerankerTask(Task):
         return Reranker(loaded)
 
     def evaluation(self) -> Command:
-        from qtune.tasks.reranker import evaluate
-
-        return Command("rerank", RerankEvalConfig.__doc__, RerankEvalConfig, evaluate.evaluate,
-                       evaluate.show_evaluation)
+        return Command("rerank", RerankEvalConfig.__doc__, RerankEvalConfig, lazy(RUNNERS, "evaluate"),
+                       lazy(RUNNERS, "show_evaluation"))
 
     def calibration(self) -> Command:
-        from qtune.tasks.reranker import evaluate
-
-        return Command("calibrate", CalibrateConfig.__doc__, CalibrateConfig, evaluate.calibrate,
-                       evaluate.show_calibration)
+        return Command("calibrate", CalibrateConfig.__doc__, CalibrateConfig, lazy(RUNNERS, "calibrate"),
+                       lazy(RUNNERS, "show_calibration"))
 
     def endpoints(self) -> list[Endpoint]:
         from qtune.tasks.reranker import serve

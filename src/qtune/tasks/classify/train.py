@@ -1,0 +1,54 @@
+"""`qtune train classify`: read the texts, encode them, and run the shared loop."""
+
+from __future__ import annotations
+
+from functools import partial
+from pathlib import Path
+
+from qtune.errors import QtuneError
+from qtune.evaluation.metrics import metrics_from_probs
+from qtune.modeling.heads import class_loss, collate_labelled
+from qtune.modeling.loading import LoadedModel, read_meta
+from qtune.tasks.base import TrainedRun
+from qtune.tasks.classify.config import ClassifyConfig
+from qtune.tasks.classify.data import read_labelled
+from qtune.tasks.classify.encode import TextEncoder
+from qtune.tasks.classify.model import TextClassifier
+from qtune.training.run import resume_state, start_run
+from qtune.training.trainer import TaskHooks, fit
+
+
+def model_labels(config: ClassifyConfig, task_name: str) -> list[str] | None:
+    """The labels of the text classifier training continues from (last/ with --resume, or a
+    trained --model), read from its qtune.json without loading it; None for a base model."""
+    meta = read_meta(Path(config.output, "last") if config.resume else config.model)
+    return list(meta.labels) if meta is not None and meta.task == task_name else None
+
+
+def train(task, config: ClassifyConfig, on_step=None) -> TrainedRun:
+    read = partial(read_labelled, text_column=config.text_column, label_column=config.label_column)
+    # Every data problem surfaces here, before a model is loaded or a file written.
+    train_examples, labels = read(config.train, labels=config.labels or model_labels(config, task.name))
+    eval_examples = read(config.eval, labels=labels)[0] if config.eval else None
+
+    def same_labels(loaded: LoadedModel) -> None:
+        if list(loaded.meta.labels) != labels:
+            raise QtuneError(f"the model has labels {list(loaded.meta.labels)}, the data {labels}; "
+                             "train with the model's labels (--labels) or from a base model")
+
+    loaded = start_run(config, task, validate=same_labels, labels=labels)
+    encoder = TextEncoder(loaded.tokenizer, loaded.family.is_decoder, config.max_length)
+    features = encoder.encode_examples(train_examples)
+    evaluate = None
+    if eval_examples is not None:
+        eval_features = encoder.encode_examples(eval_examples)
+        y_true = [e.label for e in eval_examples]
+
+        def evaluate(model: LoadedModel) -> dict:
+            probs = TextClassifier(model).predict_features(eval_features, batch_size=config.eval_batch_size)
+            return metrics_from_probs(y_true, probs, labels)
+
+    hooks = TaskHooks(collate=partial(collate_labelled, loaded.tokenizer, packed=loaded.packs), loss=class_loss,
+                      evaluate=evaluate, best_metric="macro_f1")
+    return TrainedRun(loaded, fit(config, loaded, features, hooks, resume_state=resume_state(config),
+                                  on_step=on_step))
