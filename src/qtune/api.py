@@ -9,6 +9,7 @@ base. The CLI is a thin layer over these functions; the work happens in the laye
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 from typing import Sequence
 
@@ -150,10 +151,11 @@ def serve(*, embedding: str | None = None, classifier: str | Sequence[str] | Non
     matcher = None
     if kb:
         if embedding:
+            from qtune.kb.faq import model_name
             from qtune.kb.store import KnowledgeBase
 
             with KnowledgeBase.open(kb, kb_token) as store:
-                store.check_model(_model_name(embedding))
+                store.check_model(model_name(embedding))
         # recall -> rerank -> threshold: a reranker rescores when served, else a pair classifier
         pair_scorers = [models[n] for n in _classifiers(classifier) if hasattr(models[n], "pair_scores")]
         rescorer = models[reranker] if reranker else next(iter(pair_scorers), None)
@@ -162,45 +164,22 @@ def serve(*, embedding: str | None = None, classifier: str | Sequence[str] | Non
     run_server(models, ServerSettings(**settings), matcher)
 
 
-def _model_name(name_or_path: str) -> str:
-    """How a knowledge base records its embedding model: an absolute path, or the hub id."""
-    return str(Path(name_or_path).resolve()) if Path(name_or_path).exists() else str(name_or_path)
-
-
-def _open_kb_with_embedder(kb: str, embedding, token: str | None, device: str):
-    """The KB and an embedder for it; `embedding` is a name, a loaded Embedder or None (the KB's own)."""
-    from qtune.kb.store import KnowledgeBase
-
-    store = KnowledgeBase.open(kb, token)
-    try:
-        if embedding is None:
-            embedding = store.model
-        if isinstance(embedding, str):
-            store.check_model(_model_name(embedding))
-            embedding = load(embedding, task="embedding", device=device)
-        store.check_model(dimension=embedding.dimension)
-    except BaseException:
-        store.close()
-        raise
-    return store, embedding
-
-
 def kb_build(embedding: str, faq: str, kb: str, *, token: str | None = None, device: str = "auto") -> int:
     """A new knowledge base from an FAQ table (question, answer, optional id); returns the entry count."""
-    from qtune.kb.faq import build_kb, read_faq
+    from qtune.kb.faq import build_kb, model_name, read_faq
 
     read_faq(faq)  # data errors before any model loads
     embedder = load(embedding, task="embedding", device=device)
-    with build_kb(embedder, faq, kb, _model_name(embedding), token=token) as store:
+    with build_kb(embedder, faq, kb, model_name(embedding), token=token) as store:
         return store.count()
 
 
 def kb_add(kb: str, faq: str, *, embedding: str | None = None, token: str | None = None, device: str = "auto") -> int:
     """Insert or replace entries by id (idempotent); returns how many were written."""
-    from qtune.kb.faq import add_entries, read_faq
+    from qtune.kb.faq import add_entries, open_with_embedder, read_faq
 
     entries = read_faq(faq)
-    store, embedder = _open_kb_with_embedder(kb, embedding, token, device)
+    store, embedder = open_with_embedder(kb, embedding, token, partial(load, task="embedding", device=device))
     with store:
         return add_entries(embedder, store, entries)
 
@@ -217,13 +196,13 @@ def faq_matcher(kb: str, embedder=None, classifier=None, *, reranker=None, thres
                 token: str | None = None, device: str = "auto"):
     """A FaqMatcher over `kb`: recall with the KB's embedding model, then rescore with `reranker`
     (its calibrated threshold is the default) or else `classifier`, if given (names or loaded)."""
-    from qtune.kb.faq import FaqMatcher
+    from qtune.kb.faq import FaqMatcher, open_with_embedder
 
     if isinstance(reranker, str):
         reranker = load(reranker, task="reranker", device=device)
     if isinstance(classifier, str) and reranker is None:
         classifier = load(classifier, task="pair-cls", device=device)
-    store, embedder = _open_kb_with_embedder(kb, embedder, token, device)
+    store, embedder = open_with_embedder(kb, embedder, token, partial(load, task="embedding", device=device))
     return FaqMatcher(embedder, store, reranker or classifier, threshold=threshold)
 
 

@@ -96,6 +96,31 @@ def _embed_questions(embedder: Embeds, entries: Sequence[FaqEntry], batch_size: 
     return embedder.embed([e.question for e in entries], is_query=False, batch_size=batch_size)  # (n, dim)
 
 
+def model_name(name_or_path: str) -> str:
+    """How a knowledge base records its embedding model: an absolute path, or the hub id."""
+    return str(Path(name_or_path).resolve()) if Path(name_or_path).exists() else str(name_or_path)
+
+
+def open_with_embedder(uri: str, embedding, token: str | None, load_embedder):
+    """(the KB at `uri`, an embedder for it); `embedding` is a model name (loaded with
+    `load_embedder(name)` once it is known to be the KB's model), a loaded embedder, or None (the
+    KB's own model)."""
+    from qtune.kb.store import KnowledgeBase
+
+    store = KnowledgeBase.open(uri, token)
+    try:
+        if embedding is None:
+            embedding = store.model
+        if isinstance(embedding, str):
+            store.check_model(model_name(embedding))
+            embedding = load_embedder(embedding)
+        store.check_model(dimension=embedding.dimension)
+    except BaseException:
+        store.close()
+        raise
+    return store, embedding
+
+
 def build_kb(embedder: Embeds, faq_path: str | Path, uri: str, model_name: str, *, token: str | None = None,
              batch_size: int = 64) -> KnowledgeBase:
     """A new knowledge base at `uri` holding every entry of `faq_path`; returned open.

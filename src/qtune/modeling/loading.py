@@ -138,11 +138,11 @@ class LoadedModel:
         finally:
             self.model.train(was_training)
 
-    def infer_batch(self, features: Sequence[dict], forward, collate=None):
-        """`forward(batch)` of ONE batch made of `features` (by `collate`, default `self.collate`), under
-        `inference()`. The server's micro-batcher and `run_sorted` call the same `forward`."""
+    def infer_batch(self, features: Sequence[dict], forward):
+        """`forward(batch)` of ONE batch made of `features` (by `collate`), under `inference()`. The
+        server's micro-batcher and `run_sorted` call the same `forward`."""
         with self.inference():
-            return forward(self.collate(features) if collate is None else to_device(collate(features), self.device))
+            return forward(self.collate(features))
 
     def sorted_batches(self, lengths: Sequence[int], *, batch_size: int, max_tokens: int | None = None,
                        desc: str = "predict", progress: bool = False):
@@ -160,18 +160,15 @@ class LoadedModel:
                                unit="batch", disable=not progress):
             yield order[start:end]
 
-    def run_sorted(self, features: Sequence[dict], out, forward, *, batch_size: int, collate=None,
-                   max_tokens: int | None = None, desc: str = "predict", progress: bool = False):
+    def run_sorted(self, features: Sequence[dict], out, forward, *, batch_size: int, max_tokens: int | None = None,
+                   desc: str = "predict", progress: bool = False):
         """Inference over `features` in length-sorted batches (see `sorted_batches`): `out[rows] =
-        forward(batch)` for each batch, made by `collate` (default: `self.collate`), under
-        `inference()`. Returns `out`."""
+        forward(batch)` for each batch made by `collate`, under `inference()`. Returns `out`."""
         lengths = [len(f["input_ids"]) for f in features]
         with self.inference():
             for rows in self.sorted_batches(lengths, batch_size=batch_size, max_tokens=max_tokens, desc=desc,
                                             progress=progress):
-                chosen = [features[i] for i in rows]
-                batch = self.collate(chosen) if collate is None else to_device(collate(chosen), self.device)
-                out[rows] = forward(batch)
+                out[rows] = forward(self.collate([features[i] for i in rows]))
         return out
 
 

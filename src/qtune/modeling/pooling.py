@@ -61,10 +61,8 @@ def pool(hidden, attention_mask, mode: str):
     raise ValueError(f"unknown pooling {mode!r}; use one of {POOLING_MODES}")
 
 
-def normalize(vectors, dimensions: int | None = None):
-    """Matryoshka: truncate to `dimensions`, THEN L2-normalise. (batch, dim) -> (batch, dimensions)."""
+def normalize(vectors):
+    """L2-normalise in float32. (batch, dim) -> (batch, dim)."""
     import torch.nn.functional as F
 
-    if dimensions is not None:
-        vectors = vectors[:, :dimensions]
     return F.normalize(vectors.float(), p=2, dim=-1)

@@ -145,10 +145,11 @@ class ModelCalls:
                                 "already waiting for this model; retry later", code="queue_full")
         entry.pending += 1
         try:
-            return await asyncio.get_running_loop().run_in_executor(self.state.executor, fn, *args)
+            result = await asyncio.get_running_loop().run_in_executor(self.state.executor, fn, *args)
         finally:
             entry.pending -= 1
-            self.counted(entry.name, rows)
+        self.counted(entry.name, rows)
+        return result
 
 
 def _routes() -> dict[str, list[tuple[Task, Endpoint]]]:

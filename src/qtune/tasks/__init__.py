@@ -12,7 +12,7 @@ import os
 from qtune.errors import QtuneError
 from qtune.modeling.loading import LoadedModel, read_meta
 from qtune.tasks.base import Command, Endpoint, Task, TrainedRun
-# CLASSIFY from qtune.tasks.classify import ClassifyTask
+from qtune.tasks.classify import ClassifyTask
 from qtune.tasks.embedding import EmbeddingTask
 from qtune.tasks.extraction import ExtractionTask
 from qtune.tasks.pair_cls import PairClsTask
@@ -23,7 +23,7 @@ TASKS: dict[str, Task] = {task.name: task for task in (
     EmbeddingTask(),
     RerankerTask(),
     ExtractionTask(),
-    # CLASSIFY ClassifyTask(),
+    ClassifyTask(),
 )}
 
 __all__ = ["TASKS", "Command", "Endpoint", "Task", "TrainedRun", "get", "load_model", "task_of"]

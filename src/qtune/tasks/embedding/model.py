@@ -14,17 +14,17 @@ from qtune.modeling.pooling import normalize, pool
 from qtune.tasks.embedding.encode import format_text, tokenize_texts
 
 
-def forward_embeddings(model, batch: dict, pooling: str, prefix: str = "", dimensions: int | None = None):
+def forward_embeddings(model, batch: dict, pooling: str, prefix: str = ""):
     """Embed one padded or packed batch; `prefix` selects keys such as `q_input_ids`. -> (batch, dim) float32."""
     from qtune.modeling.packing import is_packed, packed_hidden, pool_packed
 
     if is_packed(batch, prefix):
         hidden = packed_hidden(model, batch, prefix)  # (tokens, hidden)
-        return normalize(pool_packed(hidden, batch[f"{prefix}cu_seq_lens_q"], pooling), dimensions)
+        return normalize(pool_packed(hidden, batch[f"{prefix}cu_seq_lens_q"], pooling))
     inputs = {k[len(prefix):]: v for k, v in batch.items() if k.startswith(prefix)} if prefix else dict(batch)
     mask = inputs["attention_mask"]
     hidden = model(**inputs).last_hidden_state  # (batch, seq, hidden)
-    return normalize(pool(hidden, mask, pooling), dimensions)
+    return normalize(pool(hidden, mask, pooling))
 
 
 def truncate_normalize(vectors: np.ndarray, dimensions: int | None) -> np.ndarray:

@@ -56,19 +56,3 @@ def _truncate_longest_first(a: list[int], b: list[int], budget: int) -> tuple[li
     if min(len(a), len(b)) <= half:
         return (a[: budget - len(b)], b) if len(a) > len(b) else (a, b[: budget - len(a)])
     return a[:half], b[: budget - half]
-
-
-def collate(tokenizer, features: Sequence[dict], packed=False):
-    """Pad a batch to its own longest row (dynamic padding, on the tokenizer's padding side), or
-    pack it (decoders; `packed`: True/False or a policy, see qtune.modeling.packing.wants_packing);
-    labels become one (rows,) tensor."""
-    import torch
-
-    from qtune.modeling.packing import pack_or_pad
-
-    labels = [f["labels"] for f in features if "labels" in f]
-    inputs = [{k: v for k, v in f.items() if k != "labels"} for f in features]
-    batch = pack_or_pad(tokenizer, inputs, packed)
-    if labels:
-        batch["labels"] = torch.tensor(labels, dtype=torch.long)
-    return batch

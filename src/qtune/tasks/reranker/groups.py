@@ -4,7 +4,7 @@ Each training feature is one group of `group_size` pairs: the query with its fir
 `group_size - 1` of its negatives in file order (mined files list the hardest first). A group
 with fewer negatives repeats them; a group without any cannot teach a ranking and is left out.
 
-Losses, on the logits of `qtune.modeling.reranker.forward_logits` (sigmoid = the served score):
+Losses, on the logits of `qtune.tasks.reranker.model.forward_logits` (sigmoid = the served score):
 - listwise: softmax cross-entropy over each group, the positive being the target;
 - pointwise: binary cross-entropy of every pair against 1 (positive) or 0 (negative).
 """

@@ -183,7 +183,7 @@ def test_the_shipped_yaml_recipe_is_a_valid_config():
 
     from qtune.config import build_config, load_yaml
 
-    recipe = Path(__file__).parents[1] / "configs" / "pair-cls.yaml"
+    recipe = Path(__file__).parents[3] / "configs" / "pair-cls.yaml"
     config = build_config(PairClsConfig, load_yaml(recipe), source=str(recipe))
     assert config.model == "Qwen/Qwen3-Embedding-0.6B"
     assert (config.lora_r, config.lora_alpha, config.lora_dropout) == (8, 32, 0.1)

