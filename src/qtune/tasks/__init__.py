@@ -7,23 +7,26 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 
 from qtune.errors import QtuneError
 from qtune.modeling.loading import LoadedModel, read_meta
 from qtune.tasks.base import Command, Endpoint, Task, TrainedRun
-from qtune.tasks.classify import ClassifyTask
-from qtune.tasks.embedding import EmbeddingTask
-from qtune.tasks.extraction import ExtractionTask
-from qtune.tasks.pair_cls import PairClsTask
-from qtune.tasks.reranker import RerankerTask
+
+
+def _task(path: str) -> Task:
+    """An instance of the Task subclass at "package.Class" below qtune.tasks."""
+    package, cls = path.rsplit(".", 1)
+    return getattr(importlib.import_module(f"qtune.tasks.{package}"), cls)()
+
 
 TASKS: dict[str, Task] = {task.name: task for task in (
-    PairClsTask(),
-    EmbeddingTask(),
-    RerankerTask(),
-    ExtractionTask(),
-    ClassifyTask(),
+    _task("pair_cls.PairClsTask"),
+    _task("embedding.EmbeddingTask"),
+    _task("reranker.RerankerTask"),
+    _task("extraction.ExtractionTask"),
+    _task("classify.ClassifyTask"),
 )}
 
 __all__ = ["TASKS", "Command", "Endpoint", "Task", "TrainedRun", "get", "load_model", "task_of"]

@@ -70,10 +70,11 @@ def examples_from_rows(rows: Sequence[Row], path: str | Path, *, text_column: st
     return examples
 
 
-def read_texts(path: str | Path, *, text_column: str = "text") -> tuple[list[Row], list[TextExample]]:
-    """An unlabelled file: its rows (every field kept, for prediction output) and their texts."""
-    rows, _ = read_table(path, [text_column])
-    return rows, examples_from_rows(rows, path, text_column=text_column, labels=None)
+def read_texts(path: str | Path, *, text_column: str = "text") -> tuple[list[Row], list[str], list[TextExample]]:
+    """An unlabelled file: its rows (every field kept, for prediction output), its column names
+    in file order, and the rows' texts."""
+    rows, names = read_table(path, [text_column])
+    return rows, names, examples_from_rows(rows, path, text_column=text_column, labels=None)
 
 
 def read_labelled(path: str | Path, *, text_column: str = "text", label_column: str = "label",
@@ -82,7 +83,10 @@ def read_labelled(path: str | Path, *, text_column: str = "text", label_column: 
     error), or with `labels=None` the sorted set of labels the file holds."""
     rows, _ = read_table(path, [text_column, label_column])
     if labels is None:
-        found = {label_value(row, label_column, path) for row in rows}
+        found = set()
+        for row in rows:  # row by row, so the first bad row is the one reported
+            required_text(row.fields, text_column, path, row.line)
+            found.add(label_value(row, label_column, path))
         if len(found) < 2:
             raise DataError(f"a classifier needs at least two labels; the file has only {sorted(found)}",
                             path=str(path), field=label_column)

@@ -1,0 +1,56 @@
+"""Text classification: one text, one label (intent routing, complaint category, topic).
+
+A sequence-classification head over the text, LoRA or full, on a BERT-family encoder (the
+tokenizer's `[CLS] text [SEP]`) or a Qwen3 decoder (`text <eos>`, last token pooled). The labels
+are the sorted set found in the training file unless `--labels` gives their order.
+"""
+
+from __future__ import annotations
+
+from qtune.modeling.family import Family
+from qtune.tasks.base import Command, Endpoint, Task, lazy
+from qtune.tasks.classify.config import ClassifyConfig, ClassifyEvalConfig, ClassifyPredictConfig
+
+RUNNERS = "qtune.tasks.classify.evaluate"  # eval/predict runners, imported when a command runs
+
+
+class ClassifyTask(Task):
+    name = "classify"
+    kind = "a text classifier"
+    config = ClassifyConfig
+    int8_output = "logits"
+
+    def auto_class(self, family: Family) -> str:
+        return "AutoModelForSequenceClassification"
+
+    def peft_task_type(self, family: Family) -> str:
+        return "SEQ_CLS"
+
+    def prepare(self, meta, source, tokenizer, family) -> dict:
+        from qtune.modeling.heads import label_head_kwargs
+
+        return label_head_kwargs(meta.labels, tokenizer)
+
+    def train(self, config, on_step=None):
+        from qtune.tasks.classify.train import train
+
+        return train(self, config, on_step)
+
+    def wrap(self, loaded):
+        from qtune.tasks.classify.model import TextClassifier
+
+        return TextClassifier(loaded)
+
+    def evaluation(self) -> Command:
+        return Command("classify", ClassifyEvalConfig.__doc__, ClassifyEvalConfig, lazy(RUNNERS, "evaluate"),
+                       lazy(RUNNERS, "show_evaluation"))
+
+    def prediction(self) -> Command:
+        return Command("classify", ClassifyPredictConfig.__doc__, ClassifyPredictConfig, lazy(RUNNERS, "predict"),
+                       lazy(RUNNERS, "show_prediction"))
+
+    def endpoints(self) -> list[Endpoint]:
+        from qtune.tasks.classify import serve
+        from qtune.tasks.requests import ClassifyRequest
+
+        return [Endpoint("/v1/classify", ClassifyRequest, serve.classify, accepts=serve.is_texts)]

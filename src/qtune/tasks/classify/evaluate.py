@@ -1,0 +1,64 @@
+"""`qtune eval classify` and `qtune predict classify`."""
+
+from __future__ import annotations
+
+from qtune.data.tables import table_format, write_table
+from qtune.errors import QtuneError
+from qtune.evaluation.metrics import metrics_from_probs
+from qtune.evaluation.report import classification_report_md, write_classification_outputs
+from qtune.modeling.loading import read_meta
+from qtune.tasks.classify.config import ClassifyEvalConfig, ClassifyPredictConfig
+from qtune.tasks.classify.data import read_labelled, read_texts
+
+TASK = "classify"
+TITLE = "Text classification"
+
+
+def evaluate(config: ClassifyEvalConfig, load) -> dict:
+    """Metrics for one model (or two side by side) on a labelled text file; optional report folder.
+    `load(name, task, device=, precision=)` gives a loaded model (`qtune.load`). A trained model
+    brings its labels (qtune.json); a base model takes the sorted labels of the file."""
+    # The data is checked against every model's labels before any model loads.
+    runs = []
+    for name in [config.model] + ([config.compare] if config.compare else []):
+        meta = read_meta(name)
+        if meta is not None and meta.task != TASK:
+            raise QtuneError(f"'{name}' was trained for {meta.task}, not {TASK}")
+        saved = list(meta.labels) if meta is not None else None
+        examples, labels = read_labelled(config.data, text_column=config.text_column,
+                                         label_column=config.label_column, labels=saved)
+        runs.append((name, examples, labels, saved is None))
+    results = {}
+    for name, examples, labels, base in runs:
+        extra = {"labels": labels} if base else {}
+        clf = load(name, TASK, device=config.device, precision=config.load_precision, **extra)
+        probs = clf.predict_proba([e.text for e in examples], batch_size=config.batch_size, progress=True)
+        results[name] = metrics_from_probs([e.label for e in examples], probs, labels)
+    if config.output:
+        write_classification_outputs(results, str(config.data), config.output, title=TITLE)
+    return results
+
+
+def show_evaluation(config: ClassifyEvalConfig, results: dict) -> str:
+    text = classification_report_md(results, config.data, title=TITLE)
+    if config.output:
+        text += f"\nwrote {config.output}/metrics.json, report.md, confusion.png"
+    return text
+
+
+def predict(config: ClassifyPredictConfig, load) -> int:
+    """Predict every row of `input` and write it, with `predicted_label` and `probability` (of the
+    predicted label), to `output` (CSV, TSV or JSONL by extension). Returns the row count."""
+    table_format(config.output)  # fail on an unsupported output type before any work
+    rows, names, examples = read_texts(config.input, text_column=config.text_column)
+    clf = load(config.model, TASK, device=config.device, precision=config.load_precision)
+    predictions = clf.predict([e.text for e in examples], batch_size=config.batch_size, progress=True)
+    added = ["predicted_label", "probability"]  # replaced, not repeated, when the input has them
+    out_rows = [{**row.fields, "predicted_label": pred.label, "probability": round(pred.probability, 6)}
+                for row, pred in zip(rows, predictions)]
+    write_table(config.output, out_rows, [*[n for n in names if n not in added], *added])
+    return len(out_rows)
+
+
+def show_prediction(config: ClassifyPredictConfig, count: int) -> str:
+    return f"wrote {count} predictions to {config.output}"

@@ -1,0 +1,31 @@
+"""`POST /v1/classify` with texts: `{input: "text" | ["text", ...]}` -> `{data: [{index, label, probs}]}`."""
+
+from __future__ import annotations
+
+from qtune.errors import RequestError
+from qtune.tasks.requests import ClassifyRequest, check_lengths, check_texts, classify_answer
+
+
+def is_texts(body: ClassifyRequest) -> bool:
+    """A string or a list of strings (a request naming no model goes to a text classifier)."""
+    value = body.input
+    return isinstance(value, str) or (isinstance(value, list) and all(isinstance(v, str) for v in value))
+
+
+def text_features(entry, value, settings) -> list[dict]:
+    """Validated, unpadded features, as `TextClassifier.predict` encodes them."""
+    if isinstance(value, list) and value and isinstance(value[0], list):
+        raise RequestError(422, f"model {entry.name!r} is a text classifier: input must be a string or a list of "
+                                "strings [text, ...], not pairs", param="input", code="texts_required")
+    texts = check_texts(value, settings)
+    # Untruncated, to report too-long texts; within the limit this equals the truncating encoder.
+    encoder = entry.model.encoder(truncate=False)
+    features = [encoder.encode(text) for text in texts]
+    check_lengths(features, entry.max_input_tokens)
+    return features
+
+
+async def classify(call, entry, body: ClassifyRequest) -> dict:
+    features = text_features(entry, body.input, call.settings)
+    probs = await call.submit(entry, features)  # (n, labels)
+    return classify_answer(entry, probs, entry.model.labels, features)
