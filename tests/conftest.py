@@ -5,8 +5,13 @@ from __future__ import annotations
 import csv
 import importlib.util
 import json
+import os
 import random
 from pathlib import Path
+
+# Idle OpenMP threads sleep instead of spinning: the tests start servers and writers in other
+# processes, and on 2 cores spinning threads starve them (steps ran 30-100x slower).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import pytest
 

@@ -33,7 +33,8 @@ def cmd_data_stats(args) -> None:
 
     plot = args.plot or f"{Path(args.file).stem}.lengths.png"
     task = get(args.task)
-    summary, lengths = length_stats(args.task, args.file, args.model, plot=plot, text_columns=args.text_columns)
+    summary, lengths = length_stats(args.task, args.file, args.model, plot=plot, text_columns=args.text_columns,
+                                    text_column=args.text_column)
     if args.json:
         print(json.dumps(summary, indent=2))
         return
@@ -106,8 +107,13 @@ def command_runner(command: Command):
     return run
 
 
+def _help(doc: str | None) -> str:
+    """A config docstring's first line without its "`qtune ...`: " prefix."""
+    return (doc or "").strip().splitlines()[0].split(": ", 1)[-1].rstrip(".") if doc else ""
+
+
 def add_command(commands, command: Command) -> None:
-    sub = commands.add_parser(command.name, help=(command.help or "").split(": ", 1)[-1].strip().rstrip("."))
+    sub = commands.add_parser(command.name, help=_help(command.help))
     add_config_flags(sub, command.config, recipe=False)
     sub.set_defaults(func=command_runner(command), from_config=True)
 
@@ -183,6 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     stats.add_argument("--task", choices=[t.name for t in TASKS.values() if t.token_lengths is not None],
                        default="pair-cls", help="how rows are encoded, as that task trains (default: pair-cls)")
     stats.add_argument("--text-columns", nargs=2, default=["sentence1", "sentence2"], metavar=("COL1", "COL2"))
+    stats.add_argument("--text-column", help="the text column of single-text tasks (default: text)")
     stats.add_argument("--plot", help="PNG histogram path (default: FILE-STEM.lengths.png here)")
     stats.add_argument("--json", action="store_true", help="print the summary as JSON")
     stats.set_defaults(func=cmd_data_stats)
@@ -224,7 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = commands.add_parser("train", help="fine-tune a model").add_subparsers(dest="task", required=True)
     for task in TASKS.values():
-        sub = train.add_parser(task.name, help=(task.config.__doc__ or "").strip().splitlines()[0])
+        sub = train.add_parser(task.name, help=_help(task.config.__doc__))
         add_config_flags(sub, task.config)
         sub.set_defaults(func=cmd_train)
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import numpy as np
+
 
 def collate_labelled(tokenizer, features: Sequence[dict], packed=False) -> dict:
     """Pad a batch to its own longest row (on the tokenizer's padding side), or pack it (decoders;
@@ -57,3 +59,32 @@ def label_head_kwargs(labels: Sequence[str], tokenizer) -> dict:
     """`from_pretrained` settings of a head with these labels, in class order."""
     return dict(num_labels=len(labels), id2label=dict(enumerate(labels)),
                 label2id={name: i for i, name in enumerate(labels)}, pad_token_id=tokenizer.pad_token_id)
+
+
+class LabelledClassifier:
+    """What the inference wrappers over a sequence-classification head share: the labels, the batch
+    function (used by the Python API and the server's micro-batcher alike) and length-sorted
+    prediction of encoded rows. Subclasses add how their inputs are encoded."""
+
+    def __init__(self, loaded):
+        self.loaded = loaded
+
+    @property
+    def labels(self) -> list[str]:
+        return list(self.loaded.meta.labels)
+
+    def forward(self, batch: dict) -> np.ndarray:
+        """(rows, num_labels) class probabilities of one collated batch: the batch function."""
+        return class_probs(self.loaded.model, batch)
+
+    def run_batch(self, features: list[dict]) -> np.ndarray:
+        """`forward` of the batch made of these unpadded features (the server's micro-batcher calls this)."""
+        return self.loaded.infer_batch(features, self.forward)
+
+    def predict_features(self, features: list[dict], batch_size: int = 64, progress: bool = False) -> np.ndarray:
+        """(rows, num_labels) probabilities of encoded rows, in input order; batches are length-sorted."""
+        out = np.zeros((len(features), len(self.labels)), dtype=np.float32)
+        if not features:
+            return out
+        unlabelled = [{k: v for k, v in f.items() if k != "labels"} for f in features]
+        return self.loaded.run_sorted(unlabelled, out, self.forward, batch_size=batch_size, progress=progress)

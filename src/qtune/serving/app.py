@@ -28,7 +28,7 @@ from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from qtune.errors import QtuneError
-from qtune.serving.batcher import MicroBatcher, QueueFullError
+from qtune.serving.batcher import BatcherStopped, MicroBatcher, QueueFullError
 from qtune.serving.schemas import ERROR_TYPES, ApiError, ServerSettings, error_body
 from qtune.tasks import TASKS, Endpoint, Task
 
@@ -136,6 +136,8 @@ class ModelCalls:
         except QueueFullError as error:
             raise ApiError(429, f"too many requests waiting for model {entry.name!r}: {error}; retry later",
                            code="queue_full") from None
+        except BatcherStopped:
+            raise ApiError(503, "the server is shutting down", code="unavailable") from None
 
     async def run(self, entry: ServedModel, fn, *args, rows: int = 1):
         """`fn(*args)` as one model call on the model thread (for work that is not micro-batched)."""

@@ -28,6 +28,10 @@ class QueueFullError(Exception):
     """More requests are waiting for this model than `max_queue` allows."""
 
 
+class BatcherStopped(Exception):
+    """The batcher stopped (the server is shutting down) before this request was answered."""
+
+
 @dataclass
 class _Pending:
     features: Sequence[dict]
@@ -61,7 +65,7 @@ class MicroBatcher:
             except asyncio.CancelledError:
                 pass
         while self._queue is not None and not self._queue.empty():
-            self._queue.get_nowait().future.cancel()
+            _fail(self._queue.get_nowait(), BatcherStopped())
         self._worker = None
 
     async def submit(self, features: Sequence[dict]) -> np.ndarray:
@@ -115,11 +119,19 @@ class MicroBatcher:
                     if outputs[i] is None:
                         outputs[i] = np.zeros((len(items[i].features), result.shape[1]), dtype=np.float32)
                     outputs[i][j] = vector
+        except asyncio.CancelledError:  # stopped mid-batch: its requests get an answer, not a hang
+            for item in items:
+                _fail(item, BatcherStopped())
+            raise
         except Exception as error:  # noqa: BLE001 -- the model failed: every request of this batch learns why
             for item in items:
-                if not item.future.done():
-                    item.future.set_exception(error)
+                _fail(item, error)
             return
         for item, out in zip(items, outputs):
             if not item.future.done():
                 item.future.set_result(out)
+
+
+def _fail(item: _Pending, error: BaseException) -> None:
+    if not item.future.done():
+        item.future.set_exception(error)

@@ -124,3 +124,21 @@ class Task:
 
     def __repr__(self) -> str:
         return f"<task {self.name}>"
+
+
+class SequenceClassificationTask(Task):
+    """A task whose model is a sequence-classification head with named labels (pair and text
+    classification): `*ForSequenceClassification`, LoRA of type SEQ_CLS, int8 on encoders."""
+
+    int8_output = "logits"
+
+    def auto_class(self, family: Family) -> str:
+        return "AutoModelForSequenceClassification"
+
+    def peft_task_type(self, family: Family) -> str:
+        return "SEQ_CLS"
+
+    def prepare(self, meta: CheckpointMeta, source: str, tokenizer, family: Family) -> dict:
+        from qtune.modeling.heads import label_head_kwargs
+
+        return label_head_kwargs(meta.labels, tokenizer)

@@ -8,28 +8,18 @@ are the sorted set found in the training file unless `--labels` gives their orde
 from __future__ import annotations
 
 from qtune.modeling.family import Family
-from qtune.tasks.base import Command, Endpoint, Task, lazy
+from qtune.tasks.base import Command, Endpoint, SequenceClassificationTask, lazy
 from qtune.tasks.classify.config import ClassifyConfig, ClassifyEvalConfig, ClassifyPredictConfig
 
 RUNNERS = "qtune.tasks.classify.evaluate"  # eval/predict runners, imported when a command runs
 
 
-class ClassifyTask(Task):
+class ClassifyTask(SequenceClassificationTask):
     name = "classify"
     kind = "a text classifier"
     config = ClassifyConfig
-    int8_output = "logits"
-
-    def auto_class(self, family: Family) -> str:
-        return "AutoModelForSequenceClassification"
-
-    def peft_task_type(self, family: Family) -> str:
-        return "SEQ_CLS"
-
-    def prepare(self, meta, source, tokenizer, family) -> dict:
-        from qtune.modeling.heads import label_head_kwargs
-
-        return label_head_kwargs(meta.labels, tokenizer)
+    stats_unit = "text"
+    over_length = "truncated"
 
     def train(self, config, on_step=None):
         from qtune.tasks.classify.train import train
@@ -48,6 +38,15 @@ class ClassifyTask(Task):
     def prediction(self) -> Command:
         return Command("classify", ClassifyPredictConfig.__doc__, ClassifyPredictConfig, lazy(RUNNERS, "predict"),
                        lazy(RUNNERS, "show_prediction"))
+
+    def token_lengths(self, data: str, tokenizer, family: Family, text_column: str | None = None, **_) -> list[int]:
+        """Tokens of each text exactly as training encodes it (special tokens, EOS for decoders)."""
+        from qtune.tasks.classify.data import read_texts
+        from qtune.tasks.classify.encode import TextEncoder
+
+        _, _, examples = read_texts(data, text_column=text_column or "text")
+        encoder = TextEncoder(tokenizer, family.is_decoder, max_length=None)
+        return [len(encoder.encode(e.text)["input_ids"]) for e in examples]
 
     def endpoints(self) -> list[Endpoint]:
         from qtune.tasks.classify import serve

@@ -7,30 +7,18 @@ tokenizer's `[CLS] a [SEP] b [SEP]`) or a Qwen3 decoder (`a \\n b <eos>`, last t
 from __future__ import annotations
 
 from qtune.modeling.family import Family
-from qtune.tasks.base import Command, Endpoint, Task, lazy
+from qtune.tasks.base import Command, Endpoint, SequenceClassificationTask, lazy
 from qtune.tasks.pair_cls.config import PairClsConfig, PairClsEvalConfig, PairClsPredictConfig
 
 RUNNERS = "qtune.tasks.pair_cls.evaluate"  # eval/predict runners, imported when a command runs
 
 
-class PairClsTask(Task):
+class PairClsTask(SequenceClassificationTask):
     name = "pair-cls"
     kind = "a pair classifier"
     config = PairClsConfig
-    int8_output = "logits"
     stats_unit = "pair"
     over_length = "truncated"
-
-    def auto_class(self, family: Family) -> str:
-        return "AutoModelForSequenceClassification"
-
-    def peft_task_type(self, family: Family) -> str:
-        return "SEQ_CLS"
-
-    def prepare(self, meta, source, tokenizer, family) -> dict:
-        from qtune.modeling.heads import label_head_kwargs
-
-        return label_head_kwargs(meta.labels, tokenizer)
 
     def train(self, config, on_step=None):
         from qtune.tasks.pair_cls.train import train
@@ -50,7 +38,8 @@ class PairClsTask(Task):
         return Command("pair-cls", PairClsPredictConfig.__doc__, PairClsPredictConfig, lazy(RUNNERS, "predict"),
                        lazy(RUNNERS, "show_prediction"))
 
-    def token_lengths(self, data: str, tokenizer, family: Family, text_columns=("sentence1", "sentence2")) -> list[int]:
+    def token_lengths(self, data: str, tokenizer, family: Family, text_columns=("sentence1", "sentence2"),
+                      **_) -> list[int]:
         """Tokens of each pair exactly as training encodes it (both sentences, special tokens)."""
         from qtune.data.pairs import pairs_from_rows
         from qtune.data.tables import read_table

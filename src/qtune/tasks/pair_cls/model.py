@@ -8,7 +8,7 @@ from typing import Iterable
 import numpy as np
 
 from qtune.errors import QtuneError
-from qtune.modeling.heads import class_probs
+from qtune.modeling.heads import LabelledClassifier
 from qtune.tasks.pair_cls.encode import PairEncoder
 
 
@@ -19,34 +19,13 @@ class PairPrediction:
     probs: tuple[float, ...]
 
 
-class PairClassifier:
+class PairClassifier(LabelledClassifier):
     """A loaded pair classifier: `predict([(a, b), ...])`."""
-
-    def __init__(self, loaded):
-        self.loaded = loaded
-
-    @property
-    def labels(self) -> list[str]:
-        return list(self.loaded.meta.labels)
 
     def encoder(self, truncate: bool = True) -> PairEncoder:
         """How pairs become features (`truncate=False`: nothing cut, to count tokens)."""
         loaded = self.loaded
         return PairEncoder(loaded.tokenizer, loaded.family.is_decoder, loaded.meta.max_length if truncate else None)
-
-    def forward(self, batch: dict) -> np.ndarray:
-        """(rows, num_labels) class probabilities of one collated batch: the batch function."""
-        return class_probs(self.loaded.model, batch)
-
-    def run_batch(self, features: list[dict]) -> np.ndarray:
-        """`forward` of the batch made of these unpadded features (the server's micro-batcher calls this)."""
-        return self.loaded.infer_batch(features, self.forward)
-
-    def predict_features(self, features: list[dict], batch_size: int = 64, progress: bool = False) -> np.ndarray:
-        """(rows, num_labels) probabilities of encoded pairs, in input order; batches are length-sorted."""
-        out = np.zeros((len(features), len(self.labels)), dtype=np.float32)
-        unlabelled = [{k: v for k, v in f.items() if k != "labels"} for f in features]
-        return self.loaded.run_sorted(unlabelled, out, self.forward, batch_size=batch_size, progress=progress)
 
     def predict_proba(self, pairs: Iterable[tuple[str, str]], batch_size: int = 64,
                       progress: bool = False) -> np.ndarray:

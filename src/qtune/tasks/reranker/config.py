@@ -26,7 +26,7 @@ class RerankerConfig(TrainConfig):
 
 @dataclass(kw_only=True)
 class RerankEvalConfig(InferenceConfig):
-    """`qtune eval rerank`: retriever alone vs retriever + reranker: nDCG@10, MRR@10, ..."""
+    """`qtune eval rerank`: retriever alone vs retriever + reranker (nDCG@10, MRR@10, ...)"""
 
     model: str = opt("", "reranker: trained folder or base model", required=True)
     data: str = opt("", "BEIR folder (corpus.jsonl, queries.jsonl, qrels/test.tsv)", required=True)
