@@ -37,7 +37,7 @@ def train(task: str, config, on_step=None) -> dict:
 
 
 def _command(kind: str, name: str) -> Command:
-    commands = [c for c in (getattr(t, kind)() for t in TASKS.values()) if c is not None]
+    commands = [t.commands[kind] for t in TASKS.values() if kind in t.commands]
     for command in commands:
         if command.name == name:
             return command

@@ -119,14 +119,8 @@ def add_command(commands, command: Command) -> None:
 
 
 def task_commands(kind: str) -> list[Command]:
-    """Every registered task's `evaluation`, `prediction` or `calibration` command."""
-    found = []
-    for task in TASKS.values():
-        make = getattr(task, kind, None)
-        command = make() if make is not None else None
-        if command is not None:
-            found.append(command)
-    return found
+    """Every registered task's command of this kind ("evaluation", "prediction", "calibration")."""
+    return [task.commands[kind] for task in TASKS.values() if kind in task.commands]
 
 
 def cmd_export(args) -> None:

@@ -26,13 +26,11 @@ from qtune.modeling.family import Family
 from qtune.modeling.loading import CheckpointMeta, LoadedModel
 
 
-def lazy(module: str, name: str) -> Callable:
-    """`module.name`, imported on the first call (so building the CLI imports no task's runners)."""
-    def call(*args, **kwargs):
-        return getattr(importlib.import_module(module), name)(*args, **kwargs)
-
-    call.__qualname__ = f"{module}.{name}"
-    return call
+def resolve(path: str):
+    """The object at "package.module:name", imported on first use (so building the CLI imports no
+    task's training, model or runner code)."""
+    module, name = path.split(":")
+    return getattr(importlib.import_module(module), name)
 
 
 class TrainedRun(NamedTuple):
@@ -45,14 +43,25 @@ class TrainedRun(NamedTuple):
 
 @dataclass(frozen=True)
 class Command:
-    """An `eval` or `predict` subcommand of a task. Its flags are generated from `config`;
-    `run(config)` does the work and returns the results, `show(config, results)` is what the CLI prints."""
+    """An `eval`, `predict` or `calibrate` subcommand of a task. Its flags are generated from
+    `config` (whose docstring is its help); `run(config, load)` does the work and returns the
+    results, `show(config, results)` is what the CLI prints. Both live in `module`."""
 
     name: str
-    help: str
     config: type
-    run: Callable[[Any], Any]
-    show: Callable[[Any, Any], str]
+    module: str
+    run_name: str = "evaluate"
+    show_name: str = "show_evaluation"
+
+    @property
+    def help(self) -> str:
+        return self.config.__doc__ or ""
+
+    def run(self, config, load):
+        return resolve(f"{self.module}:{self.run_name}")(config, load)
+
+    def show(self, config, results) -> str:
+        return resolve(f"{self.module}:{self.show_name}")(config, results)
 
 
 @dataclass(frozen=True)
@@ -105,20 +114,19 @@ class Task:
         return {}
 
     # -- training and inference
+    trainer: ClassVar[str]  # "module:function", called (task, config, on_step) -> TrainedRun
+    wrapper: ClassVar[str]  # "module:Class": the inference wrapper around a LoadedModel
+    # The task's commands by kind: "evaluation" (`qtune eval`), "prediction" (`qtune predict`), ...
+    commands: ClassVar[dict[str, Command]] = {}
+
     def train(self, config, on_step=None) -> TrainedRun:
-        raise NotImplementedError
+        return resolve(self.trainer)(self, config, on_step)
 
     def wrap(self, loaded: LoadedModel):
         """The inference wrapper (`qtune.load` returns it)."""
-        raise NotImplementedError
+        return resolve(self.wrapper)(loaded)
 
-    # -- commands and serving (none by default)
-    def evaluation(self) -> Command | None:
-        return None
-
-    def prediction(self) -> Command | None:
-        return None
-
+    # -- serving (nothing by default)
     def endpoints(self) -> list[Endpoint]:
         return []
 

@@ -8,7 +8,7 @@ are the sorted set found in the training file unless `--labels` gives their orde
 from __future__ import annotations
 
 from qtune.modeling.family import Family
-from qtune.tasks.base import Command, Endpoint, SequenceClassificationTask, lazy
+from qtune.tasks.base import Command, Endpoint, SequenceClassificationTask
 from qtune.tasks.classify.config import ClassifyConfig, ClassifyEvalConfig, ClassifyPredictConfig
 
 RUNNERS = "qtune.tasks.classify.evaluate"  # eval/predict runners, imported when a command runs
@@ -18,26 +18,12 @@ class ClassifyTask(SequenceClassificationTask):
     name = "classify"
     kind = "a text classifier"
     config = ClassifyConfig
+    trainer = "qtune.tasks.classify.train:train"
+    wrapper = "qtune.tasks.classify.model:TextClassifier"
+    commands = {"evaluation": Command("classify", ClassifyEvalConfig, RUNNERS),
+                "prediction": Command("classify", ClassifyPredictConfig, RUNNERS, "predict", "show_prediction")}
     stats_unit = "text"
     over_length = "truncated"
-
-    def train(self, config, on_step=None):
-        from qtune.tasks.classify.train import train
-
-        return train(self, config, on_step)
-
-    def wrap(self, loaded):
-        from qtune.tasks.classify.model import TextClassifier
-
-        return TextClassifier(loaded)
-
-    def evaluation(self) -> Command:
-        return Command("classify", ClassifyEvalConfig.__doc__, ClassifyEvalConfig, lazy(RUNNERS, "evaluate"),
-                       lazy(RUNNERS, "show_evaluation"))
-
-    def prediction(self) -> Command:
-        return Command("classify", ClassifyPredictConfig.__doc__, ClassifyPredictConfig, lazy(RUNNERS, "predict"),
-                       lazy(RUNNERS, "show_prediction"))
 
     def token_lengths(self, data: str, tokenizer, family: Family, text_column: str | None = None, **_) -> list[int]:
         """Tokens of each text exactly as training encodes it (special tokens, EOS for decoders)."""

@@ -4,7 +4,7 @@ retrieval evaluation on BEIR folders, and `/v1/embeddings`."""
 from __future__ import annotations
 
 from qtune.modeling.family import Family
-from qtune.tasks.base import Command, Endpoint, Task, lazy
+from qtune.tasks.base import Command, Endpoint, Task
 from qtune.tasks.embedding.config import EmbeddingConfig, RetrievalEvalConfig
 
 RUNNERS = "qtune.tasks.embedding.evaluate"  # eval/predict runners, imported when a command runs
@@ -14,6 +14,9 @@ class EmbeddingTask(Task):
     name = "embedding"
     kind = "an embedding model"
     config = EmbeddingConfig
+    trainer = "qtune.tasks.embedding.train:train"
+    wrapper = "qtune.tasks.embedding.model:Embedder"
+    commands = {"evaluation": Command("retrieval", RetrievalEvalConfig, RUNNERS)}
     int8_output = "last_hidden_state"
 
     def auto_class(self, family: Family) -> str:
@@ -31,20 +34,6 @@ class EmbeddingTask(Task):
             meta.pooling = default_pooling(source, family)
             meta.query_instruction = default_query_instruction(family)
         return {}
-
-    def train(self, config, on_step=None):
-        from qtune.tasks.embedding.train import train
-
-        return train(self, config, on_step)
-
-    def wrap(self, loaded):
-        from qtune.tasks.embedding.model import Embedder
-
-        return Embedder(loaded)
-
-    def evaluation(self) -> Command:
-        return Command("retrieval", RetrievalEvalConfig.__doc__, RetrievalEvalConfig, lazy(RUNNERS, "evaluate"),
-                       lazy(RUNNERS, "show_evaluation"))
 
     def endpoints(self) -> list[Endpoint]:
         from qtune.tasks.embedding import serve

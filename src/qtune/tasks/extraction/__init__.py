@@ -4,7 +4,7 @@ batched greedy generation, validity and per-field exact match, `/v1/extract`."""
 from __future__ import annotations
 
 from qtune.modeling.family import Family
-from qtune.tasks.base import Command, Endpoint, Task, lazy
+from qtune.tasks.base import Command, Endpoint, Task
 from qtune.tasks.extraction.config import ExtractConfig, ExtractEvalConfig, ExtractPredictConfig
 
 RUNNERS = "qtune.tasks.extraction.evaluate"  # eval/predict runners, imported when a command runs
@@ -14,6 +14,10 @@ class ExtractionTask(Task):
     name = "extract"
     kind = "an extractor"
     config = ExtractConfig
+    trainer = "qtune.tasks.extraction.train:train"
+    wrapper = "qtune.tasks.extraction.model:Extractor"
+    commands = {"evaluation": Command("extract", ExtractEvalConfig, RUNNERS),
+                "prediction": Command("extract", ExtractPredictConfig, RUNNERS, "predict", "show_prediction")}
     stats_unit = "example (chat prompt, answer, EOS)"
     over_length = "left out of training"
 
@@ -26,24 +30,6 @@ class ExtractionTask(Task):
     def lora_targets(self, family: Family) -> list[str]:
         # generation learns a new output format: every linear projection of a decoder
         return family.linear_targets
-
-    def train(self, config, on_step=None):
-        from qtune.tasks.extraction.train import train
-
-        return train(self, config, on_step)
-
-    def wrap(self, loaded):
-        from qtune.tasks.extraction.model import Extractor
-
-        return Extractor(loaded)
-
-    def evaluation(self) -> Command:
-        return Command("extract", ExtractEvalConfig.__doc__, ExtractEvalConfig, lazy(RUNNERS, "evaluate"),
-                       lazy(RUNNERS, "show_evaluation"))
-
-    def prediction(self) -> Command:
-        return Command("extract", ExtractPredictConfig.__doc__, ExtractPredictConfig, lazy(RUNNERS, "predict"),
-                       lazy(RUNNERS, "show_prediction"))
 
     def token_lengths(self, data: str, tokenizer, family: Family, **_) -> list[int]:
         """Tokens per example exactly as training encodes it (chat prompt + answer + EOS)."""

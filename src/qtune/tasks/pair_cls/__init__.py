@@ -7,7 +7,7 @@ tokenizer's `[CLS] a [SEP] b [SEP]`) or a Qwen3 decoder (`a \\n b <eos>`, last t
 from __future__ import annotations
 
 from qtune.modeling.family import Family
-from qtune.tasks.base import Command, Endpoint, SequenceClassificationTask, lazy
+from qtune.tasks.base import Command, Endpoint, SequenceClassificationTask
 from qtune.tasks.pair_cls.config import PairClsConfig, PairClsEvalConfig, PairClsPredictConfig
 
 RUNNERS = "qtune.tasks.pair_cls.evaluate"  # eval/predict runners, imported when a command runs
@@ -17,26 +17,12 @@ class PairClsTask(SequenceClassificationTask):
     name = "pair-cls"
     kind = "a pair classifier"
     config = PairClsConfig
+    trainer = "qtune.tasks.pair_cls.train:train"
+    wrapper = "qtune.tasks.pair_cls.model:PairClassifier"
+    commands = {"evaluation": Command("pair-cls", PairClsEvalConfig, RUNNERS),
+                "prediction": Command("pair-cls", PairClsPredictConfig, RUNNERS, "predict", "show_prediction")}
     stats_unit = "pair"
     over_length = "truncated"
-
-    def train(self, config, on_step=None):
-        from qtune.tasks.pair_cls.train import train
-
-        return train(self, config, on_step)
-
-    def wrap(self, loaded):
-        from qtune.tasks.pair_cls.model import PairClassifier
-
-        return PairClassifier(loaded)
-
-    def evaluation(self) -> Command:
-        return Command("pair-cls", PairClsEvalConfig.__doc__, PairClsEvalConfig, lazy(RUNNERS, "evaluate"),
-                       lazy(RUNNERS, "show_evaluation"))
-
-    def prediction(self) -> Command:
-        return Command("pair-cls", PairClsPredictConfig.__doc__, PairClsPredictConfig, lazy(RUNNERS, "predict"),
-                       lazy(RUNNERS, "show_prediction"))
 
     def token_lengths(self, data: str, tokenizer, family: Family, text_columns=("sentence1", "sentence2"),
                       **_) -> list[int]:

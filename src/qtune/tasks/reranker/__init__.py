@@ -8,7 +8,7 @@ second stage of retrieval, calibrated for a "no good answer" threshold, served a
 from __future__ import annotations
 
 from qtune.modeling.family import Family
-from qtune.tasks.base import Command, Endpoint, Task, lazy
+from qtune.tasks.base import Command, Endpoint, Task
 from qtune.tasks.reranker.config import CalibrateConfig, RerankerConfig, RerankEvalConfig
 
 RUNNERS = "qtune.tasks.reranker.evaluate"  # eval/predict runners, imported when a command runs
@@ -18,6 +18,10 @@ class RerankerTask(Task):
     name = "reranker"
     kind = "a reranker"
     config = RerankerConfig
+    trainer = "qtune.tasks.reranker.train:train"
+    wrapper = "qtune.tasks.reranker.model:Reranker"
+    commands = {"evaluation": Command("rerank", RerankEvalConfig, RUNNERS),
+                "calibration": Command("calibrate", CalibrateConfig, RUNNERS, "calibrate", "show_calibration")}
     int8_output = "logits"  # cross-encoders; decoders have no int8 path
 
     def auto_class(self, family: Family) -> str:
@@ -35,24 +39,6 @@ class RerankerTask(Task):
                 meta.instruction = DEFAULT_INSTRUCTION
             return {}
         return dict(num_labels=1, pad_token_id=tokenizer.pad_token_id)
-
-    def train(self, config, on_step=None):
-        from qtune.tasks.reranker.train import train
-
-        return train(self, config, on_step)
-
-    def wrap(self, loaded):
-        from qtune.tasks.reranker.model import Reranker
-
-        return Reranker(loaded)
-
-    def evaluation(self) -> Command:
-        return Command("rerank", RerankEvalConfig.__doc__, RerankEvalConfig, lazy(RUNNERS, "evaluate"),
-                       lazy(RUNNERS, "show_evaluation"))
-
-    def calibration(self) -> Command:
-        return Command("calibrate", CalibrateConfig.__doc__, CalibrateConfig, lazy(RUNNERS, "calibrate"),
-                       lazy(RUNNERS, "show_calibration"))
 
     def endpoints(self) -> list[Endpoint]:
         from qtune.tasks.reranker import serve

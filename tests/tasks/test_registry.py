@@ -1,0 +1,71 @@
+"""The task registry and the Task contract: what the CLI, the API and the server get from it."""
+
+from __future__ import annotations
+
+import dataclasses
+import subprocess
+import sys
+
+import pytest
+
+import qtune
+from qtune.cli import build_parser
+from qtune.config import InferenceConfig, TrainConfig
+from qtune.errors import QtuneError
+from qtune.tasks import TASKS, get, task_of
+
+
+def test_every_task_has_a_training_config_a_trainer_and_a_wrapper():
+    assert list(TASKS) == ["pair-cls", "embedding", "reranker", "extract", "classify"]
+    for task in TASKS.values():
+        assert issubclass(task.config, TrainConfig), task
+        assert ":" in task.trainer and ":" in task.wrapper, task
+        for command in task.commands.values():
+            assert issubclass(command.config, InferenceConfig), (task, command)
+            assert command.help.startswith("`qtune "), (task, command)
+
+
+def test_the_cli_is_built_from_the_registry():
+    parser = build_parser()
+    for task in TASKS.values():
+        args = parser.parse_args(["train", task.name, "--model", "m", "--train", "t", "--output", "o"])
+        assert args.task == task.name
+    names = {kind: sorted(t.commands[kind].name for t in TASKS.values() if kind in t.commands)
+             for kind in ("evaluation", "prediction")}
+    assert names == {"evaluation": ["classify", "extract", "pair-cls", "rerank", "retrieval"],
+                     "prediction": ["classify", "extract", "pair-cls"]}
+    for name in names["evaluation"]:
+        assert parser.parse_args(["eval", name, "--model", "m"]).from_config
+    # flags come from the config dataclass: every field is a flag, its default left to the dataclass
+    fields = [f.name for f in dataclasses.fields(get("pair-cls").commands["evaluation"].config)]
+    args = parser.parse_args(["eval", "pair-cls", "--model", "m", "--text-columns", "q", "d"])
+    assert vars(args)["text_columns"] == ["q", "d"] and "label_column" not in vars(args) and "label_column" in fields
+
+
+def test_unknown_tasks_and_commands_are_clear_errors(tmp_path):
+    with pytest.raises(QtuneError, match="unknown task 'nope'; known: pair-cls, embedding, reranker, extract, classify"):
+        get("nope")
+    with pytest.raises(QtuneError, match="is not a qtune folder: say which task it is for"):
+        task_of(tmp_path)
+    with pytest.raises(QtuneError, match="unknown evaluation 'nope'; known: pair-cls, retrieval, rerank, extract, classify"):
+        qtune.evaluate("nope", model="m")
+    with pytest.raises(QtuneError, match="missing required setting"):
+        qtune.evaluate("pair-cls", model="m")  # --data is required
+
+
+def test_a_folder_trained_for_one_task_is_refused_for_another(tmp_path):
+    from qtune.modeling.loading import CheckpointMeta
+
+    CheckpointMeta(task="embedding", base_model="m", adapter=False).save(tmp_path)
+    assert task_of(tmp_path) is get("embedding")
+    with pytest.raises(QtuneError, match="was trained for embedding, not reranker"):
+        task_of(tmp_path, "reranker")
+
+
+def test_import_qtune_and_the_cli_parser_load_no_torch_or_transformers():
+    code = ("import sys, qtune, qtune.cli; qtune.cli.build_parser(); "
+            "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+    help_run = subprocess.run([sys.executable, "-m", "qtune.cli", "--help"], capture_output=True, text=True)
+    assert help_run.returncode == 0 and "fine-tune a model" in help_run.stdout
