@@ -221,6 +221,26 @@ def test_429_queue_full(bert):
         assert [r.status_code for r in results] == [200, 200]
 
 
+def test_a_failing_model_call_is_a_json_500_and_the_server_keeps_serving(bert, monkeypatch):
+    calls = []
+
+    def broken(features):
+        calls.append(len(features))
+        if len(calls) == 1:
+            raise RuntimeError("a bug in the model call")
+        return real(features)
+
+    real = bert.run_batch
+    monkeypatch.setattr(bert, "run_batch", broken)
+    with TestClient(create_app({"bert": bert}, ServerSettings())) as c:
+        error = assert_api_error(c.post("/v1/embeddings", json={"input": "cat"}), 500, "internal server error")
+        assert error["type"] == "server_error"
+        assert c.post("/v1/embeddings", json={"input": "cat"}).status_code == 200  # the next call works
+        text = c.get("/metrics").text
+    assert re.search(r'qtune_requests_total\{endpoint="/v1/embeddings",status="500"\} 1\.0', text)
+    assert calls == [1, 1]
+
+
 def test_503_not_ready_and_draining(bert):
     app = create_app({"bert": bert}, ServerSettings())
     not_started = TestClient(app)  # no `with`: the lifespan (model workers) has not run

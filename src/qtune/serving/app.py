@@ -163,6 +163,42 @@ def _routes() -> dict[str, list[tuple[Task, Endpoint]]]:
     return routes
 
 
+class Gate:
+    """Every HTTP request passes here first (a plain ASGI middleware, no task per request): 503
+    while starting or draining, 401 without the API key, the request metrics, and a JSON 500 if a
+    bug escapes (never for bad input: that is an ApiError, answered inside)."""
+
+    def __init__(self, app, *, state: ServingState, metrics: dict, endpoints: tuple[str, ...]):
+        self.app, self.state, self.metrics, self.endpoints = app, state, metrics, endpoints
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path = scope["path"]
+        status = None
+
+        async def send_status(message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        self.metrics["in_progress"].inc()
+        try:
+            refusal = _refusal(self.state, Request(scope))
+            await (refusal or self.app)(scope, receive, send_status)
+        except Exception:  # last resort: a bug, never bad input
+            logger.exception("unhandled error answering %s", path)
+            if status is None:  # nothing sent yet: the client still gets the JSON error shape
+                await JSONResponse(error_body("internal server error", "server_error"), status_code=500)(
+                    scope, receive, send_status)
+        finally:
+            self.metrics["in_progress"].dec()
+            endpoint = path if path in self.endpoints else "other"
+            self.metrics["requests"].labels(endpoint=endpoint, status=str(status or 500)).inc()
+
+
 def create_app(models: dict[str, object], settings: ServerSettings, matcher=None) -> FastAPI:
     """An app serving `models` (public name -> a wrapper from `qtune.load`: Embedder, PairClassifier, ...)."""
     served = {}
@@ -215,22 +251,7 @@ def create_app(models: dict[str, object], settings: ServerSettings, matcher=None
         type_ = ERROR_TYPES.get(error.status_code, "invalid_request_error")
         return JSONResponse(error_body(message, type_), status_code=error.status_code)
 
-    @app.middleware("http")
-    async def gate(request: Request, call_next):
-        path = request.url.path
-        endpoint = path if path in endpoints else "other"
-        metrics["in_progress"].inc()
-        try:
-            response = _refusal(state, request)
-            if response is None:
-                response = await call_next(request)
-        except Exception:  # last resort: a bug, never bad input (that is an ApiError)
-            logger.exception("unhandled error answering %s", path)
-            response = JSONResponse(error_body("internal server error", "server_error"), status_code=500)
-        finally:
-            metrics["in_progress"].dec()
-        metrics["requests"].labels(endpoint=endpoint, status=str(response.status_code)).inc()
-        return response
+    app.add_middleware(Gate, state=state, metrics=metrics, endpoints=endpoints)
 
     @app.get("/health")
     async def health():

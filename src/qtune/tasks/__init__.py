@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import importlib
 import os
+from typing import TYPE_CHECKING
 
 from qtune.errors import QtuneError
-from qtune.modeling.loading import LoadedModel, read_meta
 from qtune.tasks.base import Command, Endpoint, Task, TrainedRun
+
+if TYPE_CHECKING:
+    from qtune.modeling.loading import LoadedModel
 
 
 def _task(path: str) -> Task:
@@ -41,6 +44,8 @@ def get(name: str) -> Task:
 
 def task_of(name_or_path: str | os.PathLike, task: str | None = None) -> Task:
     """The task of a model: the one its qtune.json names (which must agree with `task`), else `task`."""
+    from qtune.modeling.loading import read_meta
+
     meta = read_meta(name_or_path)
     if meta is not None:
         if task is not None and meta.task != task:
@@ -51,7 +56,7 @@ def task_of(name_or_path: str | os.PathLike, task: str | None = None) -> Task:
     return get(task)
 
 
-def load_model(name_or_path: str | os.PathLike, task: str | None = None, **kwargs) -> LoadedModel:
+def load_model(name_or_path: str | os.PathLike, task: str | None = None, **kwargs) -> "LoadedModel":
     """`qtune.modeling.loading.load_model` with the task's model settings taken from the registry."""
     from qtune.modeling.loading import load_model as load_with_spec
 

@@ -20,10 +20,11 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar, NamedTuple
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, NamedTuple
 
-from qtune.modeling.family import Family
-from qtune.modeling.loading import CheckpointMeta, LoadedModel
+if TYPE_CHECKING:
+    from qtune.modeling.family import Family
+    from qtune.modeling.loading import CheckpointMeta, LoadedModel
 
 
 def resolve(path: str):
@@ -37,7 +38,7 @@ class TrainedRun(NamedTuple):
     """What `Task.train` returns: the model as it stands at the end (it equals `output/last`) and
     the metrics also written to `output/metrics.json`."""
 
-    loaded: LoadedModel
+    loaded: "LoadedModel"
     metrics: dict
 
 
