@@ -206,14 +206,19 @@ def test_429_queue_full(bert):
         results = []
         threads = [threading.Thread(target=lambda: results.append(c.post("/v1/embeddings", json={"input": "cat"})))
                    for _ in range(2)]
-        for t in threads:  # one taken by the worker (waiting for the model thread), one in the queue
-            t.start()
         batcher = state.models["bert"].batcher
-        for _ in range(500):
-            if batcher.pending == 2:
-                break
-            time.sleep(0.01)
-        assert batcher.pending == 2
+
+        def wait_for(pending: int, queued: int) -> None:
+            for _ in range(1000):
+                if (batcher.pending, batcher.queued) == (pending, queued):
+                    return
+                time.sleep(0.01)
+            raise AssertionError(f"pending {batcher.pending}, queued {batcher.queued}")
+
+        threads[0].start()
+        wait_for(pending=1, queued=0)  # taken by the worker, waiting for the model thread
+        threads[1].start()
+        wait_for(pending=2, queued=1)  # waiting in the queue, which is now full
         assert_api_error(c.post("/v1/embeddings", json={"input": "cat"}), 429, "retry later", code="queue_full")
         release.set()
         for t in threads:

@@ -53,6 +53,11 @@ class MicroBatcher:
         self._queue: asyncio.Queue[_Pending] | None = None
         self._worker: asyncio.Task | None = None
 
+    @property
+    def queued(self) -> int:
+        """Requests waiting in the queue (not yet taken into a model call)."""
+        return self._queue.qsize() if self._queue is not None else 0
+
     def start(self) -> None:
         self._queue = asyncio.Queue(maxsize=self.max_queue)
         self._worker = asyncio.get_running_loop().create_task(self._work())
