@@ -228,7 +228,6 @@ class KnowledgeBase:
 
     def get(self, ids: Sequence[str]) -> list[FaqEntry]:
         """The entries with these ids, in the order asked; unknown ids are left out."""
-    
         ids = list(dict.fromkeys(ids))
         if not ids:
             return []
