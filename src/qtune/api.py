@@ -139,6 +139,11 @@ def serve(*, embedding: str | None = None, classifier: str | Sequence[str] | Non
     from qtune.serving import ServerSettings
     from qtune.serving import serve as run_server
 
+    names = [n for n in (embedding, *_classifiers(classifier), reranker, extractor) if n]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:  # models are served (and chosen by clients) by name: one name, one model
+        raise QtuneError(f"{', '.join(twice)}: given for more than one role; each served model needs its own "
+                         "name (folder or hub id)")
     models = {}
     if embedding:
         models[embedding] = load(embedding, task="embedding", device=device, precision=precision)

@@ -1,0 +1,55 @@
+"""`qtune serve` assembles the served models from its flags (the server itself is replaced here)."""
+
+from __future__ import annotations
+
+import pytest
+
+import qtune
+import qtune.serving
+from qtune.cli import main
+from qtune.modeling.checkpoint import save_model_files
+
+from conftest import assert_user_error, run
+
+
+@pytest.fixture(scope="module")
+def text_classifier_dir(tiny_bert_dir, tmp_path_factory) -> str:
+    """A text-classifier folder (qtune.json says classify), as `qtune train classify` leaves one."""
+    folder = tmp_path_factory.mktemp("text-classifier")
+    save_model_files(qtune.load(tiny_bert_dir, task="classify", labels=["billing", "delivery", "login"],
+                                device="cpu").loaded, folder)
+    return str(folder)
+
+
+@pytest.fixture
+def served(monkeypatch) -> dict:
+    captured = {}
+    monkeypatch.setattr(qtune.serving, "serve", lambda models, settings, matcher=None: captured.update(
+        models=models, settings=settings, matcher=matcher))
+    return captured
+
+
+def test_one_flag_serves_a_pair_and_a_text_classifier(tiny_bert_dir, tiny_qwen_dir, text_classifier_dir, served,
+                                                       capsys):
+    code, _, err = run(capsys, "serve", "--classifier", tiny_bert_dir, text_classifier_dir, "--embedding",
+                       tiny_qwen_dir, "--device", "cpu", "--port", "8123", "--max-inputs", "7")
+    assert code == 0, err
+    kinds = {name: (type(model).__name__, model.loaded.meta.task) for name, model in served["models"].items()}
+    assert kinds == {tiny_qwen_dir: ("Embedder", "embedding"), tiny_bert_dir: ("PairClassifier", "pair-cls"),
+                     text_classifier_dir: ("TextClassifier", "classify")}
+    assert served["models"][text_classifier_dir].labels == ["billing", "delivery", "login"]
+    assert (served["settings"].port, served["settings"].max_inputs, served["matcher"]) == (8123, 7, None)
+
+
+def test_a_base_model_given_as_classifier_is_a_pair_classifier(tiny_bert_dir, served):
+    qtune.api.serve(classifier=tiny_bert_dir, device="cpu")
+    (model,) = served["models"].values()
+    assert type(model).__name__ == "PairClassifier" and model.labels == ["0", "1"]
+
+
+def test_nothing_to_serve_or_one_name_for_two_models_is_a_clear_error(tiny_bert_dir, capsys, served):
+    code, _, err = run(capsys, "serve")
+    assert_user_error(code, err, "nothing to serve")
+    code, _, err = run(capsys, "serve", "--embedding", tiny_bert_dir, "--classifier", tiny_bert_dir)
+    assert_user_error(code, err, tiny_bert_dir, "given for more than one role")
+    assert served == {}  # refused before anything was loaded or served
