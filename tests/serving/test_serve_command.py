@@ -6,7 +6,6 @@ import pytest
 
 import qtune
 import qtune.serving
-from qtune.cli import main
 from qtune.modeling.checkpoint import save_model_files
 
 from conftest import assert_user_error, run
