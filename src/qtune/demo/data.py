@@ -11,14 +11,12 @@ From the table, `make_pairs` builds a question-matching data set (same intent or
 fine-tune a small sentence encoder, and `write_demo_files` writes it as `train.csv` / `dev.csv`
 together with `faq.csv`, the knowledge base of canonical questions and answers.
 
-Everything here is standard library only, and the table is read on first use, so importing it
-costs nothing.
+Everything here is standard library only; importing it reads the one small table file.
 """
 
 from __future__ import annotations
 
 import csv
-import functools
 import itertools
 import json
 import os
@@ -34,8 +32,6 @@ __all__ = [
     "FaqIntent",
     "INTENTS",
     "CONFUSABLE_PAIRS",
-    "load_intents",
-    "confusable_pairs",
     "sibling_id",
     "make_pairs",
     "write_demo_files",
@@ -54,40 +50,20 @@ class FaqIntent:
 
 # The table lives in intents.jsonl next to this module, one intent per line:
 # {"id", "question", "answer", "paraphrases": [...]}, in a fixed order.
-# Consecutive intents form a confusable pair (see confusable_pairs below): they reuse each
+# Consecutive intents form a confusable pair (see CONFUSABLE_PAIRS below): they reuse each
 # other's words on purpose, while paraphrases of one intent often share few words with it.
-@functools.cache
-def load_intents() -> tuple[FaqIntent, ...]:
-    """The 40 FAQ intents, read once from the package data file `intents.jsonl`."""
+def _read_intents() -> tuple[FaqIntent, ...]:
+    """The 40 FAQ intents from the package data file `intents.jsonl`."""
     text = (files("qtune.demo") / "intents.jsonl").read_text(encoding="utf-8")
-    intents = []
-    for line in text.splitlines():
-        if line.strip():
-            row = json.loads(line)
-            intents.append(FaqIntent(row["id"], row["question"], row["answer"], tuple(row["paraphrases"])))
-    return tuple(intents)
+    return tuple(FaqIntent(row["id"], row["question"], row["answer"], tuple(row["paraphrases"]))
+                 for row in map(json.loads, filter(str.strip, text.splitlines())))
 
 
-@functools.cache
-def confusable_pairs() -> tuple[tuple[str, str], ...]:
-    """(id, id) of each confusable pair: intents 0 and 1, 2 and 3, ..."""
-    intents = load_intents()
-    return tuple((intents[i].id, intents[i + 1].id) for i in range(0, len(intents), 2))
+INTENTS: tuple[FaqIntent, ...] = _read_intents()
 
-
-# INTENTS and CONFUSABLE_PAIRS stay importable as module constants, read on first use.
-_LAZY = {"INTENTS": load_intents, "CONFUSABLE_PAIRS": confusable_pairs}
-
-
-def __getattr__(name: str):
-    if name in _LAZY:
-        return _LAZY[name]()
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted([*globals(), *_LAZY])
-
+CONFUSABLE_PAIRS: tuple[tuple[str, str], ...] = tuple(
+    (INTENTS[i].id, INTENTS[i + 1].id) for i in range(0, len(INTENTS), 2)
+)
 
 TRAIN_PAIRS = 400
 DEV_PAIRS = 150
@@ -99,7 +75,7 @@ DEV_PARAPHRASES_PER_INTENT = 3
 
 def sibling_id(intent_id: str) -> str:
     """The id of the intent deliberately written to be confused with `intent_id`."""
-    for a, b in confusable_pairs():
+    for a, b in CONFUSABLE_PAIRS:
         if intent_id == a:
             return b
         if intent_id == b:
@@ -125,7 +101,7 @@ def _split_sentences(rng: random.Random) -> tuple[dict[str, list[str]], dict[str
     """Per intent: the training sentences and the held-out dev paraphrases."""
     train_sents: dict[str, list[str]] = {}
     dev_sents: dict[str, list[str]] = {}
-    for intent in load_intents():
+    for intent in INTENTS:
         paraphrases = list(intent.paraphrases)
         rng.shuffle(paraphrases)
         k = DEV_PARAPHRASES_PER_INTENT
@@ -151,8 +127,8 @@ def write_demo_retrieval(out_dir: str | os.PathLike, seed: int = 0) -> dict[str,
 
     out = Path(out_dir)
     train_sents, dev_sents = _split_sentences(random.Random(seed))
-    passages = {intent.id: faq_passage(intent) for intent in load_intents()}
-    canonical = {intent.id: intent.question for intent in load_intents()}
+    passages = {intent.id: faq_passage(intent) for intent in INTENTS}
+    canonical = {intent.id: intent.question for intent in INTENTS}
     groups = [QueryGroup(text, (passages[i],)) for i in passages for text in train_sents[i] if text != canonical[i]]
     queries = {f"{i}-{n}": text for i in passages for n, text in enumerate(dev_sents[i])}
     qrels = {qid: {qid.rsplit("-", 1)[0]: 1} for qid in queries}
@@ -168,7 +144,7 @@ def _build_split(sents: dict[str, list[str]], size: int, rng: random.Random) -> 
     seen: set[frozenset[str]] = set()
 
     positives = [list(itertools.combinations(sents[i], 2)) for i in sents]
-    confusable = [list(itertools.product(sents[a], sents[b])) for a, b in confusable_pairs()]
+    confusable = [list(itertools.product(sents[a], sents[b])) for a, b in CONFUSABLE_PAIRS]
     pairs = [(*p, 1) for p in _round_robin(positives, n_pos, seen, rng)]
     pairs += [(*p, 0) for p in _round_robin(confusable, n_confusable, seen, rng)]
     pairs += [(*p, 0) for p in _random_negatives(sents, n_random, seen, rng)]
@@ -244,7 +220,7 @@ def write_demo_files(out_dir: str | os.PathLike, seed: int = 0) -> dict[str, Pat
     _write_csv(paths["train"], ("sentence1", "sentence2", "label"), train)
     _write_csv(paths["dev"], ("sentence1", "sentence2", "label"), dev)
     _write_csv(paths["faq"], ("id", "question", "answer"),
-               ((i.id, i.question, i.answer) for i in load_intents()))
+               ((i.id, i.question, i.answer) for i in INTENTS))
     return paths
 
 
