@@ -24,9 +24,11 @@ def load(name_or_path: str | Path, task: str | None = None, *, device: str = "au
     (PairClassifier, Embedder, Reranker, Extractor, TextClassifier).
 
     `packing=False` runs decoders on padded batches instead of packed ones (same results)."""
+    from qtune.modeling.loading import load_model as load_with_spec
+
     spec = task_of(name_or_path, task)
-    return spec.wrap(load_model(name_or_path, spec.name, labels=labels, device=device, precision=precision,
-                                packing=packing))
+    return spec.wrap(load_with_spec(name_or_path, spec, labels=labels, device=device, precision=precision,
+                                    packing=packing))
 
 
 def train(task: str, config, on_step=None) -> dict:

@@ -109,7 +109,7 @@ def command_runner(command: Command):
 
 def _help(doc: str | None) -> str:
     """A config docstring's first line without its "`qtune ...`: " prefix."""
-    return (doc or "").strip().splitlines()[0].split(": ", 1)[-1].rstrip(".") if doc else ""
+    return doc.strip().splitlines()[0].split(": ", 1)[-1].rstrip(".") if doc else ""
 
 
 def add_command(commands, command: Command) -> None:
@@ -119,7 +119,7 @@ def add_command(commands, command: Command) -> None:
 
 
 def task_commands(kind: str) -> list[Command]:
-    """Every registered task's command of this kind ("evaluation", "prediction", "calibration")."""
+    """Every registered task's command of this kind ("evaluation", "prediction")."""
     return [task.commands[kind] for task in TASKS.values() if kind in task.commands]
 
 
@@ -235,8 +235,8 @@ def build_parser() -> argparse.ArgumentParser:
     predict = commands.add_parser("predict", help="predict a file").add_subparsers(dest="task", required=True)
     for command in task_commands("prediction"):
         add_command(predict, command)
-    # `qtune extract` is `qtune predict extract`; `qtune calibrate` is the reranker's calibration
-    for command in [c for c in task_commands("prediction") if c.name == "extract"] + task_commands("calibration"):
+    # commands the tasks also offer at the top (`qtune extract` = `qtune predict extract`, `qtune calibrate`)
+    for command in [c for task in TASKS.values() for c in task.commands.values() if c.top_level]:
         add_command(commands, command)
 
     sub = commands.add_parser("export", help="merge LoRA into a plain transformers checkpoint")

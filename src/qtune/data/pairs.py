@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
-from qtune.data.tables import Row, read_table, required_text
+from qtune.data.tables import Row, label_text, read_table, required_text
 from qtune.errors import DataError
 from qtune.records import Pair
 
@@ -15,13 +15,7 @@ def _text(row: Row, column: str, path: Path) -> str:
 
 
 def _label_index(row: Row, column: str, labels: Sequence[str], path: Path) -> int:
-    if column not in row.fields:
-        raise DataError("missing column", path=str(path), line=row.line, field=column)
-    value = row.fields[column]
-    if isinstance(value, bool) or not isinstance(value, (str, int)):
-        raise DataError(f"label must be text or an integer, got {value!r}", path=str(path),
-                        line=row.line, field=column)
-    text = str(value).strip()
+    text = label_text(row.fields, column, path, row.line)
     if text not in labels:
         raise DataError(f"label {text!r} is not one of {list(labels)}", path=str(path), line=row.line, field=column)
     return list(labels).index(text)

@@ -92,6 +92,17 @@ def required_text(fields: dict, name: str, path: str | Path, line: int, *, kind:
     return value
 
 
+def label_text(fields: dict, name: str, path: str | Path, line: int) -> str:
+    """A row's label as stripped text (JSONL integers become their decimal text); otherwise a
+    DataError naming file, line and field."""
+    if name not in fields:
+        raise DataError("missing column", path=str(path), line=line, field=name)
+    value = fields[name]
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        raise DataError(f"label must be text or an integer, got {value!r}", path=str(path), line=line, field=name)
+    return str(value).strip()
+
+
 def _read_jsonl(path: Path, text: str) -> tuple[list[Row], list[str]]:
     rows: list[Row] = []
     names: dict[str, None] = {}
@@ -135,6 +146,15 @@ def _read_delimited(path: Path, text: str, fmt: str, columns: Sequence[str],
                             path=str(path), line=lineno)
         rows.append(Row(lineno, dict(zip(names, values))))
     return rows, names
+
+
+def write_rows_with(path: str | Path, rows: Sequence[Row], columns: Sequence[str], added: Sequence[dict]) -> int:
+    """Write every input row (all its fields, in file order) with the `added` fields of its own,
+    e.g. predictions; input columns of the same names are replaced, not repeated. Returns the count."""
+    new = list(dict.fromkeys(k for fields in added for k in fields))
+    out_rows = [{**row.fields, **fields} for row, fields in zip(rows, added)]
+    write_table(path, out_rows, [*[c for c in columns if c not in new], *new])
+    return len(out_rows)
 
 
 def write_table(path: str | Path, rows: Sequence[dict], columns: Sequence[str]) -> None:

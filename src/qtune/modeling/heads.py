@@ -27,6 +27,14 @@ def collate_labelled(tokenizer, features: Sequence[dict], packed=False) -> dict:
     return batch
 
 
+def closing_tokens(tokenizer) -> list[int]:
+    """What a decoder's sequence ends with, so `*ForSequenceClassification` pools the same summary
+    position in every row: EOS, unless it is also the pad token (the head pools the last token that
+    is not padding, so an EOS equal to pad would be skipped)."""
+    eos = tokenizer.eos_token_id
+    return [eos] if eos is not None and eos != tokenizer.pad_token_id else []
+
+
 def class_logits(model, batch: dict):
     """(rows, num_labels) class logits of a padded or packed batch.
 

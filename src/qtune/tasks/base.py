@@ -53,6 +53,7 @@ class Command:
     module: str
     run_name: str = "evaluate"
     show_name: str = "show_evaluation"
+    top_level: bool = False  # also `qtune NAME` (e.g. `qtune extract`, `qtune calibrate`)
 
     @property
     def help(self) -> str:
@@ -151,3 +152,28 @@ class SequenceClassificationTask(Task):
         from qtune.modeling.heads import label_head_kwargs
 
         return label_head_kwargs(meta.labels, tokenizer)
+
+    def fit(self, config, loaded: LoadedModel, features: list[dict], eval_features: list[dict] | None,
+            on_step=None) -> TrainedRun:
+        """The shared loop for a classification head: cross-entropy on collated (padded or packed)
+        labelled features; with `eval_features` (labelled too) best/ is chosen by macro-F1."""
+        from functools import partial
+
+        from qtune.evaluation.metrics import metrics_from_probs
+        from qtune.modeling import heads
+        from qtune.training.run import resume_state
+        from qtune.training.trainer import TaskHooks, fit
+
+        evaluate = None
+        if eval_features is not None:
+            y_true = [f["labels"] for f in eval_features]
+
+            def evaluate(model: LoadedModel) -> dict:
+                probs = heads.LabelledClassifier(model).predict_features(eval_features,
+                                                                         batch_size=config.eval_batch_size)
+                return metrics_from_probs(y_true, probs, model.meta.labels)
+
+        hooks = TaskHooks(collate=partial(heads.collate_labelled, loaded.tokenizer, packed=loaded.packs),
+                          loss=heads.class_loss, evaluate=evaluate, best_metric="macro_f1")
+        return TrainedRun(loaded, fit(config, loaded, features, hooks, resume_state=resume_state(config),
+                                      on_step=on_step))

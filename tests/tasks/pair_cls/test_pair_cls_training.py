@@ -118,7 +118,7 @@ def test_truncation_is_longest_first_and_respects_max_length(tiny_qwen_dir, tiny
 
 def test_resume_after_a_crash_ends_where_an_uninterrupted_run_ends(tiny_bert_dir, synthetic_files, tmp_path,
                                                                    monkeypatch):
-    from qtune.tasks.pair_cls import train as task
+    from qtune.modeling import heads as task  # where the classification loss is looked up
 
     settings = dict(eval_steps=5, epochs=2.0, full=True, lr=2e-3)
     straight, _ = _train_pair_cls(_config(tiny_bert_dir, synthetic_files, tmp_path / "straight", **settings))

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from qtune.data.tables import Row, read_table, required_text
+from qtune.data.tables import Row, label_text, read_table, required_text
 from qtune.errors import DataError
 
 
@@ -25,14 +25,8 @@ class TextExample:
 
 
 def label_value(row: Row, column: str, path: str | Path) -> str:
-    """The label of a row as text (JSONL integers become their decimal text)."""
-    if column not in row.fields:
-        raise DataError("missing column", path=str(path), line=row.line, field=column)
-    value = row.fields[column]
-    if isinstance(value, bool) or not isinstance(value, (str, int)):
-        raise DataError(f"label must be text or an integer, got {value!r}", path=str(path), line=row.line,
-                        field=column)
-    text = str(value).strip()
+    """The label of a row as non-empty text (JSONL integers become their decimal text)."""
+    text = label_text(row.fields, column, path, row.line)
     if not text:
         raise DataError("empty label", path=str(path), line=row.line, field=column)
     return text

@@ -12,6 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
+from qtune.modeling.heads import closing_tokens
+
 
 @dataclass(frozen=True)
 class TextEncoder:
@@ -24,7 +26,7 @@ class TextEncoder:
         if not self.is_decoder:
             return dict(tok(text, truncation=bool(self.max_length), max_length=self.max_length))
         ids = tok(text, add_special_tokens=False)["input_ids"]
-        end = [tok.eos_token_id] if tok.eos_token_id is not None and tok.eos_token_id != tok.pad_token_id else []
+        end = closing_tokens(tok)
         if self.max_length:
             ids = ids[: max(self.max_length - len(end), 1)]
         ids = ids + end

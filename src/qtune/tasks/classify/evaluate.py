@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from qtune.data.tables import table_format, write_table
+from qtune.data.tables import table_format, write_rows_with
 from qtune.errors import QtuneError
 from qtune.evaluation.metrics import metrics_from_probs
 from qtune.evaluation.report import classification_report_md, write_classification_outputs
@@ -53,11 +53,8 @@ def predict(config: ClassifyPredictConfig, load) -> int:
     rows, names, examples = read_texts(config.input, text_column=config.text_column)
     clf = load(config.model, TASK, device=config.device, precision=config.load_precision)
     predictions = clf.predict([e.text for e in examples], batch_size=config.batch_size, progress=True)
-    added = ["predicted_label", "probability"]  # replaced, not repeated, when the input has them
-    out_rows = [{**row.fields, "predicted_label": pred.label, "probability": round(pred.probability, 6)}
-                for row, pred in zip(rows, predictions)]
-    write_table(config.output, out_rows, [*[n for n in names if n not in added], *added])
-    return len(out_rows)
+    return write_rows_with(config.output, rows, names, [
+        {"predicted_label": p.label, "probability": round(p.probability, 6)} for p in predictions])
 
 
 def show_prediction(config: ClassifyPredictConfig, count: int) -> str:

@@ -6,16 +6,12 @@ from functools import partial
 from pathlib import Path
 
 from qtune.errors import QtuneError
-from qtune.evaluation.metrics import metrics_from_probs
-from qtune.modeling.heads import class_loss, collate_labelled
 from qtune.modeling.loading import LoadedModel, read_meta
 from qtune.tasks.base import TrainedRun
 from qtune.tasks.classify.config import ClassifyConfig
 from qtune.tasks.classify.data import read_labelled
 from qtune.tasks.classify.encode import TextEncoder
-from qtune.tasks.classify.model import TextClassifier
-from qtune.training.run import resume_state, start_run
-from qtune.training.trainer import TaskHooks, fit
+from qtune.training.run import start_run
 
 
 def model_labels(config: ClassifyConfig, task_name: str) -> list[str] | None:
@@ -39,16 +35,5 @@ def train(task, config: ClassifyConfig, on_step=None) -> TrainedRun:
     loaded = start_run(config, task, validate=same_labels, labels=labels)
     encoder = TextEncoder(loaded.tokenizer, loaded.family.is_decoder, config.max_length)
     features = encoder.encode_examples(train_examples)
-    evaluate = None
-    if eval_examples is not None:
-        eval_features = encoder.encode_examples(eval_examples)
-        y_true = [e.label for e in eval_examples]
-
-        def evaluate(model: LoadedModel) -> dict:
-            probs = TextClassifier(model).predict_features(eval_features, batch_size=config.eval_batch_size)
-            return metrics_from_probs(y_true, probs, labels)
-
-    hooks = TaskHooks(collate=partial(collate_labelled, loaded.tokenizer, packed=loaded.packs), loss=class_loss,
-                      evaluate=evaluate, best_metric="macro_f1")
-    return TrainedRun(loaded, fit(config, loaded, features, hooks, resume_state=resume_state(config),
-                                  on_step=on_step))
+    eval_features = encoder.encode_examples(eval_examples) if eval_examples is not None else None
+    return task.fit(config, loaded, features, eval_features, on_step)

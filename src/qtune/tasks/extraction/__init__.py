@@ -17,7 +17,8 @@ class ExtractionTask(Task):
     trainer = "qtune.tasks.extraction.train:train"
     wrapper = "qtune.tasks.extraction.model:Extractor"
     commands = {"evaluation": Command("extract", ExtractEvalConfig, RUNNERS),
-                "prediction": Command("extract", ExtractPredictConfig, RUNNERS, "predict", "show_prediction")}
+                "prediction": Command("extract", ExtractPredictConfig, RUNNERS, "predict", "show_prediction",
+                                      top_level=True)}
     stats_unit = "example (chat prompt, answer, EOS)"
     over_length = "left out of training"
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
+from qtune.modeling.heads import closing_tokens
 from qtune.records import Pair
 
 
@@ -31,7 +32,7 @@ class PairEncoder:
         a = tok(first, add_special_tokens=False)["input_ids"]
         b = tok(second, add_special_tokens=False)["input_ids"]
         sep = tok("\n", add_special_tokens=False)["input_ids"]
-        end = [tok.eos_token_id] if tok.eos_token_id is not None and tok.eos_token_id != tok.pad_token_id else []
+        end = closing_tokens(tok)
         if self.max_length:
             a, b = _truncate_longest_first(a, b, self.max_length - len(sep) - len(end))
         ids = a + sep + b + end

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from qtune.data.pairs import pairs_from_rows, read_pairs
-from qtune.data.tables import read_table, table_format, write_table
+from qtune.data.tables import read_table, table_format, write_rows_with
 from qtune.evaluation.metrics import metrics_from_probs
 from qtune.evaluation.report import classification_report_md, write_classification_outputs
 from qtune.modeling.loading import read_meta
@@ -44,11 +44,8 @@ def predict(config: PairClsPredictConfig, load) -> int:
     clf = load(config.model, "pair-cls", device=config.device, precision=config.load_precision)
     predictions = clf.predict([(p.sentence1, p.sentence2) for p in pairs], batch_size=config.batch_size,
                               threshold=config.threshold, progress=True)
-    added = ["predicted_label", "probability"]  # replaced, not repeated, when the input has them
-    out_rows = [{**row.fields, "predicted_label": pred.label, "probability": round(pred.score, 6)}
-                for row, pred in zip(rows, predictions)]
-    write_table(config.output, out_rows, [*[n for n in names if n not in added], *added])
-    return len(out_rows)
+    return write_rows_with(config.output, rows, names, [
+        {"predicted_label": p.label, "probability": round(p.score, 6)} for p in predictions])
 
 
 def show_prediction(config: PairClsPredictConfig, count: int) -> str:

@@ -21,7 +21,8 @@ class RerankerTask(Task):
     trainer = "qtune.tasks.reranker.train:train"
     wrapper = "qtune.tasks.reranker.model:Reranker"
     commands = {"evaluation": Command("rerank", RerankEvalConfig, RUNNERS),
-                "calibration": Command("calibrate", CalibrateConfig, RUNNERS, "calibrate", "show_calibration")}
+                "calibration": Command("calibrate", CalibrateConfig, RUNNERS, "calibrate", "show_calibration",
+                                       top_level=True)}
     int8_output = "logits"  # cross-encoders; decoders have no int8 path
 
     def auto_class(self, family: Family) -> str:
