@@ -17,7 +17,7 @@ import json
 import random
 from pathlib import Path
 
-from qtune.data.tables import _decode, iter_jsonl, required_text
+from qtune.data.tables import _decode, iter_jsonl, json_problem, required_text
 from qtune.errors import DataError, QtuneError
 from qtune.io import write_jsonl
 from qtune.records import ExtractionExample
@@ -141,8 +141,9 @@ def pii_to_sft(source: str | Path, output_dir: str | Path, *, eval_fraction: flo
     path = Path(source)
     try:
         data = json.loads(_decode(path))
-    except json.JSONDecodeError as e:
-        raise DataError(f"not valid JSON: {e.msg} (column {e.colno})", path=str(path), line=e.lineno) from None
+    except (ValueError, RecursionError) as e:
+        line = e.lineno if isinstance(e, json.JSONDecodeError) else None  # the parser's limits say no line
+        raise DataError(f"not valid JSON: {json_problem(e)}", path=str(path), line=line) from None
     if not isinstance(data, list):
         raise DataError(f"expected a JSON list of person records, got {_kind(data)}", path=str(path))
     if not data:

@@ -9,6 +9,8 @@ import codecs
 import csv
 import io
 import json
+import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -16,6 +18,12 @@ from typing import Iterator, Sequence
 from qtune.errors import DataError
 
 TABLE_FORMATS = {".csv": "csv", ".tsv": "tsv", ".txt": "tsv", ".jsonl": "jsonl", ".json": "jsonl"}
+# What a column name in a header usually looks like: q1, text_a, query-id, Sentence.1
+HEADER_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(?:[-.][A-Za-z0-9_]+)*")
+HEADER_NAME_MAX = 32
+HEADER_CONTRAST_ROWS = 20  # rows after the first that may show it is unlike the data
+# Han characters and CJK punctuation (full-width forms included): what a Chinese GBK file decodes to.
+CJK_RANGES = ((0x3000, 0x303F), (0x3400, 0x4DBF), (0x4E00, 0x9FFF), (0xF900, 0xFAFF), (0xFF00, 0xFFEF))
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,20 +53,52 @@ def _decode(path: Path) -> str:
     except UnicodeDecodeError as e:
         offset = bom + e.start
         line = raw[:offset].count(b"\n") + 1
-        raise DataError(f"not valid UTF-8 (byte {offset})", path=str(path), line=line) from None
+        raise DataError(f"not valid UTF-8 (byte {offset}){_encoding_advice(raw, path)}", path=str(path),
+                        line=line) from None
 
 
-def read_table(path: str | Path, columns: Sequence[str], *, header: bool | None = None) -> tuple[list[Row], list[str]]:
+def _encoding_advice(raw: bytes, path: Path) -> str:
+    """How to convert a file that is not UTF-8 when it reads as Chinese GBK/GB18030 text (what Excel
+    and older Windows tools save in China); nothing when it does not."""
+    try:
+        text = raw.decode("gb18030")
+    except UnicodeDecodeError:
+        return ""
+    wide = [ord(c) for c in text if ord(c) > 0x7F]
+    chinese = sum(any(low <= c <= high for low, high in CJK_RANGES) for c in wide)
+    if not wide or chinese * 2 < len(wide):  # bytes of another encoding that happen to decode
+        return ""
+    converted = path.with_name(f"{path.stem}.utf8{path.suffix}")
+    return (f"; it looks like GBK/GB18030 (Chinese) text: convert it to UTF-8 with "
+            f"`iconv -f GB18030 -t UTF-8 {path} > {converted}`")
+
+
+def json_problem(error: ValueError | RecursionError) -> str:
+    """Why `json.loads` refused a text, in words: its syntax error, or a limit of the parser
+    (which raises ValueError or RecursionError for those, not JSONDecodeError)."""
+    if isinstance(error, json.JSONDecodeError):
+        return f"{error.msg} (column {error.colno})"
+    if isinstance(error, RecursionError):
+        return "nested too deeply (arrays or objects inside each other)"
+    return f"a number with more than {sys.get_int_max_str_digits()} digits"
+
+
+def read_table(path: str | Path, columns: Sequence[str], *, header: bool | None = None,
+               column_flags: str | None = None) -> tuple[list[Row], list[str]]:
     """Rows of a table as dicts, and the column names in file order.
 
     `columns` are the names the caller needs. For CSV/TSV, `header=None` detects a header row:
     it is one when it contains any name in `columns` (a missing one is then reported by name);
-    a file without one maps its columns to `columns` by position.
+    a file without one maps its columns to `columns` by position. A first row that names none of
+    `columns` but looks like a header (see `_looks_like_header`) is refused rather than read as
+    data; the error says which flags pick the file's columns (`column_flags`, e.g.
+    "--text-columns COL1 COL2").
     """
     path = Path(path)
     fmt = table_format(path)
     text = _decode(path)
-    rows, names = _read_jsonl(path, text) if fmt == "jsonl" else _read_delimited(path, text, fmt, columns, header)
+    rows, names = (_read_jsonl(path, text) if fmt == "jsonl"
+                   else _read_delimited(path, text, fmt, columns, header, column_flags))
     if not rows:
         raise DataError("no data rows", path=str(path))
     return rows, names
@@ -73,8 +113,8 @@ def iter_jsonl(path: Path, text: str | None = None) -> Iterator[tuple[int, dict]
             continue
         try:
             obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"malformed JSON: {e.msg} (column {e.colno})", path=str(path), line=lineno) from None
+        except (ValueError, RecursionError) as e:
+            raise DataError(f"malformed JSON: {json_problem(e)}", path=str(path), line=lineno) from None
         if not isinstance(obj, dict):
             raise DataError(f"expected a JSON object, got {type(obj).__name__}", path=str(path), line=lineno)
         yield lineno, obj
@@ -112,8 +152,39 @@ def _read_jsonl(path: Path, text: str) -> tuple[list[Row], list[str]]:
     return rows, list(names)
 
 
+def _looks_like_names(values: Sequence[str]) -> bool:
+    return all(len(v) <= HEADER_NAME_MAX and HEADER_NAME.fullmatch(v) for v in values)
+
+
+def _looks_like_header(first: Sequence[str], rest: Sequence[Sequence[str]]) -> bool:
+    """A first row of short identifier-like names (q1, text_a, query-id) above rows that are not all
+    such names (sentences, numbers, Chinese text) is a header, whatever its names. When every row
+    is such names there is no telling a header from data, and the first row stays data."""
+    return _looks_like_names(first) and any(not _looks_like_names([v.strip() for v in values])
+                                            for values in rest[:HEADER_CONTRAST_ROWS])
+
+
+def _unknown_header(path: Path, line: int, first: Sequence[str], columns: Sequence[str],
+                    column_flags: str | None) -> DataError:
+    wanted = ", ".join(columns)
+    fix = f"pick the file's columns with {column_flags}" if column_flags else f"rename its columns to {wanted}"
+    return DataError(f"the first row looks like a header ({', '.join(first)}) but names none of the columns "
+                     f"{wanted}; {fix} (or, if that row is data, add a header row naming {wanted} above it)",
+                     path=str(path), line=line)
+
+
+def _refuse_nul(values: Sequence[str], names: Sequence[str] | None, path: Path, line: int) -> None:
+    """The csv module reads NUL bytes as text; they are never text, and usually mean a UTF-16 or
+    binary file."""
+    for i, value in enumerate(values):
+        if "\x00" in value:
+            where = "the field" if names else "the header"
+            raise DataError(f"NUL byte (\\x00) in {where}: text files hold none (is the file UTF-16 or binary?)",
+                            path=str(path), line=line, field=names[i] if names else None)
+
+
 def _read_delimited(path: Path, text: str, fmt: str, columns: Sequence[str],
-                    header: bool | None) -> tuple[list[Row], list[str]]:
+                    header: bool | None, column_flags: str | None = None) -> tuple[list[Row], list[str]]:
     delimiter = "\t" if fmt == "tsv" else ","
     reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, strict=True)
     records: list[tuple[int, list[str]]] = []
@@ -130,7 +201,10 @@ def _read_delimited(path: Path, text: str, fmt: str, columns: Sequence[str],
     first = [v.strip() for v in records[0][1]]
     if header is None:
         header = any(c in first for c in columns)
+        if not header and _looks_like_header(first, [values for _, values in records[1:]]):
+            raise _unknown_header(path, records[0][0], first, columns, column_flags)
     if header:
+        _refuse_nul(first, None, path, records[0][0])
         names = first
         if len(set(names)) != len(names):
             raise DataError(f"duplicate column names in header: {names}", path=str(path), line=records[0][0])
@@ -144,6 +218,7 @@ def _read_delimited(path: Path, text: str, fmt: str, columns: Sequence[str],
         if len(values) != width:
             raise DataError(f"expected {width} {fmt.upper()} fields, found {len(values)}",
                             path=str(path), line=lineno)
+        _refuse_nul(values, names, path, lineno)
         rows.append(Row(lineno, dict(zip(names, values))))
     return rows, names
 

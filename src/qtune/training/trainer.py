@@ -83,7 +83,7 @@ def fit(config: TrainConfig, loaded: LoadedModel, features: Sequence[dict], hook
     progress = Progress()
     rng_state = torch.get_rng_state()
     if resume_state is not None:
-        state = torch.load(resume_state, weights_only=False)
+        state = load_trainer_state(resume_state)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         progress = Progress(**state["progress"])
@@ -95,8 +95,8 @@ def fit(config: TrainConfig, loaded: LoadedModel, features: Sequence[dict], hook
 
     def save_last() -> None:
         def write_state(path: Path) -> None:
-            torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                        "progress": progress.__dict__, "torch_rng": rng_state}, path)
+            torch.save(plain_state({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                                    "progress": progress.__dict__, "torch_rng": rng_state}), path)
 
         save_checkpoint(loaded, output / "last", {STATE_FILE: write_state})
 
@@ -206,6 +206,47 @@ def fit(config: TrainConfig, loaded: LoadedModel, features: Sequence[dict], hook
     }
     write_json(output / "metrics.json", result)
     return result
+
+
+def plain_state(value):
+    """`value` with numpy scalars and arrays (metrics often are) as Python numbers and tensors, so
+    the state file holds only what `torch.load(weights_only=True)` reads back."""
+    import numpy as np
+    import torch
+
+    if isinstance(value, dict):
+        return {k: plain_state(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(plain_state(v) for v in value)
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return torch.from_numpy(value.copy())
+    return value
+
+
+def load_trainer_state(path: Path) -> dict:
+    """The trainer state saved in last/, read as data only (`weights_only=True`): unpickling anything
+    else would run whatever code a crafted or swapped file carries. A QtuneError when it is not a
+    state this loop wrote."""
+    import pickle
+
+    import torch
+
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise QtuneError(f"{path}: refused to load: it holds more than the plain data (tensors, numbers, text, "
+                         "lists, dicts) a qtune trainer state holds, so it is damaged or was changed, perhaps to "
+                         "run code when read; start a new run instead of --resume") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        detail = str(e) or "the file ends too soon"
+        raise QtuneError(f"{path}: not a trainer state qtune can read ({detail}); start a new run instead of "
+                         "--resume") from None
+    if not isinstance(state, dict) or not {"optimizer", "scheduler", "progress", "torch_rng"} <= set(state):
+        raise QtuneError(f"{path}: not a trainer state qtune wrote (it lacks the optimizer, scheduler, progress "
+                         "or RNG state); start a new run instead of --resume")
+    return state
 
 
 def _format_record(record: dict) -> str:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from qtune.data.pairs import pairs_from_rows, read_pairs
+from qtune.data.pairs import pair_column_flags, pairs_from_rows, read_pairs
 from qtune.data.tables import read_table, table_format, write_rows_with
 from qtune.evaluation.metrics import metrics_from_probs
 from qtune.evaluation.report import classification_report_md, write_classification_outputs
@@ -39,7 +39,7 @@ def predict(config: PairClsPredictConfig, load) -> int:
     """Predict every row of `input` and write it, with `predicted_label` and `probability` (of the
     positive label), to `output` (CSV, TSV or JSONL by extension). Returns the row count."""
     table_format(config.output)  # fail on an unsupported output type before any work
-    rows, names = read_table(config.input, config.text_columns)
+    rows, names = read_table(config.input, config.text_columns, column_flags=pair_column_flags(labelled=False))
     pairs = pairs_from_rows(rows, config.input, text_columns=config.text_columns, labels=None)
     clf = load(config.model, "pair-cls", device=config.device, precision=config.load_precision)
     predictions = clf.predict([(p.sentence1, p.sentence2) for p in pairs], batch_size=config.batch_size,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from qtune.data.pairs import read_pairs
+from qtune.data.pairs import PAIR_COLUMNS, QUERY_DOCUMENT, read_pairs
 from qtune.data.retrieval import read_beir
 from qtune.errors import QtuneError
 from qtune.evaluation.metrics import calibrate_threshold
@@ -49,8 +49,10 @@ def calibrate(config: CalibrateConfig, load) -> dict:
     if not folder.is_dir():
         raise QtuneError(f"{config.model}: the threshold is stored in the model folder; give a local folder "
                          "(a hub model can be saved with save_pretrained first)")
+    # (query, document, label) files, the usual shape of relevance judgements, need no flags either
+    alternatives = [QUERY_DOCUMENT] if tuple(config.text_columns) == PAIR_COLUMNS else []
     pairs = read_pairs(config.data, text_columns=config.text_columns, label_column=config.label_column,
-                       labels=["0", "1"])
+                       labels=["0", "1"], alternative_columns=alternatives)
     reranker = load(config.model, "reranker", device=config.device, precision=config.load_precision)
     scores = reranker.score([(p.sentence1, p.sentence2) for p in pairs], batch_size=config.batch_size, progress=True)
     try:
