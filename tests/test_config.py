@@ -246,3 +246,49 @@ def test_config_to_yaml_round_trip_of_defaults():
     data = yaml.safe_load(config_to_yaml(cfg))
     assert data["eval"] is None and data["lora_targets"] is None
     assert build_config(PairClsConfig, data) == cfg
+
+
+# ── Hugging Face spellings and underscores: hidden aliases of the generated flags ──
+
+@pytest.mark.parametrize("flag, value, name, expected", [
+    ("--learning-rate", "1e-4", "lr", 1e-4), ("--learning_rate", "1e-4", "lr", 1e-4),
+    ("--num-train-epochs", "2", "epochs", 2.0), ("--num_train_epochs", "2", "epochs", 2.0),
+    ("--output-dir", "elsewhere", "output", "elsewhere"), ("--output_dir", "elsewhere", "output", "elsewhere"),
+    ("--per-device-train-batch-size", "8", "batch_size", 8), ("--per_device_train_batch_size", "8", "batch_size", 8),
+    ("--per-device-eval-batch-size", "16", "eval_batch_size", 16),
+    ("--max-seq-length", "64", "max_length", 64), ("--max_seq_length", "64", "max_length", 64),
+    ("--gradient-accumulation-steps", "4", "grad_accum", 4), ("--gradient_accumulation_steps", "4", "grad_accum", 4),
+    ("--warmup_ratio", "0.2", "warmup_ratio", 0.2), ("--weight_decay", "0.1", "weight_decay", 0.1),
+    ("--max_grad_norm", "0.5", "max_grad_norm", 0.5), ("--lr-scheduler-type", "cosine", "scheduler", "cosine"),
+    ("--label_column", "y", "label_column", "y"), ("--model-name-or-path", "other", "model", "other"),
+])
+def test_hugging_face_spellings_and_underscores_set_the_same_setting(flag, value, name, expected):
+    cfg = config(REQUIRED + [flag, value])
+    assert getattr(cfg, name) == expected
+    assert type(getattr(cfg, name)) is type(expected)
+
+
+def test_aliases_of_booleans_and_lists():
+    cfg = config(REQUIRED + ["--no-group_by_length", "--text_columns", "a", "b", "--lora-target-modules", "q"])
+    assert (cfg.group_by_length, cfg.text_columns, cfg.lora_targets) == (False, ["a", "b"], ["q"])
+
+
+def test_aliases_are_checked_like_the_flag_they_stand_for(capsys):
+    with pytest.raises(SystemExit):
+        parse(REQUIRED + ["--learning_rate", "fast"])
+    assert "argument --learning_rate: invalid float value: 'fast'" in capsys.readouterr().err
+    with pytest.raises(QtuneError, match="'lr' must be > 0"):
+        config(REQUIRED + ["--learning-rate", "0"])
+
+
+def test_aliases_stay_out_of_the_option_list_of_help():
+    parser = argparse.ArgumentParser(prog="qtune train pair-cls")
+    add_config_flags(parser, PairClsConfig)
+    text = parser.format_help()
+    options, _, epilog = text.partition("Also accepted")
+    assert "--lr LR" in options and "--epochs EPOCHS" in options
+    for alias in ("--learning-rate", "--learning_rate", "--num-train-epochs", "--output_dir", "--warmup_ratio",
+                  "--no-group_by_length"):
+        assert alias not in options
+    assert "--learning-rate" in epilog and "_ for -" in epilog  # one short note, not one line per alias
+    assert len(epilog.splitlines()) <= 4

@@ -97,25 +97,58 @@ def _field_type(cls, f: dataclasses.Field):
     return (args[0] if args else hint), None
 
 
+# Hugging Face Trainer / sentence-transformers / peft names of training settings, accepted as
+# hidden flags (each with - or _), so a command line written for those tools needs no rewording.
+TRAIN_FLAG_ALIASES = {
+    "model": ("model-name-or-path",),
+    "output": ("output-dir",),
+    "epochs": ("num-train-epochs",),
+    "lr": ("learning-rate",),
+    "batch_size": ("per-device-train-batch-size", "train-batch-size"),
+    "eval_batch_size": ("per-device-eval-batch-size",),
+    "grad_accum": ("gradient-accumulation-steps",),
+    "max_length": ("max-seq-length",),
+    "scheduler": ("lr-scheduler-type",),
+    "lora_targets": ("lora-target-modules",),
+}
+UNDERSCORES_NOTE = "Also accepted: any flag written with _ for -."
+TRAIN_ALIASES_NOTE = ("Also accepted: Hugging Face spellings (--learning-rate, --num-train-epochs, --output-dir, "
+                      "--per-device-train-batch-size, --max-seq-length, --gradient-accumulation-steps, ...) and "
+                      "any flag written with _ for -.")
+
+
+def flag_aliases(cls: type, name: str) -> list[str]:
+    """The hidden spellings of setting `name`'s flag: with _ for -, and the Hugging Face names."""
+    names = [name.replace("_", "-")] + list(TRAIN_FLAG_ALIASES.get(name, ()) if issubclass(cls, TrainConfig) else ())
+    spellings = [spelling for n in names for spelling in (n, n.replace("-", "_"))]
+    return ["--" + s for s in dict.fromkeys(spellings) if s != name.replace("_", "-")]
+
+
 def add_config_flags(parser: argparse.ArgumentParser, cls: type, recipe: bool = True) -> None:
-    """One flag per field. Defaults are left out so only flags the user typed override YAML
-    (`recipe`: also a `--config YAML` flag)."""
+    """One flag per field, plus its hidden aliases (`flag_aliases`). Defaults are left out so only
+    flags the user typed override YAML (`recipe`: also a `--config YAML` flag)."""
     if recipe:
         parser.add_argument("--config", help="YAML recipe with any of these settings (flags override it)")
     for f in dataclasses.fields(cls):
         kind, item = _field_type(cls, f)
-        flag = "--" + f.name.replace("_", "-")
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         help_text = f.metadata.get("help", "") + ("" if default in (None, "") else f" (default: {default})")
-        common = dict(dest=f.name, default=argparse.SUPPRESS, help=help_text)
+        settings = dict(dest=f.name, default=argparse.SUPPRESS)
         if kind is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **common)
+            settings["action"] = argparse.BooleanOptionalAction
         elif kind is list:
-            count = f.metadata.get("count")
-            parser.add_argument(flag, nargs=count or "+", type=item,
-                                metavar=f.metadata.get("metavar") or f.name.upper(), **common)
+            settings.update(nargs=f.metadata.get("count") or "+", type=item,
+                            metavar=f.metadata.get("metavar") or f.name.upper())
         else:
-            parser.add_argument(flag, type=kind, choices=f.metadata.get("choices"), **common)
+            settings.update(type=kind, choices=f.metadata.get("choices"))
+        parser.add_argument("--" + f.name.replace("_", "-"), help=help_text, **settings)
+        # One action per alias, so an error names the spelling typed. A spelling some other flag
+        # already has (a task's own setting) stays that flag's.
+        taken = parser._option_string_actions
+        for alias in flag_aliases(cls, f.name):
+            if alias not in taken and "--no-" + alias[2:] not in taken:
+                parser.add_argument(alias, help=argparse.SUPPRESS, **settings)
+    parser.epilog = parser.epilog or (TRAIN_ALIASES_NOTE if issubclass(cls, TrainConfig) else UNDERSCORES_NOTE)
 
 
 def load_yaml(path: str | Path) -> dict:

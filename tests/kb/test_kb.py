@@ -259,3 +259,59 @@ def test_acknowledged_writes_survive_sigkill(kb, kb_path):
         assert len(acked) <= again.count() <= len(acked) + 1  # at most one write was cut short
         again.upsert([FaqEntry("after", "q", "a")], np.eye(4, dtype=np.float32)[:1])  # still writable
         assert again.get(["after"])
+
+
+# ── ids: control characters refused, quotes, backslashes and unicode kept ──
+
+CONTROL_IDS = ["a\x00b", "a\x01b", "a\x1fb", "tab\there", "new\nline", "cr\rx", "del\x7fx"]
+
+
+@pytest.mark.parametrize("bad", CONTROL_IDS)
+def test_upsert_refuses_an_id_with_a_control_character(kb, bad):
+    with pytest.raises(QtuneError) as info:
+        kb.upsert([FaqEntry("fine", "q", "a"), FaqEntry(bad, "q2", "a2")], V[:2])
+    code = next(c for c in bad if ord(c) < 32 or ord(c) == 127)
+    assert f"id {bad!r}" in str(info.value)
+    assert f"control character U+{ord(code):04X}" in str(info.value)
+    assert kb.count() == 0  # nothing of the batch was written
+
+
+def test_read_faq_refuses_a_control_character_in_an_id_naming_file_line_and_field(tmp_path):
+    path = tmp_path / "faq.jsonl"
+    path.write_text(json.dumps({"id": "ok", "question": "a?", "answer": "b"}) + "\n"
+                    + json.dumps({"id": "x\u0001y", "question": "c?", "answer": "d"}) + "\n", encoding="utf-8")
+    with pytest.raises(DataError) as info:
+        read_faq(path)
+    assert (info.value.path, info.value.line, info.value.field) == (str(path), 2, "id")
+    assert str(info.value).startswith(f"{path}:2, field 'id': ")
+    assert "control character U+0001" in str(info.value)
+
+
+def test_ids_with_quotes_backslashes_and_unicode_round_trip(kb):
+    ids = ["c'd", 'say "hi"', "e\\f", "\\", "\\n", "end\\", "'\"\\'", "日本語", "emoji😀", "u\u2028x", "nel\x85x",
+           "x y", "[1, 2]", "id in [\"a\"]"]
+    vectors = np.eye(len(ids), 4, dtype=np.float32) + 0.01  # (n, 4): no zero vector
+    assert kb.upsert([FaqEntry(i, f"q {n}", f"a {n}") for n, i in enumerate(ids)], vectors) == len(ids)
+    assert [e.id for e in kb.get(list(reversed(ids)))] == list(reversed(ids))
+    assert {h.id for h in kb.search(vectors[0], top_k=len(ids))} == set(ids)
+    assert kb.delete(ids[:7]) == 7
+    assert kb.count() == len(ids) - 7
+    assert [e.id for e in kb.get(ids)] == ids[7:]
+    assert kb.delete(ids) == len(ids) - 7 and kb.count() == 0
+
+
+def test_reads_and_deletes_of_control_character_ids_answer_instead_of_failing(kb):
+    # Such ids cannot be written any more; asking for one (a KB written by an older qtune, a typo
+    # on the command line) is an ordinary miss, not a Milvus filter error.
+    kb.upsert(E, V)
+    assert kb.get(CONTROL_IDS + ["a"]) == [E[0]]
+    assert kb.delete(CONTROL_IDS) == 0
+    assert kb.count() == 3
+    # Ids with a tab, newline or CR that an older qtune wrote are still read and deleted.
+    from qtune.kb.store import ENTRIES
+
+    old = [FaqEntry(i, "q", "a") for i in ("tab\there", "new\nline", "cr\rx")]
+    kb.client.upsert(ENTRIES, [{"id": e.id, "vector": [0.0, 0.0, 0.0, 1.0], "question": e.question,
+                                "answer": e.answer} for e in old])
+    assert kb.get([e.id for e in old]) == old
+    assert kb.delete([e.id for e in old]) == 3 and kb.count() == 3

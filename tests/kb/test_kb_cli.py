@@ -77,12 +77,39 @@ def test_build_records_the_model_and_search_finds_each_question_first(built, cap
     assert narrowed["matched"] is False and narrowed["id"] == "q3"
     assert len(narrowed["candidates"]) == 2
 
-    # The text output: verdict line, then one line per candidate.
+
+
+def test_search_text_output_shows_the_matched_answer(built, capsys, tmp_path):
+    # verdict, id and score; the entry's question and answer; then one line per candidate
     code, out, err = run(capsys, "kb", "search", "--kb", built, "small goat", "--top-k", "3", "--device", "cpu")
     assert code == 0, err
     lines = out.splitlines()
-    assert lines[0].startswith("matched: q5  score ")
-    assert len(lines) == 4 and lines[1].split()[1:] == ["q5", "small", "goat"]
+    assert lines[0] == "matched: q5  score 1.0000"
+    assert lines[1:4] == ["  question: small goat", "  answer:   Goats eat everything.", "candidates:"]
+    assert len(lines) == 7 and lines[4].split() == ["1.0000", "q5", "small", "goat"]
+    assert [line.split()[1] for line in lines[4:]] == [c["id"] for c in search(capsys, built, "small goat",
+                                                                              "--top-k", "3")["candidates"]]
+
+    # Below the threshold the best candidate is still shown, marked as not matched.
+    code, out, err = run(capsys, "kb", "search", "--kb", built, "my old horse", "--threshold", "1.01", "--device",
+                         "cpu")
+    assert code == 0, err
+    lines = out.splitlines()
+    assert lines[0] == "no match (best: q3  score 1.0000, threshold not reached)"
+    assert lines[1:3] == ["  question: my old horse", "  answer:   Horses are in the barn."]
+
+    # An answer over several lines keeps its lines, indented under the first.
+    multi = tmp_path / "multi.csv"
+    multi.write_text('id,question,answer\nq9,a big plane,"Planes land on time.\nMost days."\n', encoding="utf-8")
+    assert run(capsys, "kb", "add", "--kb", built, "--input", multi, "--device", "cpu")[0] == 0
+    code, out, err = run(capsys, "kb", "search", "--kb", built, "a big plane", "--top-k", "1", "--device", "cpu")
+    assert out.splitlines()[1:4] == ["  question: a big plane", "  answer:   Planes land on time.",
+                                     " " * 12 + "Most days."]
+
+    assert run(capsys, "kb", "delete", "--kb", built, "--ids", "q1", "q2", "q3", "q4", "q5", "q9")[0] == 0
+    code, out, err = run(capsys, "kb", "search", "--kb", built, "small goat", "--device", "cpu")
+    assert code == 0, err
+    assert out == "no match: the knowledge base is empty\n"
 
 
 def test_add_replaces_by_id_inserts_new_ids_and_is_idempotent(built, tmp_path, capsys, tiny_bert_dir,

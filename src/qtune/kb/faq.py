@@ -11,6 +11,7 @@ the threshold (by default a reranker's calibrated one from `qtune calibrate`; el
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
@@ -19,6 +20,8 @@ import numpy as np
 
 from qtune.data.tables import read_table, required_text
 from qtune.errors import DataError, QtuneError
+from qtune.kb.store import id_problem
+from qtune.modeling.loading import read_meta
 from qtune.records import FaqEntry
 
 if TYPE_CHECKING:
@@ -88,6 +91,9 @@ def _given_id(value, path, line: int) -> str | None:
         raise DataError(f"expected text or an integer, got {type(value).__name__}", path=str(path), line=line,
                         field="id")
     text = str(value).strip()
+    problem = id_problem(text)
+    if problem:
+        raise DataError(f"id {text[:80]!r} {problem}", path=str(path), line=line, field="id")
     return text or None
 
 
@@ -97,8 +103,101 @@ def _embed_questions(embedder: Embeds, entries: Sequence[FaqEntry], batch_size: 
 
 
 def model_name(name_or_path: str) -> str:
-    """How a knowledge base records its embedding model: an absolute path, or the hub id."""
+    """How a knowledge base names its embedding model: an absolute path, or the hub id."""
     return str(Path(name_or_path).resolve()) if Path(name_or_path).exists() else str(name_or_path)
+
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin")
+
+
+def embedder_fingerprint(name_or_path: str) -> str | None:
+    """What identifies an embedding model wherever its files lie: sha256 over its weight files
+    (name relative to the folder and content, in sorted order, at the top or one folder down as
+    sentence-transformers modules keep them), the settings that decide how a text becomes a vector
+    (qtune.json's pooling and query instruction, a sentence-transformers 1_Pooling config) and, for
+    a LoRA checkpoint, its base model's fingerprint. Read streaming on each call: nothing is cached
+    in the model folder, which may be read-only. None when there are no weights to read (a missing
+    folder, a hub id not in the local cache)."""
+    folder = _model_folder(str(name_or_path))
+    if folder is None:
+        return None
+    weights = sorted(p for p in [*folder.glob("*"), *folder.glob("*/*")]
+                     if p.suffix in WEIGHT_SUFFIXES and p.is_file())
+    if not weights:
+        return None
+    digest = hashlib.sha256()
+    for path in weights:
+        digest.update(path.relative_to(folder).as_posix().encode("utf-8") + b"\0" + _file_sha256(path))
+    pooling = folder / "1_Pooling" / "config.json"
+    if pooling.is_file():
+        digest.update(b"pooling\0" + pooling.read_bytes())
+    meta = read_meta(folder)
+    if meta is not None:
+        settings = {"pooling": meta.pooling, "query_instruction": meta.query_instruction}
+        digest.update(b"settings\0" + json.dumps(settings, sort_keys=True).encode("utf-8"))
+        if meta.adapter:
+            base = embedder_fingerprint(meta.base_model) or meta.base_model
+            digest.update(b"base\0" + base.encode("utf-8"))
+    return "sha256:" + digest.hexdigest()
+
+
+def _file_sha256(path: Path, chunk: int = 1 << 20) -> bytes:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.digest()
+
+
+def _model_folder(name_or_path: str) -> Path | None:
+    """The local folder holding this model's files: the folder itself, or a hub id's snapshot in the
+    local Hugging Face cache (never downloaded here)."""
+    path = Path(name_or_path)
+    if path.is_dir():
+        return path
+    if path.exists() or path.is_absolute() or name_or_path.startswith((".", "~")):
+        return None
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(name_or_path, local_files_only=True))
+    except Exception:  # noqa: BLE001 - not a valid hub id, or not cached: nothing to fingerprint
+        return None
+
+
+def check_embedder(kb: KnowledgeBase, name_or_path: str) -> None:
+    """Raise unless `name_or_path` is the embedding model that built `kb`: the same weights and
+    pooling (by fingerprint) at any path. A KB from a qtune that recorded only the model's path or
+    hub id is checked by that name."""
+    name = model_name(name_or_path)
+    if kb.fingerprint is None:
+        if name != kb.model:
+            raise QtuneError(f"{kb.uri} was built with the embedding model {kb.model!r}, not {name!r}; it records "
+                             f"only the path or hub id of its model (built by an older qtune), so a moved or "
+                             f"copied model cannot be recognised: use {kb.model!r}, or rebuild it with "
+                             f"`qtune kb build`")
+        return
+    given = embedder_fingerprint(name_or_path)
+    if given == kb.fingerprint or (given is None and name == kb.model):
+        return  # None: a hub id not downloaded yet, known only by its name
+    differ = "their weights differ" if name == kb.model else "another model"
+    raise QtuneError(f"{kb.uri} was built with the embedding model {kb.model!r}, not {name!r} ({differ}); "
+                     f"rebuild it with `qtune kb build`, or use the model that built it")
+
+
+def _recorded_model(kb: KnowledgeBase) -> str:
+    """The KB's own model, when no other is given; a recorded folder that is gone is an error that
+    says what to do instead of a hub lookup of its path."""
+    if Path(kb.model).is_absolute() and not Path(kb.model).exists():
+        if kb.fingerprint is not None:
+            hint = ("pass the model where it is now (`--embedding`; a moved or copied folder is recognised "
+                    "by its weights)")
+        else:
+            hint = ("put it back there, or rebuild the knowledge base with `qtune kb build` (it records only "
+                    "that path: a copy elsewhere cannot be recognised)")
+        raise QtuneError(f"{kb.uri} was built with the embedding model at {kb.model}, which is no longer there; "
+                         f"{hint}")
+    return kb.model
 
 
 def open_with_embedder(uri: str, embedding, token: str | None, load_embedder):
@@ -110,9 +209,9 @@ def open_with_embedder(uri: str, embedding, token: str | None, load_embedder):
     store = KnowledgeBase.open(uri, token)
     try:
         if embedding is None:
-            embedding = store.model
+            embedding = _recorded_model(store)
         if isinstance(embedding, str):
-            store.check_model(model_name(embedding))
+            check_embedder(store, embedding)
             embedding = load_embedder(embedding)
         store.check_model(dimension=embedding.dimension)
     except BaseException:
@@ -131,7 +230,8 @@ def build_kb(embedder: Embeds, faq_path: str | Path, uri: str, model_name: str, 
 
     entries = read_faq(faq_path)
     vectors = _embed_questions(embedder, entries, batch_size)
-    kb = KnowledgeBase.create(uri, model=model_name, dimension=embedder.dimension, token=token)
+    kb = KnowledgeBase.create(uri, model=model_name, dimension=embedder.dimension, token=token,
+                              fingerprint=embedder_fingerprint(model_name))
     try:
         kb.upsert(entries, vectors)
     except BaseException:

@@ -2,8 +2,9 @@
 Milvus server (`http://host:19530`, `token=`), through the same `MilvusClient` code.
 
 Two collections: `qtune_faq` holds the entries (id, vector, question, answer) and `qtune_faq_meta`
-one row naming the embedding model and dimension that built them, so a server URI carries its own
-metadata exactly as a file does. Vectors are L2-normalised; the COSINE metric makes scores cosines.
+one row naming the embedding model that built them (its path or hub id, the fingerprint of its
+weights, see `qtune.kb.faq.embedder_fingerprint`) and their dimension, so a server URI carries its
+own metadata exactly as a file does. Vectors are L2-normalised; the COSINE metric makes scores cosines.
 
 Durability: Milvus Lite appends every write to its write-ahead log and flushes it to the OS before
 the call returns, so an acknowledged write survives the process being killed (tests/test_kb.py
@@ -71,14 +72,18 @@ def _check_local_path(uri: str) -> None:
 class KnowledgeBase:
     """Entries and their vectors in Milvus. Use `create` or `open`, then `close` (or `with`)."""
 
-    def __init__(self, client, uri: str, model: str, dimension: int):
+    def __init__(self, client, uri: str, model: str, dimension: int, fingerprint: str | None = None):
         self._client, self.uri, self.model, self.dimension = client, str(uri), model, dimension
+        # None: built by a qtune that recorded only the model's path or hub id
+        self.fingerprint = fingerprint
 
     # ── lifecycle ───────────────────────────────────────────────
 
     @classmethod
-    def create(cls, uri: str, *, model: str, dimension: int, token: str | None = None) -> KnowledgeBase:
-        """A new, empty knowledge base for vectors of `model` with `dimension` values."""
+    def create(cls, uri: str, *, model: str, dimension: int, token: str | None = None,
+               fingerprint: str | None = None) -> KnowledgeBase:
+        """A new, empty knowledge base for vectors of `model` with `dimension` values; `fingerprint`
+        identifies the model's weights wherever they are later found."""
         from pymilvus import DataType, MilvusClient
 
         if not model:
@@ -109,9 +114,12 @@ class KnowledgeBase:
             index.add_index("vector", index_type="FLAT", metric_type="COSINE")
             client.create_collection(ENTRIES, schema=schema, index_params=index, consistency_level="Strong")
 
-            value = json.dumps({"model": model, "dimension": int(dimension), "format": FORMAT_VERSION})
-            client.upsert(META, [{"id": META_ID, "vector": [0.0, 0.0], "value": value}])
-            kb = cls(client, uri, model, int(dimension))
+            # Still format 1: a qtune that does not know the fingerprint reads "model" as before.
+            record = {"model": model, "dimension": int(dimension), "format": FORMAT_VERSION}
+            if fingerprint is not None:
+                record["fingerprint"] = fingerprint
+            client.upsert(META, [{"id": META_ID, "vector": [0.0, 0.0], "value": json.dumps(record)}])
+            kb = cls(client, uri, model, int(dimension), fingerprint)
             kb._persist(META)
             return kb
         except BaseException:
@@ -140,7 +148,7 @@ class KnowledgeBase:
             if meta.get("format") != FORMAT_VERSION:
                 raise QtuneError(f"{uri}: knowledge base format {meta.get('format')!r} is not supported "
                                  f"(this qtune reads {FORMAT_VERSION})")
-            kb = cls(client, uri, meta["model"], int(meta["dimension"]))
+            kb = cls(client, uri, meta["model"], int(meta["dimension"]), meta.get("fingerprint"))
             if model is not None or dimension is not None:
                 kb.check_model(model, dimension)
             return kb
@@ -186,6 +194,9 @@ class KnowledgeBase:
             dupes = sorted({i for i in ids if ids.count(i) > 1})
             raise QtuneError(f"duplicate ids in one upsert: {dupes[:5]}")
         for e in entries:
+            problem = id_problem(e.id)
+            if problem:
+                raise QtuneError(f"id {e.id[:80]!r} {problem}")
             _check_bytes(e.id, MAX_ID_BYTES, "id", e.id)
             _check_bytes(e.question, MAX_TEXT_BYTES, "question", e.id)
             _check_bytes(e.answer, MAX_TEXT_BYTES, "answer", e.id)
@@ -235,6 +246,10 @@ class KnowledgeBase:
         return [FaqEntry(i, rows[i]["question"], rows[i]["answer"]) for i in ids if i in rows]
 
     def _rows(self, ids: list[str], fields: list[str]) -> list[dict]:
+        # An id no filter can spell cannot be stored either (`id_problem`): it is simply absent.
+        ids = [i for i in ids if _spellable(i)]
+        if not ids:
+            return []
         return self.client.query(ENTRIES, filter=_id_filter(ids), output_fields=fields)
 
     def count(self) -> int:
@@ -242,10 +257,33 @@ class KnowledgeBase:
         return int(result[0]["count(*)"])
 
 
+def id_problem(entry_id: str) -> str | None:
+    """Why `entry_id` cannot be an id (None: it can). Control characters are refused: they are
+    never meant as part of a name, and Milvus' filter language cannot spell most of them, so an
+    entry holding one could be written but never read or deleted by id."""
+    bad = next((c for c in entry_id if _is_control(c)), None)
+    if bad is not None:
+        return f"contains the control character U+{ord(bad):04X}; ids must be plain text"
+    return None
+
+
+def _is_control(char: str) -> bool:
+    return ord(char) < 0x20 or ord(char) == 0x7F
+
+
+# The escapes Milvus' filter language knows; any other control character cannot be spelled in it.
+_FILTER_ESCAPES = {"\\": "\\\\", '"': '\\"', "\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def _spellable(entry_id: str) -> bool:
+    return not any(_is_control(c) and c not in _FILTER_ESCAPES for c in entry_id)
+
+
 def _id_filter(ids: Sequence[str]) -> str:
-    """`id in [...]` with every id a JSON-escaped string literal, so ' and \\ in ids stay plain data
-    (pymilvus' own `ids=` quoting does not escape them, and Milvus Lite has no filter templates)."""
-    return "id in [" + ", ".join(json.dumps(str(i), ensure_ascii=False) for i in ids) + "]"
+    """`id in [...]` with every id a string literal Milvus reads back exactly (pymilvus' own `ids=`
+    quoting does not escape ' and \\, and Milvus Lite has no filter templates). JSON escaping is
+    not it: Milvus rejects \\u0001 and \\b."""
+    return "id in [" + ", ".join('"' + "".join(_FILTER_ESCAPES.get(c, c) for c in i) + '"' for i in ids) + "]"
 
 
 def _check_bytes(text: str, limit: int, field: str, entry_id: str) -> None:

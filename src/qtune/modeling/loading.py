@@ -3,6 +3,9 @@
 `load_model` accepts a hub id, a plain local transformers folder, a qtune checkpoint folder
 (LoRA adapter + qtune.json) or an exported (merged) qtune folder, and always returns the model
 with the same tokenizer settings (padding side, pad token), so a model behaves the same everywhere.
+
+Hub ids are checked before anything loads (`check_sources`): without network the hub client would
+retry for up to a minute and then print a long error; here it fails in seconds and says what to do.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import contextlib
 import json
 import logging
 import os
+import socket
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, Sequence
@@ -195,6 +199,73 @@ def resolve_precision(precision: str, device) -> str:
     return precision
 
 
+HUB_PROBE_TIMEOUT_S = 3.0  # a reachable hub answers a TCP connect in well under a second
+
+
+def check_sources(*names: str | os.PathLike) -> None:
+    """Raise a QtuneError, before any download is tried, for a model that cannot be had: a path that
+    is not there, a hub id not in the local cache under HF_HUB_OFFLINE=1, or a hub id while the hub
+    cannot be reached. Local folders never touch the network; the hub is probed once per call."""
+    hub_ids = []
+    for name in dict.fromkeys(str(n) for n in names):
+        if Path(name).exists():
+            continue
+        if _looks_like_path(name):
+            raise QtuneError(f"cannot load model '{name}': no such folder")
+        hub_ids.append(name)
+    if not hub_ids:
+        return
+    from huggingface_hub import constants
+
+    cached = {name: _in_hub_cache(name) for name in hub_ids}
+    if constants.HF_HUB_OFFLINE:
+        for name in hub_ids:
+            if not cached[name]:
+                raise QtuneError(f"cannot load model '{name}': it is not a local folder and not in the local "
+                                 f"Hugging Face cache ({constants.HF_HUB_CACHE}), and HF_HUB_OFFLINE=1 forbids "
+                                 f"downloading it: pass a local folder, or download it once with the network on")
+        return
+    if not _hub_reachable(constants.ENDPOINT):
+        name = hub_ids[0]
+        cache_note = "; the model is in the local cache, so offline mode will find it" if cached[name] else ""
+        raise QtuneError(f"cannot load model '{name}': the Hugging Face hub ({constants.ENDPOINT}) cannot be reached "
+                         f"(no network: pass a local folder or set HF_HUB_OFFLINE=1{cache_note})")
+
+
+def _looks_like_path(name: str) -> bool:
+    """A name no hub id can be (`org/model` has one slash and no leading ./ or ~): a missing folder."""
+    return name.startswith((".", "~", "/")) or Path(name).is_absolute() or name.count("/") > 1 or "\\" in name
+
+
+def _in_hub_cache(repo_id: str) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+    except ValueError:  # not a valid hub id: the loader says so itself
+        return False
+
+
+def _hub_reachable(endpoint: str) -> bool:
+    """Whether a TCP connection to the hub (or the proxy the hub client would use) opens within
+    HUB_PROBE_TIMEOUT_S: one quick probe instead of the client's retries with backoff."""
+    import urllib.parse
+    import urllib.request
+
+    url = urllib.parse.urlsplit(endpoint)
+    if not url.hostname:
+        return True  # not a URL we can probe: leave the answer to the hub client
+    proxy = urllib.request.getproxies().get(url.scheme)
+    if proxy and not urllib.request.proxy_bypass(url.hostname):
+        url = urllib.parse.urlsplit(proxy if "://" in proxy else f"http://{proxy}")
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        with socket.create_connection((url.hostname, port), timeout=HUB_PROBE_TIMEOUT_S):
+            return True
+    except OSError:  # refused, unreachable, no DNS, timed out
+        return False
+
+
 def load_tokenizer(name_or_path: str, family: Family):
     from transformers import AutoTokenizer
 
@@ -245,6 +316,7 @@ def load_model(name_or_path: str | os.PathLike, spec: ModelSpec, *, labels: Sequ
     chosen = resolve_precision("fp32" if quantize else precision, torch_device)
 
     base = meta.base_model if meta is not None and meta.adapter else name_or_path
+    check_sources(name_or_path, base)
     config = load_config(base)
     family = family_of(config)
     tokenizer = load_tokenizer(name_or_path, family)
@@ -332,6 +404,7 @@ def load_tokenizer_only(name_or_path: str | os.PathLike):
     name_or_path = str(name_or_path)
     meta = read_meta(name_or_path)
     source = meta.base_model if meta is not None and meta.adapter else name_or_path
+    check_sources(name_or_path, source)
     try:
         family = family_of(load_config(source))
     except QtuneError:

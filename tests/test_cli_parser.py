@@ -1,0 +1,62 @@
+"""Mistyped flags: the error names the subcommand, shows its usage and suggests the flag that was
+meant; Hugging Face spellings of training flags are accepted (qtune.cli's parser)."""
+
+from __future__ import annotations
+
+import pytest
+
+from conftest import run
+
+TOP_USAGE = "usage: qtune [-h] [--version] COMMAND"
+TRAIN = ["train", "pair-cls", "--model", "m", "--train", "t.csv", "--output", "o"]
+
+
+def parse_error(capsys, *argv) -> str:
+    """stderr of a command line the parser refuses (exit status 2)."""
+    with pytest.raises(SystemExit) as info:
+        run(capsys, *argv)
+    assert info.value.code == 2
+    return capsys.readouterr().err
+
+
+@pytest.mark.parametrize("typo, meant", [
+    ("--learnig-rate", "--lr"), ("--lerning_rate", "--lr"), ("--epoch-count", "--epochs"),
+    ("--ouput", "--output"), ("--batchsize", "--batch-size"), ("--grad-acum", "--grad-accum"),
+    ("--max-lenght", "--max-length"),
+])
+def test_a_mistyped_training_flag_shows_the_subcommand_usage_and_the_flag_meant(capsys, typo, meant):
+    err = parse_error(capsys, *TRAIN, typo, "3")
+    assert err.startswith("usage: qtune train pair-cls "), err
+    assert TOP_USAGE not in err
+    assert f"qtune train pair-cls: error: unrecognized arguments: {typo} 3 (did you mean {meant}?)" in err
+
+
+def test_flags_of_hand_written_subcommands_are_suggested_too(capsys, tmp_path):
+    err = parse_error(capsys, "kb", "search", "--kb", tmp_path / "kb.db", "a question", "--topk", "3")
+    assert err.startswith("usage: qtune kb search "), err
+    assert "unrecognized arguments: --topk 3 (did you mean --top-k?)" in err
+    err = parse_error(capsys, "export", "--model", "a", "--output", "b", "stray")
+    assert err.startswith("usage: qtune export ") and err.rstrip().endswith("unrecognized arguments: stray")
+    err = parse_error(capsys, "data", "stats", "f.csv", "--model", "m", "--zzzz")
+    assert err.startswith("usage: qtune data stats ") and err.rstrip().endswith("unrecognized arguments: --zzzz")
+
+
+def test_several_mistyped_flags_are_each_answered(capsys):
+    err = parse_error(capsys, *TRAIN, "--learnig-rate", "1e-4", "--ouput-folder", "x")
+    assert ("unrecognized arguments: --learnig-rate 1e-4 --ouput-folder x (did you mean --lr for --learnig-rate, "
+            "--output for --ouput-folder?)") in err
+
+
+def test_hugging_face_spellings_reach_the_training_config(capsys, monkeypatch):
+    seen = {}
+    monkeypatch.setattr("qtune.api.train", lambda task, config: seen.setdefault("config", config) and {
+        "best_metric": "f1", "best": {}})
+    code, out, err = run(capsys, "train", "pair-cls", "--model_name_or_path", "m", "--train", "t.csv",
+                         "--output_dir", "o", "--learning_rate", "3e-5", "--num_train_epochs", "2",
+                         "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "2",
+                         "--max_seq_length", "96", "--warmup_ratio", "0.05", "--weight_decay", "0.0", "--seed", "7")
+    assert code == 0, err
+    config = seen["config"]
+    assert (config.model, config.output, config.lr, config.epochs, config.batch_size) == ("m", "o", 3e-5, 2.0, 4)
+    assert (config.grad_accum, config.max_length, config.warmup_ratio, config.weight_decay, config.seed) == (
+        2, 96, 0.05, 0.0, 7)
