@@ -158,11 +158,11 @@ def serve(*, embedding: str | None = None, classifier: str | Sequence[str] | Non
     matcher = None
     if kb:
         if embedding:
-            from qtune.kb.faq import model_name
+            from qtune.kb.faq import check_embedder
             from qtune.kb.store import KnowledgeBase
 
             with KnowledgeBase.open(kb, kb_token) as store:
-                store.check_model(model_name(embedding))
+                check_embedder(store, embedding)
         # recall -> rerank -> threshold: a reranker rescores when served, else a pair classifier
         pair_scorers = [models[n] for n in _classifiers(classifier) if hasattr(models[n], "pair_scores")]
         rescorer = models[reranker] if reranker else next(iter(pair_scorers), None)
@@ -214,8 +214,10 @@ def faq_matcher(kb: str, embedder=None, classifier=None, *, reranker=None, thres
 
 
 def kb_search(kb: str, query: str, *, top_k: int = 5, classifier: str | None = None, reranker: str | None = None,
-              threshold: float | None = None, token: str | None = None, device: str = "auto") -> dict:
-    matcher = faq_matcher(kb, None, classifier, reranker=reranker, threshold=threshold, token=token, device=device)
+              threshold: float | None = None, token: str | None = None, device: str = "auto",
+              embedding: str | None = None) -> dict:
+    matcher = faq_matcher(kb, embedding, classifier, reranker=reranker, threshold=threshold, token=token,
+                          device=device)
     try:
         return matcher.match(query, top_k=top_k)
     finally:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import sys
 from pathlib import Path
@@ -11,6 +12,47 @@ from qtune import __version__
 from qtune.config import add_config_flags, config_from_args
 from qtune.errors import QtuneError
 from qtune.tasks import TASKS, Command, get
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with mistakes answered where they were made: an unknown flag is reported by the
+    subcommand that got it (its usage, not the top-level one) with the flags it probably meant."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        namespace, extras = super().parse_known_args(args, namespace)
+        if extras and self._subparsers is None:  # a leaf command: nothing after it could take these
+            self.error(f"unrecognized arguments: {' '.join(extras)}{self._suggestions(extras)}")
+        return namespace, extras
+
+    def _suggestions(self, extras: list[str]) -> str:
+        """' (did you mean --lr?)' for flags close to one of this command's: the closest by difflib,
+        compared with - for _; a hidden alias stands for the flag --help shows."""
+        visible = {}  # spelling -> the flag --help shows for that setting
+        for action in self._actions:
+            for flag in action.option_strings:
+                shown = next((a.option_strings[0] for a in self._actions if a.dest == action.dest
+                              and a.option_strings and a.help != argparse.SUPPRESS), flag)
+                visible.setdefault(_spelling(flag), shown)
+        answers = []
+        for typed in (e for e in extras if e.startswith("--")):
+            close = difflib.get_close_matches(_spelling(typed), list(visible), n=1, cutoff=0.6)
+            if close:
+                answers.append((typed.split("=", 1)[0], visible[close[0]]))
+        if not answers:
+            return ""
+        if len(answers) == 1:
+            return f" (did you mean {answers[0][1]}?)"
+        return " (did you mean " + ", ".join(f"{meant} for {typed}" for typed, meant in answers) + "?)"
+
+    def _get_option_tuples(self, option_string):
+        # A prefix matching only one setting's spellings (--out: --output, --output-dir) is that
+        # setting, as it was before the aliases existed; argparse would call it ambiguous.
+        matches = super()._get_option_tuples(option_string)
+        return list({match[0].dest: match for match in reversed(matches)}.values())[::-1]
+
+
+def _spelling(flag: str) -> str:
+    return flag.split("=", 1)[0].lower().replace("_", "-")
 
 
 def _device_flags(parser: argparse.ArgumentParser) -> None:
@@ -139,7 +181,12 @@ def cmd_serve(args) -> None:
           threshold=args.threshold, device=args.device, precision=args.precision, host=args.host, port=args.port,
           max_batch_tokens=args.max_batch_tokens, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
           max_inputs=args.max_inputs, max_body_bytes=args.max_body_bytes, max_new_tokens=args.max_new_tokens,
-          api_key=args.api_key)
+          max_request_tokens=args.max_request_tokens, max_top_k=args.max_top_k, body_timeout_s=args.body_timeout,
+          shutdown_timeout_s=args.shutdown_timeout, api_key=args.api_key, metrics_public=args.metrics_public)
+
+
+KB_EMBEDDING_HELP = ("the KB's embedding model, at any path: a moved or copied folder is recognised by its weights "
+                     "(default: the folder or hub id recorded in the KB)")
 
 
 def cmd_kb(args) -> None:
@@ -155,14 +202,26 @@ def cmd_kb(args) -> None:
         print(f"deleted {api.kb_delete(args.kb, args.ids, token=args.token)} of {len(args.ids)} ids from {args.kb}")
     else:
         result = api.kb_search(args.kb, args.query, top_k=args.top_k, classifier=args.classifier,
-                               reranker=args.reranker, threshold=args.threshold, token=args.token, device=args.device)
+                               reranker=args.reranker, threshold=args.threshold, token=args.token, device=args.device,
+                               embedding=args.embedding)
         if args.json:
             print(json.dumps(result, ensure_ascii=False, indent=2))
             return
-        verdict = "matched" if result["matched"] else "no match"
-        print(f"{verdict}: {result['id']}  score {result['score']}")
-        for c in result["candidates"]:
-            print(f"  {c['score']:.4f}  {c['id']}  {c['question']}")
+        print(match_text(result))
+
+
+def match_text(result: dict) -> str:
+    """A FAQ match for people: the verdict, the entry's question and answer, then every candidate."""
+    if not result["candidates"]:
+        return "no match: the knowledge base is empty"
+    head = f"{result['id']}  score {result['score']:.4f}"
+    lines = [f"matched: {head}" if result["matched"] else f"no match (best: {head}, threshold not reached)"]
+    for label, text in (("question", result["question"]), ("answer", result["answer"])):
+        first, *rest = text.split("\n")
+        lines += [f"  {label + ':':<10}{first}"] + [" " * 12 + line for line in rest]
+    lines.append("candidates:")
+    lines += [f"  {c['score']:.4f}  {c['id']}  {c['question']}" for c in result["candidates"]]
+    return "\n".join(lines)
 
 
 def cmd_demo(args) -> None:
@@ -172,7 +231,7 @@ def cmd_demo(args) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="qtune", description="Adapt small open models to your own text.")
+    parser = Parser(prog="qtune", description="Adapt small open models to your own text.")
     parser.add_argument("--version", action="version", version=f"qtune {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -215,7 +274,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--max-score", type=float, default=0.8, help="drop candidates above this score (default: 0.8)")
     sub.add_argument("--margin", type=float, default=0.1,
                      help="drop candidates within this of the positive's score (default: 0.1)")
-    sub.add_argument("--num-negatives", type=int, default=5)
+    sub.add_argument("--num-negatives", type=int, default=7,
+                     help="negatives per query (default: 7, a full reranker group of 8 and --hard-negatives 7)")
     sub.add_argument("--sampling", choices=("top", "random"), default="top")
     sub.add_argument("--seed", type=int, default=42)
     sub.add_argument("--format", choices=("flagembedding", "swift"), default="flagembedding",
@@ -262,7 +322,15 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--max-body-bytes", type=int, default=8 * 2**20, help="request body limit (default: 8 MiB)")
     sub.add_argument("--max-new-tokens", type=int, default=512,
                      help="/v1/extract: the most tokens a request may ask to generate (default: 512)")
-    sub.add_argument("--api-key", help="require 'Authorization: Bearer KEY'")
+    sub.add_argument("--max-request-tokens", type=int, default=262144,
+                     help="tokens of all inputs of one request; more -> 422 (default: 262144)")
+    sub.add_argument("--max-top-k", type=int, default=100, help="/v1/match: the largest top_k (default: 100)")
+    sub.add_argument("--body-timeout", type=float, default=30.0,
+                     help="seconds for a request body to arrive; later -> 408 (default: 30)")
+    sub.add_argument("--shutdown-timeout", type=float, default=30.0,
+                     help="after SIGTERM, seconds in-flight requests get before they are cancelled (default: 30)")
+    sub.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (for /v1/* and /metrics)")
+    sub.add_argument("--metrics-public", action="store_true", help="serve /metrics without the API key")
     sub.add_argument("--device", default="auto")
     sub.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"))
     _quantize_flag(sub)
@@ -284,11 +352,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--input", required=True)
     sub = kb_parser("add", "insert or replace entries by id")
     sub.add_argument("--input", required=True)
-    sub.add_argument("--embedding", help="must be the KB's model (default: the KB's model)")
+    sub.add_argument("--embedding", help=KB_EMBEDDING_HELP)
     sub = kb_parser("delete", "delete entries by id")
     sub.add_argument("--ids", nargs="+", required=True)
     sub = kb_parser("search", "the best FAQ entry for a question")
     sub.add_argument("query")
+    sub.add_argument("--embedding", help=KB_EMBEDDING_HELP)
     sub.add_argument("--top-k", type=int, default=5)
     sub.add_argument("--classifier", help="pair classifier that rescores the candidates")
     sub.add_argument("--reranker", help="reranker that rescores the candidates (default threshold: its calibrated one)")

@@ -23,8 +23,8 @@ class DataError(QtuneError):
 
 # The JSON error `type` of each HTTP status (OpenAI's names).
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-               413: "invalid_request_error", 422: "invalid_request_error", 429: "rate_limit_error",
-               503: "service_unavailable"}
+               408: "invalid_request_error", 413: "invalid_request_error", 422: "invalid_request_error",
+               429: "rate_limit_error", 503: "service_unavailable"}
 
 
 class RequestError(QtuneError):

@@ -67,3 +67,95 @@ def test_a_stopped_batcher_refuses_new_requests():
                 await batcher.submit([{"input_ids": [1]}])
 
     asyncio.run(main())
+
+
+class RecordingRunner:
+    """Each call's rows as (tag, length), tag being a row's first token id; sleeps `delay` per call."""
+
+    def __init__(self, delay: float = 0.0):
+        self.calls: list[list[tuple[int, int]]] = []
+        self.delay = delay
+
+    def __call__(self, features: list[dict]) -> np.ndarray:
+        self.calls.append([(f["input_ids"][0], len(f["input_ids"])) for f in features])
+        if self.delay:
+            threading.Event().wait(self.delay)
+        return lengths_runner(features)
+
+
+def rows(tag: int, *lengths: int) -> list[dict]:
+    return [{"input_ids": [tag] * n} for n in lengths]
+
+
+def test_a_call_does_not_pad_short_rows_to_a_long_one():
+    async def main(budget: int):
+        runner = RecordingRunner()
+        with ThreadPoolExecutor(max_workers=1) as executor:
+            batcher = MicroBatcher(runner, executor, max_batch_tokens=budget, max_wait_ms=0, max_queue=8)
+            batcher.start()
+            answer = await batcher.submit(rows(1, *[10] * 10, 300, *[10] * 10))
+            await batcher.stop()
+        return runner.calls, answer
+
+    calls, answer = asyncio.run(main(budget=10_000))
+    assert answer[:, 0].tolist() == [10] * 10 + [300] + [10] * 10  # every row back in its place
+    assert [[n for _, n in call] for call in calls] == [[300], [10] * 20]  # not 21 rows padded to 300
+    calls, _ = asyncio.run(main(budget=100))
+    assert all(len(call) == 1 or len(call) * max(n for _, n in call) <= 100 for call in calls)  # the budget holds
+    assert [len(call) for call in calls] == [1, 10, 10]
+
+
+def test_rows_of_similar_length_share_a_call_when_splitting_saves_little():
+    async def main():
+        runner = RecordingRunner()
+        with ThreadPoolExecutor(max_workers=1) as executor:
+            batcher = MicroBatcher(runner, executor, max_batch_tokens=10_000, max_wait_ms=0, max_queue=8)
+            batcher.start()
+            await batcher.submit(rows(1, 40, 12, 30, 8))  # splitting would save 2 x 28 = 56 padded tokens
+            await batcher.stop()
+        return runner.calls
+
+    assert [[n for _, n in call] for call in asyncio.run(main())] == [[40, 30, 12, 8]]
+
+
+def test_a_small_request_is_answered_after_about_one_call_of_a_big_one():
+    async def main():
+        runner = RecordingRunner(delay=0.05)
+        with ThreadPoolExecutor(max_workers=1) as executor:
+            batcher = MicroBatcher(runner, executor, max_batch_tokens=20, max_wait_ms=0, max_queue=8)
+            batcher.start()
+            big = asyncio.ensure_future(batcher.submit(rows(1, *[10] * 20)))  # 10 calls of 2 rows
+            while not runner.calls:
+                await asyncio.sleep(0.005)
+            calls_before = len(runner.calls)
+            small = await batcher.submit(rows(2, 10))
+            answered_after = len(runner.calls) - calls_before
+            await big
+            await batcher.stop()
+        return runner.calls, small, answered_after
+
+    calls, small, answered_after = asyncio.run(main())
+    assert small[:, 0].tolist() == [10]
+    assert answered_after <= 2, calls  # the call in progress, then the small request's own
+    assert sum(len(call) for call in calls) == 21 and all(len(call) <= 2 for call in calls)
+
+
+def test_the_rows_of_a_cancelled_request_are_not_computed():
+    async def main():
+        runner = RecordingRunner(delay=0.05)
+        with ThreadPoolExecutor(max_workers=1) as executor:
+            batcher = MicroBatcher(runner, executor, max_batch_tokens=20, max_wait_ms=0, max_queue=8)
+            batcher.start()
+            abandoned = asyncio.ensure_future(batcher.submit(rows(1, *[10] * 20)))
+            while not runner.calls:
+                await asyncio.sleep(0.005)
+            abandoned.cancel()  # the client went away during its first model call
+            after = await batcher.submit(rows(2, 10))
+            pending = batcher.pending
+            await batcher.stop()
+        return runner.calls, after, pending
+
+    calls, after, pending = asyncio.run(main())
+    assert after[:, 0].tolist() == [10]
+    assert [tag for call in calls for tag, _ in call].count(1) <= 4  # one call in progress, maybe one more
+    assert calls[-1] == [(2, 10)] and pending == 0

@@ -52,3 +52,17 @@ def test_nothing_to_serve_or_one_name_for_two_models_is_a_clear_error(tiny_bert_
     code, _, err = run(capsys, "serve", "--embedding", tiny_bert_dir, "--classifier", tiny_bert_dir)
     assert_user_error(code, err, tiny_bert_dir, "given for more than one role")
     assert served == {}  # refused before anything was loaded or served
+
+
+def test_the_bounds_and_timeouts_reach_the_server_settings(tiny_bert_dir, served, capsys):
+    code, _, err = run(capsys, "serve", "--embedding", tiny_bert_dir, "--device", "cpu", "--max-top-k", "7",
+                       "--max-request-tokens", "5000", "--body-timeout", "2.5", "--shutdown-timeout", "4",
+                       "--api-key", "k", "--metrics-public")
+    assert code == 0, err
+    settings = served["settings"]
+    assert (settings.max_top_k, settings.max_request_tokens, settings.body_timeout_s, settings.shutdown_timeout_s,
+            settings.api_key, settings.metrics_public) == (7, 5000, 2.5, 4.0, "k", True)
+    run(capsys, "serve", "--embedding", tiny_bert_dir, "--device", "cpu")
+    defaults = served["settings"]
+    assert (defaults.max_top_k, defaults.body_timeout_s, defaults.shutdown_timeout_s, defaults.metrics_public) == (
+        100, 30.0, 30.0, False)

@@ -5,7 +5,13 @@ Which paths exist and how each request is answered come from the task registry (
 `endpoints()`); this module routes a request to a served model, micro-batches wrappers that have a
 batch function (`run_batch`), runs every model call on one model thread, and answers every failure
 in the one error shape `{"error": {message, type, param, code}}`. Request bodies are read and parsed
-here (not by FastAPI) so that a too-large body and a bad field alike get that shape.
+here (not by FastAPI) so that a too-large body and a bad field alike get that shape; each route's
+request model is attached to the OpenAPI document (`/openapi.json`) by hand for the same reason.
+
+The event loop only moves bytes: parsing JSON, validating it, tokenizing and writing the answer run
+on a small pool of "prep" threads (not the model thread, where they would wait behind model calls),
+so `/health` answers at once whatever the other requests are. A client that hangs up has its work
+cancelled (rows not yet computed leave the batcher) and is counted as status 499.
 """
 
 from __future__ import annotations
@@ -24,17 +30,24 @@ import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, StrictInt, StrictStr, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from qtune.errors import QtuneError
 from qtune.serving.batcher import BatcherStopped, MicroBatcher, QueueFullError
 from qtune.serving.schemas import ERROR_TYPES, ApiError, ServerSettings, error_body
 from qtune.tasks import TASKS, Endpoint, Task
+from qtune.tasks.requests import FiniteFloat
+from qtune.tasks.requests import Request as RequestBody
 
 logger = logging.getLogger("qtune.serving")
 
-FIXED_ENDPOINTS = ("/v1/match", "/v1/models", "/health", "/metrics")
+FIXED_ENDPOINTS = ("/v1/match", "/v1/models", "/health", "/metrics", "/openapi.json")
+MATCH_QUEUE = "/v1/match"  # the queue-depth label of FAQ matching (no model name starts with it)
+PREP_THREADS = 2  # JSON parsing, validation, tokenization and answers: off the event loop, beside the model thread
+MAX_JSON_DEPTH = 32  # the deepest request is 3 levels (a list of pairs); deeper bodies are refused
+CLIENT_CLOSED = 499  # nginx's status for "the client closed the connection before the answer"
 
 
 @dataclass
@@ -56,6 +69,14 @@ class ServedModel:
 
 
 @dataclass
+class Waiting:
+    """Requests waiting for or in a one-per-request model call (FAQ matching)."""
+
+    name: str
+    pending: int = 0
+
+
+@dataclass
 class ServingState:
     """What the app knows at run time; on `app.state.qtune`."""
 
@@ -64,7 +85,9 @@ class ServingState:
     matcher: object | None
     ready: bool = False
     draining: bool = False
-    executor: ThreadPoolExecutor | None = None
+    executor: ThreadPoolExecutor | None = None  # the model thread
+    prep: ThreadPoolExecutor | None = None  # parsing, tokenization, answers
+    match_queue: Waiting = field(default_factory=lambda: Waiting(MATCH_QUEUE))
     created: int = field(default_factory=lambda: int(time.time()))
 
 
@@ -112,6 +135,8 @@ def _metrics(state: ServingState):
     }
     for name, entry in state.models.items():
         m["queue"].labels(model=name).set_function(lambda entry=entry: _queue_depth(entry))
+    if state.matcher is not None:
+        m["queue"].labels(model=MATCH_QUEUE).set_function(lambda: state.match_queue.pending)
     return m
 
 
@@ -141,17 +166,27 @@ class ModelCalls:
 
     async def run(self, entry: ServedModel, fn, *args, rows: int = 1):
         """`fn(*args)` as one model call on the model thread (for work that is not micro-batched)."""
-        limit = self.settings.max_queue
-        if entry.pending >= limit:
-            raise ApiError(429, f"too many requests waiting for model {entry.name!r}: {limit} requests are "
-                                "already waiting for this model; retry later", code="queue_full")
-        entry.pending += 1
-        try:
-            result = await asyncio.get_running_loop().run_in_executor(self.state.executor, fn, *args)
-        finally:
-            entry.pending -= 1
+        result = await self.one_call(entry, f"model {entry.name!r}", fn, *args)
         self.counted(entry.name, rows)
         return result
+
+    async def one_call(self, waiting, what: str, fn, *args):
+        """`fn(*args)` on the model thread, counted in `waiting.pending`; 429 past `max_queue`.
+        Cancelled before it starts (the client went away), it never runs."""
+        limit = self.settings.max_queue
+        if waiting.pending >= limit:
+            raise ApiError(429, f"too many requests waiting for {what}: {limit} requests are already waiting; "
+                                "retry later", code="queue_full")
+        waiting.pending += 1
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self.state.executor, fn, *args)
+        finally:
+            waiting.pending -= 1
+
+    async def prepare(self, fn, *args, **kwargs):
+        """`fn(*args, **kwargs)` on a prep thread: CPU work (tokenizing, parsing) that must not hold up
+        the event loop, nor wait behind model calls."""
+        return await asyncio.get_running_loop().run_in_executor(self.state.prep, lambda: fn(*args, **kwargs))
 
 
 def _routes() -> dict[str, list[tuple[Task, Endpoint]]]:
@@ -166,7 +201,8 @@ def _routes() -> dict[str, list[tuple[Task, Endpoint]]]:
 class Gate:
     """Every HTTP request passes here first (a plain ASGI middleware, no task per request): 503
     while starting or draining, 401 without the API key, the request metrics, and a JSON 500 if a
-    bug escapes (never for bad input: that is an ApiError, answered inside)."""
+    bug escapes (never for bad input: that is an ApiError, answered inside; never for a client
+    that hung up: that is a 499)."""
 
     def __init__(self, app, *, state: ServingState, metrics: dict, endpoints: tuple[str, ...]):
         self.app, self.state, self.metrics, self.endpoints = app, state, metrics, endpoints
@@ -215,6 +251,7 @@ def create_app(models: dict[str, object], settings: ServerSettings, matcher=None
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         state.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="qtune-model")
+        state.prep = ThreadPoolExecutor(max_workers=PREP_THREADS, thread_name_prefix="qtune-prep")
         for entry in served.values():
             run_batch = getattr(entry.model, "run_batch", None)
             if run_batch is None:
@@ -227,19 +264,28 @@ def create_app(models: dict[str, object], settings: ServerSettings, matcher=None
         try:
             yield
         finally:
-            # uvicorn gets here after in-flight requests finished; anything later is refused.
+            # uvicorn gets here after in-flight requests finished (or, past the shutdown timeout, were
+            # cancelled); anything later is refused.
             state.draining, state.ready = True, False
             for entry in served.values():
                 if entry.batcher is not None:
                     await entry.batcher.stop()
             state.executor.shutdown(wait=True)
+            state.prep.shutdown(wait=True)
 
-    app = FastAPI(title="qtune", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    # No trailing-slash redirects: they would send clients to whatever host the Host header names.
+    app = FastAPI(title="qtune", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url="/openapi.json",
+                  redirect_slashes=False)
     app.state.qtune = state
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, error: ApiError):
         return JSONResponse(error.body(), status_code=error.status)
+
+    @app.exception_handler(ClientDisconnect)
+    @app.exception_handler(ClientGone)
+    async def _client_gone(request: Request, error: Exception):
+        return Response(status_code=CLIENT_CLOSED)  # nobody reads it; /metrics counts it
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, error: RequestValidationError):
@@ -276,38 +322,74 @@ def create_app(models: dict[str, object], settings: ServerSettings, matcher=None
     for path, handlers in routes.items():
         def answer(handlers=handlers):
             async def route(request: Request):
-                payload = await _read_json(request, settings)
+                raw = await _read_body(request, settings)
                 first = handlers[0][1].request
-                body = _parse(first, payload)  # field errors first, whichever model is loaded
+                # field errors first, whichever model is loaded
+                payload, body = await calls.prepare(_decode, raw, first)
                 entry, endpoint = _pick(served, handlers, body)
                 if endpoint.request is not first:
-                    body = _parse(endpoint.request, payload)
-                return await endpoint.handle(calls, entry, body)
+                    body = await calls.prepare(_parse, endpoint.request, payload)
+                result = await _while_connected(request, endpoint.handle(calls, entry, body))
+                return await calls.prepare(_render, result)
             return route
 
-        app.post(path)(answer())
+        app.post(path, openapi_extra=_request_body(*(endpoint.request for _, endpoint in handlers)))(answer())
 
-    @app.post("/v1/match")
+    @app.post("/v1/match", openapi_extra=_request_body(MatchRequest))
     async def match(request: Request):
         if state.matcher is None:
             raise ApiError(404, "no knowledge base loaded", code="model_not_found")
-        body = _parse(MatchRequest, await _read_json(request, settings))
+        _, body = await calls.prepare(_decode, await _read_body(request, settings), MatchRequest)
         if not body.query.strip():
             raise ApiError(400, "query must not be empty", param="query", code="empty_input")
-        loop = asyncio.get_running_loop()
+        if body.top_k is not None and not 1 <= body.top_k <= settings.max_top_k:
+            raise ApiError(422, f"top_k must be at least 1 and at most {settings.max_top_k}, got {body.top_k}",
+                           param="top_k", code="invalid_top_k")
         try:  # the matcher embeds the query: it runs on the model thread like every torch call
-            return await loop.run_in_executor(state.executor, state.matcher.match, body.query, body.top_k,
-                                              body.threshold)
+            result = await _while_connected(request, calls.one_call(
+                state.match_queue, "FAQ matching", state.matcher.match, body.query, body.top_k, body.threshold))
         except QtuneError as error:
+            if isinstance(error, ApiError):
+                raise
             raise ApiError(422, str(error)) from None
+        return await calls.prepare(_render, result)
 
+    app.openapi = lambda: _openapi_document(app, [MatchRequest, *(e.request for hs in routes.values() for _, e in hs)])
     return app
 
 
-class MatchRequest(BaseModel):
-    query: str
-    top_k: int | None = None
-    threshold: float | None = None
+class ClientGone(Exception):
+    """The client hung up before its answer was ready."""
+
+
+class MatchRequest(RequestBody):
+    """`/v1/match`: the best FAQ entry for `query` among the `top_k` nearest (at most `--max-top-k`)."""
+
+    query: StrictStr
+    top_k: StrictInt | None = None
+    threshold: FiniteFloat | None = None
+
+
+def _request_body(*models: type[BaseModel]) -> dict:
+    """The OpenAPI `requestBody` of a route that parses its body itself."""
+    refs = [{"$ref": f"#/components/schemas/{m.__name__}"} for m in dict.fromkeys(models)]
+    schema = refs[0] if len(refs) == 1 else {"oneOf": refs}
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
+
+
+def _openapi_document(app: FastAPI, models: list[type[BaseModel]]) -> dict:
+    """FastAPI's document of the routes, with the request models (and the models they nest) added."""
+    if app.openapi_schema is None:
+        from fastapi.openapi.utils import get_openapi
+
+        document = get_openapi(title=app.title, version=app.version, routes=app.routes)
+        schemas = document.setdefault("components", {}).setdefault("schemas", {})
+        for model in dict.fromkeys(models):
+            schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+            schemas.update(schema.pop("$defs", {}))
+            schemas[model.__name__] = schema
+        app.openapi_schema = document
+    return app.openapi_schema
 
 
 def _api_error_response(error: ApiError) -> JSONResponse:
@@ -320,7 +402,8 @@ def _refusal(state: ServingState, request: Request) -> JSONResponse | None:
         reason = "the server is shutting down" if state.draining else "the server is not ready yet"
         return _api_error_response(ApiError(503, reason, code="unavailable"))
     key = state.settings.api_key
-    if key is not None and request.url.path.startswith("/v1/"):
+    path = request.url.path
+    if key is not None and (path.startswith("/v1/") or (path == "/metrics" and not state.settings.metrics_public)):
         header = request.headers.get("authorization", "")
         scheme, _, token = header.partition(" ")
         if scheme.lower() != "bearer" or not _same(token.strip(), key):
@@ -335,7 +418,9 @@ def _same(a: str, b: str) -> bool:
     return hmac.compare_digest(a.encode(), b.encode())
 
 
-async def _read_json(request: Request, settings: ServerSettings) -> dict:
+async def _read_body(request: Request, settings: ServerSettings) -> bytes:
+    """The raw body, at most `max_body_bytes` (413), all of it within `body_timeout_s` (408); a client
+    that hangs up meanwhile raises ClientDisconnect (a 499)."""
     limit = settings.max_body_bytes
     too_large = ApiError(413, f"request body is larger than the limit of {limit} bytes", code="body_too_large")
     declared = request.headers.get("content-length")
@@ -346,21 +431,109 @@ async def _read_json(request: Request, settings: ServerSettings) -> dict:
         except ValueError:
             raise ApiError(400, "invalid Content-Length header") from None
     chunks, size = [], 0
-    async for chunk in request.stream():  # the declared length may lie, or be absent (chunked)
-        size += len(chunk)
-        if size > limit:
-            raise too_large
-        chunks.append(chunk)
-    raw = b"".join(chunks)
+    try:
+        async with asyncio.timeout(settings.body_timeout_s):
+            async for chunk in request.stream():  # the declared length may lie, or be absent (chunked)
+                size += len(chunk)
+                if size > limit:
+                    raise too_large
+                chunks.append(chunk)
+    except TimeoutError:
+        raise ApiError(408, f"the request body did not arrive within {settings.body_timeout_s:g} s",
+                       code="body_timeout") from None
+    return b"".join(chunks)
+
+
+def _decode(raw: bytes, schema: type[BaseModel]):
+    """(the JSON object, the request model parsed from it); on a prep thread."""
+    payload = _load_json(raw)
+    return payload, _parse(schema, payload)
+
+
+def _load_json(raw: bytes) -> dict:
+    """A JSON object from strict UTF-8 with no lone surrogates, at most MAX_JSON_DEPTH deep:
+    anything else is a 400 here rather than an error in the tokenizer or the answer's encoder."""
     if not raw.strip():
         raise ApiError(400, "request body is empty; expected a JSON object", code="empty_body")
     try:
-        payload = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        text = raw.decode("utf-8")  # strict: surrogates written as UTF-8 bytes are not UTF-8
+    except UnicodeDecodeError as error:
+        raise ApiError(400, f"malformed JSON: the body is not UTF-8 ({error})", code="invalid_json") from None
+    try:
+        payload = json.loads(text)
+    except json.JSONDecodeError as error:
         raise ApiError(400, f"malformed JSON: {error}", code="invalid_json") from None
+    except RecursionError:
+        raise ApiError(400, f"malformed JSON: nested more than {MAX_JSON_DEPTH} levels deep",
+                       code="invalid_json") from None
+    except ValueError as error:  # an integer of more digits than Python converts
+        raise ApiError(400, f"malformed JSON: a number is too long ({error})", code="invalid_json") from None
     if not isinstance(payload, dict):
         raise ApiError(400, "request body must be a JSON object", code="invalid_json")
+    _check_json_values(payload)
     return payload
+
+
+def _check_json_values(payload) -> None:
+    """400 for nesting deeper than MAX_JSON_DEPTH and for strings with lone surrogates (a `\\ud800`
+    escape without its pair): no tokenizer or UTF-8 encoder takes those. Iterative: depth is the point."""
+    stack = [(payload, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if depth > MAX_JSON_DEPTH:
+            raise ApiError(400, f"malformed JSON: nested more than {MAX_JSON_DEPTH} levels deep", code="invalid_json")
+        if isinstance(value, dict):
+            stack.extend((k, depth) for k in value)
+            stack.extend((v, depth + 1) for v in value.values())
+        elif isinstance(value, list):
+            stack.extend((v, depth + 1) for v in value)
+        elif isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                raise ApiError(400, "invalid text: a string holds a lone UTF-16 surrogate (an unpaired \\ud800-"
+                                    "\\udfff escape)", code="invalid_text") from None
+
+
+def _render(answer) -> Response:
+    """The JSON answer as bytes (on a prep thread: a big answer is megabytes of floats)."""
+    if isinstance(answer, Response):
+        return answer
+    content = json.dumps(answer, ensure_ascii=False, allow_nan=False, separators=(",", ":"), default=_plain)
+    return Response(content.encode("utf-8"), media_type="application/json")
+
+
+def _plain(value):
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    raise TypeError(f"{type(value).__name__} is not JSON")
+
+
+async def _while_connected(request: Request, work):
+    """`await work`, unless the client hangs up first: then the work is cancelled (its rows leave the
+    batcher's queue, its model call never starts) and ClientGone is raised."""
+    task = asyncio.ensure_future(work)
+    gone = asyncio.ensure_future(_disconnected(request.receive))
+    try:
+        await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiting in (task, gone):
+            if not waiting.done():
+                waiting.cancel()
+    if task.done() and not task.cancelled():
+        return task.result()
+    if not gone.cancelled():
+        gone.exception()  # a failing receive means the connection is gone all the same
+    await asyncio.wait({task})  # let the cancelled work unwind before answering
+    raise ClientGone()
+
+
+async def _disconnected(receive) -> None:
+    """Returns once the client has hung up (the body was read already: nothing else arrives)."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
 
 
 def _parse(schema: type[BaseModel], payload: dict):
@@ -425,8 +598,10 @@ def serve(models: dict[str, object], settings: ServerSettings, matcher=None) -> 
             state.draining = True  # requests on open keep-alive connections now get 503
             super().handle_exit(sig, frame)
 
+    # After SIGTERM in-flight requests get `shutdown_timeout_s`, then are cancelled: a stalled client
+    # cannot keep the process alive.
     server = DrainingServer(uvicorn.Config(app, host=settings.host, port=settings.port, log_level="info",
-                                           timeout_graceful_shutdown=None))
+                                           timeout_graceful_shutdown=settings.shutdown_timeout_s))
     # uvicorn re-raises the signal it caught once it has shut down, which would kill the process
     # with that signal; a graceful shutdown should end like a normal return (exit code 0).
     main = threading.current_thread() is threading.main_thread()

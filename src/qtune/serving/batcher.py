@@ -1,27 +1,41 @@
-"""Micro-batching: many concurrent requests, few model calls.
+"""Micro-batching: many concurrent requests, few model calls, and no request starved by another.
 
-One `MicroBatcher` per model, each with one asyncio queue and one worker task. The worker takes the
-first waiting request, then keeps taking requests until their tokens reach `max_batch_tokens` or
-`max_wait_ms` has passed, sorts all their rows by length, cuts them into model calls of at most
-`max_batch_tokens` padded tokens, and hands each request its own rows back. Model calls go through
-an executor with a single thread, shared by all models, so torch never runs two calls at once and
-the event loop stays free.
+One `MicroBatcher` per model, each with one worker task. Requests wait in a pool of rows. When the
+worker is idle and a request arrives, it waits up to `max_wait_ms` for company (or until the waiting
+rows reach `max_batch_tokens`), then makes model calls one at a time, each picked afresh from the
+rows still waiting:
 
-The runner is the served wrapper's own batch function (`run_batch`), the one its Python API runs
-too, so batched answers equal unbatched ones (up to float rounding from padding).
+- fairness: requests are ordered by how many model calls they have already had, then by arrival,
+  so a small request that arrives during a big one goes into the next call instead of waiting
+  for all of the big one's rows;
+- padding: a call's longest row is the longest waiting row of the requests served least so far;
+  the call takes rows no longer than that, at most `max_batch_tokens` padded tokens (rows x longest row), and leaves rows
+  shorter than half its longest for a later call when that saves at least `min_split_saving`
+  padded tokens (one short text among long ones, or one long text among short ones, no longer
+  pads every row of the call);
+- abandonment: a request whose caller went away (its future cancelled) is dropped from the pool,
+  its rows not yet computed never are.
+
+Model calls go through an executor with a single thread, shared by all models, so torch never runs
+two calls at once and the event loop stays free. The runner is the served wrapper's own batch
+function (`run_batch`), the one its Python API runs too, so batched answers equal unbatched ones
+(up to float rounding from padding).
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from qtune.data.batching import sorted_batches
-
 Runner = Callable[[list[dict]], np.ndarray]  # unpadded features -> (rows, width) float32
+
+# A model call costs about as much as this many padded tokens whatever its size (kernel launches,
+# pooling, copies): splitting rows into two calls to save less padding than that is not worth it.
+MIN_SPLIT_SAVING = 256
 
 
 class QueueFullError(Exception):
@@ -32,34 +46,48 @@ class BatcherStopped(Exception):
     """The batcher stopped (the server is shutting down) before this request was answered."""
 
 
-@dataclass
+@dataclass(eq=False)
 class _Pending:
     features: Sequence[dict]
     future: asyncio.Future
+    seq: int  # arrival order
+    lengths: list[int] = field(init=False)
     tokens: int = field(init=False)
+    waiting: list[int] = field(init=False)  # rows not yet in a model call, longest first
+    running: int = 0  # rows in the model call now being made
+    calls: int = 0  # model calls this request has had rows in
+    output: np.ndarray | None = None  # (rows, width), filled call by call
 
     def __post_init__(self):
-        self.tokens = sum(len(f["input_ids"]) for f in self.features)
+        self.lengths = [len(f["input_ids"]) for f in self.features]
+        self.tokens = sum(self.lengths)
+        self.waiting = sorted(range(len(self.features)), key=lambda j: -self.lengths[j])
+
+    @property
+    def live(self) -> bool:
+        return not self.future.done()
 
 
 class MicroBatcher:
     def __init__(self, run: Runner, executor, *, max_batch_tokens: int, max_wait_ms: float, max_queue: int,
-                 on_call: Callable[[int], None] | None = None):
+                 on_call: Callable[[int], None] | None = None, min_split_saving: int = MIN_SPLIT_SAVING):
         self.run, self.executor, self.on_call = run, executor, on_call
         self.max_batch_tokens, self.max_wait = max_batch_tokens, max_wait_ms / 1000
-        self.max_queue = max_queue
+        self.max_queue, self.min_split_saving = max_queue, min_split_saving
         self.model_calls = 0  # for /metrics and the tests
         self.pending = 0  # requests submitted and not yet answered (waiting or being computed)
-        self._queue: asyncio.Queue[_Pending] | None = None
+        self._pool: list[_Pending] = []  # requests with rows waiting or running, in arrival order
+        self._arrivals = itertools.count()
+        self._wake: asyncio.Event | None = None
         self._worker: asyncio.Task | None = None
 
     @property
     def queued(self) -> int:
-        """Requests waiting in the queue (not yet taken into a model call)."""
-        return self._queue.qsize() if self._queue is not None else 0
+        """Requests none of whose rows has reached a model call yet."""
+        return sum(1 for item in self._pool if item.live and item.calls == 0 and item.running == 0)
 
     def start(self) -> None:
-        self._queue = asyncio.Queue(maxsize=self.max_queue)
+        self._wake = asyncio.Event()
         self._worker = asyncio.get_running_loop().create_task(self._work())
 
     async def stop(self) -> None:
@@ -69,19 +97,23 @@ class MicroBatcher:
                 await self._worker
             except asyncio.CancelledError:
                 pass
-        while self._queue is not None and not self._queue.empty():
-            _fail(self._queue.get_nowait(), BatcherStopped())
+        for item in self._pool:
+            _fail(item, BatcherStopped())
+        self._pool.clear()
         self._worker = None
 
     async def submit(self, features: Sequence[dict]) -> np.ndarray:
-        """(len(features), width) rows for these features, in their order."""
-        if self._queue is None or self._worker is None or self._worker.done():
+        """(len(features), width) rows for these features, in their order. Cancelling the caller
+        drops the rows not yet computed."""
+        if self._wake is None or self._worker is None or self._worker.done():
             raise RuntimeError("the batcher is not running")
-        item = _Pending(features, asyncio.get_running_loop().create_future())
-        try:
-            self._queue.put_nowait(item)
-        except asyncio.QueueFull:
-            raise QueueFullError(f"{self.max_queue} requests are already waiting for this model") from None
+        if self.queued >= self.max_queue:
+            raise QueueFullError(f"{self.max_queue} requests are already waiting for this model")
+        item = _Pending(features, asyncio.get_running_loop().create_future(), next(self._arrivals))
+        if not item.waiting:
+            return np.zeros((0, 0), dtype=np.float32)
+        self._pool.append(item)
+        self._wake.set()
         self.pending += 1
         try:
             return await item.future
@@ -91,50 +123,99 @@ class MicroBatcher:
     async def _work(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            items = [await self._queue.get()]
-            tokens = items[0].tokens
-            deadline = loop.time() + self.max_wait
-            while tokens < self.max_batch_tokens:
-                remaining = deadline - loop.time()
-                try:
-                    item = self._queue.get_nowait() if remaining <= 0 else \
-                        await asyncio.wait_for(self._queue.get(), remaining)
-                except (asyncio.QueueEmpty, asyncio.TimeoutError):
-                    break
-                items.append(item)
-                tokens += item.tokens
-            items = [i for i in items if not i.future.done()]  # a client that went away
-            if items:
-                await self._run(items)
+            if not self._prune():
+                self._wake.clear()
+                await self._wake.wait()
+                await self._gather(loop.time() + self.max_wait)
+            call = self.next_call()
+            if call:
+                await self._run(call)
 
-    async def _run(self, items: list[_Pending]) -> None:
+    def _prune(self) -> bool:
+        """Drop answered and abandoned requests; whether any row still waits."""
+        self._pool = [item for item in self._pool if item.live and (item.waiting or item.running)]
+        return any(item.waiting for item in self._pool)
+
+    async def _gather(self, deadline: float) -> None:
+        """Wait for company until `deadline` or until the waiting rows fill a model call."""
         loop = asyncio.get_running_loop()
-        rows = [(i, j, f) for i, item in enumerate(items) for j, f in enumerate(item.features)]
-        rows.sort(key=lambda row: -len(row[2]["input_ids"]))  # longest first: little padding per call
-        outputs: list[np.ndarray | None] = [None] * len(items)
+        while sum(item.tokens for item in self._pool if item.live) < self.max_batch_tokens:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return
+            self._wake.clear()
+            try:
+                await asyncio.wait_for(self._wake.wait(), remaining)
+            except asyncio.TimeoutError:
+                return
+
+    def next_call(self) -> list[tuple[_Pending, int]]:
+        """(request, row) pairs of the next model call, taken out of the waiting rows."""
+        ready = sorted((item for item in self._pool if item.live and item.waiting), key=lambda i: (i.calls, i.seq))
+        if not ready:
+            return []
+        # The call is cut around the longest row of the requests served least so far; that
+        # request goes first, so the call surely holds the row its padding is sized for.
+        front = [item for item in ready if item.calls == ready[0].calls]
+        first = max(front, key=lambda item: item.lengths[item.waiting[0]])
+        ready = [first, *(item for item in ready if item is not first)]
+        longest = first.lengths[first.waiting[0]]
+        room = max(1, self.max_batch_tokens // max(longest, 1))
+        every, alike = [], []  # the first `room` rows no longer than `longest`; the same without short ones
+        for item in ready:
+            for j in item.waiting:
+                length = item.lengths[j]
+                if length > longest:
+                    continue
+                if len(every) < room:
+                    every.append((item, j))
+                if 2 * length >= longest and len(alike) < room:
+                    alike.append((item, j))
+                if len(alike) >= room:
+                    break
+            if len(alike) >= room:
+                break
+        short = [item.lengths[j] for item, j in every if 2 * item.lengths[j] < longest]
+        saving = len(short) * (longest - max(short)) if short else 0
+        call = alike if saving >= self.min_split_saving else every
+        taken: dict[int, set[int]] = {}
+        for item, j in call:
+            taken.setdefault(id(item), set()).add(j)
+        for item in ready:
+            rows = taken.get(id(item))
+            if rows:
+                item.waiting = [j for j in item.waiting if j not in rows]
+                item.running += len(rows)
+                item.calls += 1
+        return call
+
+    async def _run(self, call: list[tuple[_Pending, int]]) -> None:
+        loop = asyncio.get_running_loop()
+        items = list({id(item): item for item, _ in call}.values())
         try:
-            lengths = [len(f["input_ids"]) for _, _, f in rows]
-            for start, end in sorted_batches(lengths, max(len(rows), 1), self.max_batch_tokens):
-                chunk = rows[start:end]
-                result = await loop.run_in_executor(self.executor, self.run, [f for _, _, f in chunk])
-                self.model_calls += 1
-                if self.on_call is not None:
-                    self.on_call(len(chunk))
-                for (i, j, _), vector in zip(chunk, result):
-                    if outputs[i] is None:
-                        outputs[i] = np.zeros((len(items[i].features), result.shape[1]), dtype=np.float32)
-                    outputs[i][j] = vector
-        except asyncio.CancelledError:  # stopped mid-batch: its requests get an answer, not a hang
+            result = await loop.run_in_executor(self.executor, self.run, [item.features[j] for item, j in call])
+        except asyncio.CancelledError:  # stopped mid-call: its requests get an answer, not a hang
             for item in items:
                 _fail(item, BatcherStopped())
             raise
-        except Exception as error:  # noqa: BLE001 -- the model failed: every request of this batch learns why
+        except Exception as error:  # noqa: BLE001 -- the model failed: every request in this call learns why
             for item in items:
+                item.running = 0
                 _fail(item, error)
             return
-        for item, out in zip(items, outputs):
-            if not item.future.done():
-                item.future.set_result(out)
+        self.model_calls += 1
+        if self.on_call is not None:
+            self.on_call(len(call))
+        for (item, j), vector in zip(call, result):  # result: (rows, width)
+            item.running -= 1
+            if not item.live:
+                continue
+            if item.output is None:
+                item.output = np.zeros((len(item.features), result.shape[1]), dtype=np.float32)
+            item.output[j] = vector
+        for item in items:
+            if item.live and not item.waiting and not item.running:
+                item.future.set_result(item.output)
 
 
 def _fail(item: _Pending, error: BaseException) -> None:

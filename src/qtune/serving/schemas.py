@@ -25,3 +25,8 @@ class ServerSettings:
     max_new_tokens: int = 512  # /v1/extract: the most a request may ask for; more -> 422
     extract_batch_size: int = 16  # /v1/extract: prompts per generate() call
     api_key: str | None = None
+    metrics_public: bool = False  # /metrics without the API key
+    max_top_k: int = 100  # /v1/match: the most candidates a request may ask for; more -> 422
+    max_request_tokens: int = 262144  # tokens of all inputs of one request; more -> 422
+    body_timeout_s: float = 30.0  # the whole body must arrive within this; else 408
+    shutdown_timeout_s: float = 30.0  # SIGTERM: in-flight requests get this long, then are cancelled

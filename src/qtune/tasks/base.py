@@ -73,7 +73,8 @@ class Endpoint:
     `handle(call, entry, body)` is an async function: `body` is the parsed `request` model, `entry`
     the served model (`.name`, `.model` = the task's wrapper, `.max_input_tokens`), `call` the
     server's side (`.settings`, `await call.submit(entry, features)` for micro-batched rows,
-    `await call.run(entry, fn, *args)` for one model call on the model thread). It raises
+    `await call.run(entry, fn, *args)` for one model call on the model thread, `await
+    call.prepare(fn, *args)` for tokenizing and other CPU work off the event loop). It raises
     `qtune.errors.RequestError` for a bad request and returns the JSON answer.
     `accepts(body)`: when a request names no model, whether this task takes it (several tasks
     may share a path, e.g. /v1/classify for pairs and for single texts)."""

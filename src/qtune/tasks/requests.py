@@ -5,18 +5,21 @@ Imported by the `serve.py` of each task, which the server loads; pydantic loads 
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import Annotated, ClassVar
 
-from pydantic import BaseModel, ConfigDict, StrictStr
+from pydantic import BaseModel, ConfigDict, Field, StrictStr
 
 from qtune.errors import RequestError
 
 NO_LIMIT = 10 ** 9  # tokenize without cutting, so too-long inputs are reported (bounded by the body size)
 
+FiniteFloat = Annotated[float, Field(strict=True, allow_inf_nan=False)]  # a number (an int too), not NaN/inf
+
 
 class Request(BaseModel):
-    # Clients send extra fields (`user`, ...); they are ignored rather than rejected.
-    model_config = ConfigDict(extra="ignore")
+    # Clients send extra fields (`user`, ...); they are ignored rather than rejected. Strict: a
+    # boolean or a string is not a number, a number is not a string.
+    model_config = ConfigDict(extra="ignore", strict=True)
     # What a union field accepts, said once instead of one pydantic failure per alternative.
     union_messages: ClassVar[dict[str, str]] = {}
 
@@ -41,6 +44,16 @@ def check_lengths(features: list[dict], limit: int, note: str = "") -> None:
         if len(f["input_ids"]) > limit:
             raise RequestError(422, f"input {i} has {len(f['input_ids'])} tokens{note}; the limit is {limit}",
                                param="input", code="input_too_long")
+
+
+def check_total(features: list[dict], settings, param: str = "input") -> None:
+    """422 when one request's inputs hold more tokens than `max_request_tokens`: the most work a
+    single request may put in the model's queue."""
+    total = sum(len(f["input_ids"]) for f in features)
+    if total > settings.max_request_tokens:
+        noun = "inputs" if param == "input" else param
+        raise RequestError(422, f"the {noun} hold {total} tokens in all; the limit is {settings.max_request_tokens} "
+                                "per request", param=param, code="too_many_tokens")
 
 
 def check_texts(value, settings) -> list[str]:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from qtune.errors import RequestError
-from qtune.tasks.requests import ClassifyRequest, check_lengths, check_texts, classify_answer
+from qtune.tasks.requests import ClassifyRequest, check_lengths, check_texts, check_total, classify_answer
 
 
 def is_texts(body: ClassifyRequest) -> bool:
@@ -22,10 +22,11 @@ def text_features(entry, value, settings) -> list[dict]:
     encoder = entry.model.encoder(truncate=False)
     features = [encoder.encode(text) for text in texts]
     check_lengths(features, entry.max_input_tokens)
+    check_total(features, settings)
     return features
 
 
 async def classify(call, entry, body: ClassifyRequest) -> dict:
-    features = text_features(entry, body.input, call.settings)
+    features = await call.prepare(text_features, entry, body.input, call.settings)  # tokenized on a prep thread
     probs = await call.submit(entry, features)  # (n, labels)
     return classify_answer(entry, probs, entry.model.labels, features)

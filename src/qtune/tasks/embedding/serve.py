@@ -10,7 +10,7 @@ from pydantic import Field, StrictInt, StrictStr
 
 from qtune.errors import RequestError
 from qtune.tasks.embedding.model import truncate_normalize
-from qtune.tasks.requests import Request, check_count, check_lengths, usage
+from qtune.tasks.requests import Request, check_count, check_lengths, check_total, usage
 
 
 class EmbeddingRequest(Request):
@@ -51,6 +51,7 @@ def embedding_features(entry, value, *, is_query: bool, settings) -> list[dict]:
                                    param="input", code="invalid_token_id")
         features = [_model_inputs(tokenizer, {"input_ids": list(ids)}) for ids in value]
     check_lengths(features, entry.max_input_tokens)
+    check_total(features, settings)
     return features
 
 
@@ -70,7 +71,8 @@ def _encode(vector: np.ndarray, encoding_format: str):
 
 
 async def embeddings(call, entry, body: EmbeddingRequest) -> dict:
-    features = embedding_features(entry, body.input, is_query=body.input_type == "query", settings=call.settings)
+    features = await call.prepare(embedding_features, entry, body.input, is_query=body.input_type == "query",
+                                  settings=call.settings)  # tokenized on a prep thread
     width = entry.model.dimension
     if body.dimensions is not None and body.dimensions > width:
         raise RequestError(422, f"dimensions must be between 1 and the model's {width}, got {body.dimensions}",

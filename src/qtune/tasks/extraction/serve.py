@@ -10,7 +10,7 @@ import functools
 from pydantic import Field, StrictInt, StrictStr
 
 from qtune.errors import RequestError
-from qtune.tasks.requests import Request, check_lengths, check_texts, usage
+from qtune.tasks.requests import Request, check_lengths, check_texts, check_total, usage
 
 DEFAULT_MAX_NEW_TOKENS = 256  # without max_new_tokens (capped by ServerSettings.max_new_tokens)
 
@@ -30,8 +30,7 @@ async def extract(call, entry, body: ExtractRequest) -> dict:
     if max_new_tokens > cap:
         raise RequestError(422, f"max_new_tokens must be between 1 and {cap}, got {max_new_tokens}",
                            param="max_new_tokens", code="invalid_max_new_tokens")
-    prompts = [{"input_ids": entry.model.builder.prompt_ids(t)} for t in texts]
-    check_lengths(prompts, entry.max_input_tokens, note=" with the extraction prompt")
+    prompts = await call.prepare(_prompts, entry, texts, settings)  # tokenized on a prep thread
     found = await call.run(entry, functools.partial(
         entry.model.extract_prompts, [p["input_ids"] for p in prompts], batch_size=settings.extract_batch_size,
         max_new_tokens=max_new_tokens), rows=len(texts))
@@ -44,3 +43,11 @@ async def extract(call, entry, body: ExtractRequest) -> dict:
         data.append(row)
     return {"object": "list", "model": entry.name, "data": data,
             "usage": usage(prompts, generated=sum(r.tokens for r in found))}
+
+
+def _prompts(entry, texts: list[str], settings) -> list[dict]:
+    """Validated prompt features: each within the token limit, all within the request's."""
+    prompts = [{"input_ids": entry.model.builder.prompt_ids(t)} for t in texts]
+    check_lengths(prompts, entry.max_input_tokens, note=" with the extraction prompt")
+    check_total(prompts, settings)
+    return prompts

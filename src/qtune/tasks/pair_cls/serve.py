@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from qtune.errors import RequestError
-from qtune.tasks.requests import ClassifyRequest, check_count, check_lengths, classify_answer
+from qtune.tasks.requests import ClassifyRequest, check_count, check_lengths, check_total, classify_answer
 
 
 def is_pairs(body: ClassifyRequest) -> bool:
@@ -26,10 +26,11 @@ def pair_features(entry, value, settings) -> list[dict]:
     encoder = entry.model.encoder(truncate=False)
     features = [dict(encoder.encode(a, b)) for a, b in value]
     check_lengths(features, entry.max_input_tokens)
+    check_total(features, settings)
     return features
 
 
 async def classify(call, entry, body: ClassifyRequest) -> dict:
-    features = pair_features(entry, body.input, call.settings)
+    features = await call.prepare(pair_features, entry, body.input, call.settings)  # tokenized on a prep thread
     probs = await call.submit(entry, features)  # (n, labels)
     return classify_answer(entry, probs, entry.model.labels, features)

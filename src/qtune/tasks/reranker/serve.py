@@ -9,7 +9,7 @@ import numpy as np
 from pydantic import Field, StrictBool, StrictInt, StrictStr
 
 from qtune.errors import RequestError
-from qtune.tasks.requests import Request, check_count, usage
+from qtune.tasks.requests import Request, check_count, check_total, usage
 
 
 class RerankDocument(Request):
@@ -44,12 +44,13 @@ def rerank_features(entry, query: str, documents: list[str], settings) -> list[d
         if len(f["input_ids"]) > entry.max_input_tokens:
             raise RequestError(422, f"document {i} has {len(f['input_ids'])} tokens together with the query{prompt}; "
                                     f"the limit is {entry.max_input_tokens}", param="documents", code="input_too_long")
+    check_total(features, settings, param="documents")
     return features
 
 
 async def rerank(call, entry, body: RerankRequest) -> dict:
     documents = [d if isinstance(d, str) else d.text for d in body.documents]
-    features = rerank_features(entry, body.query, documents, call.settings)
+    features = await call.prepare(rerank_features, entry, body.query, documents, call.settings)  # on a prep thread
     scores = (await call.submit(entry, features))[:, 0]  # (n,) in [0, 1]
     threshold = entry.model.threshold
     results = []
