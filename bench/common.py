@@ -25,6 +25,9 @@ ARCHS = {
     # A CPU-sized stand-in with the same shape of layers.
     "small": dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4,
                   num_key_value_heads=2, head_dim=64, max_position_embeddings=4096, tie_word_embeddings=True),
+    # For runs that check commands end to end rather than time them (bench/quickstarts.py).
+    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, head_dim=16, max_position_embeddings=4096, tie_word_embeddings=True),
 }
 
 # Shared by the generation and reranking benchmarks' --help.

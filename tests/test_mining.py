@@ -294,7 +294,19 @@ def test_bad_inputs_are_rejected_with_a_clear_message():
 def test_default_settings_and_summary():
     s = MiningSettings()
     assert (s.range_min, s.range_max, s.max_score, s.margin, s.num_negatives, s.sampling, s.seed) == \
-        (20, 50, 0.8, 0.1, 5, "top", 42)
-    result = mining.MiningResult(negatives=[[1, 2, 3, 4, 5]] * 940 + [[1]] * 60, shortfall=60)
-    assert summarize(result, s) == ("mined 5 negatives for 940/1000 queries; 60 got fewer "
+        (20, 50, 0.8, 0.1, 7, "top", 42)
+    result = mining.MiningResult(negatives=[[1, 2, 3, 4, 5, 6, 7]] * 940 + [[1]] * 60, shortfall=60)
+    assert summarize(result, s) == ("mined 7 negatives for 940/1000 queries; 60 got fewer "
                                     "(ranks 20-50, max score 0.8, margin 0.1)")
+
+
+def test_mined_negatives_fill_the_default_reranker_group_and_embedding_negatives():
+    # `qtune mine` then `train reranker` / `train embedding` with defaults: nothing is repeated or unused
+    from qtune.cli import build_parser
+    from qtune.tasks.embedding.config import EmbeddingConfig
+    from qtune.tasks.reranker.config import RerankerConfig
+
+    cli = build_parser().parse_args(["mine", "--model", "m", "--queries", "q.jsonl", "--corpus", "c.jsonl",
+                                     "--output", "o.jsonl"])
+    assert cli.num_negatives == MiningSettings().num_negatives
+    assert MiningSettings().num_negatives == RerankerConfig.group_size - 1 == EmbeddingConfig.hard_negatives

@@ -23,7 +23,7 @@ class MiningSettings:
     range_max: int = 50      # look no deeper than this rank (exclusive)
     max_score: float = 0.8   # drop candidates scoring above this (likely false negatives)
     margin: float = 0.1      # drop candidates scoring within `margin` of the positive's score
-    num_negatives: int = 5
+    num_negatives: int = 7   # fills a default reranker group (--group-size 8) and --hard-negatives 7
     sampling: str = "top"    # "top": the best remaining candidates; "random": a seeded sample of them
     seed: int = 42
 
@@ -143,7 +143,7 @@ def _lowest_positive_scores(query_vecs: np.ndarray, corpus_vecs: np.ndarray,
 
 
 def summarize(result: MiningResult, settings: MiningSettings) -> str:
-    """One line for the user, e.g. 'mined 5 negatives for 940/1000 queries; 60 got fewer (ranks 20-50, ...)'."""
+    """One line for the user, e.g. 'mined 7 negatives for 940/1000 queries; 60 got fewer (ranks 20-50, ...)'."""
     total = result.num_queries
     full = total - result.shortfall
     return (f"mined {settings.num_negatives} negatives for {full}/{total} queries; {result.shortfall} got fewer "

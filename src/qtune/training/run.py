@@ -1,17 +1,43 @@
 """What every task's `train` does around the loop: check the output folder, seed, load the model
-(fresh, or from last/ to resume), and only then write the resolved config.yaml."""
+(fresh, or from last/ to resume), say what the run will do that the user might not expect (rows
+cut by --max-length, no --eval), and only then write the resolved config.yaml."""
 
 from __future__ import annotations
 
 import dataclasses
 import random
 from pathlib import Path
+from typing import Sequence
 
 from qtune.config import TrainConfig, config_to_yaml
 from qtune.errors import QtuneError
 from qtune.io import write_text
 from qtune.modeling.loading import LoadedModel, LoraSettings, ModelSpec, load_model
 from qtune.training.trainer import STATE_FILE
+
+
+# Over this share of training rows cut by --max-length, a run is refused: most rows would lose
+# their ends, which is a wrong --max-length rather than a few long rows (`qtune data stats`
+# suggests one that covers 99% of rows).
+MOST_ROWS = 0.5
+
+
+def check_truncation(lengths: Sequence[int], max_length: int, rows: str) -> int:
+    """Say how many training `rows` ("pairs", "texts") --max-length truncates, from their token
+    counts before truncation; refuse the run when it is most of them. Returns how many are cut.
+
+    Called from `start_run`'s `validate`, so a refused run has written nothing."""
+    total = len(lengths)
+    cut = sum(1 for n in lengths if n > max_length)
+    if not cut:
+        return 0
+    share = f"{cut / total:.0%}" if cut / total >= 0.01 else "<1%"
+    what = f"{cut} of {total} training {rows} ({share}) are longer than --max-length {max_length}"
+    if cut / total > MOST_ROWS:
+        raise QtuneError(f"{what}: most would be truncated; raise --max-length (`qtune data stats` suggests one "
+                         "that covers 99% of rows)")
+    print(f"{what} and are truncated")
+    return cut
 
 
 def lora_settings(config: TrainConfig) -> LoraSettings | None:
@@ -35,7 +61,8 @@ def seed_everything(seed: int) -> None:
 
 def start_run(config: TrainConfig, spec: ModelSpec, *, validate=None, **load_kwargs) -> LoadedModel:
     """Checks the output folder, seeds, loads the model (fresh with `lora_settings(config)`, or from
-    last/), runs `validate(loaded)` (settings that need the model) and only then writes config.yaml.
+    last/), runs `validate(loaded)` (settings and data checks that need the model or its tokenizer,
+    e.g. `check_truncation`), says when there is no --eval and only then writes config.yaml.
 
     Called after the data was read, so bad data never gets this far.
     """
@@ -54,5 +81,8 @@ def start_run(config: TrainConfig, spec: ModelSpec, *, validate=None, **load_kwa
                             **common, **load_kwargs)
     if validate is not None:
         validate(loaded)
+    if not config.eval:
+        # best/ is chosen by the eval metric; without eval data it is simply where training ended
+        print("no --eval: best/ will be the last checkpoint")
     write_text(output / "config.yaml", config_to_yaml(dataclasses.replace(config, resume=False)))
     return loaded

@@ -9,7 +9,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Sequence
 
 from qtune.modeling.heads import closing_tokens
@@ -41,3 +41,8 @@ class TextEncoder:
                 feature["labels"] = example.label
             features.append(feature)
         return features
+
+    def untruncated_lengths(self, examples: Sequence) -> list[int]:
+        """Tokens of each example's text before --max-length cuts it (what `qtune data stats` counts)."""
+        whole = replace(self, max_length=None)
+        return [len(whole.encode(example.text)["input_ids"]) for example in examples]

@@ -11,7 +11,7 @@ from qtune.tasks.base import TrainedRun
 from qtune.tasks.classify.config import ClassifyConfig
 from qtune.tasks.classify.data import read_labelled
 from qtune.tasks.classify.encode import TextEncoder
-from qtune.training.run import start_run
+from qtune.training.run import check_truncation, start_run
 
 
 def model_labels(config: ClassifyConfig, task_name: str) -> list[str] | None:
@@ -27,12 +27,14 @@ def train(task, config: ClassifyConfig, on_step=None) -> TrainedRun:
     train_examples, labels = read(config.train, labels=config.labels or model_labels(config, task.name))
     eval_examples = read(config.eval, labels=labels)[0] if config.eval else None
 
-    def same_labels(loaded: LoadedModel) -> None:
+    def validate(loaded: LoadedModel) -> None:
         if list(loaded.meta.labels) != labels:
             raise QtuneError(f"the model has labels {list(loaded.meta.labels)}, the data {labels}; "
                              "train with the model's labels (--labels) or from a base model")
+        lengths = TextEncoder(loaded.tokenizer, loaded.family.is_decoder).untruncated_lengths(train_examples)
+        check_truncation(lengths, config.max_length, "texts")
 
-    loaded = start_run(config, task, validate=same_labels, labels=labels)
+    loaded = start_run(config, task, validate=validate, labels=labels)
     encoder = TextEncoder(loaded.tokenizer, loaded.family.is_decoder, config.max_length)
     features = encoder.encode_examples(train_examples)
     eval_features = encoder.encode_examples(eval_examples) if eval_examples is not None else None

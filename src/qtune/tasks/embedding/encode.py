@@ -10,6 +10,8 @@
 
 from __future__ import annotations
 
+import math
+from collections import Counter
 from typing import Sequence
 
 import numpy as np
@@ -71,27 +73,125 @@ def group_features(groups: Sequence[QueryGroup], embed_features, hard_negatives:
     return features
 
 
-def unique_text_batches(features: Sequence[dict], batch_size: int, *, seed: int, epoch: int) -> list[list[int]]:
-    """Seeded batches in which no text (query, positive or negative) occurs twice.
+def untruncated_lengths(groups: Sequence[QueryGroup], embed_features, hard_negatives: int) -> list[int]:
+    """Tokens, before --max-length cuts them, of every text `group_features` encodes (query, first
+    positive, up to `hard_negatives` negatives per group); `embed_features` is `Embedder.features`."""
+    queries = [g.query for g in groups]
+    passages = [t for g in groups for t in (g.positives[0], *g.negatives[:hard_negatives])]
+    return [len(f["input_ids"]) for texts, is_query in ((queries, True), (passages, False))
+            for f in embed_features(texts, is_query, truncate=False)]
 
-    Groups that clash with the batch being filled wait for a later batch, so every group is
-    used once per epoch; only the last batches may be smaller.
+
+def unique_text_batches(features: Sequence[dict], batch_size: int, *, seed: int, epoch: int) -> list[list[int]]:
+    """Seeded batches in which no text (query, positive or negative) occurs twice, each group
+    once per epoch, full whenever the texts allow it.
+
+    A text shared by k groups (an FAQ answer that is the positive of k paraphrases, a popular
+    mined negative) needs k batches. So the epoch gets `ceil(n / batch_size)` batches, all full
+    but the last, or, when some text is in more groups than that, one batch per group sharing it,
+    of even sizes. Groups that share their most shared text are dealt out in turn over the
+    batches, most shared first (filling one batch at a time instead leaves the groups that share
+    texts for the end, in ever smaller batches); a group that fits nowhere trades places along a
+    short seeded chain of groups, and only opens a batch of its own when that fails. Full batches
+    come first, in a seeded order.
     """
+    if batch_size < 1:
+        raise ValueError("batch_size must be at least 1")
+    if not features:
+        return []
     rng = np.random.default_rng([seed, epoch])
-    pending = rng.permutation(len(features)).tolist()
-    batches = []
-    while pending:
-        batch, seen, rest = [], set(), []
-        for i in pending:
-            texts = features[i]["texts"]
-            if len(batch) < batch_size and seen.isdisjoint(texts):
-                batch.append(i)
-                seen |= texts
-            else:
-                rest.append(i)
-        batches.append(batch)
-        pending = rest
-    return batches
+    texts = [f["texts"] for f in features]
+    sharing = Counter(t for group in texts for t in group)
+    key = [max(group, key=lambda t: (sharing[t], t)) for group in texts]  # each group's most shared text
+    key_rank = {k: r for r, k in enumerate(rng.permutation(sorted(set(key))).tolist())}
+    tie = rng.permutation(len(texts))
+    order = sorted(range(len(texts)), key=lambda i: (-sharing[key[i]], key_rank[key[i]], tie[i]))
+    count = max(math.ceil(len(texts) / batch_size), sharing[key[order[0]]])
+    batches = _Batches(texts, _sizes(len(texts), batch_size, count), batch_size)
+    cursor, unplaced = 0, []
+    for i in order:  # dealt in turn: consecutive groups sharing a text land in consecutive batches
+        slot = next((b % count for b in range(cursor, cursor + count) if batches.fits(i, b % count)), None)
+        if slot is None:
+            unplaced.append(i)
+            continue
+        batches.add(i, slot)
+        cursor = slot + 1
+    for i in unplaced:
+        batches.place_by_trading(i, rng, steps=20 * count)
+    shuffled = [batches.members[b] for b in rng.permutation(len(batches.members))]
+    return sorted(shuffled, key=lambda b: len(b) < batch_size)
+
+
+def _sizes(n: int, batch_size: int, count: int) -> list[int]:
+    """How many groups each of `count` batches takes: full ones and a last with the rest, or, with
+    more batches than `n / batch_size` needs, sizes that differ by one at most."""
+    if count == math.ceil(n / batch_size):
+        return [batch_size] * (count - 1) + [n - batch_size * (count - 1)]
+    return [n // count + (b < n % count) for b in range(count)]
+
+
+class _Batches:
+    """Batches of group indices being filled (up to `sizes[b]` each; batches opened beyond the
+    planned ones take up to `batch_size`), with the texts each batch already holds and whose they are."""
+
+    def __init__(self, texts: Sequence[frozenset], sizes: list[int], batch_size: int):
+        self.texts, self.sizes, self.batch_size, self.planned = texts, list(sizes), batch_size, len(sizes)
+        self.members: list[list[int]] = [[] for _ in sizes]
+        self.holder: list[dict] = [{} for _ in sizes]  # per batch: text -> the group that brought it
+
+    def fits(self, i: int, b: int) -> bool:
+        return len(self.members[b]) < self.sizes[b] and self.holder[b].keys().isdisjoint(self.texts[i])
+
+    def add(self, i: int, b: int) -> None:
+        self.members[b].append(i)
+        self.holder[b].update(dict.fromkeys(self.texts[i], i))
+
+    def remove(self, i: int, b: int) -> None:
+        self.members[b].remove(i)
+        for t in self.texts[i]:
+            del self.holder[b][t]
+
+    def place_by_trading(self, i: int, rng, steps: int) -> None:
+        """Place group `i` into a planned batch with room that holds none of its texts, or in place
+        of the one group it clashes with in some batch, which then looks for a place in turn. The
+        group in hand when no trade is left (or after `steps`) goes to a batch beyond the planned ones."""
+        left = None  # the batch the moving group just left: it does not go straight back
+        for _ in range(steps):
+            free = next((b for b in range(self.planned) if self.fits(i, b)), None)
+            if free is not None:
+                self.add(i, free)
+                return
+            swaps = []
+            for b in range(self.planned):
+                clash = {self.holder[b][t] for t in self.texts[i] if t in self.holder[b]}
+                if b != left and len(clash) == 1:
+                    swaps.append((b, clash.pop()))
+            if not swaps:
+                break
+            b, j = swaps[int(rng.integers(len(swaps)))]
+            self.remove(j, b)
+            self.add(i, b)
+            i, left = j, b
+        extra = next((b for b in range(self.planned, len(self.members)) if self.fits(i, b)), None)
+        if extra is None:
+            self.members.append([])
+            self.holder.append({})
+            self.sizes.append(self.batch_size)
+            extra = len(self.members) - 1
+        self.add(i, extra)
+
+
+def short_batches_note(features: Sequence[dict], batches: Sequence[Sequence[int]], batch_size: int) -> str | None:
+    """Why batches of an epoch hold fewer than `batch_size` groups (the last one aside, when the
+    groups do not divide evenly), for the user; None when they are full."""
+    expected_short = 1 if len(features) % batch_size else 0
+    short = sum(len(b) < batch_size for b in batches)
+    if short <= expected_short and len(batches) == math.ceil(len(features) / batch_size):
+        return None
+    most = max(Counter(t for f in features for t in f["texts"]).values())
+    return (f"{short} of {len(batches)} batches hold fewer than --batch-size {batch_size} query groups: a batch "
+            f"never holds a text twice and the groups share texts (one is in {most} of the {len(features)} "
+            "groups); a smaller --batch-size or fewer --hard-negatives fill them")
 
 
 def collate(tokenizer, features: Sequence[dict], packed=False) -> dict:

@@ -10,10 +10,11 @@ from qtune.evaluation.retrieval import evaluate_retrieval
 from qtune.modeling.loading import LoadedModel
 from qtune.tasks.base import TrainedRun
 from qtune.tasks.embedding.config import EmbeddingConfig
-from qtune.tasks.embedding.encode import collate, group_features, unique_text_batches
+from qtune.tasks.embedding.encode import (collate, group_features, short_batches_note, unique_text_batches,
+                                          untruncated_lengths)
 from qtune.tasks.embedding.loss import ContrastiveSettings, cached_backward, loss
 from qtune.tasks.embedding.model import Embedder
-from qtune.training.run import resume_state, start_run
+from qtune.training.run import check_truncation, resume_state, start_run
 from qtune.training.trainer import TaskHooks, fit
 
 
@@ -25,16 +26,22 @@ def train(task, config: EmbeddingConfig, on_step=None) -> TrainedRun:
         width = Embedder(model).dimension
         if config.matryoshka_dims and not all(0 < d <= width for d in config.matryoshka_dims):
             raise QtuneError(f"--matryoshka-dims must be between 1 and the model's {width} dimensions")
+        if config.query_instruction is not None and not config.resume:
+            model.meta.query_instruction = config.query_instruction or None
+        check_truncation(untruncated_lengths(groups, Embedder(model).features, config.hard_negatives),
+                         config.max_length, "texts")
 
     loaded = start_run(config, task, validate=validate)
-    if config.query_instruction is not None and not config.resume:
-        loaded.meta.query_instruction = config.query_instruction or None
     embedder = Embedder(loaded)
     features = group_features(groups, embedder.features, config.hard_negatives)
     settings = ContrastiveSettings(pooling=loaded.meta.pooling, temperature=config.temperature,
                                    false_negative_offset=config.false_negative_offset,
                                    matryoshka_dims=tuple(config.matryoshka_dims or ()),
                                    mini_batch_size=config.mini_batch_size)
+    note = short_batches_note(features, unique_text_batches(features, config.batch_size, seed=config.seed, epoch=0),
+                              config.batch_size)
+    if note:
+        print(note)
     evaluate = None
     if eval_set is not None:
         def evaluate(model: LoadedModel) -> dict:

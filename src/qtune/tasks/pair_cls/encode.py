@@ -11,7 +11,7 @@ Truncation is longest-first, so a long sentence cannot push the other one out.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Sequence
 
 from qtune.modeling.heads import closing_tokens
@@ -46,6 +46,11 @@ class PairEncoder:
                 feature["labels"] = pair.label
             features.append(feature)
         return features
+
+    def untruncated_lengths(self, pairs: Sequence[Pair]) -> list[int]:
+        """Tokens of each pair before --max-length cuts it (what `qtune data stats` counts)."""
+        whole = replace(self, max_length=None)
+        return [len(whole.encode(pair.sentence1, pair.sentence2)["input_ids"]) for pair in pairs]
 
 
 def _truncate_longest_first(a: list[int], b: list[int], budget: int) -> tuple[list[int], list[int]]:

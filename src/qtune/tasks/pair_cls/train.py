@@ -5,10 +5,11 @@ from __future__ import annotations
 from functools import partial
 
 from qtune.data.pairs import read_pairs
+from qtune.modeling.loading import LoadedModel
 from qtune.tasks.base import TrainedRun
 from qtune.tasks.pair_cls.config import PairClsConfig
 from qtune.tasks.pair_cls.encode import PairEncoder
-from qtune.training.run import start_run
+from qtune.training.run import check_truncation, start_run
 
 
 def train(task, config: PairClsConfig, on_step=None) -> TrainedRun:
@@ -18,7 +19,11 @@ def train(task, config: PairClsConfig, on_step=None) -> TrainedRun:
     train_pairs = read(config.train)
     eval_pairs = read(config.eval) if config.eval else None
 
-    loaded = start_run(config, task, labels=config.labels)
+    def validate(model: LoadedModel) -> None:  # the data checks that need the tokenizer
+        lengths = PairEncoder(model.tokenizer, model.family.is_decoder).untruncated_lengths(train_pairs)
+        check_truncation(lengths, config.max_length, "pairs")
+
+    loaded = start_run(config, task, validate=validate, labels=config.labels)
     encoder = PairEncoder(loaded.tokenizer, loaded.family.is_decoder, config.max_length)
     features = encoder.encode_pairs(train_pairs)
     eval_features = encoder.encode_pairs(eval_pairs) if eval_pairs is not None else None

@@ -2,7 +2,8 @@
 
 Each training feature is one group of `group_size` pairs: the query with its first positive, then
 `group_size - 1` of its negatives in file order (mined files list the hardest first). A group
-with fewer negatives repeats them; a group without any cannot teach a ranking and is left out.
+with fewer negatives repeats them (training says how many groups do, `short_groups`); a group
+without any cannot teach a ranking and is left out.
 
 Losses, on the logits of `qtune.tasks.reranker.model.forward_logits` (sigmoid = the served score):
 - listwise: softmax cross-entropy over each group, the positive being the target;
@@ -35,6 +36,17 @@ def group_features(groups: Sequence[QueryGroup], encode, group_size: int) -> tup
     if not features:
         raise QtuneError("no training group has a negative: mine some first (`qtune mine`)")
     return features, dropped
+
+
+def short_groups(groups: Sequence[QueryGroup], group_size: int) -> int:
+    """How many groups have some negatives but fewer than `group_size - 1` (theirs are repeated)."""
+    return sum(1 for g in groups if 0 < len(g.negatives) < group_size - 1)
+
+
+def training_pairs(groups: Sequence[QueryGroup], group_size: int) -> list[tuple[str, str]]:
+    """The distinct (query, document) pairs `group_features` encodes: each group's first positive
+    and up to `group_size - 1` negatives, for the groups that have negatives."""
+    return [(g.query, doc) for g in groups if g.negatives for doc in (g.positives[0], *g.negatives[:group_size - 1])]
 
 
 def collate(tokenizer, features: Sequence[dict], packed=False) -> dict:

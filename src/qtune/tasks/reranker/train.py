@@ -12,9 +12,10 @@ from qtune.errors import QtuneError
 from qtune.modeling.loading import LoadedModel
 from qtune.tasks.base import TrainedRun
 from qtune.tasks.reranker.config import RerankerConfig
-from qtune.tasks.reranker.groups import collate, group_features, group_ranking_metrics, loss
+from qtune.tasks.reranker.groups import (collate, group_features, group_ranking_metrics, loss, short_groups,
+                                         training_pairs)
 from qtune.tasks.reranker.model import Reranker
-from qtune.training.run import resume_state, start_run
+from qtune.training.run import check_truncation, resume_state, start_run
 from qtune.training.trainer import TaskHooks, fit
 
 
@@ -26,16 +27,24 @@ def train(task, config: RerankerConfig, on_step=None) -> TrainedRun:
             raise QtuneError(f"{path}: no group has a negative, so there is nothing to rank "
                              "(add them with `qtune mine`)")
 
-    def validate(model: LoadedModel) -> None:  # settings that need the tokenizer, before anything is written
-        Reranker(model).formatter.encode("query", "document")
+    def validate(model: LoadedModel) -> None:  # checks that need the tokenizer, before anything is written
+        if config.instruction is not None and not config.resume and model.family.is_decoder:
+            model.meta.instruction = config.instruction
+        reranker = Reranker(model)
+        reranker.formatter.encode("query", "document")
+        whole = reranker.features(training_pairs(groups, config.group_size), truncate=False)
+        check_truncation([len(f["input_ids"]) for f in whole], config.max_length, "pairs")
 
     loaded = start_run(config, task, validate=validate)
-    if config.instruction is not None and not config.resume and loaded.family.is_decoder:
-        loaded.meta.instruction = config.instruction
     reranker = Reranker(loaded)
     features, dropped = group_features(groups, reranker.formatter.encode, config.group_size)
     if dropped:
         print(f"{dropped} of {len(groups)} training groups have no negative and are left out")
+    short = short_groups(groups, config.group_size)
+    if short:
+        print(f"{short} of {len(groups)} training groups have fewer than {config.group_size - 1} negatives "
+              f"(--group-size {config.group_size}); their negatives are repeated to fill the group "
+              "(mine more with `qtune mine --num-negatives`, or lower --group-size)")
     evaluate = None
     if eval_groups is not None:
         scored = [g for g in eval_groups if g.negatives]

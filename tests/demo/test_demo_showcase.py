@@ -1,0 +1,36 @@
+"""The pairs `qtune demo` predicts at the end: their labels are what the demo's data says, their
+wording was held out of training, and each question gets a match and a hard non-match."""
+
+from __future__ import annotations
+
+import random
+
+from qtune.demo import SHOWCASE
+from qtune.demo.data import INTENTS, _split_sentences, make_pairs, sibling_id
+
+INTENT_OF = {s: i.id for i in INTENTS for s in (i.question, *i.paraphrases)}
+
+
+def test_showcase_labels_are_the_data_s():
+    for question, candidate, same in SHOWCASE:
+        assert same == (INTENT_OF[question] == INTENT_OF[candidate]), (question, candidate)
+
+
+def test_showcase_pairs_ask_held_out_wording_against_faq_questions():
+    train_sents, dev_sents = _split_sentences(random.Random(0))  # the split the demo trains on
+    held_out = {s for sents in dev_sents.values() for s in sents}
+    faq = {i.question for i in INTENTS}
+    train_pairs = {frozenset(p[:2]) for p in make_pairs(0)[0]}
+    for question, candidate, _ in SHOWCASE:
+        assert question in faq and candidate in held_out, (question, candidate)
+        assert frozenset((question, candidate)) not in train_pairs
+
+
+def test_each_question_has_a_match_and_a_confusable_non_match():
+    questions = {q for q, _, _ in SHOWCASE}
+    assert len(questions) >= 3
+    for question in questions:
+        rows = [(c, same) for q, c, same in SHOWCASE if q == question]
+        assert sorted(same for _, same in rows) == [False, True]
+        other = next(c for c, same in rows if not same)
+        assert INTENT_OF[other] == sibling_id(INTENT_OF[question])  # the hard negative, not a random one
