@@ -8,7 +8,6 @@ import base64
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -17,9 +16,10 @@ import time
 import httpx
 import numpy as np
 import pytest
-from fastapi.testclient import TestClient
-
 from conftest import assert_api_error
+from fastapi.testclient import TestClient
+from served_models import free_port, live_server
+
 from qtune.api import load
 from qtune.serving import ServerSettings, create_app
 
@@ -48,12 +48,6 @@ def client(bert, qwen, clf):
 
 def decode_base64(text: str) -> np.ndarray:
     return np.frombuffer(base64.b64decode(text), dtype="<f4")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # --- in-process: shapes and numbers ---------------------------------------------------------------
@@ -261,21 +255,9 @@ def test_503_not_ready_and_draining(bert):
 
 @pytest.fixture(scope="module")
 def live(bert, clf):
-    import uvicorn
-
     app = create_app({"bert": bert, "clf": clf}, ServerSettings())
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    for _ in range(1000):
-        if server.started:
-            break
-        time.sleep(0.01)
-    assert server.started
-    yield app, f"http://127.0.0.1:{server.config.port}"
-    server.should_exit = True
-    thread.join(30)
-    assert not thread.is_alive()
+    with live_server(app) as (host, port):
+        yield app, f"http://{host}:{port}"
 
 
 def test_openai_client(live, bert):

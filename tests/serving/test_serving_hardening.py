@@ -341,3 +341,41 @@ def test_openapi_describes_every_endpoint_and_its_request_body(client):
     assert "RerankDocument" in schemas  # a nested model resolves in the document
     for path in ("/v1/models", "/health", "/metrics"):
         assert "get" in paths[path]
+
+
+# --- tokenizers are used by one thread at a time ---------------------------------------------------
+
+def test_a_tokenizer_is_never_used_by_two_threads_at_once(models, matcher, monkeypatch):
+    """A fast tokenizer sets its truncation on shared state before each call: request tokenization
+    (prep threads) and the FAQ matcher's (model thread) running together got each other's cut."""
+    tokenizer = models["emb"].loaded.tokenizer
+    real, lock = tokenizer._encode_plus, threading.Lock()
+    inside, most = [0], [0]
+
+    def watched(*args, **kwargs):
+        with lock:
+            inside[0] += 1
+            most[0] = max(most[0], inside[0])
+        time.sleep(0.01)  # widen the window a real race needs
+        try:
+            return real(*args, **kwargs)
+        finally:
+            with lock:
+                inside[0] -= 1
+
+    monkeypatch.setattr(tokenizer, "_encode_plus", watched)
+    with TestClient(create_app({"emb": models["emb"]}, ServerSettings(), matcher)) as c:
+        def embed():
+            for _ in range(6):
+                assert c.post("/v1/embeddings", json={"input": ["the cat", "a dog"]}).status_code == 200
+
+        def match():
+            for _ in range(6):
+                assert c.post("/v1/match", json={"query": "the cat"}).status_code == 200
+
+        threads = [threading.Thread(target=f) for f in (embed, embed, match, match)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+    assert most[0] == 1, f"{most[0]} threads were inside the tokenizer at once"

@@ -87,6 +87,10 @@ class ServingState:
     draining: bool = False
     executor: ThreadPoolExecutor | None = None  # the model thread
     prep: ThreadPoolExecutor | None = None  # parsing, tokenization, answers
+    # A fast tokenizer sets its truncation and padding on state its calls share, then encodes: two
+    # threads tokenizing at once (prep threads, and the FAQ matcher on the model thread) could get
+    # each other's settings. Whoever tokenizes holds this.
+    tokenizing: threading.Lock = field(default_factory=threading.Lock)
     match_queue: Waiting = field(default_factory=lambda: Waiting(MATCH_QUEUE))
     created: int = field(default_factory=lambda: int(time.time()))
 
@@ -187,6 +191,10 @@ class ModelCalls:
         """`fn(*args, **kwargs)` on a prep thread: CPU work (tokenizing, parsing) that must not hold up
         the event loop, nor wait behind model calls."""
         return await asyncio.get_running_loop().run_in_executor(self.state.prep, lambda: fn(*args, **kwargs))
+
+    async def tokenize(self, fn, *args, **kwargs):
+        """`prepare` for work that tokenizes: one tokenizing call at a time (`ServingState.tokenizing`)."""
+        return await self.prepare(_holding, self.state.tokenizing, fn, *args, **kwargs)
 
 
 def _routes() -> dict[str, list[tuple[Task, Endpoint]]]:
@@ -347,7 +355,8 @@ def create_app(models: dict[str, object], settings: ServerSettings, matcher=None
                            param="top_k", code="invalid_top_k")
         try:  # the matcher embeds the query: it runs on the model thread like every torch call
             result = await _while_connected(request, calls.one_call(
-                state.match_queue, "FAQ matching", state.matcher.match, body.query, body.top_k, body.threshold))
+                state.match_queue, "FAQ matching", _holding, state.tokenizing, state.matcher.match, body.query,
+                body.top_k, body.threshold))
         except QtuneError as error:
             if isinstance(error, ApiError):
                 raise
@@ -356,6 +365,11 @@ def create_app(models: dict[str, object], settings: ServerSettings, matcher=None
 
     app.openapi = lambda: _openapi_document(app, [MatchRequest, *(e.request for hs in routes.values() for _, e in hs)])
     return app
+
+
+def _holding(lock: threading.Lock, fn, *args, **kwargs):
+    with lock:
+        return fn(*args, **kwargs)
 
 
 class ClientGone(Exception):

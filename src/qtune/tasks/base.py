@@ -74,7 +74,8 @@ class Endpoint:
     the served model (`.name`, `.model` = the task's wrapper, `.max_input_tokens`), `call` the
     server's side (`.settings`, `await call.submit(entry, features)` for micro-batched rows,
     `await call.run(entry, fn, *args)` for one model call on the model thread, `await
-    call.prepare(fn, *args)` for tokenizing and other CPU work off the event loop). It raises
+    call.tokenize(fn, *args)` for tokenizing off the event loop, one tokenizing call at a time, and
+    `call.prepare` for other CPU work). It raises
     `qtune.errors.RequestError` for a bad request and returns the JSON answer.
     `accepts(body)`: when a request names no model, whether this task takes it (several tasks
     may share a path, e.g. /v1/classify for pairs and for single texts)."""

@@ -27,6 +27,6 @@ def text_features(entry, value, settings) -> list[dict]:
 
 
 async def classify(call, entry, body: ClassifyRequest) -> dict:
-    features = await call.prepare(text_features, entry, body.input, call.settings)  # tokenized on a prep thread
+    features = await call.tokenize(text_features, entry, body.input, call.settings)  # tokenized on a prep thread
     probs = await call.submit(entry, features)  # (n, labels)
     return classify_answer(entry, probs, entry.model.labels, features)

@@ -71,7 +71,7 @@ def _encode(vector: np.ndarray, encoding_format: str):
 
 
 async def embeddings(call, entry, body: EmbeddingRequest) -> dict:
-    features = await call.prepare(embedding_features, entry, body.input, is_query=body.input_type == "query",
+    features = await call.tokenize(embedding_features, entry, body.input, is_query=body.input_type == "query",
                                   settings=call.settings)  # tokenized on a prep thread
     width = entry.model.dimension
     if body.dimensions is not None and body.dimensions > width:

@@ -30,7 +30,7 @@ async def extract(call, entry, body: ExtractRequest) -> dict:
     if max_new_tokens > cap:
         raise RequestError(422, f"max_new_tokens must be between 1 and {cap}, got {max_new_tokens}",
                            param="max_new_tokens", code="invalid_max_new_tokens")
-    prompts = await call.prepare(_prompts, entry, texts, settings)  # tokenized on a prep thread
+    prompts = await call.tokenize(_prompts, entry, texts, settings)  # tokenized on a prep thread
     found = await call.run(entry, functools.partial(
         entry.model.extract_prompts, [p["input_ids"] for p in prompts], batch_size=settings.extract_batch_size,
         max_new_tokens=max_new_tokens), rows=len(texts))

@@ -50,7 +50,7 @@ def rerank_features(entry, query: str, documents: list[str], settings) -> list[d
 
 async def rerank(call, entry, body: RerankRequest) -> dict:
     documents = [d if isinstance(d, str) else d.text for d in body.documents]
-    features = await call.prepare(rerank_features, entry, body.query, documents, call.settings)  # on a prep thread
+    features = await call.tokenize(rerank_features, entry, body.query, documents, call.settings)  # on a prep thread
     scores = (await call.submit(entry, features))[:, 0]  # (n,) in [0, 1]
     threshold = entry.model.threshold
     results = []
