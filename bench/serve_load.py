@@ -62,7 +62,8 @@ async def run_level(port: int, model: str, concurrency: int, total: int, seed: i
     import httpx
 
     rng = random.Random(seed)
-    bodies = [{"model": model, "input": rng.sample(SENTENCES, rng.randint(1, 4))} for _ in range(total)]
+    # no "model": the server serves one embedder (named after its folder, not the path given here)
+    bodies = [{"input": rng.sample(SENTENCES, rng.randint(1, 4))} for _ in range(total)]
     latencies, errors, throttled = [], 0, 0
     queue: asyncio.Queue = asyncio.Queue()
     for body in bodies:

@@ -220,3 +220,14 @@ def assert_api_error(response, status: int, *parts: str, code: str | None = None
     if param is not None:
         assert error["param"] == param
     return error
+
+
+@pytest.fixture
+def served(monkeypatch) -> dict:
+    """`qtune serve` with the server stubbed: what it would serve (models, settings, matcher)."""
+    import qtune.serving
+
+    captured = {}
+    monkeypatch.setattr(qtune.serving, "serve", lambda models, settings, matcher=None: captured.update(
+        models=models, settings=settings, matcher=matcher))
+    return captured

@@ -84,12 +84,63 @@ def mine(model: str, queries: str, corpus: str, output: str, settings=None, *, f
                      output, settings or MiningSettings(), fmt=fmt, batch_size=batch_size)
 
 
-def export(model_dir: str, output: str) -> Path:
-    """Merge LoRA weights into a plain transformers checkpoint."""
-    from qtune.modeling.checkpoint import check_export_target, export_merged
+def export(model_dir: str, output: str, fmt: str = "auto") -> Path:
+    """Write the qtune folder `model_dir` at `output`, LoRA merged, in a format another engine loads
+    with qtune's outputs (`fmt`: one of the task's `export_formats`; "auto": its first, e.g.
+    sentence-transformers for an embedder). See `qtune.modeling.export`."""
+    from qtune.modeling.checkpoint import check_export_target
+    from qtune.modeling.export import export_model
 
+    spec = task_of(model_dir)
+    fmt = _export_format(spec, fmt)
     check_export_target(output)
-    return export_merged(load_model(model_dir, device="cpu", precision="fp32"), output)
+    writer = _exporter(spec).write_export if spec.exporter else None
+    loaded = load_model(model_dir, device="cpu", precision="fp32")
+    source = str(Path(model_dir).resolve()) if Path(model_dir).exists() else str(model_dir)
+    return export_model(loaded, output, task=spec.name, fmt=fmt, source=source, writer=writer)
+
+
+def check_export(output: str | Path, model_dir: str | None = None, *,
+                 texts: Sequence[str] | None = None) -> dict[str, float]:
+    """Load the export `output` with each engine installed here and compare with qtune's own outputs
+    of `model_dir` (default: the source its export note names) on `texts` (default: mixed-length
+    samples): {engine: max abs difference}."""
+    from qtune.modeling.export import EXPORT_NOTE, SAMPLE_TEXTS, read_export_note
+    from qtune.modeling.loading import read_meta
+
+    output = Path(output)
+    if not output.is_dir():
+        raise QtuneError(f"cannot check export '{output}': no such folder")
+    if model_dir is None:
+        note = read_export_note(output)
+        if note is None:
+            raise QtuneError(f"'{output}' has no {EXPORT_NOTE} saying which model it was exported from: pass --model")
+        model_dir = note["source"]
+        if not Path(model_dir).exists() and Path(model_dir).is_absolute():
+            raise QtuneError(f"'{output}' was exported from {model_dir}, which is no longer there: pass --model")
+    spec = task_of(model_dir)
+    exported = read_meta(output)
+    if exported is not None and exported.task != spec.name:
+        raise QtuneError(f"'{output}' is an export of {get(exported.task).kind}, but '{model_dir}' is {spec.kind}")
+    if spec.exporter is None:
+        raise QtuneError(f"no engine checks for exports of {spec.kind}")
+    model = load(model_dir, device="cpu", precision="fp32")
+    return _exporter(spec).check_export(output, model, list(texts or SAMPLE_TEXTS))
+
+
+def _export_format(spec, fmt: str) -> str:
+    if fmt == "auto":
+        return spec.export_formats[0]
+    if fmt not in spec.export_formats:
+        raise QtuneError(f"{spec.kind} exports as {' or '.join(spec.export_formats)}, not {fmt}")
+    return fmt
+
+
+def _exporter(spec):
+    """The task's export module (`Task.exporter`, below qtune.tasks)."""
+    import importlib
+
+    return importlib.import_module(f"qtune.tasks.{spec.exporter}")
 
 
 def length_stats(task: str, data: str, model: str, *, plot: str | Path | None = None,
@@ -120,54 +171,92 @@ def retrieval_split(table: str, output: str, *, question_column: str = "question
                                  test_fraction=test_fraction, seed=seed, skip_empty=skip_empty)
 
 
-def _classifiers(classifier: str | Sequence[str] | None) -> list[str]:
-    return [] if not classifier else [classifier] if isinstance(classifier, str) else list(classifier)
+def _listed(values: str | Sequence[str] | None) -> list[str]:
+    return [] if not values else [values] if isinstance(values, str) else list(values)
 
 
-def _load_classifier(name: str, **kwargs):
-    """A trained folder is the classifier its qtune.json names (pair or text); a base model is taken
-    as a pair classifier."""
+# The task each `qtune serve` role loads its folders as; a classifier is the one its qtune.json names
+# (pair or text), and a base model given as a classifier is a pair classifier.
+ROLE_TASKS = {"embedding": "embedding", "classifier": "pair-cls", "reranker": "reranker", "extractor": "extract"}
+
+
+def _role_task(source) -> str | None:
+    """The task to load `source` (a `ServedSource`) as: None lets its qtune.json decide."""
     from qtune.modeling.loading import read_meta
 
-    return load(name, task=None if read_meta(name) is not None else "pair-cls", **kwargs)
+    if source.role == "classifier" and read_meta(source.source) is not None:
+        return None
+    return ROLE_TASKS[source.role]
 
 
-def serve(*, embedding: str | None = None, classifier: str | Sequence[str] | None = None,
-          reranker: str | None = None, extractor: str | None = None, kb: str | None = None,
-          kb_token: str | None = None, threshold: float | None = None, device: str = "auto", precision: str = "auto",
-          **settings) -> None:
-    """Load the models (and the knowledge base) and serve them until SIGTERM. `classifier`: one or
-    more pair or text classifiers (/v1/classify routes pairs and texts to the right one)."""
+def _load_served(sources, *, device: str, precision: str, share_base: bool) -> dict[str, object]:
+    """Served name -> wrapper, in flag order. LoRA adapters of one base model and one task are
+    loaded onto one copy of the base (`qtune.modeling.adapters`) unless `share_base` is False;
+    int8 exports merge each adapter, so they always load on their own."""
+    from qtune.modeling.adapters import adapter_base, load_adapters
+
+    specs = {s.name: task_of(s.source, _role_task(s)) for s in sources}
+    groups: dict[tuple, list] = {}
+    for s in sources:
+        base = adapter_base(s.source) if share_base and precision != "int8" else None
+        groups.setdefault((specs[s.name].name, base) if base is not None else (s.name,), []).append(s)
+    models = {}
+    for group in groups.values():
+        spec = specs[group[0].name]
+        if len(group) == 1:
+            models[group[0].name] = load(group[0].source, task=spec.name, device=device, precision=precision)
+            continue
+        views = load_adapters([s.source for s in group], spec, device=device, precision=precision)
+        models.update({s.name: spec.wrap(view) for s, view in zip(group, views)})
+    return {s.name: models[s.name] for s in sources}
+
+
+def _kb_embedder(kb: str, token: str | None, embedders: list):
+    """The served embedding model (a `ServedSource`) that built `kb`: the first one the KB accepts;
+    None when no embedding model is served (the KB's own is loaded then)."""
+    if not embedders:
+        return None
+    from qtune.kb.faq import check_embedder
+    from qtune.kb.store import KnowledgeBase
+
+    refusals = []
+    with KnowledgeBase.open(kb, token) as store:
+        for source in embedders:
+            try:
+                check_embedder(store, source.source)
+                return source
+            except QtuneError as error:
+                refusals.append(error)
+    raise refusals[0]
+
+
+def serve(*, embedding: str | Sequence[str] | None = None, classifier: str | Sequence[str] | None = None,
+          reranker: str | Sequence[str] | None = None, extractor: str | Sequence[str] | None = None,
+          kb: str | None = None, kb_token: str | None = None, threshold: float | None = None, device: str = "auto",
+          precision: str = "auto", separate_adapters: bool = False, **settings) -> None:
+    """Load the models (and the knowledge base) and serve them until SIGTERM.
+
+    Each role takes one or more `DIR` or `NAME=DIR` (a folder or hub id); clients choose a model by
+    its served name (see `qtune.serving.names`). `classifier`: pair and/or text classifiers
+    (/v1/classify routes pairs and texts to the right one). LoRA adapters of one base model in one
+    role share one copy of the base weights (`separate_adapters=True` loads each on its own)."""
     from qtune.serving import ServerSettings
     from qtune.serving import serve as run_server
+    from qtune.serving.names import served_sources
 
-    names = [n for n in (embedding, *_classifiers(classifier), reranker, extractor) if n]
-    twice = sorted({n for n in names if names.count(n) > 1})
-    if twice:  # models are served (and chosen by clients) by name: one name, one model
-        raise QtuneError(f"{', '.join(twice)}: given for more than one role; each served model needs its own "
-                         "name (folder or hub id)")
-    models = {}
-    if embedding:
-        models[embedding] = load(embedding, task="embedding", device=device, precision=precision)
-    for name in _classifiers(classifier):
-        models[name] = _load_classifier(name, device=device, precision=precision)
-    if reranker:
-        models[reranker] = load(reranker, task="reranker", device=device, precision=precision)
-    if extractor:
-        models[extractor] = load(extractor, task="extract", device=device, precision=precision)
+    sources = served_sources({"embedding": _listed(embedding), "classifier": _listed(classifier),
+                              "reranker": _listed(reranker), "extractor": _listed(extractor)})
+    kb_embedder = _kb_embedder(kb, kb_token, [s for s in sources if s.role == "embedding"]) if kb else None
+    models = _load_served(sources, device=device, precision=precision, share_base=not separate_adapters)
     matcher = None
     if kb:
-        if embedding:
-            from qtune.kb.faq import check_embedder
-            from qtune.kb.store import KnowledgeBase
-
-            with KnowledgeBase.open(kb, kb_token) as store:
-                check_embedder(store, embedding)
         # recall -> rerank -> threshold: a reranker rescores when served, else a pair classifier
-        pair_scorers = [models[n] for n in _classifiers(classifier) if hasattr(models[n], "pair_scores")]
-        rescorer = models[reranker] if reranker else next(iter(pair_scorers), None)
-        matcher = faq_matcher(kb, models.get(embedding), rescorer, threshold=threshold, token=kb_token,
-                              device=device)
+        rerankers = [models[s.name] for s in sources if s.role == "reranker"]
+        pair_scorers = [models[s.name] for s in sources if s.role == "classifier"
+                        and hasattr(models[s.name], "pair_scores")]
+        rescorer = next(iter(rerankers or pair_scorers), None)
+        matcher = faq_matcher(kb, models[kb_embedder.name] if kb_embedder else None, rescorer, threshold=threshold,
+                              token=kb_token, device=device)
     run_server(models, ServerSettings(**settings), matcher)
 
 

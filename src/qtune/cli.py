@@ -149,6 +149,13 @@ def command_runner(command: Command):
     return run
 
 
+def _tolerance_flag(parser: argparse.ArgumentParser) -> None:
+    from qtune.modeling.export import DEFAULT_TOLERANCE
+
+    parser.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE,
+                        help=f"largest max abs difference accepted (default: {DEFAULT_TOLERANCE:g}, fp32)")
+
+
 def _help(doc: str | None) -> str:
     """A config docstring's first line without its "`qtune ...`: " prefix."""
     return doc.strip().splitlines()[0].split(": ", 1)[-1].rstrip(".") if doc else ""
@@ -167,8 +174,29 @@ def task_commands(kind: str) -> list[Command]:
 
 def cmd_export(args) -> None:
     from qtune.api import export
+    from qtune.modeling.export import read_export_note
 
-    print(f"wrote merged model to {export(args.model, args.output)}")
+    output = export(args.model, args.output, args.format)
+    print(f"wrote {read_export_note(output)['format']} export to {output}")
+    if args.check:
+        show_export_check(output, args.model, args.tolerance)
+
+
+def cmd_check_export(args) -> None:
+    show_export_check(args.output, args.model, args.tolerance)
+
+
+def show_export_check(output, model: str | None, tolerance: float) -> None:
+    """Print each engine's max abs difference from qtune; a QtuneError (exit 2) names those over `tolerance`."""
+    from qtune.api import check_export
+    from qtune.modeling.export import difference_table
+
+    differences = check_export(output, model)
+    print(difference_table(differences, tolerance))
+    over = [engine for engine, difference in differences.items() if not difference <= tolerance]
+    if over:
+        raise QtuneError(f"{output}: {', '.join(over)} differ{'s' if len(over) == 1 else ''} from qtune by more "
+                         f"than {tolerance:g}")
 
 
 def cmd_serve(args) -> None:
@@ -177,7 +205,7 @@ def cmd_serve(args) -> None:
     if not (args.embedding or args.classifier or args.reranker or args.extractor):
         raise QtuneError("nothing to serve: give --embedding, --classifier, --reranker and/or --extractor")
     serve(embedding=args.embedding, classifier=args.classifier, reranker=args.reranker, extractor=args.extractor,
-          kb=args.kb, kb_token=args.kb_token,
+          separate_adapters=args.separate_adapters, kb=args.kb, kb_token=args.kb_token,
           threshold=args.threshold, device=args.device, precision=args.precision, host=args.host, port=args.port,
           max_batch_tokens=args.max_batch_tokens, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
           max_inputs=args.max_inputs, max_body_bytes=args.max_body_bytes, max_new_tokens=args.max_new_tokens,
@@ -247,7 +275,8 @@ def build_parser() -> argparse.ArgumentParser:
     stats.add_argument("--json", action="store_true", help="print the summary as JSON")
     stats.set_defaults(func=cmd_data_stats)
     split = data.add_parser("retrieval-split", help="QA table -> training JSONL + BEIR test folder (split by question)")
-    split.add_argument("table", help="CSV/TSV/JSONL with a question and a passage column")
+    split.add_argument("table", help="CSV/TSV/JSONL/Parquet, datasets FOLDER[:SPLIT] or hf://datasets/NAME[:SPLIT] "
+                       "with a question and a passage column")
     split.add_argument("--output", required=True, help="folder for train.jsonl and test/")
     split.add_argument("--question-column", default="question")
     split.add_argument("--passage-column", default="context")
@@ -257,8 +286,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="drop rows with an empty question or passage after the split (default: error)")
     split.set_defaults(func=cmd_data_retrieval_split)
     pii = data.add_parser("pii-sft", help="PII person records (pii_zh JSON) -> extraction SFT train/eval JSONL")
-    pii.add_argument("source", help="JSON list of records with naturalParagraph, name, location, emailAddress, "
-                     "phoneNumbers")
+    pii.add_argument("source", help="JSON list (or Parquet, datasets folder, hub dataset) of records with "
+                     "naturalParagraph, name, location, emailAddress, phoneNumbers")
     pii.add_argument("--output", required=True, help="folder for train.jsonl and eval.jsonl")
     pii.add_argument("--eval-fraction", type=float, default=0.1)
     pii.add_argument("--seed", type=int, default=42)
@@ -267,7 +296,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = commands.add_parser("mine", help="hard negatives for retrieval training, from a base embedder")
     sub.add_argument("--model", required=True, help="embedding model used to rank the corpus")
     sub.add_argument("--queries", required=True, help="training JSONL: {query, pos} or {query, response}")
-    sub.add_argument("--corpus", required=True, help="BEIR corpus.jsonl or one passage per line")
+    sub.add_argument("--corpus", required=True, help="BEIR corpus (.jsonl, .parquet, datasets folder) or one "
+                     "passage per line")
     sub.add_argument("--output", required=True, help="JSONL with the mined negatives")
     sub.add_argument("--range-min", type=int, default=20, help="skip the top N candidates (default: 20)")
     sub.add_argument("--range-max", type=int, default=50, help="look no deeper than rank N (default: 50)")
@@ -299,17 +329,35 @@ def build_parser() -> argparse.ArgumentParser:
     for command in [c for task in TASKS.values() for c in task.commands.values() if c.top_level]:
         add_command(commands, command)
 
-    sub = commands.add_parser("export", help="merge LoRA into a plain transformers checkpoint")
+    formats = sorted({fmt for task in TASKS.values() for fmt in task.export_formats})
+    sub = commands.add_parser("export", help="merge LoRA and write a folder other engines load (--format)")
     sub.add_argument("--model", required=True, help="a qtune training folder (e.g. OUT/best)")
     sub.add_argument("--output", required=True)
+    sub.add_argument("--format", choices=["auto", *formats], default="auto",
+                     help="auto: the task's first (sentence-transformers for an embedder, transformers for "
+                     "a classifier)")
+    sub.add_argument("--check", action="store_true", help="then load it with each engine and compare (check-export)")
+    _tolerance_flag(sub)
     sub.set_defaults(func=cmd_export)
+    sub = commands.add_parser("check-export", help="load an export with each engine installed here and print its "
+                              "max difference from qtune")
+    sub.add_argument("output", help="the export folder")
+    sub.add_argument("--model", help="the model it was exported from (default: the one its qtune_export.json names)")
+    _tolerance_flag(sub)
+    sub.set_defaults(func=cmd_check_export)
 
     sub = commands.add_parser("serve", help="OpenAI-compatible HTTP server (embeddings, classify, rerank, extract, FAQ match)")
-    sub.add_argument("--embedding", help="embedding model for /v1/embeddings (and the knowledge base)")
-    sub.add_argument("--classifier", nargs="+", help="pair and/or text classifiers for /v1/classify (a pair "
+    # Every model flag takes one or more DIR or NAME=DIR, and may be repeated (qtune.serving.names).
+    models = dict(nargs="+", action="extend", metavar="[NAME=]DIR")
+    sub.add_argument("--embedding", **models, help="embedding models for /v1/embeddings (the first one that "
+                     "built --kb also serves /v1/match)")
+    sub.add_argument("--classifier", **models, help="pair and/or text classifiers for /v1/classify (a pair "
                      "classifier also rescores FAQ matches)")
-    sub.add_argument("--reranker", help="reranker for /v1/rerank (and FAQ rescoring, with its calibrated threshold)")
-    sub.add_argument("--extractor", help="extraction model for /v1/extract")
+    sub.add_argument("--reranker", **models, help="rerankers for /v1/rerank (the first also rescores FAQ matches, "
+                     "with its calibrated threshold)")
+    sub.add_argument("--extractor", **models, help="extraction models for /v1/extract")
+    sub.add_argument("--separate-adapters", action="store_true", help="load each LoRA adapter with its own copy of "
+                     "the base model (default: adapters of one base and task share it)")
     sub.add_argument("--kb", help="knowledge base for /v1/match: Milvus Lite file or Milvus server URI")
     sub.add_argument("--kb-token", help="token for a Milvus server")
     sub.add_argument("--threshold", type=float, help="FAQ match threshold (default: 0.5 with a classifier, else 0.8)")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 import qtune
@@ -20,23 +22,17 @@ def text_classifier_dir(tiny_bert_dir, tmp_path_factory) -> str:
     return str(folder)
 
 
-@pytest.fixture
-def served(monkeypatch) -> dict:
-    captured = {}
-    monkeypatch.setattr(qtune.serving, "serve", lambda models, settings, matcher=None: captured.update(
-        models=models, settings=settings, matcher=matcher))
-    return captured
-
-
 def test_one_flag_serves_a_pair_and_a_text_classifier(tiny_bert_dir, tiny_qwen_dir, text_classifier_dir, served,
                                                        capsys):
     code, _, err = run(capsys, "serve", "--classifier", tiny_bert_dir, text_classifier_dir, "--embedding",
                        tiny_qwen_dir, "--device", "cpu", "--port", "8123", "--max-inputs", "7")
     assert code == 0, err
     kinds = {name: (type(model).__name__, model.loaded.meta.task) for name, model in served["models"].items()}
-    assert kinds == {tiny_qwen_dir: ("Embedder", "embedding"), tiny_bert_dir: ("PairClassifier", "pair-cls"),
-                     text_classifier_dir: ("TextClassifier", "classify")}
-    assert served["models"][text_classifier_dir].labels == ["billing", "delivery", "login"]
+    names = {folder: Path(folder).name for folder in (tiny_qwen_dir, tiny_bert_dir, text_classifier_dir)}
+    assert kinds == {names[tiny_qwen_dir]: ("Embedder", "embedding"),
+                     names[tiny_bert_dir]: ("PairClassifier", "pair-cls"),
+                     names[text_classifier_dir]: ("TextClassifier", "classify")}
+    assert served["models"][names[text_classifier_dir]].labels == ["billing", "delivery", "login"]
     assert (served["settings"].port, served["settings"].max_inputs, served["matcher"]) == (8123, 7, None)
 
 
@@ -49,8 +45,8 @@ def test_a_base_model_given_as_classifier_is_a_pair_classifier(tiny_bert_dir, se
 def test_nothing_to_serve_or_one_name_for_two_models_is_a_clear_error(tiny_bert_dir, capsys, served):
     code, _, err = run(capsys, "serve")
     assert_user_error(code, err, "nothing to serve")
-    code, _, err = run(capsys, "serve", "--embedding", tiny_bert_dir, "--classifier", tiny_bert_dir)
-    assert_user_error(code, err, tiny_bert_dir, "given for more than one role")
+    code, _, err = run(capsys, "serve", "--embedding", f"m={tiny_bert_dir}", "--classifier", f"m={tiny_bert_dir}")
+    assert_user_error(code, err, "'m'", "given to more than one model")
     assert served == {}  # refused before anything was loaded or served
 
 

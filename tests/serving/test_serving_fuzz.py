@@ -130,7 +130,8 @@ def test_no_generated_body_gets_a_5xx_on_any_endpoint(client):
     document = client.get("/openapi.json").json()
     components = document["components"]["schemas"]
     posted = {path: ops["post"] for path, ops in document["paths"].items() if "post" in ops}
-    assert set(posted) == {"/v1/embeddings", "/v1/classify", "/v1/rerank", "/v1/extract", "/v1/match"}
+    assert set(posted) == {"/v1/embeddings", "/v1/classify", "/v1/rerank", "/v1/extract", "/v1/match",
+                           "/v2/embed", "/v1/embed", "/v2/rerank"}
     for path, operation in sorted(posted.items()):
         schema = operation["requestBody"]["content"]["application/json"]["schema"]
         fuzz(client, path, bodies(schema, components))()

@@ -319,19 +319,20 @@ def test_metrics_need_the_api_key_unless_made_public(models):
 
 def test_openapi_describes_every_endpoint_and_its_request_body(client):
     from qtune.serving.app import MatchRequest
-    from qtune.tasks.embedding.serve import EmbeddingRequest
+    from qtune.tasks.embedding.serve import CohereEmbedRequest, EmbeddingRequest
     from qtune.tasks.extraction.serve import ExtractRequest
     from qtune.tasks.requests import ClassifyRequest
-    from qtune.tasks.reranker.serve import RerankRequest
+    from qtune.tasks.reranker.serve import CohereRerankRequest, RerankRequest
 
     document = client.get("/openapi.json").json()
     assert document["openapi"].startswith("3.")
     paths = document["paths"]
     assert set(paths) == {"/v1/embeddings", "/v1/classify", "/v1/rerank", "/v1/extract", "/v1/match",
-                          "/v1/models", "/health", "/metrics"}
+                          "/v2/embed", "/v1/embed", "/v2/rerank", "/v1/models", "/health", "/metrics"}
     schemas = document["components"]["schemas"]
     expected = {"/v1/embeddings": EmbeddingRequest, "/v1/classify": ClassifyRequest, "/v1/rerank": RerankRequest,
-                "/v1/extract": ExtractRequest, "/v1/match": MatchRequest}
+                "/v1/extract": ExtractRequest, "/v1/match": MatchRequest, "/v2/embed": CohereEmbedRequest,
+                "/v1/embed": CohereEmbedRequest, "/v2/rerank": CohereRerankRequest}
     for path, model in expected.items():
         body = paths[path]["post"]["requestBody"]
         assert body["required"] is True

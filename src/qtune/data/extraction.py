@@ -6,7 +6,9 @@ A data file is JSONL, one example per line::
 
 `output` is the answer the model must write: a JSON object (serialised with `target_text`, so the
 model learns compact, unescaped JSON) or a string kept exactly as it is. Other keys on a line are
-ignored. `pii_to_sft` converts the Chinese PII person records (a JSON list) into such files.
+ignored. A Parquet file, datasets folder or hub dataset (`qtune.data.sources`) with these columns
+reads the same (`output` as a struct or as text; a null is a missing field). `pii_to_sft` converts
+the Chinese PII person records (a JSON list) into such files.
 
 Every problem is raised as a DataError naming file, 1-based line and field.
 """
@@ -17,7 +19,8 @@ import json
 import random
 from pathlib import Path
 
-from qtune.data.tables import _decode, iter_jsonl, json_problem, required_text
+from qtune.data.sources import COLUMNAR_TYPES, is_columnar, source_name
+from qtune.data.tables import _decode, iter_records, json_problem, required_text
 from qtune.errors import DataError, QtuneError
 from qtune.io import write_jsonl
 from qtune.records import ExtractionExample
@@ -50,7 +53,7 @@ def _kind(value: object) -> str:
 
 # --- reading SFT rows ----------------------------------------------------------------------------
 
-def _instruction(obj: dict, path: Path, line: int) -> str | None:
+def _instruction(obj: dict, path: str | Path, line: int) -> str | None:
     value = obj.get("instruction")
     if value is None:
         return None
@@ -59,7 +62,7 @@ def _instruction(obj: dict, path: Path, line: int) -> str | None:
     return value if value.strip() else None  # empty: the model's default instruction
 
 
-def _output(obj: dict, path: Path, line: int, require: bool) -> str | None:
+def _output(obj: dict, path: str | Path, line: int, require: bool) -> str | None:
     if obj.get("output") is None:
         if not require:
             return None
@@ -77,7 +80,8 @@ def _output(obj: dict, path: Path, line: int, require: bool) -> str | None:
 
 
 def read_extraction(path: str | Path, *, require_output: bool = True) -> list[ExtractionExample]:
-    """Extraction examples from a JSONL file (``.jsonl`` or ``.json``, one object per line).
+    """Extraction examples from a JSONL file (``.jsonl`` or ``.json``, one object per line), or a
+    Parquet file, datasets folder or hub dataset with those columns.
 
     - ``input``: required, non-empty text.
     - ``instruction``: optional text; missing, null, empty or blank means the model's default
@@ -89,11 +93,12 @@ def read_extraction(path: str | Path, *, require_output: bool = True) -> list[Ex
     Blank lines are skipped and other keys ignored; the file must hold at least one example.
     """
     path = Path(path)
-    if path.suffix.lower() not in EXTRACTION_SUFFIXES:
+    if path.suffix.lower() not in EXTRACTION_SUFFIXES and not is_columnar(path):
         raise DataError(f"unsupported file type '{path.suffix}'; extraction data is JSONL "
-                        f"({' or '.join(EXTRACTION_SUFFIXES)}, one object per line)", path=str(path))
-    examples = []
-    for line, obj in iter_jsonl(path):
+                        f"({' or '.join(EXTRACTION_SUFFIXES)}, one object per line) or {COLUMNAR_TYPES}",
+                        path=str(path))
+    path, examples = source_name(path), []
+    for line, obj in iter_records(path):
         text = required_text(obj, "input", path, line, kind="field")
         examples.append(ExtractionExample(input=text, output=_output(obj, path, line, require_output),
                                           instruction=_instruction(obj, path, line), line=line))
@@ -104,7 +109,7 @@ def read_extraction(path: str | Path, *, require_output: bool = True) -> list[Ex
 
 # --- PII person records -> SFT rows --------------------------------------------------------------
 
-def _pii_value(record: dict, field: str, index: int, path: Path, *, allow_int: bool) -> str | None:
+def _pii_value(record: dict, field: str, index: int, path: str | Path, *, allow_int: bool) -> str | None:
     """The field as text; None when it is missing, null or blank (the record is skipped)."""
     value = record.get(field)
     if value is None:
@@ -120,8 +125,9 @@ def _pii_value(record: dict, field: str, index: int, path: Path, *, allow_int: b
 
 def pii_to_sft(source: str | Path, output_dir: str | Path, *, eval_fraction: float = 0.1, seed: int = 42,
                instruction: str | None = PII_INSTRUCTION) -> dict:
-    """Convert PII person records (a JSON list of objects, as in ``data_person_1000_zh.json``) into
-    extraction SFT files ``output_dir/train.jsonl`` and ``output_dir/eval.jsonl``.
+    """Convert PII person records (a JSON list of objects, as in ``data_person_1000_zh.json``, or the
+    rows of a Parquet file, datasets folder or hub dataset, index = row - 1) into extraction SFT files
+    ``output_dir/train.jsonl`` and ``output_dir/eval.jsonl``.
 
     Each record becomes ``{"instruction": instruction, "input": naturalParagraph, "output": {"name":
     name, "address": location, "email": emailAddress, "phone": phoneNumbers}}``, every output value
@@ -139,11 +145,15 @@ def pii_to_sft(source: str | Path, output_dir: str | Path, *, eval_fraction: flo
     if not 0 < eval_fraction < 1:
         raise QtuneError(f"eval fraction must be between 0 and 1 (exclusive), got {eval_fraction}")
     path = Path(source)
-    try:
-        data = json.loads(_decode(path))
-    except (ValueError, RecursionError) as e:
-        line = e.lineno if isinstance(e, json.JSONDecodeError) else None  # the parser's limits say no line
-        raise DataError(f"not valid JSON: {json_problem(e)}", path=str(path), line=line) from None
+    if is_columnar(source):  # one record per row; a null is a missing field, so the record is skipped
+        path = source_name(source)
+        data = [fields for _, fields in iter_records(path)]
+    else:
+        try:
+            data = json.loads(_decode(path))
+        except (ValueError, RecursionError) as e:
+            line = e.lineno if isinstance(e, json.JSONDecodeError) else None  # the parser's limits say no line
+            raise DataError(f"not valid JSON: {json_problem(e)}", path=str(path), line=line) from None
     if not isinstance(data, list):
         raise DataError(f"expected a JSON list of person records, got {_kind(data)}", path=str(path))
     if not data:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
+from qtune.data.sources import source_name
 from qtune.data.tables import Row, label_text, read_table, required_text
 from qtune.errors import DataError
 from qtune.records import Pair
@@ -13,11 +14,11 @@ PAIR_COLUMNS = ("sentence1", "sentence2")
 QUERY_DOCUMENT = ("query", "document")  # how relevance-labelled (query, document, label) files name them
 
 
-def _text(row: Row, column: str, path: Path) -> str:
+def _text(row: Row, column: str, path: str) -> str:
     return required_text(row.fields, column, path, row.line)
 
 
-def _label_index(row: Row, column: str, labels: Sequence[str], path: Path) -> int:
+def _label_index(row: Row, column: str, labels: Sequence[str], path: str) -> int:
     text = label_text(row.fields, column, path, row.line)
     if text not in labels:
         raise DataError(f"label {text!r} is not one of {list(labels)}", path=str(path), line=row.line, field=column)
@@ -27,7 +28,7 @@ def _label_index(row: Row, column: str, labels: Sequence[str], path: Path) -> in
 def pairs_from_rows(rows: Sequence[Row], path: str | Path, *, text_columns: Sequence[str] = PAIR_COLUMNS,
                     label_column: str = "label", labels: Sequence[str] | None = ("0", "1")) -> list[Pair]:
     """Check and convert rows; `labels=None` reads unlabelled pairs (for prediction)."""
-    path = Path(path)
+    path = source_name(path)
     first, second = text_columns
     return [
         Pair(_text(row, first, path), _text(row, second, path),
@@ -42,7 +43,7 @@ def pair_column_flags(labelled: bool) -> str:
 
 
 def _text_columns_of(names: Sequence[str], text_columns: Sequence[str], alternatives: Sequence[Sequence[str]],
-                     path: Path, labelled: bool) -> tuple[str, str]:
+                     path: str, labelled: bool) -> tuple[str, str]:
     """`text_columns` when the file has them, else the first of `alternatives` it has; otherwise a
     DataError saying which columns the file has and which flags pick them."""
     for candidate in (text_columns, *alternatives):
@@ -67,5 +68,5 @@ def read_pairs(path: str | Path, *, text_columns: Sequence[str] = PAIR_COLUMNS,
     wanted = list(text_columns) + ([label_column] if labelled else [])
     rows, names = read_table(path, wanted, header=header, column_flags=pair_column_flags(labelled))
     if any(c not in names for c in text_columns):
-        text_columns = _text_columns_of(names, text_columns, alternative_columns, Path(path), labelled)
+        text_columns = _text_columns_of(names, text_columns, alternative_columns, source_name(path), labelled)
     return pairs_from_rows(rows, path, text_columns=text_columns, label_column=label_column, labels=labels)

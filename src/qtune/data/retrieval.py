@@ -8,9 +8,13 @@ in one file, line by line):
   (``rejected_response`` optional)
 
 Evaluation data is a BEIR folder: ``corpus.jsonl`` (``_id``, ``title``, ``text``),
-``queries.jsonl`` (``_id``, ``text``) and ``qrels/<split>.tsv`` (query-id, corpus-id, score).
+``queries.jsonl`` (``_id``, ``text``) and ``qrels/<split>.tsv`` (query-id, corpus-id, score); each
+may be a Parquet file instead (``corpus.parquet``, ``queries.parquet``, ``qrels/<split>.parquet``).
 
-Every problem is raised as a DataError naming file, 1-based line and field.
+Query groups, corpus and queries may also come as Parquet files, Hugging Face datasets folders or
+hub datasets (`qtune.data.sources`) with the same fields; list fields are list columns.
+
+Every problem is raised as a DataError naming file, 1-based line (or data row) and field.
 """
 
 from __future__ import annotations
@@ -19,7 +23,8 @@ import random
 from pathlib import Path
 from typing import Iterator, Mapping, Sequence
 
-from qtune.data.tables import _decode, iter_jsonl, read_table, required_text
+from qtune.data.sources import columnar_source, is_columnar, read_columnar, source_name
+from qtune.data.tables import _decode, iter_records, read_table, required_text
 from qtune.errors import DataError, QtuneError
 from qtune.io import atomic_path, write_jsonl
 from qtune.records import QueryGroup, RetrievalSet
@@ -30,15 +35,15 @@ QRELS_COLUMNS = ("query-id", "corpus-id", "score")
 
 # --- shared helpers ------------------------------------------------------------------------------
 
-def _jsonl_objects(path: Path) -> Iterator[tuple[int, dict]]:
-    return iter_jsonl(path)
+def _jsonl_objects(path: str | Path) -> Iterator[tuple[int, dict]]:
+    return iter_records(path)
 
 
-def _required_text(obj: dict, field: str, path: Path, line: int) -> str:
+def _required_text(obj: dict, field: str, path: str | Path, line: int) -> str:
     return required_text(obj, field, path, line, kind="field")
 
 
-def _identifier(obj: dict, field: str, path: Path, line: int) -> str:
+def _identifier(obj: dict, field: str, path: str | Path, line: int) -> str:
     """An id as text; integer ids (some converted data sets have them) match qrels as their digits."""
     if field not in obj:
         raise DataError("missing field", path=str(path), line=line, field=field)
@@ -51,7 +56,7 @@ def _identifier(obj: dict, field: str, path: Path, line: int) -> str:
     return text
 
 
-def _passages(value: object, field: str, path: Path, line: int, *, allow_single: bool) -> tuple[str, ...]:
+def _passages(value: object, field: str, path: str | Path, line: int, *, allow_single: bool) -> tuple[str, ...]:
     """A list of non-empty strings (or one string when `allow_single`)."""
     if allow_single and isinstance(value, str):
         value = [value]
@@ -69,7 +74,7 @@ def _passages(value: object, field: str, path: Path, line: int, *, allow_single:
 
 # --- query groups (training data) ----------------------------------------------------------------
 
-def _group(obj: dict, path: Path, line: int) -> QueryGroup:
+def _group(obj: dict, path: str | Path, line: int) -> QueryGroup:
     query = _required_text(obj, "query", path, line)
     flag = [k for k in ("pos", "neg") if k in obj]
     swift = [k for k in ("response", "rejected_response") if k in obj]
@@ -101,11 +106,13 @@ def _group(obj: dict, path: Path, line: int) -> QueryGroup:
 
 
 def read_query_groups(path: str | Path) -> list[QueryGroup]:
-    """Query groups from JSONL in FlagEmbedding or ms-swift format (mixed line by line is fine).
+    """Query groups from JSONL in FlagEmbedding or ms-swift format (mixed line by line is fine),
+    or from a Parquet file / datasets folder / hub dataset with the same columns (a null is a
+    missing field, so a row of the other format may leave them empty).
 
     Blank lines are skipped; other fields on a line (scores, prompts) are ignored.
     """
-    path = Path(path)
+    path = source_name(path)
     groups = [_group(obj, path, line) for line, obj in _jsonl_objects(path)]
     if not groups:
         raise DataError("no data rows", path=str(path))
@@ -141,15 +148,15 @@ def write_query_groups(path: str | Path, groups: Sequence[QueryGroup], fmt: str 
 def read_corpus(path: str | Path) -> dict[str, str]:
     """Doc id -> passage, from a BEIR ``corpus.jsonl`` or a plain text file.
 
-    A ``.jsonl``/``.json`` file is BEIR: ``_id`` plus ``title`` and/or ``text``; the passage is
-    ``(title + " " + text).strip()`` as BEIR embeds it, or just ``text`` when the title is empty or
-    missing. Any other file has one passage per line; blank lines are skipped and the rest get the
-    ids "0", "1", ... in order.
+    A ``.jsonl``/``.json`` file (or a Parquet file, datasets folder or hub dataset) is BEIR:
+    ``_id`` plus ``title`` and/or ``text``; the passage is ``(title + " " + text).strip()`` as BEIR
+    embeds it, or just ``text`` when the title is empty or missing. Any other file has one passage
+    per line; blank lines are skipped and the rest get the ids "0", "1", ... in order.
     """
     path = Path(path)
     corpus: dict[str, str] = {}
-    if path.suffix.lower() in (".jsonl", ".json"):
-        corpus = _texts_by_id(path, _beir_passage)
+    if path.suffix.lower() in (".jsonl", ".json") or is_columnar(path):
+        corpus = _texts_by_id(source_name(path), _beir_passage)
     else:
         for line in _decode(path).split("\n"):
             line = line.removesuffix("\r")
@@ -160,7 +167,7 @@ def read_corpus(path: str | Path) -> dict[str, str]:
     return corpus
 
 
-def _beir_passage(obj: dict, path: Path, line: int) -> str:
+def _beir_passage(obj: dict, path: str | Path, line: int) -> str:
     for field in ("title", "text"):
         if field in obj and not isinstance(obj[field], str):
             raise DataError(f"expected text, got {type(obj[field]).__name__}", path=str(path), line=line,
@@ -173,7 +180,7 @@ def _beir_passage(obj: dict, path: Path, line: int) -> str:
     return passage
 
 
-def _texts_by_id(path: Path, text_of) -> dict[str, str]:
+def _texts_by_id(path: str | Path, text_of) -> dict[str, str]:
     """{`_id`: text_of(obj, path, line)} over a BEIR JSONL file; a repeated id names both lines."""
     texts: dict[str, str] = {}
     first_line: dict[str, int] = {}
@@ -199,10 +206,14 @@ def _is_int(text: str) -> bool:
     return True
 
 
-def _read_qrels(path: Path, queries: Mapping[str, str], corpus: Mapping[str, str]) -> dict[str, dict[str, int]]:
-    """Query id -> {doc id: grade} with grades > 0 only; every row's ids must exist."""
-    qrels: dict[str, dict[str, int]] = {}
-    graded: dict[tuple[str, str], tuple[int, int]] = {}  # (query id, doc id) -> (grade, line)
+def _qrels_rows(path: Path) -> Iterator[tuple[int, str, str, str]]:
+    """(line, query id, doc id, score) as text for every data row of a qrels TSV or Parquet file.
+
+    A TSV may have a header row or not: the first row is a header when its score is not an integer.
+    """
+    if is_columnar(path):
+        yield from _columnar_qrels(path)
+        return
     first = True
     for line, raw in enumerate(_decode(path).split("\n"), start=1):
         raw = raw.removesuffix("\r")
@@ -212,18 +223,43 @@ def _read_qrels(path: Path, queries: Mapping[str, str], corpus: Mapping[str, str
         if len(values) != 3:
             raise DataError(f"expected 3 tab-separated columns ({', '.join(QRELS_COLUMNS)}), found {len(values)}",
                             path=str(path), line=line)
-        query_id, doc_id, score = values
         if first:
             first = False
-            if not _is_int(score):  # a header row, whatever its column names
+            if not _is_int(values[2]):  # a header row, whatever its column names
                 continue
+        query_id, doc_id, score = values
+        yield line, query_id, doc_id, score
+
+
+def _columnar_qrels(path: Path) -> Iterator[tuple[int, str, str, str]]:
+    names, records = read_columnar(columnar_source(path), source_name(path), nulls="empty")
+    missing = [c for c in QRELS_COLUMNS if c not in names]
+    if missing:
+        raise DataError(f"no column {missing[0]}: the file has {', '.join(names)}", path=str(path), field=missing[0])
+    for line, fields in records:
+        values = []
+        for column in QRELS_COLUMNS:
+            value = fields[column]
+            if isinstance(value, bool) or not isinstance(value, (str, int)):
+                raise DataError(f"expected text or an integer, got {value!r}", path=str(path), line=line,
+                                field=column)
+            values.append(str(value).strip())
+        query_id, doc_id, score = values
+        yield line, query_id, doc_id, score
+
+
+def _read_qrels(path: Path, queries: Mapping[str, str], corpus: Mapping[str, str]) -> dict[str, dict[str, int]]:
+    """Query id -> {doc id: grade} with grades > 0 only; every row's ids must exist."""
+    qrels: dict[str, dict[str, int]] = {}
+    graded: dict[tuple[str, str], tuple[int, int]] = {}  # (query id, doc id) -> (grade, line)
+    for line, query_id, doc_id, score in _qrels_rows(path):
         if not _is_int(score):
             raise DataError(f"score must be an integer, got {score!r}", path=str(path), line=line, field="score")
         if query_id not in queries:
-            raise DataError(f"unknown query id {query_id!r} (not in queries.jsonl)", path=str(path), line=line,
+            raise DataError(f"unknown query id {query_id!r} (not in the queries)", path=str(path), line=line,
                             field="query-id")
         if doc_id not in corpus:
-            raise DataError(f"unknown corpus id {doc_id!r} (not in corpus.jsonl)", path=str(path), line=line,
+            raise DataError(f"unknown corpus id {doc_id!r} (not in the corpus)", path=str(path), line=line,
                             field="corpus-id")
         grade = int(score)
         seen = graded.setdefault((query_id, doc_id), (grade, line))
@@ -235,23 +271,30 @@ def _read_qrels(path: Path, queries: Mapping[str, str], corpus: Mapping[str, str
     return qrels
 
 
+def _beir_file(folder: Path, name: str, suffixes: Sequence[str]) -> Path:
+    """`folder/name` with the first of `suffixes` that exists there (the first, for the error, when none does)."""
+    candidates = [folder / f"{name}{suffix}" for suffix in suffixes]
+    return next((p for p in candidates if p.is_file()), candidates[0])
+
+
 def read_beir(folder: str | Path, split: str = "test") -> RetrievalSet:
     """A BEIR folder as a RetrievalSet.
 
-    The qrels file may have a header row or not: the first row is a header when its score is not an
-    integer. Rows with grade 0 are dropped, and a query without any relevant passage in this split
-    is left out of `queries` (it cannot be scored).
+    Each file may be JSONL/TSV or Parquet (the JSONL/TSV one is read when both are there). A qrels
+    TSV may have a header row or not: the first row is a header when its score is not an integer.
+    Rows with grade 0 are dropped, and a query without any relevant passage in this split is left
+    out of `queries` (it cannot be scored).
     """
     folder = Path(folder)
     if not folder.is_dir():
         raise DataError("BEIR folder not found", path=str(folder))
-    qrels_path = folder / "qrels" / f"{split}.tsv"
+    qrels_path = _beir_file(folder / "qrels", split, (".tsv", ".parquet"))
     if not qrels_path.is_file():
-        found = sorted(p.stem for p in (folder / "qrels").glob("*.tsv"))
+        found = sorted({p.stem for suffix in ("tsv", "parquet") for p in (folder / "qrels").glob(f"*.{suffix}")})
         hint = f" (found splits: {', '.join(found)})" if found else ""
         raise DataError(f"file not found{hint}", path=str(qrels_path))
-    corpus = read_corpus(folder / "corpus.jsonl")
-    all_queries = _read_queries(folder / "queries.jsonl")
+    corpus = read_corpus(_beir_file(folder, "corpus", (".jsonl", ".parquet")))
+    all_queries = _read_queries(_beir_file(folder, "queries", (".jsonl", ".parquet")))
     qrels = _read_qrels(qrels_path, all_queries, corpus)
     if not qrels:
         raise DataError("no query has a relevant passage (score > 0)", path=str(qrels_path))
@@ -284,7 +327,7 @@ def write_beir(folder: str | Path, corpus: Mapping[str, str], queries: Mapping[s
 
 # --- QA table -> training groups + BEIR test folder ----------------------------------------------
 
-def _cell(fields: dict, column: str, path: Path, line: int) -> str:
+def _cell(fields: dict, column: str, path: str | Path, line: int) -> str:
     return required_text(fields, column, path, line)
 
 
@@ -315,7 +358,7 @@ def qa_table_to_retrieval(table: str | Path, out_dir: str | Path, *, question_co
     """
     if not 0 < test_fraction < 1:
         raise QtuneError(f"test fraction must be between 0 and 1 (exclusive), got {test_fraction}")
-    path = Path(table)
+    path = source_name(table)
     table_rows, _ = read_table(path, [question_column, passage_column])
     def cell(row, column: str) -> str | None:
         try:

@@ -1,6 +1,8 @@
-"""Read CSV, TSV and JSONL tables with or without a header row, UTF-8 with or without a BOM.
+"""Read CSV, TSV and JSONL tables with or without a header row, UTF-8 with or without a BOM, and
+Parquet files, Hugging Face datasets folders and hub datasets (`qtune.data.sources`).
 
-Every row keeps the line it started on, so later checks can name file, line and field.
+Every row keeps the line it started on (the data row's number, from 1, in a columnar source), so
+later checks can name file, line and field.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
 
+from qtune.data.sources import COLUMNAR_TYPES, columnar_source, read_columnar, source_name
 from qtune.errors import DataError
 
 TABLE_FORMATS = {".csv": "csv", ".tsv": "tsv", ".txt": "tsv", ".jsonl": "jsonl", ".json": "jsonl"}
@@ -32,11 +35,14 @@ class Row:
     fields: dict[str, object]
 
 
-def table_format(path: str | Path) -> str:
+def table_format(path: str | Path, *, reading: bool = False) -> str:
+    """The text format of a file by its extension; `reading` also lists the columnar sources a
+    reader takes in the error."""
     fmt = TABLE_FORMATS.get(Path(path).suffix.lower())
     if fmt is None:
+        also = f", {COLUMNAR_TYPES}" if reading else ""
         raise DataError(f"unsupported file type '{Path(path).suffix}'; use one of "
-                        f"{', '.join(sorted(TABLE_FORMATS))}", path=str(path))
+                        f"{', '.join(sorted(TABLE_FORMATS))}{also}", path=str(path))
     return fmt
 
 
@@ -93,9 +99,19 @@ def read_table(path: str | Path, columns: Sequence[str], *, header: bool | None 
     `columns` but looks like a header (see `_looks_like_header`) is refused rather than read as
     data; the error says which flags pick the file's columns (`column_flags`, e.g.
     "--text-columns COL1 COL2").
+
+    A Parquet file, datasets folder or hub dataset (see `qtune.data.sources`) always names its
+    columns; a null in it reads as an empty cell.
     """
+    source = columnar_source(path)
+    if source is not None:
+        names, records = read_columnar(source, source_name(path), nulls="empty")
+        rows = [Row(number, fields) for number, fields in records]
+        if not rows:
+            raise DataError("no data rows", path=source_name(path))
+        return rows, names
     path = Path(path)
-    fmt = table_format(path)
+    fmt = table_format(path, reading=True)
     text = _decode(path)
     rows, names = (_read_jsonl(path, text) if fmt == "jsonl"
                    else _read_delimited(path, text, fmt, columns, header, column_flags))
@@ -118,6 +134,18 @@ def iter_jsonl(path: Path, text: str | None = None) -> Iterator[tuple[int, dict]
         if not isinstance(obj, dict):
             raise DataError(f"expected a JSON object, got {type(obj).__name__}", path=str(path), line=lineno)
         yield lineno, obj
+
+
+def iter_records(path: str | Path) -> Iterator[tuple[int, dict]]:
+    """(line, object) for every record of a JSONL file, or (row number, fields) for every row of a
+    Parquet file, datasets folder or hub dataset, where a null reads as a missing key (a columnar
+    file written from JSONL holds nulls for the keys a line lacks)."""
+    source = columnar_source(path)
+    if source is None:
+        yield from iter_jsonl(Path(path))
+        return
+    _, records = read_columnar(source, source_name(path), nulls="missing")
+    yield from records
 
 
 def required_text(fields: dict, name: str, path: str | Path, line: int, *, kind: str = "column") -> str:

@@ -38,12 +38,19 @@ def check_export_target(output: str | os.PathLike) -> Path:
     return output
 
 
+def merge_lora(loaded: LoadedModel) -> LoadedModel:
+    """Fold LoRA adapters into the base weights in place (a plain transformers model, no peft);
+    a model without adapters stays as it is. Load it on the CPU in fp32 first."""
+    if loaded.is_adapter:
+        loaded.model = loaded.model.merge_and_unload()
+    return loaded
+
+
 def export_merged(loaded: LoadedModel, output: str | os.PathLike) -> Path:
     """Merge a loaded LoRA model into a plain transformers checkpoint (loadable without peft) at
     `output` (which must not exist yet, or be empty). Load it on the CPU in fp32 first."""
     output = check_export_target(output)
-    if loaded.is_adapter:
-        loaded.model = loaded.model.merge_and_unload()
+    merge_lora(loaded)
     with atomic_dir(output) as tmp:
         save_model_files(loaded, tmp)
     return output

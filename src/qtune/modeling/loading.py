@@ -14,13 +14,13 @@ import contextlib
 import json
 import logging
 import os
-import socket
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, Sequence
 
 from qtune import __version__
 from qtune.errors import QtuneError
+from qtune.hub import hub_reachable
 from qtune.modeling.family import Family, family_of
 
 log = logging.getLogger(__name__)
@@ -199,9 +199,6 @@ def resolve_precision(precision: str, device) -> str:
     return precision
 
 
-HUB_PROBE_TIMEOUT_S = 3.0  # a reachable hub answers a TCP connect in well under a second
-
-
 def check_sources(*names: str | os.PathLike) -> None:
     """Raise a QtuneError, before any download is tried, for a model that cannot be had: a path that
     is not there, a hub id not in the local cache under HF_HUB_OFFLINE=1, or a hub id while the hub
@@ -225,7 +222,7 @@ def check_sources(*names: str | os.PathLike) -> None:
                                  f"Hugging Face cache ({constants.HF_HUB_CACHE}), and HF_HUB_OFFLINE=1 forbids "
                                  f"downloading it: pass a local folder, or download it once with the network on")
         return
-    if not _hub_reachable(constants.ENDPOINT):
+    if not hub_reachable(constants.ENDPOINT):
         name = hub_ids[0]
         cache_note = "; the model is in the local cache, so offline mode will find it" if cached[name] else ""
         raise QtuneError(f"cannot load model '{name}': the Hugging Face hub ({constants.ENDPOINT}) cannot be reached "
@@ -243,26 +240,6 @@ def _in_hub_cache(repo_id: str) -> bool:
     try:
         return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
     except ValueError:  # not a valid hub id: the loader says so itself
-        return False
-
-
-def _hub_reachable(endpoint: str) -> bool:
-    """Whether a TCP connection to the hub (or the proxy the hub client would use) opens within
-    HUB_PROBE_TIMEOUT_S: one quick probe instead of the client's retries with backoff."""
-    import urllib.parse
-    import urllib.request
-
-    url = urllib.parse.urlsplit(endpoint)
-    if not url.hostname:
-        return True  # not a URL we can probe: leave the answer to the hub client
-    proxy = urllib.request.getproxies().get(url.scheme)
-    if proxy and not urllib.request.proxy_bypass(url.hostname):
-        url = urllib.parse.urlsplit(proxy if "://" in proxy else f"http://{proxy}")
-    port = url.port or (443 if url.scheme == "https" else 80)
-    try:
-        with socket.create_connection((url.hostname, port), timeout=HUB_PROBE_TIMEOUT_S):
-            return True
-    except OSError:  # refused, unreachable, no DNS, timed out
         return False
 
 

@@ -417,7 +417,7 @@ def _refusal(state: ServingState, request: Request) -> JSONResponse | None:
         return _api_error_response(ApiError(503, reason, code="unavailable"))
     key = state.settings.api_key
     path = request.url.path
-    if key is not None and (path.startswith("/v1/") or (path == "/metrics" and not state.settings.metrics_public)):
+    if key is not None and (path.startswith(("/v1/", "/v2/")) or (path == "/metrics" and not state.settings.metrics_public)):
         header = request.headers.get("authorization", "")
         scheme, _, token = header.partition(" ")
         if scheme.lower() != "bearer" or not _same(token.strip(), key):

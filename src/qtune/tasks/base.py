@@ -130,6 +130,15 @@ class Task:
         """The inference wrapper (`qtune.load` returns it)."""
         return resolve(self.wrapper)(loaded)
 
+    # -- `qtune export`: the formats this task writes (the first is what `--format auto` picks) and
+    # the module below qtune.tasks ("embedding.export") with `write_export(loaded, output, fmt)`,
+    # which writes the model into `output` (a temp folder that replaces the target whole, holding
+    # only the export note, see `qtune.modeling.export`; `loaded` is on the CPU in fp32 with LoRA
+    # merged), and `check_export(output, model, texts) -> {engine: max abs difference}` against
+    # `model`, the task's wrapper of the source. None: the plain merged transformers checkpoint only.
+    export_formats: ClassVar[tuple[str, ...]] = ("transformers",)
+    exporter: ClassVar[str | None] = None
+
     # -- serving (nothing by default)
     def endpoints(self) -> list[Endpoint]:
         return []

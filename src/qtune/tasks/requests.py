@@ -5,7 +5,7 @@ Imported by the `serve.py` of each task, which the server loads; pydantic loads 
 
 from __future__ import annotations
 
-from typing import Annotated, ClassVar
+from typing import Annotated, Callable, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field, StrictStr
 
@@ -39,11 +39,11 @@ def check_count(value: list, settings, param: str = "input") -> None:
                            param=param, code="too_many_inputs")
 
 
-def check_lengths(features: list[dict], limit: int, note: str = "") -> None:
+def check_lengths(features: list[dict], limit: int, note: str = "", param: str = "input", item: str = "input") -> None:
     for i, f in enumerate(features):
         if len(f["input_ids"]) > limit:
-            raise RequestError(422, f"input {i} has {len(f['input_ids'])} tokens{note}; the limit is {limit}",
-                               param="input", code="input_too_long")
+            raise RequestError(422, f"{item} {i} has {len(f['input_ids'])} tokens{note}; the limit is {limit}",
+                               param=param, code="input_too_long")
 
 
 def check_total(features: list[dict], settings, param: str = "input") -> None:
@@ -84,3 +84,34 @@ def classify_answer(entry, probs, labels, features) -> dict:
             "data": [{"index": i, "label": labels[int(p.argmax())], "probs": [float(x) for x in p]}
                      for i, p in enumerate(probs)],
             "usage": usage(features)}
+
+
+def drop_tokens(tokenizer, text: str, drop: int, side: str) -> str:
+    """`text` without about its first (`side="start"`) or last (`"end"`) `drop` tokens, cut where a
+    token begins in the text (a fast tokenizer's offsets), so what is left is text, not ids. Always
+    shorter than a non-empty `text`; tokens that share characters (bytes of one character) may make
+    it one token more or less than asked: `fit_text` measures again."""
+    offsets = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+    starts = [start for start, _ in offsets]
+    if drop >= len(starts):
+        return ""
+    if side == "end":
+        return text[:starts[len(starts) - drop]]
+    return text[next((s for s in starts[drop:] if s > 0), len(text)):]
+
+
+def fit_text(tokenizer, text: str, length: Callable[[str], int], limit: int, side: str) -> str:
+    """`text` cut at token boundaries on `side` ("start" or "end") until `length(text)` (the tokens
+    the model would read, special tokens and prompts included) is at most `limit`; "" when nothing fits."""
+    over = length(text) - limit
+    while over > 0 and text:
+        text = drop_tokens(tokenizer, text, over, side)
+        over = length(text) - limit if text else 0
+    return text
+
+
+def cohere_meta(version: str, features: list[dict]) -> dict:
+    """The `meta` of Cohere's answers: the API version and the tokens the model read."""
+    tokens = sum(len(f["input_ids"]) for f in features)
+    return {"api_version": {"version": version}, "billed_units": {"input_tokens": tokens},
+            "tokens": {"input_tokens": tokens}}

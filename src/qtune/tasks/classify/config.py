@@ -23,7 +23,8 @@ class ClassifyConfig(TrainConfig):
 class ClassifyEvalConfig(InferenceConfig):
     """`qtune eval classify`: accuracy, macro-F1, per-class P/R/F1, confusion matrix."""
 
-    data: str = opt("", "labelled text file (CSV, TSV or JSONL)", required=True)
+    data: str = opt("", "labelled text file (CSV, TSV, JSONL, Parquet, datasets FOLDER[:SPLIT] or "
+                    "hf://datasets/NAME[:SPLIT])", required=True)
     compare: str | None = opt(None, "a second model, evaluated side by side")
     output: str | None = opt(None, "folder for metrics.json, report.md and confusion.png")
     text_column: str = opt("text", "the text column")
@@ -34,6 +35,7 @@ class ClassifyEvalConfig(InferenceConfig):
 class ClassifyPredictConfig(InferenceConfig):
     """`qtune predict classify`: the predicted label and its probability for every row, in input order."""
 
-    input: str = opt("", "text file (CSV, TSV or JSONL; labels not needed)", required=True)
+    input: str = opt("", "text file (CSV, TSV, JSONL, Parquet, datasets FOLDER[:SPLIT] or "
+                     "hf://datasets/NAME[:SPLIT]; labels not needed)", required=True)
     output: str = opt("", "output file (CSV, TSV or JSONL by extension)", required=True)
     text_column: str = opt("text", "the text column")

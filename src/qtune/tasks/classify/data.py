@@ -47,8 +47,8 @@ def check_labels(labels: Sequence[str], source: str = "labels") -> list[str]:
 
 def examples_from_rows(rows: Sequence[Row], path: str | Path, *, text_column: str = "text",
                        label_column: str = "label", labels: Sequence[str] | None) -> list[TextExample]:
-    """Check and convert rows; `labels=None` reads unlabelled texts (for prediction)."""
-    path = Path(path)
+    """Check and convert rows; `labels=None` reads unlabelled texts (for prediction). `path` is kept
+    as given: a hub dataset (`hf://datasets/...`) is not a local path."""
     index = None if labels is None else {label: i for i, label in enumerate(labels)}
     examples = []
     for row in rows:

@@ -18,6 +18,8 @@ class EmbeddingTask(Task):
     wrapper = "qtune.tasks.embedding.model:Embedder"
     commands = {"evaluation": Command("retrieval", RetrievalEvalConfig, RUNNERS)}
     int8_output = "last_hidden_state"
+    export_formats = ("sentence-transformers", "transformers")
+    exporter = "embedding.export"
 
     def auto_class(self, family: Family) -> str:
         return "AutoModel"
@@ -38,4 +40,6 @@ class EmbeddingTask(Task):
     def endpoints(self) -> list[Endpoint]:
         from qtune.tasks.embedding import serve
 
-        return [Endpoint("/v1/embeddings", serve.EmbeddingRequest, serve.embeddings)]
+        return [Endpoint("/v1/embeddings", serve.EmbeddingRequest, serve.embeddings),
+                Endpoint("/v2/embed", serve.CohereEmbedRequest, serve.cohere_embed_v2),
+                Endpoint("/v1/embed", serve.CohereEmbedRequest, serve.cohere_embed_v1)]

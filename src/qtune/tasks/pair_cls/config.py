@@ -34,7 +34,8 @@ class PairClsEvalConfig(InferenceConfig):
 class PairClsPredictConfig(InferenceConfig):
     """`qtune predict pair-cls`: probability and label for every row, in input order."""
 
-    input: str = opt("", "pair file (CSV, TSV or JSONL; labels not needed)", required=True)
+    input: str = opt("", "pair file (CSV, TSV, JSONL, Parquet, datasets FOLDER[:SPLIT] or "
+                     "hf://datasets/NAME[:SPLIT]; labels not needed)", required=True)
     output: str = opt("", "output file (CSV, TSV or JSONL by extension)", required=True)
     threshold: float | None = opt(None, "positive when P(positive) >= this (default: argmax)")
     text_columns: list[str] = opt(["sentence1", "sentence2"], "the two text columns", count=2,

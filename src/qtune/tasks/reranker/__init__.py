@@ -24,6 +24,9 @@ class RerankerTask(Task):
                 "calibration": Command("calibrate", CalibrateConfig, RUNNERS, "calibrate", "show_calibration",
                                        top_level=True)}
     int8_output = "logits"  # cross-encoders; decoders have no int8 path
+    # cross-encoder: a one-logit classifier (encoders also for sentence-transformers); causal-lm: decoders' LM
+    export_formats = ("cross-encoder", "causal-lm")
+    exporter = "reranker.export"
 
     def auto_class(self, family: Family) -> str:
         return "AutoModelForCausalLM" if family.is_decoder else "AutoModelForSequenceClassification"
@@ -44,4 +47,5 @@ class RerankerTask(Task):
     def endpoints(self) -> list[Endpoint]:
         from qtune.tasks.reranker import serve
 
-        return [Endpoint("/v1/rerank", serve.RerankRequest, serve.rerank)]
+        return [Endpoint("/v1/rerank", serve.RerankRequest, serve.rerank),
+                Endpoint("/v2/rerank", serve.CohereRerankRequest, serve.cohere_rerank)]
