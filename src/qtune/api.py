@@ -39,7 +39,7 @@ def train(task: str, config, on_step=None) -> dict:
 
 
 def _command(kind: str, name: str) -> Command:
-    commands = [t.commands[kind] for t in TASKS.values() if kind in t.commands]
+    commands = [c for t in TASKS.values() for c in t.commands_of(kind)]
     for command in commands:
         if command.name == name:
             return command
@@ -54,7 +54,7 @@ def _run(kind: str, name: str, config=None, **settings):
 
 
 def evaluate(task: str, config=None, **settings) -> dict:
-    """`qtune eval TASK` (pair-cls, retrieval, rerank, extract, classify): the metrics of `model` (and
+    """`qtune eval TASK` (pair-cls, retrieval, sts, rerank, extract, classify): the metrics of `model` (and
     `compare`) side by side, and a report folder with `output`. Settings are the fields of the
     task's evaluation config (or pass `config`)."""
     return _run("evaluation", task, config, **settings)
@@ -73,15 +73,23 @@ def calibrate(config=None, **settings) -> dict:
 
 
 def mine(model: str, queries: str, corpus: str, output: str, settings=None, *, fmt: str = "flagembedding",
-         batch_size: int = 64, device: str = "auto", precision: str = "auto") -> str:
-    """Add hard negatives from `corpus` to each query group of `queries`; write them to `output`.
+         batch_size: int = 64, device: str = "auto", precision: str = "auto", rescore_with: str | None = None,
+         vector_cache: str | None = "auto") -> str:
+    """Add hard negatives from `corpus` to each query group of `queries`; write them to `output`
+    with the scores used (`pos_scores`, `neg_scores`). `rescore_with`: a reranker (or a base model
+    usable as one) whose scores replace the embedder's before the rules. `vector_cache`: folder
+    for corpus vectors ("auto": beside `output`; None: off). See `qtune.tasks.embedding.mine`.
 
-    Returns a one-line summary (how many queries got fewer negatives than asked)."""
+    Returns two lines: the summary (how many queries got fewer negatives than asked) and what each
+    rule removed, with the mean scores."""
     from qtune.mining import MiningSettings
     from qtune.tasks.embedding.mine import mine_file
 
+    rescorer = (lambda: load(rescore_with, task="reranker", device=device, precision=precision)) \
+        if rescore_with else None
     return mine_file(lambda: load(model, task="embedding", device=device, precision=precision), queries, corpus,
-                     output, settings or MiningSettings(), fmt=fmt, batch_size=batch_size)
+                     output, settings or MiningSettings(), fmt=fmt, batch_size=batch_size, model_name=model,
+                     load_rescorer=rescorer, cache_dir=vector_cache)
 
 
 def export(model_dir: str, output: str, fmt: str = "auto") -> Path:

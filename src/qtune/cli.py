@@ -112,18 +112,30 @@ def cmd_data_pii_sft(args) -> None:
           + (f"; skipped {counts['skipped']} with a missing field" if counts["skipped"] else ""))
 
 
+def _score_or_off(text: str) -> float | None:
+    """A number, or 'off'/'none' for a mining rule that does not apply."""
+    if text.strip().lower() in ("off", "none"):
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or 'off', got {text!r}") from None
+
+
 def cmd_mine(args) -> None:
     from qtune.api import mine
     from qtune.mining import MiningSettings
 
     try:
         settings = MiningSettings(range_min=args.range_min, range_max=args.range_max, max_score=args.max_score,
-                                  margin=args.margin, num_negatives=args.num_negatives, sampling=args.sampling,
-                                  seed=args.seed)
+                                  min_score=args.min_score, margin=args.margin,
+                                  relative_margin=args.relative_margin, num_negatives=args.num_negatives,
+                                  sampling=args.sampling, seed=args.seed)
     except ValueError as e:
         raise QtuneError(str(e)) from None
     print(mine(args.model, args.queries, args.corpus, args.output, settings, fmt=args.format,
-               batch_size=args.batch_size, device=args.device, precision=args.precision))
+               batch_size=args.batch_size, device=args.device, precision=args.precision,
+               rescore_with=args.rescore_with, vector_cache=None if args.no_vector_cache else args.vector_cache))
     print(f"wrote {args.output}")
 
 
@@ -169,7 +181,7 @@ def add_command(commands, command: Command) -> None:
 
 def task_commands(kind: str) -> list[Command]:
     """Every registered task's command of this kind ("evaluation", "prediction")."""
-    return [task.commands[kind] for task in TASKS.values() if kind in task.commands]
+    return [command for task in TASKS.values() for command in task.commands_of(kind)]
 
 
 def cmd_export(args) -> None:
@@ -298,12 +310,32 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--queries", required=True, help="training JSONL: {query, pos} or {query, response}")
     sub.add_argument("--corpus", required=True, help="BEIR corpus (.jsonl, .parquet, datasets folder) or one "
                      "passage per line")
-    sub.add_argument("--output", required=True, help="JSONL with the mined negatives")
-    sub.add_argument("--range-min", type=int, default=20, help="skip the top N candidates (default: 20)")
-    sub.add_argument("--range-max", type=int, default=50, help="look no deeper than rank N (default: 50)")
-    sub.add_argument("--max-score", type=float, default=0.8, help="drop candidates above this score (default: 0.8)")
-    sub.add_argument("--margin", type=float, default=0.1,
-                     help="drop candidates within this of the positive's score (default: 0.1)")
+    sub.add_argument("--output", required=True,
+                     help="JSONL with the mined negatives and the scores used (pos_scores, neg_scores)")
+    # The rules remove candidates first; the ranks then count what is left (sentence-transformers' meaning).
+    sub.add_argument("--range-min", type=int, default=20,
+                     help="skip the best N candidates left after the rules (default: 20)")
+    sub.add_argument("--range-max", type=int, default=50,
+                     help="search the top N candidates (plus room for the positives); negatives are the "
+                          "ones the rules leave, from the (range-min + 1)-th on (default: 50)")
+    sub.add_argument("--max-score", type=_score_or_off, default=0.8,
+                     help="drop candidates scoring above this; 'off': no limit (default: 0.8)")
+    sub.add_argument("--min-score", type=_score_or_off, default=None,
+                     help="drop candidates scoring below this (default: off)")
+    sub.add_argument("--margin", "--absolute-margin", dest="margin", type=_score_or_off, default=0.1,
+                     help="drop candidates with score + M > the positive's score (its lowest positive); "
+                          "'off': no such rule (default: 0.1)")
+    sub.add_argument("--relative-margin", type=_score_or_off, default=None,
+                     help="drop candidates with score > positive - |positive| x M, e.g. 0.05 (default: off)")
+    sub.add_argument("--rescore-with", metavar="RERANKER", default=None,
+                     help="a qtune reranker or cross-encoder folder (or a base model used as a reranker): "
+                          "rescore the search window and the positives with it and apply the rules to its "
+                          "scores; the written pos_scores/neg_scores are then its scores")
+    sub.add_argument("--vector-cache", metavar="DIR", default="auto",
+                     help="folder caching the corpus vectors by model, corpus, max length and pooling, so "
+                          "mining the same corpus again skips embedding it (default: .qtune-vectors/ beside "
+                          "--output)")
+    sub.add_argument("--no-vector-cache", action="store_true", help="embed the corpus without the cache")
     sub.add_argument("--num-negatives", type=int, default=7,
                      help="negatives per query (default: 7, a full reranker group of 8 and --hard-negatives 7)")
     sub.add_argument("--sampling", choices=("top", "random"), default="top")
@@ -326,7 +358,7 @@ def build_parser() -> argparse.ArgumentParser:
     for command in task_commands("prediction"):
         add_command(predict, command)
     # commands the tasks also offer at the top (`qtune extract` = `qtune predict extract`, `qtune calibrate`)
-    for command in [c for task in TASKS.values() for c in task.commands.values() if c.top_level]:
+    for command in [c for task in TASKS.values() for c in task.all_commands() if c.top_level]:
         add_command(commands, command)
 
     formats = sorted({fmt for task in TASKS.values() for fmt in task.export_formats})

@@ -25,6 +25,10 @@ class QueryGroup:
     negatives: tuple[str, ...] = ()
     # Where the group came from, for error messages downstream.
     line: int | None = None
+    # A teacher's score of each positive / negative, aligned with them (FlagEmbedding's
+    # `pos_scores`/`neg_scores`, as `qtune mine` writes them), for distillation; None: not given.
+    pos_scores: tuple[float, ...] | None = None
+    neg_scores: tuple[float, ...] | None = None
 
 
 @dataclass(frozen=True)

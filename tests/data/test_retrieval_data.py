@@ -31,7 +31,7 @@ def test_flagembedding_groups(tmp_path):
     ]))
     assert read_query_groups(path) == [
         QueryGroup("what is a cat", ("a cat is an animal",), ("a bus is a vehicle", "中文"), 1),
-        QueryGroup("q2", ("p1", "p2"), (), 3),
+        QueryGroup("q2", ("p1", "p2"), (), 3, pos_scores=(1.0, 1.0)),
     ]
 
 

@@ -7,14 +7,12 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import assert_user_error, run
 from fastapi.testclient import TestClient
 
-import qtune
 from qtune.errors import QtuneError
 from qtune.serving import ServerSettings, create_app
 from qtune.serving.names import default_name, served_sources, split_flag
-
-from conftest import assert_user_error, run
 
 
 def test_a_flag_is_name_equals_folder_or_a_folder(tmp_path):

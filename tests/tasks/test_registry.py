@@ -20,7 +20,7 @@ def test_every_task_has_a_training_config_a_trainer_and_a_wrapper():
     for task in TASKS.values():
         assert issubclass(task.config, TrainConfig), task
         assert ":" in task.trainer and ":" in task.wrapper, task
-        for command in task.commands.values():
+        for command in task.all_commands():
             assert issubclass(command.config, InferenceConfig), (task, command)
             assert command.help.startswith("`qtune "), (task, command)
 
@@ -30,9 +30,9 @@ def test_the_cli_is_built_from_the_registry():
     for task in TASKS.values():
         args = parser.parse_args(["train", task.name, "--model", "m", "--train", "t", "--output", "o"])
         assert args.task == task.name
-    names = {kind: sorted(t.commands[kind].name for t in TASKS.values() if kind in t.commands)
+    names = {kind: sorted(c.name for t in TASKS.values() for c in t.commands_of(kind))
              for kind in ("evaluation", "prediction")}
-    assert names == {"evaluation": ["classify", "extract", "pair-cls", "rerank", "retrieval"],
+    assert names == {"evaluation": ["classify", "extract", "pair-cls", "rerank", "retrieval", "sts"],
                      "prediction": ["classify", "extract", "pair-cls"]}
     for name in names["evaluation"]:
         assert parser.parse_args(["eval", name, "--model", "m"]).from_config
@@ -47,7 +47,7 @@ def test_unknown_tasks_and_commands_are_clear_errors(tmp_path):
         get("nope")
     with pytest.raises(QtuneError, match="is not a qtune folder: say which task it is for"):
         task_of(tmp_path)
-    with pytest.raises(QtuneError, match="unknown evaluation 'nope'; known: pair-cls, retrieval, rerank, extract, classify"):
+    with pytest.raises(QtuneError, match="unknown evaluation 'nope'; known: pair-cls, retrieval, sts, rerank, extract, classify"):
         qtune.evaluate("nope", model="m")
     with pytest.raises(QtuneError, match="missing required setting"):
         qtune.evaluate("pair-cls", model="m")  # --data is required

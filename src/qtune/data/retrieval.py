@@ -3,7 +3,8 @@
 Training data is JSONL, one query group per line, in either common format (both may be mixed
 in one file, line by line):
 
-- FlagEmbedding: ``{"query": str, "pos": [str, ...], "neg": [str, ...]}`` (``neg`` optional)
+- FlagEmbedding: ``{"query": str, "pos": [str, ...], "neg": [str, ...]}`` (``neg`` optional), and
+  optionally a teacher's ``pos_scores``/``neg_scores`` (a number per passage), kept in the record
 - ms-swift:      ``{"query": str, "response": str, "rejected_response": [str, ...] | str}``
   (``rejected_response`` optional)
 
@@ -19,6 +20,7 @@ Every problem is raised as a DataError naming file, 1-based line (or data row) a
 
 from __future__ import annotations
 
+import math
 import random
 from pathlib import Path
 from typing import Iterator, Mapping, Sequence
@@ -102,7 +104,26 @@ def _group(obj: dict, path: str | Path, line: int) -> QueryGroup:
                         path=str(path), line=line, field="pos")
     if not positives:
         raise DataError("no positive passage", path=str(path), line=line, field=field)
-    return QueryGroup(query, positives, negatives, line)
+    if field != "pos":
+        return QueryGroup(query, positives, negatives, line)
+    return QueryGroup(query, positives, negatives, line,
+                      pos_scores=_scores(obj, "pos_scores", path, line),
+                      neg_scores=_scores(obj, "neg_scores", path, line))
+
+
+def _scores(obj: dict, field: str, path: str | Path, line: int) -> tuple[float, ...] | None:
+    """A FlagEmbedding score list (None when absent or null). Its length is left for the code that
+    uses the scores to check (`qtune.data.teacher_scores`): training that ignores them still reads the file."""
+    value = obj.get(field)
+    if value is None:
+        return None
+    if not isinstance(value, list):
+        raise DataError(f"expected a list of numbers, got {type(value).__name__}", path=str(path), line=line,
+                        field=field)
+    for i, item in enumerate(value, start=1):
+        if isinstance(item, bool) or not isinstance(item, (int, float)) or math.isnan(item):
+            raise DataError(f"score {i} is {item!r}, expected a number", path=str(path), line=line, field=field)
+    return tuple(float(x) for x in value)
 
 
 def read_query_groups(path: str | Path) -> list[QueryGroup]:
@@ -110,7 +131,8 @@ def read_query_groups(path: str | Path) -> list[QueryGroup]:
     or from a Parquet file / datasets folder / hub dataset with the same columns (a null is a
     missing field, so a row of the other format may leave them empty).
 
-    Blank lines are skipped; other fields on a line (scores, prompts) are ignored.
+    Blank lines are skipped; FlagEmbedding's ``pos_scores``/``neg_scores`` (lists of numbers) are
+    kept in the record; other fields on a line (prompts) are ignored.
     """
     path = source_name(path)
     groups = [_group(obj, path, line) for line, obj in _jsonl_objects(path)]
@@ -123,7 +145,8 @@ def write_query_groups(path: str | Path, groups: Sequence[QueryGroup], fmt: str 
     """Write query groups as JSONL, atomically.
 
     `fmt="flagembedding"`: one line per group, ``{"query", "pos", "neg"}`` (``neg`` always present,
-    possibly empty, since FlagEmbedding's trainer indexes it).
+    possibly empty, since FlagEmbedding's trainer indexes it), plus ``pos_scores``/``neg_scores``
+    where the group has them.
     `fmt="swift"`: ms-swift has one positive per line, so a group with P positives becomes P lines
     with the same query and the same ``rejected_response`` list, ``response`` taking each positive in
     turn (the first positive first); ``rejected_response`` is left out when there are no negatives.
@@ -133,7 +156,11 @@ def write_query_groups(path: str | Path, groups: Sequence[QueryGroup], fmt: str 
     lines = []
     for g in groups:
         if fmt == "flagembedding":
-            lines.append({"query": g.query, "pos": list(g.positives), "neg": list(g.negatives)})
+            record = {"query": g.query, "pos": list(g.positives), "neg": list(g.negatives)}
+            for name in ("pos_scores", "neg_scores"):
+                if getattr(g, name) is not None:
+                    record[name] = list(getattr(g, name))
+            lines.append(record)
         else:
             for positive in g.positives:
                 record = {"query": g.query, "response": positive}

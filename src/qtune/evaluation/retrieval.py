@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import numpy as np
 
@@ -27,15 +27,34 @@ def evaluate_retrieval(embedder, data: RetrievalSet, *, top_k: int = 100, batch_
 def retrieve(embedder, data: RetrievalSet, *, top_k: int = 100, batch_size: int = 64,
              progress: bool = False) -> dict[str, list[str]]:
     """query id -> the `top_k` document ids by exact inner-product search, best first."""
-    from qtune.vector_search import exact_search
+    return search_run(embed_set(embedder, data, batch_size=batch_size, progress=progress), top_k)
 
+
+class EmbeddedSet(NamedTuple):
+    """A retrieval set's queries and passages as unit vectors, rows in the order of the ids."""
+
+    query_ids: list[str]
+    queries: np.ndarray  # (queries, dim)
+    doc_ids: list[str]
+    corpus: np.ndarray  # (docs, dim)
+
+
+def embed_set(embedder, data: RetrievalSet, *, batch_size: int = 64, progress: bool = False) -> EmbeddedSet:
+    """Embed every passage and query once (a Matryoshka evaluation then cuts the same vectors)."""
     doc_ids = list(data.corpus)
     query_ids = list(data.queries)
     corpus = embedder.embed([data.corpus[d] for d in doc_ids], batch_size=batch_size, progress=progress)
     queries = embedder.embed([data.queries[q] for q in query_ids], is_query=True, batch_size=batch_size,
                              progress=progress)
-    _, ranked = exact_search(queries, corpus, min(top_k, len(doc_ids)))  # (queries, k)
-    return {qid: [doc_ids[j] for j in row] for qid, row in zip(query_ids, ranked)}
+    return EmbeddedSet(query_ids, queries, doc_ids, corpus)
+
+
+def search_run(vectors: EmbeddedSet, top_k: int) -> dict[str, list[str]]:
+    """query id -> the `top_k` document ids by exact inner-product search, best first."""
+    from qtune.vector_search import exact_search
+
+    _, ranked = exact_search(vectors.queries, vectors.corpus, min(top_k, len(vectors.doc_ids)))  # (queries, k)
+    return {qid: [vectors.doc_ids[j] for j in row] for qid, row in zip(vectors.query_ids, ranked)}
 
 
 def rerank_run(reranker, data: RetrievalSet, run: dict[str, list[str]], *, top_k: int = 100,
@@ -109,8 +128,59 @@ def plot_retrieval(results: dict[str, dict], path: Path) -> None:
 
 
 def write_retrieval_outputs(results: dict[str, dict], data: str, output: str | Path, *,
-                            baseline: str | None = None, title: str = "Retrieval") -> None:
+                            baseline: str | None = None, title: str = "Retrieval",
+                            sections: Sequence[str] = ()) -> None:
+    """metrics.json, report.md (the table, then `sections`) and retrieval.png; with Matryoshka
+    results also matryoshka.png."""
     output = Path(output)
     write_json(output / "metrics.json", results)
-    write_text(output / "report.md", retrieval_report(results, data, baseline=baseline, title=title))
+    report = retrieval_report(results, data, baseline=baseline, title=title)
+    if any(MATRYOSHKA in m for m in results.values()):
+        report += "\n" + matryoshka_report(results)
+        plot_matryoshka(results, output / "matryoshka.png")
+    write_text(output / "report.md", "\n".join([report, *sections]))
     plot_retrieval(results, output / "retrieval.png")
+
+
+# -- Matryoshka: the same metrics at each leading dimension
+
+MATRYOSHKA = "matryoshka"  # results[model][MATRYOSHKA] = {dimension (text): metrics}
+MATRYOSHKA_METRICS = ("ndcg@10", "recall@10", "recall@100", "mrr@10")
+
+
+def matryoshka_report(results: dict[str, dict]) -> str:
+    """One table: a row per dimension (largest first), a column per model and metric."""
+    names = [n for n in results if MATRYOSHKA in results[n]]
+    dims = sorted({int(d) for n in names for d in results[n][MATRYOSHKA]}, reverse=True)
+    header = ["dimension"] + [f"{k} ({short_name(n)})" if len(names) > 1 else k
+                              for k in MATRYOSHKA_METRICS for n in names]
+    rows = [[d] + [results[n][MATRYOSHKA].get(str(d), {}).get(k, "") for k in MATRYOSHKA_METRICS for n in names]
+            for d in dims]
+    return "\n".join(["## Matryoshka: metrics at each leading dimension", "",
+                      "Vectors cut to the first N dimensions, then normalised again.", "",
+                      markdown_table(header, rows), ""])
+
+
+def plot_matryoshka(results: dict[str, dict], path: Path) -> None:
+    """Metric against dimension (log scale), one line per model and metric."""
+    from qtune.plotting import pyplot, save_png
+
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    every_dim = set()
+    for name, metrics in results.items():
+        if MATRYOSHKA not in metrics:
+            continue
+        dims = sorted(int(d) for d in metrics[MATRYOSHKA])
+        every_dim.update(dims)
+        for key, marker, style in zip(("ndcg@10", "recall@100"), ("o", "s"), ("-", "--")):
+            values = [metrics[MATRYOSHKA][str(d)][key] for d in dims]
+            ax.plot(dims, values, marker=marker, linestyle=style, label=f"{short_name(name)} {key}")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(sorted(every_dim), [str(d) for d in sorted(every_dim)])
+    ax.minorticks_off()
+    ax.set_xlabel("dimension")
+    ax.set_ylim(0, 1.05)
+    ax.legend(fontsize=8)
+    ax.set_title("retrieval quality by Matryoshka dimension", fontsize=10)
+    save_png(fig, path)

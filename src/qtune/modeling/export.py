@@ -74,12 +74,21 @@ def source_setting(output: str | os.PathLike, name: str):
     """A training setting (e.g. `matryoshka_dims`) of the run the export's source came from: its
     config.yaml, beside the checkpoint folder (`run/best` -> `run/config.yaml`) or in it; None when
     the source has no such run or the run did not set it."""
+    note = read_export_note(output)
+    if note is None:
+        return None
+    return run_setting(note["source"], name)
+
+
+def run_setting(checkpoint: str | os.PathLike, name: str):
+    """A training setting of the run a checkpoint folder belongs to: its config.yaml, in it or beside
+    it (`run/best` -> `run/config.yaml`); None for a folder of no run (a hub id, a base model) or
+    a setting the run did not set."""
     import yaml
 
-    note = read_export_note(output)
-    if note is None or not Path(note["source"]).is_dir():
+    source = Path(checkpoint)
+    if not source.is_dir():
         return None
-    source = Path(note["source"])
     for config in (source / "config.yaml", source.parent / "config.yaml"):
         if config.is_file():
             settings = yaml.safe_load(config.read_text(encoding="utf-8")) or {}

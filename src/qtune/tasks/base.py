@@ -120,8 +120,16 @@ class Task:
     # -- training and inference
     trainer: ClassVar[str]  # "module:function", called (task, config, on_step) -> TrainedRun
     wrapper: ClassVar[str]  # "module:Class": the inference wrapper around a LoadedModel
-    # The task's commands by kind: "evaluation" (`qtune eval`), "prediction" (`qtune predict`), ...
-    commands: ClassVar[dict[str, Command]] = {}
+    # The task's commands by kind: "evaluation" (`qtune eval`), "prediction" (`qtune predict`), ...;
+    # a tuple where a task has several of one kind (embedding: `qtune eval retrieval` and `qtune eval sts`).
+    commands: ClassVar[dict[str, Command | tuple[Command, ...]]] = {}
+
+    def commands_of(self, kind: str) -> list[Command]:
+        found = self.commands.get(kind, ())
+        return list(found) if isinstance(found, tuple) else [found]
+
+    def all_commands(self) -> list[Command]:
+        return [command for kind in self.commands for command in self.commands_of(kind)]
 
     def train(self, config, on_step=None) -> TrainedRun:
         return resolve(self.trainer)(self, config, on_step)

@@ -299,7 +299,8 @@ def test_mine_writes_valid_negatives(corpus, trained, mine_inputs, tmp_path, cap
     records = read_jsonl(output)
     assert [(r["query"], r["pos"]) for r in records] == [(q["query"], q["pos"]) for q in source]
     for record in records:
-        assert set(record) == {"query", "pos", "neg"}
+        assert set(record) == {"query", "pos", "neg", "pos_scores", "neg_scores"}
+        assert (len(record["pos_scores"]), len(record["neg_scores"])) == (len(record["pos"]), len(record["neg"]))
         assert len(record["neg"]) <= 2
         assert len(set(record["neg"])) == len(record["neg"])
         assert set(record["neg"]) <= set(MINE_CORPUS)

@@ -1,11 +1,11 @@
 """Domain embeddings: contrastive fine-tuning (InfoNCE over in-batch and mined hard negatives),
-retrieval evaluation on BEIR folders, and `/v1/embeddings`."""
+retrieval evaluation on BEIR folders, pair scoring (STS), and `/v1/embeddings`."""
 
 from __future__ import annotations
 
 from qtune.modeling.family import Family
 from qtune.tasks.base import Command, Endpoint, Task
-from qtune.tasks.embedding.config import EmbeddingConfig, RetrievalEvalConfig
+from qtune.tasks.embedding.config import EmbeddingConfig, RetrievalEvalConfig, StsEvalConfig
 
 RUNNERS = "qtune.tasks.embedding.evaluate"  # eval/predict runners, imported when a command runs
 
@@ -16,7 +16,8 @@ class EmbeddingTask(Task):
     config = EmbeddingConfig
     trainer = "qtune.tasks.embedding.train:train"
     wrapper = "qtune.tasks.embedding.model:Embedder"
-    commands = {"evaluation": Command("retrieval", RetrievalEvalConfig, RUNNERS)}
+    commands = {"evaluation": (Command("retrieval", RetrievalEvalConfig, RUNNERS),
+                               Command("sts", StsEvalConfig, RUNNERS, "evaluate_sts", "show_sts"))}
     int8_output = "last_hidden_state"
     export_formats = ("sentence-transformers", "transformers")
     exporter = "embedding.export"

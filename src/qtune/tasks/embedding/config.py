@@ -1,4 +1,4 @@
-"""Settings of `qtune train embedding` and `qtune eval retrieval`."""
+"""Settings of `qtune train embedding`, `qtune eval retrieval` and `qtune eval sts`."""
 
 from __future__ import annotations
 
@@ -20,8 +20,19 @@ class EmbeddingConfig(TrainConfig):
     hard_negatives: int = opt(7, "mined negatives used per query (0: in-batch negatives only)", low=0)
     false_negative_offset: float | None = opt(None, "mask in-batch candidates scoring above the positive plus "
                                                "this (Qwen3-Embedding uses 0.1); off when unset")
+    symmetric: bool = opt(False, "symmetric InfoNCE: also pick each positive's query among the batch's queries")
+    improved_contrastive: bool = opt(False, "GTE's improved contrastive loss: the other queries and passages are "
+                                     "negatives on both sides, in one softmax (Li et al. 2023)")
+    distill: bool = opt(False, "also learn the teacher's scores in the data (pos_scores, neg_scores): KL between "
+                        "its softmax and the model's over each group's positive and hard negatives")
+    distill_weight: float = opt(1.0, "with --distill: loss = contrastive + this x KL", low=0, low_open=True)
+    distill_temperature: float = opt(1.0, "with --distill: the teacher's scores are divided by this before the "
+                                     "softmax (FlagEmbedding: 1)", low=0, low_open=True)
+    distill_only: bool = opt(False, "with --distill: the KL term alone, no contrastive loss")
     cached: bool = opt(False, "GradCache: same gradients, memory of --mini-batch-size rows")
     mini_batch_size: int = opt(32, "rows per forward pass with --cached", low=1)
+    memory_check: bool = opt(True, "before the first step, estimate a batch's memory: switch to --cached when it "
+                             "does not fit in the free memory, stop when nothing does")
     matryoshka_dims: list[int] | None = opt(None, "also train these leading dimensions (e.g. 256 128 64)")
     query_instruction: str | None = opt(None, "instruction for queries (default: the model family's; '' for none)")
     eval_top_k: int = opt(100, "passages retrieved per query when evaluating", low=1)
@@ -40,3 +51,21 @@ class RetrievalEvalConfig(InferenceConfig):
     reranker: str | None = opt(None, "also rerank each model's top --rerank-top-k with this reranker")
     rerank_top_k: int = opt(100, "passages reranked per query", low=1)
     rerank_batch_size: int = opt(32, "pairs per reranker forward pass", low=1)
+    dims: list[int] | None = opt(None, "Matryoshka: also evaluate these leading dimensions (default: the "
+                                 "--matryoshka-dims the model was trained with, from its run's config.yaml)")
+    per_query_top: int = opt(20, "with --compare: queries listed in report.md as got worse / got better "
+                             "(per_query.jsonl has every query)", low=0)
+
+
+@dataclass(kw_only=True)
+class StsEvalConfig(InferenceConfig):
+    """`qtune eval sts`: Spearman/Pearson of pair cosines vs gold scores (0/1: also ROC-AUC, best threshold)."""
+
+    model: str = opt("", "embedding model: trained folder or base model", required=True)
+    data: str = opt("", "pair file (CSV, TSV, JSONL, Parquet) with sentence1, sentence2 and score or label",
+                    required=True)
+    compare: str | None = opt(None, "a second model, side by side (e.g. the base model)")
+    output: str | None = opt(None, "folder for metrics.json and report.md")
+    text_columns: list[str] = opt(["sentence1", "sentence2"], "the two text columns", count=2,
+                                  metavar=("COL1", "COL2"))
+    score_column: str | None = opt(None, "the gold column (default: score, else label)")

@@ -1,14 +1,20 @@
 """`qtune eval retrieval`: nDCG/Recall/MRR/MAP of one embedder (or two side by side) on a BEIR folder,
-optionally followed by a reranker (two stages)."""
+optionally followed by a reranker (two stages), at each Matryoshka dimension, and query by query
+against --compare. `qtune eval sts`: how the pair cosines correlate with gold scores."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from qtune.data.retrieval import read_beir, read_query_groups
+from qtune.errors import QtuneError
+from qtune.evaluation.query_report import per_query_markdown, query_rows
 from qtune.evaluation.report import short_name
-from qtune.evaluation.retrieval import (rerank_run, retrieval_report, retrieve, triplet_margin,
-                                        write_retrieval_outputs)
+from qtune.evaluation.retrieval import (MATRYOSHKA, embed_set, matryoshka_report, rerank_run, retrieval_report,
+                                        search_run, triplet_margin, write_retrieval_outputs)
 from qtune.evaluation.retrieval_metrics import retrieval_metrics
-from qtune.tasks.embedding.config import RetrievalEvalConfig
+from qtune.io import write_jsonl
+from qtune.tasks.embedding.config import RetrievalEvalConfig, StsEvalConfig
 
 
 def two_stage_name(retriever: str, reranker: str) -> str:
@@ -23,12 +29,18 @@ def evaluate(config: RetrievalEvalConfig, load) -> dict:
     load_args = dict(device=config.device, precision=config.load_precision)
     scorer = load(config.reranker, "reranker", **load_args) if config.reranker else None
     top_k = config.top_k
-    results = {}
+    dims = evaluated_dims(config)
+    results, runs = {}, {}
     for name in [config.model] + ([config.compare] if config.compare else []):
         embedder = load(name, "embedding", **load_args)
-        run = retrieve(embedder, data_set, top_k=max(top_k, config.rerank_top_k if scorer else 0),
-                       batch_size=config.batch_size, progress=True)
-        results[name] = retrieval_metrics({q: docs[:top_k] for q, docs in run.items()}, data_set.qrels)
+        if dims and getattr(embedder, "dimension", None):
+            refuse_wider(dims, embedder.dimension)  # before embedding the corpus
+        vectors = embed_set(embedder, data_set, batch_size=config.batch_size, progress=True)
+        run = search_run(vectors, max(top_k, config.rerank_top_k if scorer else 0))
+        runs[name] = {q: docs[:top_k] for q, docs in run.items()}
+        results[name] = retrieval_metrics(runs[name], data_set.qrels)
+        if dims:
+            results[name][MATRYOSHKA] = matryoshka_metrics(vectors, dims, data_set.qrels, top_k, dict(results[name]))
         if groups is not None:
             results[name]["triplet_margin"] = triplet_margin(embedder, groups, batch_size=config.batch_size)
         if scorer is not None:
@@ -37,8 +49,48 @@ def evaluate(config: RetrievalEvalConfig, load) -> dict:
             results[two_stage_name(name, config.reranker)] = retrieval_metrics(
                 {q: docs[:top_k] for q, docs in reranked.items()}, data_set.qrels)
     if config.output:
-        write_retrieval_outputs(results, str(config.data), config.output, baseline=_baseline(config))
+        sections = []
+        if config.compare:
+            rows = query_rows(runs[config.compare], runs[config.model], data_set.qrels, data_set.queries,
+                              data_set.corpus, depth=top_k)
+            sections.append(per_query_markdown(rows, config.compare, config.model, depth=top_k,
+                                               top=config.per_query_top))
+            write_jsonl(Path(config.output) / "per_query.jsonl", rows)
+        write_retrieval_outputs(results, str(config.data), config.output, baseline=_baseline(config),
+                                sections=sections)
     return results
+
+
+def evaluated_dims(config: RetrievalEvalConfig) -> list[int]:
+    """--dims, else the --matryoshka-dims the model's run was trained with (its config.yaml); [] for neither."""
+    from qtune.modeling.export import run_setting
+
+    dims = config.dims if config.dims is not None else run_setting(config.model, "matryoshka_dims")
+    if dims is not None and (not isinstance(dims, list) or not all(isinstance(d, int) and d > 0 for d in dims)):
+        raise QtuneError(f"Matryoshka dimensions must be positive integers, got {dims!r}")
+    return sorted(set(dims or ()), reverse=True)
+
+
+def refuse_wider(dims: list[int], width: int) -> None:
+    too_wide = [d for d in dims if d > width]
+    if too_wide:
+        raise QtuneError(f"--dims {' '.join(map(str, too_wide))}: the model has {width} dimensions")
+
+
+def matryoshka_metrics(vectors, dims: list[int], qrels, top_k: int, full_metrics: dict) -> dict[str, dict]:
+    """{dimension: metrics} for the full vectors (`full_metrics`) and each of `dims` leading
+    dimensions (cut, then normalised again, as `Embedder.embed(dimensions=)` does)."""
+    from qtune.tasks.embedding.model import truncate_normalize
+
+    full = vectors.queries.shape[1]
+    refuse_wider(dims, full)
+    out = {str(full): full_metrics}
+    for d in dims:
+        if d != full:
+            cut = vectors._replace(queries=truncate_normalize(vectors.queries, d),
+                                   corpus=truncate_normalize(vectors.corpus, d))
+            out[str(d)] = retrieval_metrics(search_run(cut, top_k), qrels)
+    return out
 
 
 def _baseline(config: RetrievalEvalConfig) -> str | None:
@@ -47,6 +99,38 @@ def _baseline(config: RetrievalEvalConfig) -> str | None:
 
 def show_evaluation(config: RetrievalEvalConfig, results: dict) -> str:
     text = retrieval_report(results, config.data, baseline=_baseline(config))
+    extra = ""
+    if any(MATRYOSHKA in m for m in results.values()):
+        text += "\n" + matryoshka_report(results)
+        extra += ", matryoshka.png"
     if config.output:
-        text += f"\nwrote {config.output}/metrics.json, report.md, retrieval.png"
+        extra += ", per_query.jsonl" if config.compare else ""
+        text += f"\nwrote {config.output}/metrics.json, report.md, retrieval.png{extra}"
+    return text
+
+
+def evaluate_sts(config: StsEvalConfig, load) -> dict:
+    """Cosine of each pair's embeddings against the gold scores, for --model (and --compare)."""
+    from qtune.evaluation.sts import read_scored_pairs, score_pairs, sts_metrics, write_sts_outputs
+
+    pairs = read_scored_pairs(config.data, text_columns=config.text_columns, score_column=config.score_column)
+    results = {}
+    for name in [config.model] + ([config.compare] if config.compare else []):
+        embedder = load(name, "embedding", device=config.device, precision=config.load_precision)
+        try:
+            results[name] = sts_metrics(score_pairs(embedder, pairs, batch_size=config.batch_size, progress=True),
+                                        pairs.gold)
+        except ValueError as e:
+            raise QtuneError(f"{config.data} ({short_name(name)}): {e}") from None
+    if config.output:
+        write_sts_outputs(results, str(config.data), config.output)
+    return results
+
+
+def show_sts(config: StsEvalConfig, results: dict) -> str:
+    from qtune.evaluation.sts import sts_report
+
+    text = sts_report(results, config.data)
+    if config.output:
+        text += f"\nwrote {config.output}/metrics.json, report.md"
     return text

@@ -4,15 +4,28 @@ A batch holds B query groups. Its tensors: `q_*` for the B queries, `p_*` for th
 followed by every hard negative of the batch. The sampler never puts the same text twice in one
 batch, so no in-batch "negative" is secretly a positive. `--cached` (GradCache) computes the same
 loss and gradients in mini-batches, so a batch of thousands fits in little memory.
+
+The contrastive term is InfoNCE, its `--symmetric` form (also passage -> query) or GTE's
+`--improved-contrastive` loss. `--distill` adds `--distill-weight` times the KL divergence between
+the teacher's softmax over each group's own candidates (its positive and hard negatives, teacher
+scores from the data) and the student's (similarities / --temperature); `--distill-only` keeps
+that term alone. All of it is a function of the vectors, so GradCache backpropagates it unchanged.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from qtune.losses import matryoshka_info_nce
+from qtune.losses import (distillation_kl, group_similarities, improved_contrastive, info_nce, matryoshka_mean,
+                          symmetric_info_nce)
 from qtune.modeling.packing import is_packed, split_packed
 from qtune.tasks.embedding.model import forward_embeddings
+
+# Batch keys the loss reads besides the `q_` and `p_` model inputs.
+CANDIDATE_OWNER = "candidate_owner"  # (B + negatives,) the group each candidate belongs to
+TEACHER_SCORES = "teacher_scores"  # (B, 1 + most negatives) teacher score of each group's candidates
+TEACHER_INDEX = "teacher_index"  # (B, 1 + most negatives) the candidate row each teacher score is for
+TEACHER_PADDING = "teacher_padding"  # (B, 1 + most negatives) True where a group has no candidate
 
 
 @dataclass(frozen=True)
@@ -22,17 +35,77 @@ class ContrastiveSettings:
     false_negative_offset: float | None = None
     matryoshka_dims: tuple[int, ...] | None = None
     mini_batch_size: int = 32  # GradCache chunk size
+    symmetric: bool = False
+    improved_contrastive: bool = False
+    distill_weight: float | None = None  # None: no distillation
+    distill_only: bool = False
+    distill_temperature: float = 1.0
 
 
-def _loss_from_vectors(q, p, settings: ContrastiveSettings):
-    return matryoshka_info_nce(q, p, list(settings.matryoshka_dims or ()), settings.temperature,
-                               settings.false_negative_offset)
+def _contrastive(q, p, settings: ContrastiveSettings, batch: dict):
+    if settings.improved_contrastive:
+        return improved_contrastive(q, p, settings.temperature, settings.false_negative_offset,
+                                    batch.get(CANDIDATE_OWNER))
+    if settings.symmetric:
+        return symmetric_info_nce(q, p, settings.temperature, settings.false_negative_offset)
+    return info_nce(q, p, settings.temperature, settings.false_negative_offset)
+
+
+def _loss_from_vectors(q, p, settings: ContrastiveSettings, batch: dict):
+    """The loss of query vectors q (B, dim) and candidate vectors p (B + negatives, dim)."""
+    def one(q, p):
+        total = 0.0 if settings.distill_only else _contrastive(q, p, settings, batch)
+        if settings.distill_weight is not None:
+            student = group_similarities(q, p, batch[TEACHER_INDEX])  # (B, 1 + most negatives)
+            total = total + settings.distill_weight * distillation_kl(
+                student, batch[TEACHER_SCORES], settings.temperature, settings.distill_temperature,
+                batch[TEACHER_PADDING])
+        return total
+
+    return matryoshka_mean(one, q, p, list(settings.matryoshka_dims or ()))
 
 
 def loss(model, batch: dict, settings: ContrastiveSettings):
     q = forward_embeddings(model, batch, settings.pooling, "q_")  # (B, dim)
     p = forward_embeddings(model, batch, settings.pooling, "p_")  # (B + negatives, dim)
-    return _loss_from_vectors(q, p, settings)
+    return _loss_from_vectors(q, p, settings, batch)
+
+
+def with_teacher_scores(features: list[dict], teacher: list[tuple[tuple[float, ...], tuple[float, ...]]]) -> list[dict]:
+    """Features (from `group_features`) carrying the teacher's scores of their own candidates:
+    the first positive's, then those of the negatives the feature holds; `teacher` is
+    (pos_scores, neg_scores) per group, in the same order."""
+    return [{**f, "teacher": [pos[0], *neg[:len(f["negatives"])]]} for f, (pos, neg) in zip(features, teacher)]
+
+
+def loss_inputs(features: list[dict]) -> dict:
+    """What the loss reads besides the model inputs, laid out as `encode.collate` lays out the
+    candidates (the B positives, then each group's negatives in turn)."""
+    import torch
+
+    batch = len(features)
+    owner = list(range(batch)) + [i for i, f in enumerate(features) for _ in f["negatives"]]
+    out = {CANDIDATE_OWNER: torch.tensor(owner, dtype=torch.long)}
+    if features and "teacher" in features[0]:
+        width = 1 + max(len(f["negatives"]) for f in features)
+        scores = torch.zeros(batch, width)
+        index = torch.zeros(batch, width, dtype=torch.long)
+        padding = torch.ones(batch, width, dtype=torch.bool)
+        start = batch
+        for i, f in enumerate(features):
+            count = len(f["negatives"])
+            scores[i, :1 + count] = torch.tensor(f["teacher"], dtype=torch.float32)
+            index[i, 0] = i
+            index[i, 1:1 + count] = torch.arange(start, start + count)
+            padding[i, :1 + count] = False
+            start += count
+        out.update({TEACHER_SCORES: scores, TEACHER_INDEX: index, TEACHER_PADDING: padding})
+    return out
+
+
+def collate_for_loss(collate, features: list[dict]) -> dict:
+    """`collate(features)` plus the `loss_inputs` of the batch."""
+    return {**collate(features), **loss_inputs(features)}
 
 
 def _chunks(batch: dict, prefix: str, size: int) -> list[dict]:
@@ -83,7 +156,7 @@ def cached_backward(model, batch: dict, settings: ContrastiveSettings, scale: fl
                 states[prefix].append(_rng_state(device))
                 parts.append(forward_embeddings(model, chunk, settings.pooling))
             vectors[prefix] = torch.cat(parts).requires_grad_(True)  # (rows, dim)
-    value = _loss_from_vectors(vectors["q_"], vectors["p_"], settings)
+    value = _loss_from_vectors(vectors["q_"], vectors["p_"], settings, batch)
     (value * scale).backward()
     after = _rng_state(device)
     for prefix, chunks in sides.items():

@@ -1,15 +1,30 @@
-"""`qtune mine`: hard negatives for each query group, ranked by an embedder over a corpus."""
+"""`qtune mine`: hard negatives for each query group, ranked by an embedder over a corpus, optionally
+rescored by a reranker, with the scores written for distillation.
+
+The selection is `qtune.mining` (sentence-transformers' meaning of the ranges and rules). Corpus
+vectors are cached on disk (`corpus_vectors`), so mining the same corpus again with the same model
+does not embed it again.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
+from pathlib import Path
+from typing import Callable, Sequence
 
 import numpy as np
 
 from qtune.data.retrieval import read_corpus, read_query_groups, write_query_groups
 from qtune.data.tables import table_format
 from qtune.errors import QtuneError
-from qtune.mining import MiningSettings, mine_hard_negatives, summarize
+from qtune.io import atomic_path
+from qtune.mining import MiningSettings, rule_report, search_candidates, select_negatives, summarize
+from qtune.modeling.loading import read_meta
+from qtune.vector_search import scores_of
+
+VECTOR_CACHE_DIR = ".qtune-vectors"  # default cache folder, beside the output file
 
 
 def check_output(output: str) -> None:
@@ -17,32 +32,130 @@ def check_output(output: str) -> None:
         raise QtuneError(f"{output}: mined data is written as JSONL (.jsonl)")
 
 
+def default_cache_dir(output: str | Path) -> Path:
+    return Path(output).resolve().parent / VECTOR_CACHE_DIR
+
+
 def mine_file(load_embedder, queries: str, corpus: str, output: str, settings: MiningSettings, *,
-              fmt: str = "flagembedding", batch_size: int = 64) -> str:
+              fmt: str = "flagembedding", batch_size: int = 64, model_name: str | None = None,
+              load_rescorer: Callable | None = None, cache_dir: str | Path | None = "auto") -> str:
     """Add hard negatives from `corpus` to each query group of `queries`; write them to `output`.
-    `load_embedder()` is called once the data was read (bad data never loads a model). Returns a
-    one-line summary (how many queries got fewer negatives than asked)."""
+
+    `load_embedder()` is called once the data was read (bad data never loads a model);
+    `load_rescorer()`, if given, once the embedder's search is done: it returns an object with
+    `score(pairs, batch_size=, progress=)` (a qtune Reranker) whose scores replace the embedder's for
+    every candidate of the search window and every positive, so the rules, the ranking and the
+    written `pos_scores`/`neg_scores` are the stronger model's. Corpus vectors are cached in
+    `cache_dir` ("auto": `.qtune-vectors/` beside `output`; None: no cache), keyed by `model_name`'s
+    files. Returns two lines: the summary and what each rule removed, with the mean scores.
+    """
     check_output(output)
     groups = read_query_groups(queries)
-    passages = read_corpus(corpus)
-    texts = list(passages.values())
-    ids_by_text: dict[str, list[int]] = {}
-    for i, text in enumerate(texts):
-        ids_by_text.setdefault(text, []).append(i)
+    # Duplicate passages would compete for the same slot; sentence-transformers keeps the first too.
+    texts = list(dict.fromkeys(read_corpus(corpus).values()))
+    index_of = {text: i for i, text in enumerate(texts)}
 
     embedder = load_embedder()
-    corpus_vecs = embedder.embed(texts, batch_size=batch_size, progress=True)
+    if cache_dir == "auto":
+        cache_dir = default_cache_dir(output)
+    corpus_vecs = corpus_vectors(embedder, texts, batch_size=batch_size, cache_dir=cache_dir,
+                                 model_key=model_identity(model_name) if model_name else None)
     query_vecs = embedder.embed([g.query for g in groups], is_query=True, batch_size=batch_size, progress=True)
-    # Each group's lowest positive score (positives need not be in the corpus).
-    flat = [p for g in groups for p in g.positives]
-    pos_vecs = embedder.embed(flat, batch_size=batch_size, progress=True)
-    starts = np.cumsum([0] + [len(g.positives) for g in groups])
-    positive_scores = np.array([(pos_vecs[a:b] @ query_vecs[i]).min() for i, (a, b)
-                                in enumerate(zip(starts[:-1], starts[1:]))], dtype=np.float32)
-    positive_ids = [{j for p in g.positives for j in ids_by_text.get(p, ())} for g in groups]
-    result = mine_hard_negatives(query_vecs, corpus_vecs, positive_ids, positive_scores, settings)
-    # Mined negatives replace any the input had; a passage equal to a positive never becomes one.
-    mined = [dataclasses.replace(g, negatives=tuple(texts[j] for j in chosen if texts[j] not in g.positives))
-             for g, chosen in zip(groups, result.negatives)]
+    positive_ids = [{index_of[p] for p in g.positives if p in index_of} for g in groups]
+    scores, indices = search_candidates(query_vecs, corpus_vecs, positive_ids, settings)  # (n, k) each
+    if load_rescorer is None:
+        pos_scores = _embedder_positive_scores(embedder, groups, index_of, query_vecs, corpus_vecs, batch_size)
+    else:
+        scores, pos_scores = _rescore(load_rescorer(), groups, texts, indices, batch_size)
+    lowest = np.array([min(s) for s in pos_scores], dtype=np.float32)  # (n,) the margins' positive score
+    result = select_negatives(scores, indices, positive_ids, lowest, settings)
+
+    mined = [dataclasses.replace(g, negatives=tuple(texts[j] for j in chosen), pos_scores=tuple(pos),
+                                 neg_scores=tuple(neg))
+             for g, chosen, pos, neg in zip(groups, result.negatives, pos_scores, result.negative_scores)]
     write_query_groups(output, mined, fmt=fmt)
-    return summarize(result, settings)
+    every_positive = np.array([s for row in pos_scores for s in row], dtype=np.float32)
+    return summarize(result, settings) + "\n" + rule_report(result, every_positive)
+
+
+def _embedder_positive_scores(embedder, groups, index_of: dict[str, int], query_vecs: np.ndarray,
+                              corpus_vecs: np.ndarray, batch_size: int) -> list[list[float]]:
+    """Per group, each positive's score: from its corpus vector when it is in the corpus (the very
+    score it has as a candidate), else from embedding it (positives need not be in the corpus)."""
+    outside = list(dict.fromkeys(p for g in groups for p in g.positives if p not in index_of))
+    outside_vecs = embedder.embed(outside, batch_size=batch_size, progress=True) if outside else None
+    extra = {p: i for i, p in enumerate(outside)}
+    out = []
+    for i, g in enumerate(groups):
+        row = []
+        for p in g.positives:
+            vecs, j = (corpus_vecs, index_of[p]) if p in index_of else (outside_vecs, extra[p])
+            row.append(float(scores_of(query_vecs[i:i + 1], vecs, np.array([[j]]))[0, 0]))
+        out.append(row)
+    return out
+
+
+def _rescore(rescorer, groups, texts: Sequence[str], indices: np.ndarray, batch_size: int,
+             block: int = 1024) -> tuple[np.ndarray, list[list[float]]]:
+    """The rescorer's scores of the search window (n, k) and of every positive, `block` queries'
+    pairs at a time (the pairs' features are built per call)."""
+    window = np.zeros(indices.shape, dtype=np.float32)
+    pos_scores: list[list[float]] = []
+    for start in range(0, len(groups), block):
+        part, rows = groups[start:start + block], indices[start:start + block]
+        pairs = [(g.query, texts[j]) for g, row in zip(part, rows.tolist()) for j in row]
+        pairs += [(g.query, p) for g in part for p in g.positives]
+        flat = np.asarray(rescorer.score(pairs, batch_size=batch_size, progress=True), dtype=np.float32)
+        window[start:start + len(part)] = flat[:rows.size].reshape(rows.shape)
+        ends = np.cumsum([rows.size] + [len(g.positives) for g in part])
+        pos_scores += [flat[a:b].tolist() for a, b in zip(ends[:-1], ends[1:])]
+    return window, pos_scores
+
+
+# --- the corpus-vector cache ---------------------------------------------------------------------
+
+def model_identity(name_or_path: str) -> str:
+    """What stands for a model's weights in a cache key: a folder's resolved path with each file's
+    name, size and modification time (so retraining into the same folder invalidates), and for a
+    LoRA checkpoint its base model's identity; a hub id as given."""
+    folder = Path(name_or_path)
+    if not folder.is_dir():
+        return str(name_or_path)
+    files = sorted(p for p in [*folder.glob("*"), *folder.glob("*/*")] if p.is_file())
+    stats = [(p.relative_to(folder).as_posix(), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
+    meta = read_meta(folder)
+    base = model_identity(meta.base_model) if meta is not None and meta.adapter else None
+    return json.dumps({"path": str(folder.resolve()), "files": stats, "base": base})
+
+
+def vector_cache_key(model_key: str, embedder, texts: Sequence[str]) -> str:
+    """sha256 over the model's identity, what decides a text's vector besides the weights (max
+    length, pooling, precision) and the corpus content, in order."""
+    loaded = embedder.loaded
+    digest = hashlib.sha256(json.dumps({"model": model_key, "max_length": loaded.meta.max_length,
+                                        "pooling": loaded.meta.pooling, "precision": loaded.precision},
+                                       sort_keys=True).encode("utf-8"))
+    for text in texts:
+        data = text.encode("utf-8")
+        digest.update(len(data).to_bytes(8, "little") + data)
+    return digest.hexdigest()
+
+
+def corpus_vectors(embedder, texts: Sequence[str], *, batch_size: int, cache_dir: str | Path | None,
+                   model_key: str | None) -> np.ndarray:
+    """(len(texts), dim) float32 document vectors: read from `cache_dir` when a run with the same key
+    wrote them, else embedded and written there atomically (no cache without a folder or a key)."""
+    if cache_dir is None or model_key is None:
+        return embedder.embed(texts, batch_size=batch_size, progress=True)
+    path = Path(cache_dir) / f"corpus-{vector_cache_key(model_key, embedder, texts)}.npy"
+    if path.is_file():
+        try:
+            vecs = np.load(path, allow_pickle=False)
+        except (OSError, ValueError):
+            vecs = None  # unreadable: embed again and replace it
+        if vecs is not None and vecs.shape == (len(texts), embedder.dimension) and vecs.dtype == np.float32:
+            return vecs
+    vecs = embedder.embed(texts, batch_size=batch_size, progress=True)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.save(f, vecs)  # to an open file: np.save would add ".npy" to the temporary name
+    return vecs

@@ -5,6 +5,7 @@ from __future__ import annotations
 from functools import partial
 
 from qtune.data.retrieval import read_beir, read_query_groups
+from qtune.data.teacher_scores import group_teacher_scores, require_teacher_scores
 from qtune.errors import QtuneError
 from qtune.evaluation.retrieval import evaluate_retrieval
 from qtune.modeling.loading import LoadedModel
@@ -12,14 +13,19 @@ from qtune.tasks.base import TrainedRun
 from qtune.tasks.embedding.config import EmbeddingConfig
 from qtune.tasks.embedding.encode import (collate, group_features, short_batches_note, unique_text_batches,
                                           untruncated_lengths)
-from qtune.tasks.embedding.loss import ContrastiveSettings, cached_backward, loss
+from qtune.tasks.embedding.loss import (ContrastiveSettings, cached_backward, collate_for_loss, loss,
+                                        with_teacher_scores)
 from qtune.tasks.embedding.model import Embedder
+from qtune.training.memory import fit_embedding_batch
 from qtune.training.run import check_truncation, resume_state, start_run
 from qtune.training.trainer import TaskHooks, fit
 
 
 def train(task, config: EmbeddingConfig, on_step=None) -> TrainedRun:
+    check_loss_options(config)
     groups = read_query_groups(config.train)
+    if config.distill:
+        require_teacher_scores(groups, config.train)
     eval_set = read_beir(config.eval) if config.eval else None
 
     def validate(model: LoadedModel) -> None:
@@ -28,8 +34,13 @@ def train(task, config: EmbeddingConfig, on_step=None) -> TrainedRun:
             raise QtuneError(f"--matryoshka-dims must be between 1 and the model's {width} dimensions")
         if config.query_instruction is not None and not config.resume:
             model.meta.query_instruction = config.query_instruction or None
-        check_truncation(untruncated_lengths(groups, Embedder(model).features, config.hard_negatives),
-                         config.max_length, "texts")
+        lengths = untruncated_lengths(groups, Embedder(model).features, config.hard_negatives)
+        check_truncation(lengths, config.max_length, "texts")
+        if config.memory_check:  # the settings the run trains with, and writes to config.yaml
+            negatives = min(config.hard_negatives, max((len(g.negatives) for g in groups), default=0))
+            config.cached, config.mini_batch_size = fit_embedding_batch(
+                model, lengths, groups=min(config.batch_size, len(groups)), texts_per_group=2 + negatives,
+                max_length=config.max_length, cached=config.cached, mini_batch_size=config.mini_batch_size)
 
     loaded = start_run(config, task, validate=validate)
     embedder = Embedder(loaded)
@@ -37,7 +48,12 @@ def train(task, config: EmbeddingConfig, on_step=None) -> TrainedRun:
     settings = ContrastiveSettings(pooling=loaded.meta.pooling, temperature=config.temperature,
                                    false_negative_offset=config.false_negative_offset,
                                    matryoshka_dims=tuple(config.matryoshka_dims or ()),
-                                   mini_batch_size=config.mini_batch_size)
+                                   mini_batch_size=config.mini_batch_size, symmetric=config.symmetric,
+                                   improved_contrastive=config.improved_contrastive,
+                                   distill_weight=config.distill_weight if config.distill else None,
+                                   distill_only=config.distill_only, distill_temperature=config.distill_temperature)
+    if config.distill:
+        features = with_teacher_scores(features, [group_teacher_scores(g, config.train) for g in groups])
     note = short_batches_note(features, unique_text_batches(features, config.batch_size, seed=config.seed, epoch=0),
                               config.batch_size)
     if note:
@@ -49,10 +65,26 @@ def train(task, config: EmbeddingConfig, on_step=None) -> TrainedRun:
                                       batch_size=config.eval_batch_size)
 
     hooks = TaskHooks(
-        collate=partial(collate, loaded.tokenizer, packed=loaded.packs), loss=partial(loss, settings=settings),
+        collate=partial(collate_for_loss, partial(collate, loaded.tokenizer, packed=loaded.packs)),
+        loss=partial(loss, settings=settings),
         evaluate=evaluate, best_metric="ndcg@10",
         batches=lambda epoch: unique_text_batches(features, config.batch_size, seed=config.seed, epoch=epoch),
         backward=(lambda model, batch, scale: cached_backward(model, batch, settings, scale))
         if config.cached else None)
     return TrainedRun(loaded, fit(config, loaded, features, hooks, resume_state=resume_state(config),
                                   on_step=on_step))
+
+
+def check_loss_options(config: EmbeddingConfig) -> None:
+    """Loss flags that contradict each other, refused before anything is read or written."""
+    if config.symmetric and config.improved_contrastive:
+        raise QtuneError("--symmetric and --improved-contrastive overlap (the improved loss already has the "
+                         "passage -> query terms, in one softmax): pick one")
+    if config.distill_only and not config.distill:
+        raise QtuneError("--distill-only needs --distill (and teacher scores in the data)")
+    if config.distill and config.hard_negatives == 0:
+        raise QtuneError("--distill with --hard-negatives 0 has nothing to learn: the teacher's softmax runs "
+                         "over each group's positive and hard negatives")
+    if config.distill_only and (config.symmetric or config.improved_contrastive):
+        raise QtuneError("--distill-only drops the contrastive loss, so --symmetric / --improved-contrastive "
+                         "would do nothing: leave them out")

@@ -21,7 +21,15 @@ class RerankerConfig(TrainConfig):
     group_size: int = opt(8, "pairs per group: the positive and group_size - 1 negatives", low=2)
     loss: str = opt("listwise", "listwise: softmax cross-entropy over each group; pointwise: binary "
                      "cross-entropy per pair", choices=("listwise", "pointwise"))
+    distill: bool = opt(False, "also learn the teacher's scores in the data (pos_scores, neg_scores): KL between "
+                        "its softmax and the model's over each group's pairs")
+    distill_weight: float = opt(1.0, "with --distill: loss = --loss + this x KL", low=0, low_open=True)
+    distill_temperature: float = opt(1.0, "with --distill: the teacher's scores are divided by this before the "
+                                     "softmax (FlagEmbedding: 1)", low=0, low_open=True)
+    distill_only: bool = opt(False, "with --distill: the KL term alone, without --loss")
     instruction: str | None = opt(None, "decoder rerankers: the <Instruct> text (default: the Qwen3-Reranker one)")
+    memory_check: bool = opt(True, "before the first step, estimate a batch's memory: split it with --grad-accum "
+                             "when it does not fit in the free memory, stop when one group does not")
 
 
 @dataclass(kw_only=True)

@@ -8,6 +8,7 @@ import numpy as np
 
 from qtune.data.batching import length_grouped_batches
 from qtune.data.retrieval import read_query_groups
+from qtune.data.teacher_scores import require_teacher_scores
 from qtune.errors import QtuneError
 from qtune.modeling.loading import LoadedModel
 from qtune.tasks.base import TrainedRun
@@ -15,6 +16,7 @@ from qtune.tasks.reranker.config import RerankerConfig
 from qtune.tasks.reranker.groups import (collate, group_features, group_ranking_metrics, loss, short_groups,
                                          training_pairs)
 from qtune.tasks.reranker.model import Reranker
+from qtune.training.memory import fit_group_batch
 from qtune.training.run import check_truncation, resume_state, start_run
 from qtune.training.trainer import TaskHooks, fit
 
@@ -26,6 +28,10 @@ def train(task, config: RerankerConfig, on_step=None) -> TrainedRun:
         if found is not None and not any(g.negatives for g in found):
             raise QtuneError(f"{path}: no group has a negative, so there is nothing to rank "
                              "(add them with `qtune mine`)")
+    if config.distill_only and not config.distill:
+        raise QtuneError("--distill-only needs --distill (and teacher scores in the data)")
+    if config.distill:
+        require_teacher_scores([g for g in groups if g.negatives], config.train)
 
     def validate(model: LoadedModel) -> None:  # checks that need the tokenizer, before anything is written
         if config.instruction is not None and not config.resume and model.family.is_decoder:
@@ -33,11 +39,17 @@ def train(task, config: RerankerConfig, on_step=None) -> TrainedRun:
         reranker = Reranker(model)
         reranker.formatter.encode("query", "document")
         whole = reranker.features(training_pairs(groups, config.group_size), truncate=False)
-        check_truncation([len(f["input_ids"]) for f in whole], config.max_length, "pairs")
+        lengths = [len(f["input_ids"]) for f in whole]
+        check_truncation(lengths, config.max_length, "pairs")
+        if config.memory_check:  # the settings the run trains with, and writes to config.yaml
+            config.batch_size, config.grad_accum = fit_group_batch(
+                model, lengths, batch_size=config.batch_size, group_size=config.group_size,
+                grad_accum=config.grad_accum, max_length=config.max_length, data_groups=len(groups))
 
     loaded = start_run(config, task, validate=validate)
     reranker = Reranker(loaded)
-    features, dropped = group_features(groups, reranker.formatter.encode, config.group_size)
+    features, dropped = group_features(groups, reranker.formatter.encode, config.group_size,
+                                       teacher_from=config.train if config.distill else None)
     if dropped:
         print(f"{dropped} of {len(groups)} training groups have no negative and are left out")
     short = short_groups(groups, config.group_size)
@@ -58,7 +70,8 @@ def train(task, config: RerankerConfig, on_step=None) -> TrainedRun:
     lengths = [f["length"] for f in features]
     hooks = TaskHooks(
         collate=partial(collate, loaded.tokenizer, packed=loaded.packs),
-        loss=partial(loss, prompt=reranker.formatter.prompt, kind=config.loss),
+        loss=partial(loss, prompt=reranker.formatter.prompt, kind=config.loss, distill_weight=config.distill_weight,
+                     distill_temperature=config.distill_temperature, distill_only=config.distill_only),
         evaluate=evaluate, best_metric="mrr",
         batches=lambda epoch: length_grouped_batches(lengths, config.batch_size, seed=config.seed, epoch=epoch))
     return TrainedRun(loaded, fit(config, loaded, features, hooks, resume_state=resume_state(config),
