@@ -231,3 +231,31 @@ def served(monkeypatch) -> dict:
     monkeypatch.setattr(qtune.serving, "serve", lambda models, settings, matcher=None: captured.update(
         models=models, settings=settings, matcher=matcher))
     return captured
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for a module's tests (`pytestmark = pytest.mark.usefixtures("one_torch_thread")`):
+    training numbers that tests compare exactly do not depend on how the shared CPU splits work."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def still_bert_dir(tiny_bert_dir, tmp_path_factory) -> str:
+    """The tiny BERT with hidden and attention dropout 0: with hidden size 32, dropout drowns what a
+    few steps learn, and a GradCache run gives exactly the plain run's model only without it."""
+    import shutil
+
+    folder = tmp_path_factory.mktemp("still") / "bert"
+    shutil.copytree(tiny_bert_dir, folder)
+    config_path = folder / "config.json"
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    assert config["hidden_dropout_prob"] > 0 and config["attention_probs_dropout_prob"] > 0
+    config.update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    config_path.write_text(json.dumps(config), encoding="utf-8")
+    return str(folder)

@@ -7,11 +7,9 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 
 import numpy as np
 import pytest
-import torch
 import yaml
 
 from qtune.data.retrieval import write_query_groups
@@ -30,12 +28,7 @@ ROW_BYTES = 62_521_344
 LENGTHS = [128] * 100
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # ---------------------------------------------------------------- the estimate
@@ -160,17 +153,6 @@ def test_free_memory_reads_meminfo_and_the_cgroup_limit(tmp_path):
 
 
 # ---------------------------------------------------------------- the commands
-
-
-@pytest.fixture(scope="module")
-def still_bert_dir(tiny_bert_dir, tmp_path_factory) -> str:
-    """The conftest tiny BERT without dropout, so a GradCache run gives exactly the plain run's model."""
-    folder = tmp_path_factory.mktemp("still-mem") / "bert"
-    shutil.copytree(tiny_bert_dir, folder)
-    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-    config.update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    (folder / "config.json").write_text(json.dumps(config), encoding="utf-8")
-    return str(folder)
 
 
 @pytest.fixture(scope="module")

@@ -25,7 +25,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 import yaml
 
 import qtune
@@ -60,25 +59,7 @@ EVAL_METRICS = ("ndcg@1", "ndcg@3", "ndcg@5", "ndcg@10", "recall@1", "recall@10"
 # ---------------------------------------------------------------- shared models, data and the training run
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def still_bert_dir(tiny_bert_dir, tmp_path_factory) -> str:
-    """The conftest tiny BERT with hidden and attention dropout set to 0."""
-    folder = tmp_path_factory.mktemp("still") / "bert"
-    shutil.copytree(tiny_bert_dir, folder)
-    config_path = folder / "config.json"
-    config = json.loads(config_path.read_text(encoding="utf-8"))
-    assert config["hidden_dropout_prob"] > 0 and config["attention_probs_dropout_prob"] > 0
-    config.update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    config_path.write_text(json.dumps(config), encoding="utf-8")
-    return str(folder)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -35,25 +35,7 @@ def _groups(teacher=True) -> list[QueryGroup]:
     return groups
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def still_bert_dir(tiny_bert_dir, tmp_path_factory) -> str:
-    """The conftest tiny BERT with dropout 0: with hidden size 32, dropout drowns what a few steps learn."""
-    import shutil
-
-    folder = tmp_path_factory.mktemp("still-distill") / "bert"
-    shutil.copytree(tiny_bert_dir, folder)
-    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-    config.update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    (folder / "config.json").write_text(json.dumps(config), encoding="utf-8")
-    return str(folder)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _teacher_kl(folder, teacher_temperature: float) -> float:

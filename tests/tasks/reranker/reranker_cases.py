@@ -101,14 +101,6 @@ def train_losses(out: Path) -> list[float]:
     return [e.value for e in accumulator.Scalars("train/loss")]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def ce_dir(tmp_path_factory) -> str:
     """A tiny BERT cross-encoder saved WITH its one-logit head (so a reload is not random), dropout 0,

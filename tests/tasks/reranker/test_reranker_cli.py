@@ -27,7 +27,6 @@ from reranker_cases import (  # noqa: F401
     ce_run,
     data,
     group_mrr,
-    one_torch_thread,
     qwen_run,
     qwen_tokenizer,
     train_losses,
@@ -45,6 +44,8 @@ from qtune.evaluation.retrieval_metrics import retrieval_metrics
 from qtune.tasks import get
 from qtune.tasks.reranker.config import RerankerConfig
 from qtune.tasks.reranker.model import Reranker
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 # ---------------------------------------------------------------- 5. training through the CLI
 

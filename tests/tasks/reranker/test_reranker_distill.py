@@ -8,13 +8,15 @@ from dataclasses import replace
 import pytest
 import torch
 from conftest import MISSING_MODEL, assert_refused_before_the_model_loads, assert_user_error, run
-from reranker_cases import ce_dir, make_groups, one_torch_thread, train_losses  # noqa: F401
+from reranker_cases import ce_dir, make_groups, train_losses  # noqa: F401
 
 import qtune
 from qtune.data.retrieval import write_query_groups
 from qtune.losses import distillation_kl
 from qtune.tasks.reranker import groups as reranker_groups
 from qtune.tasks.reranker.groups import collate, group_features, group_loss
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 TEACHER_POSITIVE, TEACHER_NEGATIVES = 2.0, (1.0, 0.0, -1.0)
 

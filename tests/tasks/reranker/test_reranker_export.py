@@ -16,7 +16,6 @@ from reranker_cases import (  # noqa: F401 (fixtures)
     EXPECTED_PROMPT,
     PAIRS,
     ce_dir,
-    one_torch_thread,
     qwen_tokenizer,
 )
 
@@ -26,6 +25,8 @@ from qtune.modeling.checkpoint import merge_lora, save_model_files
 from qtune.modeling.loading import LoraSettings
 from qtune.tasks import load_model
 from qtune.tasks.reranker.export import PROMPT_FILE, check_export, write_export
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 LONG = "the old red train is here now and the small green boat is there " * 3
 # the pair (LONG, LONG) is cut at these; every pair of PAIRS fits the decoder's

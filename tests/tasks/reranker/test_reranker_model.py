@@ -18,7 +18,6 @@ from reranker_cases import (  # noqa: F401
     ce_run,
     data,
     make_groups,
-    one_torch_thread,
     qwen_run,
     qwen_tokenizer,
 )
@@ -41,6 +40,8 @@ from qtune.tasks.reranker.groups import (
     group_ranking_metrics,
 )
 from qtune.tasks.reranker.model import Reranker
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 # ---------------------------------------------------------------- 1. the Qwen3-Reranker prompt
 
