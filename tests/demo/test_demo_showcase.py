@@ -34,3 +34,17 @@ def test_each_question_has_a_match_and_a_confusable_non_match():
         assert sorted(same for _, same in rows) == [False, True]
         other = next(c for c, same in rows if not same)
         assert INTENT_OF[other] == sibling_id(INTENT_OF[question])  # the hard negative, not a random one
+
+
+def test_the_served_questions_name_real_faq_entries_and_are_judged_as_a_customer_would():
+    from qtune.demo import SERVE_QUESTIONS, _answered_right
+    from qtune.demo.data import INTENTS
+
+    ids = {intent.id for intent in INTENTS}
+    assert all(expected is None or expected in ids for _, expected in SERVE_QUESTIONS)
+    assert any(expected is None for _, expected in SERVE_QUESTIONS)  # one the FAQ cannot answer
+    assert _answered_right({"matched": True, "id": "delivery-delay"}, "delivery-delay")
+    assert not _answered_right({"matched": True, "id": "transfer-pending"}, "delivery-delay")
+    assert not _answered_right({"matched": False, "id": "delivery-delay"}, "delivery-delay")
+    assert _answered_right({"matched": False, "id": "delivery-delay"}, None)
+    assert not _answered_right({"matched": True, "id": "delivery-delay"}, None)

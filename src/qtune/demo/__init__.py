@@ -130,8 +130,9 @@ def run_embedding_demo(output: Path, model: str) -> dict:
     return {"base": base, "tuned": tuned}
 
 
-SERVE_QUESTIONS = ["i cant remember my password", "someone took my card", "my parcel still hasnt come",
-                   "what is the weather tomorrow"]
+# What a customer asks, and the FAQ entry that answers it (None: none does, the match should say no).
+SERVE_QUESTIONS = [("i cant remember my password", "reset-password"), ("someone took my card", "card-stolen"),
+                   ("my parcel still hasnt come", "delivery-delay"), ("what is the weather tomorrow", None)]
 
 
 def _cosine_threshold(matcher, beir_folder: Path, keep: float) -> float:
@@ -147,6 +148,11 @@ def _cosine_threshold(matcher, beir_folder: Path, keep: float) -> float:
         if data.qrels[qid].get(best["id"], 0) > 0:
             right.append(best["score"])
     return float(np.quantile(right, 1 - keep))
+
+
+def _answered_right(answer: dict, expected: str | None) -> bool:
+    """A match to the entry that answers the question, or no match when none does."""
+    return answer["id"] == expected if answer["matched"] else expected is None
 
 
 def run_serving_demo(output: Path, faq: Path, embedding: str, classifier: str) -> list[dict]:
@@ -189,13 +195,15 @@ def run_serving_demo(output: Path, faq: Path, embedding: str, classifier: str) -
     print(f"\n== 10. serve: {base_url} (/v1/embeddings, /v1/classify, /v1/match)")
     try:
         client = OpenAI(base_url=f"{base_url}/v1", api_key="unused")
-        vectors = client.embeddings.create(model="faq-embedder", input=SERVE_QUESTIONS[:2])
+        questions = [q for q, _ in SERVE_QUESTIONS]
+        vectors = client.embeddings.create(model="faq-embedder", input=questions[:2])
         print(f"openai client: {len(vectors.data)} embeddings of {len(vectors.data[0].embedding)} dimensions, "
               f"{vectors.usage.total_tokens} tokens")
-        answers = [httpx.post(f"{base_url}/v1/match", json={"query": q}, timeout=60).json() for q in SERVE_QUESTIONS]
-        _print_table(["question", "matched", "FAQ entry", "cosine"],
-                     [[q, "yes" if a["matched"] else "no", a["id"], a["score"]]
-                      for q, a in zip(SERVE_QUESTIONS, answers)])
+        answers = [httpx.post(f"{base_url}/v1/match", json={"query": q}, timeout=60).json() for q in questions]
+        _print_table(["question", "matched", "FAQ entry", "cosine", "right answer", "right?"],
+                     [[q, "yes" if a["matched"] else "no", a["id"], a["score"], expected or "(none)",
+                       "yes" if _answered_right(a, expected) else "no"]
+                      for (q, expected), a in zip(SERVE_QUESTIONS, answers)])
     finally:
         server.should_exit = True
         thread.join(timeout=30)
