@@ -259,3 +259,12 @@ def still_bert_dir(tiny_bert_dir, tmp_path_factory) -> str:
     config.update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
     config_path.write_text(json.dumps(config), encoding="utf-8")
     return str(folder)
+
+
+def train_losses(out: Path) -> list[float]:
+    """The `train/loss` values a run under `out` logged to TensorBoard, step by step."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    accumulator = EventAccumulator(str(out / "runs"))
+    accumulator.Reload()
+    return [e.value for e in accumulator.Scalars("train/loss")]

@@ -19,7 +19,7 @@ from qtune.training import memory
 from qtune.training.memory import (ModelShape, activation_bytes, padded_width, plan_embedding, plan_groups,
                                    step_bytes)
 
-from conftest import ANIMALS, VEHICLES, assert_user_error, run
+from conftest import ANIMALS, VEHICLES, assert_user_error, run, train_losses
 
 # all-MiniLM-L6-v2 in fp32 on a CPU, no trainable parameters: with every text 128 tokens long one
 # row needs 128 x 6 x (32 x 384 + 2 x 1536 + 3.25 x 12 x 128) x 4 = 62,521,344 bytes
@@ -178,14 +178,6 @@ def _low_memory(monkeypatch, rows_that_fit: int, tokens: int):
     return seen
 
 
-def _losses(folder) -> list[float]:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    accumulator = EventAccumulator(str(next((folder / "runs").iterdir())))
-    accumulator.Reload()
-    return [e.value for e in accumulator.Scalars("train/loss")]
-
-
 def test_train_embedding_switches_to_cached_when_memory_is_low(still_bert_dir, groups_file, tmp_path, capsys,
                                                                monkeypatch):
     """8 groups x 3 texts do not fit, 3 rows of --max-length tokens do: the run says so, trains with
@@ -205,9 +197,9 @@ def test_train_embedding_switches_to_cached_when_memory_is_low(still_bert_dir, g
     assert 2 <= mini <= 16 and mini & (mini - 1) == 0  # a power of two below the 24 rows of a batch
     config = yaml.safe_load((tmp_path / "low" / "config.yaml").read_text(encoding="utf-8"))
     assert (config["cached"], config["mini_batch_size"], config["memory_check"]) == (True, mini, True)
-    losses = _losses(tmp_path / "low")
+    losses = train_losses(tmp_path / "low")
     assert len(losses) == 2 and all(math.isfinite(v) for v in losses)
-    np.testing.assert_allclose(losses, _losses(tmp_path / "plain"), atol=1e-4)
+    np.testing.assert_allclose(losses, train_losses(tmp_path / "plain"), atol=1e-4)
 
 
 def test_train_embedding_stops_before_writing_when_nothing_fits(still_bert_dir, groups_file, tmp_path, capsys,

@@ -34,7 +34,7 @@ from qtune.records import QueryGroup
 
 from conftest import (ANIMALS, MISSING_MODEL, VEHICLES, assert_data_accepted_up_to_the_model,
                       assert_refused_before_the_model_loads, assert_user_error,
-                      read_jsonl, run, write_lines)
+                      read_jsonl, run, train_losses, write_lines)
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -169,14 +169,6 @@ def test_train_writes_config_checkpoints_and_metrics(trained, still_bert_dir, ma
     assert history[-1]["ndcg@10"] > history[0]["ndcg@10"]  # it kept learning after the first epoch
 
 
-def _train_loss_values(out: Path) -> list[float]:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    accumulator = EventAccumulator(str(out / "runs"))
-    accumulator.Reload()
-    return [e.value for e in accumulator.Scalars("train/loss")]
-
-
 def test_cached_training_gives_the_model_of_plain_training(still_bert_dir, mapping_data, tmp_path, capsys):
     """GradCache computes the same gradients in mini-batches, so (LoRA, no dropout anywhere, same
     seed) both runs end with the same weights, hence the same embeddings."""
@@ -194,9 +186,9 @@ def test_cached_training_gives_the_model_of_plain_training(still_bert_dir, mappi
     assert (config["cached"], config["mini_batch_size"], config["full"]) == (True, 2, False)
     metrics = json.loads((cached / "metrics.json").read_text(encoding="utf-8"))
     assert metrics["train"]["steps"] == 2 * GROUPS // BATCH
-    losses = _train_loss_values(cached)
+    losses = train_losses(cached)
     assert len(losses) == 2 * GROUPS // BATCH and all(math.isfinite(v) for v in losses)
-    np.testing.assert_allclose(losses, _train_loss_values(plain), atol=1e-4)
+    np.testing.assert_allclose(losses, train_losses(plain), atol=1e-4)
 
     texts = ["my cat", "old tiger", PASSAGE.format("car"), PASSAGE.format("tram"), "a big dog"]
     base = qtune.load(still_bert_dir, task="embedding", device="cpu").embed(texts)
@@ -221,7 +213,7 @@ def test_matryoshka_dims_run(still_bert_dir, mapping_data, tmp_path, capsys):
     metrics = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
     assert metrics["train"]["steps"] == GROUPS // BATCH
     assert 0.0 <= metrics["best"]["ndcg@10"] <= 1.0
-    assert all(math.isfinite(v) for v in _train_loss_values(out))
+    assert all(math.isfinite(v) for v in train_losses(out))
     vectors = qtune.load(out / "best", device="cpu").embed(["my cat", "my dog"], dimensions=16)
     assert vectors.shape == (2, 16)
 

@@ -10,6 +10,7 @@ from dataclasses import replace
 import pytest
 import torch
 import torch.nn.functional as F
+from embedding_cases import assert_gradcache_matches_plain
 
 from qtune.data.retrieval import write_query_groups
 from qtune.losses import distillation_kl, improved_contrastive, info_nce, symmetric_info_nce
@@ -20,7 +21,7 @@ from qtune.tasks.embedding import encode, loss as contrastive
 from qtune.tasks.embedding.model import Embedder
 
 from conftest import (ANIMALS, MISSING_MODEL, VEHICLES, assert_refused_before_the_model_loads, assert_user_error,
-                      run)
+                      run, train_losses)
 
 TEACHER = (1.0, 0.5, 0.25)  # the positive's score, then the two negatives'
 
@@ -119,25 +120,7 @@ def test_gradcache_gives_the_plain_gradients_with_distillation_and_the_improved_
     settings = contrastive.ContrastiveSettings(pooling=loaded.meta.pooling, temperature=0.05, mini_batch_size=3,
                                                matryoshka_dims=(16,), improved_contrastive=True,
                                                false_negative_offset=0.1, distill_weight=2.0, distill_temperature=0.1)
-    params = [p for p in loaded.model.parameters() if p.requires_grad]
-    plain_loss = contrastive.loss(loaded.model, batch, settings)
-    plain_loss.backward()
-    plain = [p.grad.clone() for p in params]
-    for p in params:
-        p.grad = None
-    cached_loss = contrastive.cached_backward(loaded.model, batch, settings)
-    assert cached_loss.item() == pytest.approx(plain_loss.item(), abs=1e-5)
-    assert max(g.abs().max().item() for g in plain) > 1e-4
-    for a, p in zip(plain, params):
-        torch.testing.assert_close(p.grad, a, atol=1e-4, rtol=1e-3)
-
-
-def _train_losses(out) -> list[float]:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    accumulator = EventAccumulator(str(out / "runs"))
-    accumulator.Reload()
-    return [e.value for e in accumulator.Scalars("train/loss")]
+    assert_gradcache_matches_plain(loaded.model, batch, settings)
 
 
 FLAGS = ["--full", "--lr", "5e-3", "--epochs", "3", "--batch-size", "4", "--hard-negatives", "2", "--max-length",
@@ -154,7 +137,7 @@ def test_distill_only_trains_on_the_teachers_scores(cached, still_bert_dir, tmp_
                        "--distill", "--distill-only", "--distill-weight", "2", "--distill-temperature", "0.1",
                        *FLAGS, *extra)
     assert code == 0, err
-    losses = _train_losses(out)
+    losses = train_losses(out)
     assert len(losses) == 6 and len(kl_spy) == 6 and all(math.isfinite(v) for v in losses)
     # what the trainer minimised is 2 x the KL, nothing else
     assert losses == pytest.approx([2 * c["value"] for c in kl_spy], abs=1e-5)
@@ -179,7 +162,7 @@ def test_symmetric_and_improved_runs_reach_their_loss(tiny_bert_dir, tmp_path, c
                            flag, *FLAGS)
         assert code == 0, err
         assert seen == [loss_name] * 6  # one call per batch: 2 batches x 3 epochs
-        assert all(math.isfinite(v) for v in _train_losses(out))
+        assert all(math.isfinite(v) for v in train_losses(out))
 
 
 def test_distill_without_teacher_scores_names_the_first_line_without_them(tmp_path, capsys):

@@ -93,14 +93,6 @@ def group_mrr(reranker: Reranker, groups) -> dict:
     return group_ranking_metrics(scores)
 
 
-def train_losses(out: Path) -> list[float]:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    accumulator = EventAccumulator(str(out / "runs"))
-    accumulator.Reload()
-    return [e.value for e in accumulator.Scalars("train/loss")]
-
-
 @pytest.fixture(scope="module")
 def ce_dir(tmp_path_factory) -> str:
     """A tiny BERT cross-encoder saved WITH its one-logit head (so a reload is not random), dropout 0,

@@ -13,6 +13,7 @@ import pytest
 import torch
 import yaml
 from conftest import (
+    train_losses,
     ANIMALS,
     VEHICLES,
     assert_data_accepted_up_to_the_model,
@@ -29,7 +30,6 @@ from reranker_cases import (  # noqa: F401
     group_mrr,
     qwen_run,
     qwen_tokenizer,
-    train_losses,
 )
 
 import qtune

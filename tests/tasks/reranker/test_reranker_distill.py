@@ -7,8 +7,9 @@ from dataclasses import replace
 
 import pytest
 import torch
-from conftest import MISSING_MODEL, assert_refused_before_the_model_loads, assert_user_error, run
-from reranker_cases import ce_dir, make_groups, train_losses  # noqa: F401
+from conftest import MISSING_MODEL, assert_refused_before_the_model_loads, assert_user_error, run, train_losses
+from hand_math import kl, softmax
+from reranker_cases import ce_dir, make_groups  # noqa: F401
 
 import qtune
 from qtune.data.retrieval import write_query_groups
@@ -19,16 +20,6 @@ from qtune.tasks.reranker.groups import collate, group_features, group_loss
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 TEACHER_POSITIVE, TEACHER_NEGATIVES = 2.0, (1.0, 0.0, -1.0)
-
-
-def _softmax(values):
-    total = sum(math.exp(v) for v in values)
-    return [math.exp(v) / total for v in values]
-
-
-def _kl(teacher_logits, student_logits) -> float:
-    pt, ps = _softmax(teacher_logits), _softmax(student_logits)
-    return sum(a * (math.log(a) - math.log(b)) for a, b in zip(pt, ps))
 
 
 def _sigmoid(x: float) -> float:
@@ -45,16 +36,16 @@ def test_group_loss_adds_the_weighted_kl_to_listwise_and_pointwise():
     labels = torch.tensor([[1.0, 0.0, 0.0], [1.0, 0.0, 0.0]], dtype=torch.float64)
     teacher = torch.tensor([[3.0, 1.0, 0.0], [0.0, 2.0, 1.0]], dtype=torch.float64)
     # teacher / 2, the model's logits as they are
-    kl = (_kl([1.5, 0.5, 0.0], [2.0, 1.0, 0.0]) + _kl([0.0, 1.0, 0.5], [0.0, 1.0, 0.5])) / 2
-    listwise = (-math.log(_softmax([2.0, 1.0, 0.0])[0]) - math.log(_softmax([0.0, 1.0, 0.5])[0])) / 2
+    expected_kl = (kl([1.5, 0.5, 0.0], [2.0, 1.0, 0.0]) + kl([0.0, 1.0, 0.5], [0.0, 1.0, 0.5])) / 2
+    listwise = (-math.log(softmax([2.0, 1.0, 0.0])[0]) - math.log(softmax([0.0, 1.0, 0.5])[0])) / 2
     # row 0: the positive's logit 2, negatives 1 and 0; row 1: the positive's 0, negatives 1 and 0.5
     pointwise = -(math.log(_sigmoid(2.0)) + math.log(1 - _sigmoid(1.0)) + math.log(1 - _sigmoid(0.0))
                   + math.log(_sigmoid(0.0)) + math.log(1 - _sigmoid(1.0)) + math.log(1 - _sigmoid(0.5))) / 6
     distil = {"teacher_scores": teacher, "distill_weight": 0.5, "distill_temperature": 2.0}
-    assert group_loss(logits, labels, "listwise", **distil).item() == pytest.approx(listwise + 0.5 * kl, rel=1e-12)
-    assert group_loss(logits, labels, "pointwise", **distil).item() == pytest.approx(pointwise + 0.5 * kl, rel=1e-12)
+    assert group_loss(logits, labels, "listwise", **distil).item() == pytest.approx(listwise + 0.5 * expected_kl, rel=1e-12)
+    assert group_loss(logits, labels, "pointwise", **distil).item() == pytest.approx(pointwise + 0.5 * expected_kl, rel=1e-12)
     only = group_loss(logits, labels, "listwise", **distil, distill_only=True)
-    assert only.item() == pytest.approx(0.5 * kl, rel=1e-12)
+    assert only.item() == pytest.approx(0.5 * expected_kl, rel=1e-12)
     # no teacher scores: the plain loss, whatever the weight
     assert group_loss(logits, labels, "listwise", distill_weight=9.0).item() == pytest.approx(listwise, rel=1e-12)
 
