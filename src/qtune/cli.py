@@ -10,6 +10,7 @@ from pathlib import Path
 
 from qtune import __version__
 from qtune.config import add_config_flags, config_from_args
+from qtune.distributed import quiet_other_ranks
 from qtune.errors import QtuneError
 from qtune.tasks import TASKS, Command, get
 
@@ -464,6 +465,8 @@ def main(argv: list[str] | None = None) -> int:
         hf_logging.set_verbosity_error()
         hf_logging.disable_progress_bar()
         warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
+        # under torchrun / accelerate launch only rank 0 prints (errors still reach stderr)
+        quiet_other_ranks()
         args.func(args)
     except QtuneError as e:
         print(f"qtune: error: {e}", file=sys.stderr)

@@ -67,6 +67,10 @@ class TrainConfig:
     device: str = opt("auto", "auto, cpu, cuda or cuda:N")
     packing: bool = opt(True, "decoders: padding-free packed batches (same results, no work spent on padding)")
     resume: bool = opt(False, "continue the run saved in --output (last/)")
+    report_to: list[str] = opt(["tensorboard"], "experiment trackers for the training loss and eval metrics: "
+                               "tensorboard (runs/), wandb, mlflow, swanlab (each its own extra), or none")
+    deepspeed: str | None = opt(None, "DeepSpeed config JSON (ZeRO-2/3) for runs under torchrun / accelerate "
+                                "launch (needs qtune[deepspeed])")
 
 
 @dataclass(kw_only=True)

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Protocol, Sequence
 
 from qtune import __version__
+from qtune.distributed import device_name
 from qtune.errors import QtuneError
 from qtune.hub import hub_reachable
 from qtune.modeling.family import Family, family_of
@@ -182,8 +183,11 @@ def to_device(batch: dict, device) -> dict:
 
 
 def resolve_device(device: str = "auto"):
+    """The torch device for --device; under torchrun / accelerate launch, `auto` and `cuda` are the
+    GPU of this process's LOCAL_RANK (qtune.distributed.device_name)."""
     import torch
 
+    device = device_name(device)
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)

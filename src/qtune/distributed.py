@@ -1,0 +1,199 @@
+"""One process per device: what a qtune command needs when `torchrun` or `accelerate launch` starts
+several copies of it.
+
+The launchers set RANK, WORLD_SIZE and LOCAL_RANK in each process's environment; `launch()` reads
+them (a plain `qtune ...` is rank 0 of 1). Training goes through Hugging Face accelerate (DDP by
+default; DeepSpeed and FSDP through its plugins, see `qtune.training.replica`); this module holds
+the parts every command shares: the process's device, the process group, and the collectives that
+shard work over the ranks and put the results back in input order.
+
+Only rank 0 writes files and prints: `quiet_other_ranks()` sends the other ranks' standard output
+to /dev/null (errors still reach standard error).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+from typing import Callable, Sequence, TypeVar
+
+from qtune.errors import QtuneError
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Launch:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    launched: bool = False  # started by torchrun / accelerate launch (even with one process)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def _int_env(name: str, default: int) -> int:
+    value = os.environ.get(name)
+    if value is None or value == "":
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise QtuneError(f"environment variable {name}={value!r} is not a whole number (set by the launcher: "
+                         "torchrun or accelerate launch)") from None
+
+
+def launch() -> Launch:
+    """This process's place among the launched ones (rank 0 of 1 when nothing launched it)."""
+    world = _int_env("WORLD_SIZE", 1)
+    rank = _int_env("RANK", 0)
+    local = _int_env("LOCAL_RANK", rank)
+    if world < 1 or not 0 <= rank < world:
+        raise QtuneError(f"RANK={rank} and WORLD_SIZE={world} do not fit together (RANK must be 0 .. WORLD_SIZE-1)")
+    return Launch(rank=rank, world_size=world, local_rank=local, launched="LOCAL_RANK" in os.environ or world > 1)
+
+
+def device_name(requested: str) -> str:
+    """The device this process uses for `--device requested`: under a launcher, `auto` and `cuda`
+    mean the GPU of this process's LOCAL_RANK; a fixed `cuda:N` with several processes is refused
+    (they would all share one GPU)."""
+    where = launch()
+    if not where.launched:
+        return requested
+    import torch
+
+    if requested.startswith("cuda:") and where.distributed:
+        raise QtuneError(f"--device {requested} with {where.world_size} processes would put all of them on one "
+                         "GPU: leave --device auto (each process takes the GPU of its LOCAL_RANK), or limit the "
+                         "GPUs with CUDA_VISIBLE_DEVICES")
+    if requested in ("auto", "cuda") and torch.cuda.is_available():
+        return f"cuda:{where.local_rank % torch.cuda.device_count()}"
+    if requested == "cuda":
+        raise QtuneError("--device cuda, but no GPU is visible to this process")
+    return "cpu" if requested == "auto" else requested
+
+
+def init_process_group() -> Launch:
+    """Join the launched processes' group (NCCL on GPUs, gloo on CPUs) unless already joined."""
+    where = launch()
+    if not where.distributed:
+        return where
+    import torch
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        if torch.cuda.is_available():
+            torch.cuda.set_device(where.local_rank % torch.cuda.device_count())
+        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+    return where
+
+
+def quiet_other_ranks() -> None:
+    """Only rank 0 prints: the others' standard output goes to /dev/null and their progress bars off."""
+    if launch().is_main:
+        return
+    sys.stdout = open(os.devnull, "w")
+    os.environ["TQDM_DISABLE"] = "1"
+
+
+def barrier() -> None:
+    if launch().distributed:
+        import torch.distributed as dist
+
+        init_process_group()
+        dist.barrier()
+
+
+def all_gather_objects(value) -> list:
+    """Every rank's `value` (any picklable object), in rank order, on every rank."""
+    where = launch()
+    if not where.distributed:
+        return [value]
+    import torch.distributed as dist
+
+    init_process_group()
+    out = [None] * where.world_size
+    dist.all_gather_object(out, value)
+    return out
+
+
+def broadcast_object(value, source: int = 0):
+    """Rank `source`'s `value` on every rank."""
+    if not launch().distributed:
+        return value
+    import torch.distributed as dist
+
+    init_process_group()
+    box = [value]
+    dist.broadcast_object_list(box, src=source)
+    return box[0]
+
+
+def shard_bounds(count: int, world_size: int, rank: int) -> tuple[int, int]:
+    """[start, end) of rank's contiguous share of `count` items; shares differ by at most one."""
+    base, extra = divmod(count, world_size)
+    start = rank * base + min(rank, extra)
+    return start, start + base + (1 if rank < extra else 0)
+
+
+def map_sharded(fn: Callable[[Sequence], Sequence[T]], items: Sequence, *, concat: Callable | None = None):
+    """`fn(items)` with the items split over the launched ranks: each rank runs `fn` on its
+    contiguous share and every rank gets the results back in input order (`concat` joins the
+    ranks' parts, e.g. `numpy.concatenate`; default: a list). One process: just `fn(items)`."""
+    where = launch()
+    if not where.distributed:
+        return fn(items)
+    start, end = shard_bounds(len(items), where.world_size, where.rank)
+    parts = all_gather_objects(fn(items[start:end]))
+    if concat is not None:
+        return concat([p for p in parts if len(p)]) if any(len(p) for p in parts) else parts[0]
+    return [x for part in parts for x in part]
+
+
+class _GatherWithGrad:
+    """all_gather whose backward hands each rank the sum, over every rank, of the gradient that
+    reached its own rows (the loss on each rank uses every rank's rows)."""
+
+    @staticmethod
+    def apply(tensor):
+        import torch
+        import torch.distributed as dist
+
+        class Gather(torch.autograd.Function):
+            @staticmethod
+            def forward(ctx, x):
+                parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+                dist.all_gather(parts, x.contiguous())
+                return torch.cat(parts)
+
+            @staticmethod
+            def backward(ctx, grad):
+                grad = grad.contiguous()
+                dist.all_reduce(grad)
+                rows = grad.shape[0] // dist.get_world_size()
+                rank = dist.get_rank()
+                return grad[rank * rows:(rank + 1) * rows]
+
+        return Gather.apply(tensor)
+
+
+def gather_rows_with_grad(tensor):
+    """(rows_r, ...) on each rank -> (sum of rows, ...) on every rank, rank order, gradients
+    flowing back to the rank that produced each row. Ranks may hold different row counts."""
+    import torch
+    import torch.distributed as dist
+
+    counts = [int(c) for c in all_gather_objects(int(tensor.shape[0]))]
+    most = max(counts)
+    if tensor.shape[0] < most:  # all_gather needs one shape: pad, gather, then drop the padding
+        pad = torch.zeros((most - tensor.shape[0], *tensor.shape[1:]), dtype=tensor.dtype, device=tensor.device)
+        tensor = torch.cat([tensor, pad])
+    gathered = _GatherWithGrad.apply(tensor) if dist.get_world_size() > 1 else tensor
+    return torch.cat([gathered[r * most:r * most + n] for r, n in enumerate(counts)]), counts
