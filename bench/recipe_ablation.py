@@ -135,10 +135,7 @@ def main() -> None:
 
 def _metrics(path: Path) -> dict:
     """nDCG@10, MRR@10, Recall@100 of the (first) model in an eval metrics.json."""
-    data = json.loads(path.read_text())
-    metrics = data.get("model", data)
-    if "metrics" in metrics:
-        metrics = metrics["metrics"]
+    metrics = next(iter(json.loads(path.read_text()).values()))  # {model name: {metric: value}}
     return {k: round(float(metrics[k]), 4) for k in METRICS}
 
 

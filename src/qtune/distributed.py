@@ -157,43 +157,53 @@ def map_sharded(fn: Callable[[Sequence], Sequence[T]], items: Sequence, *, conca
     return [x for part in parts for x in part]
 
 
-class _GatherWithGrad:
-    """all_gather whose backward hands each rank the sum, over every rank, of the gradient that
-    reached its own rows (the loss on each rank uses every rank's rows)."""
+_SCALE_GRAD = None
 
-    @staticmethod
-    def apply(tensor):
+
+def _scale_grad():
+    """torch.autograd.Function: identity forward, gradient times a factor backward. Built on first
+    use, so importing this module does not import torch."""
+    global _SCALE_GRAD
+    if _SCALE_GRAD is None:
         import torch
-        import torch.distributed as dist
 
-        class Gather(torch.autograd.Function):
+        class ScaleGrad(torch.autograd.Function):
             @staticmethod
-            def forward(ctx, x):
-                parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-                dist.all_gather(parts, x.contiguous())
-                return torch.cat(parts)
+            def forward(ctx, x, factor):
+                ctx.factor = factor
+                return x.view_as(x)
 
             @staticmethod
             def backward(ctx, grad):
-                grad = grad.contiguous()
-                dist.all_reduce(grad)
-                rows = grad.shape[0] // dist.get_world_size()
-                rank = dist.get_rank()
-                return grad[rank * rows:(rank + 1) * rows]
+                return grad * ctx.factor, None
 
-        return Gather.apply(tensor)
+        _SCALE_GRAD = ScaleGrad
+    return _SCALE_GRAD
 
 
-def gather_rows_with_grad(tensor):
-    """(rows_r, ...) on each rank -> (sum of rows, ...) on every rank, rank order, gradients
-    flowing back to the rank that produced each row. Ranks may hold different row counts."""
+def gather_rows(tensor):
+    """(rows_r, ...) on each rank -> ((sum of rows, ...) on every rank in rank order, [rows_r per
+    rank]). Ranks may hold different row counts (the gather pads, then drops the padding).
+
+    For a loss that every rank computes over the whole gathered batch (the same value on every
+    rank): the other ranks' rows are constants here and this rank's own rows carry its graph, with
+    their gradient multiplied by the number of ranks. After DDP averages the ranks' gradients, each
+    parameter holds exactly the gradient one process would get for that loss over the global batch,
+    and no collective runs in the backward pass (where it could interleave with DDP's own)."""
     import torch
     import torch.distributed as dist
 
+    world, rank = dist.get_world_size(), dist.get_rank()
     counts = [int(c) for c in all_gather_objects(int(tensor.shape[0]))]
     most = max(counts)
-    if tensor.shape[0] < most:  # all_gather needs one shape: pad, gather, then drop the padding
-        pad = torch.zeros((most - tensor.shape[0], *tensor.shape[1:]), dtype=tensor.dtype, device=tensor.device)
-        tensor = torch.cat([tensor, pad])
-    gathered = _GatherWithGrad.apply(tensor) if dist.get_world_size() > 1 else tensor
-    return torch.cat([gathered[r * most:r * most + n] for r, n in enumerate(counts)]), counts
+    if most == 0:
+        return tensor, counts
+    padded = tensor.detach()
+    if padded.shape[0] < most:
+        pad = torch.zeros((most - padded.shape[0], *padded.shape[1:]), dtype=padded.dtype, device=padded.device)
+        padded = torch.cat([padded, pad])
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded.contiguous())
+    rows = [part[:n] for part, n in zip(parts, counts)]
+    rows[rank] = _scale_grad().apply(tensor, float(world))
+    return torch.cat(rows), counts

@@ -1,4 +1,10 @@
-"""Retrieval evaluation: exact search over a BEIR set, metrics, and base-vs-tuned reports."""
+"""Retrieval evaluation: exact search over a BEIR set, metrics, and base-vs-tuned reports.
+
+`sharded=True` (the `qtune eval` commands under `torchrun` / `accelerate launch`): the model work
+is shared over the launched ranks (`qtune.evaluation.sharded`), every rank must call, and every
+rank gets the whole result, as one process computes it. Training evaluates on rank 0 alone and
+leaves it False.
+"""
 
 from __future__ import annotations
 
@@ -25,9 +31,15 @@ def evaluate_retrieval(embedder, data: RetrievalSet, *, top_k: int = 100, batch_
 
 
 def retrieve(embedder, data: RetrievalSet, *, top_k: int = 100, batch_size: int = 64,
-             progress: bool = False) -> dict[str, list[str]]:
-    """query id -> the `top_k` document ids by exact inner-product search, best first."""
-    return search_run(embed_set(embedder, data, batch_size=batch_size, progress=progress), top_k)
+             progress: bool = False, sharded: bool = False) -> dict[str, list[str]]:
+    """query id -> the `top_k` document ids by exact inner-product search, best first (sharded:
+    rank 0's search, on every rank)."""
+    vectors = embed_set(embedder, data, batch_size=batch_size, progress=progress, sharded=sharded)
+    if not sharded:
+        return search_run(vectors, top_k)
+    from qtune.evaluation.sharded import on_main
+
+    return on_main(search_run, vectors, top_k)
 
 
 class EmbeddedSet(NamedTuple):
@@ -39,14 +51,24 @@ class EmbeddedSet(NamedTuple):
     corpus: np.ndarray  # (docs, dim)
 
 
-def embed_set(embedder, data: RetrievalSet, *, batch_size: int = 64, progress: bool = False) -> EmbeddedSet:
+def embed_set(embedder, data: RetrievalSet, *, batch_size: int = 64, progress: bool = False,
+              sharded: bool = False) -> EmbeddedSet:
     """Embed every passage and query once (a Matryoshka evaluation then cuts the same vectors)."""
+    embed = _embed_call(embedder, sharded)
     doc_ids = list(data.corpus)
     query_ids = list(data.queries)
-    corpus = embedder.embed([data.corpus[d] for d in doc_ids], batch_size=batch_size, progress=progress)
-    queries = embedder.embed([data.queries[q] for q in query_ids], is_query=True, batch_size=batch_size,
-                             progress=progress)
+    corpus = embed([data.corpus[d] for d in doc_ids], batch_size=batch_size, progress=progress)
+    queries = embed([data.queries[q] for q in query_ids], is_query=True, batch_size=batch_size, progress=progress)
     return EmbeddedSet(query_ids, queries, doc_ids, corpus)
+
+
+def _embed_call(embedder, sharded: bool):
+    """`embedder.embed`, or (sharded) the same call shared over the launched ranks."""
+    if not sharded:
+        return embedder.embed
+    from qtune.evaluation.sharded import sharded_embed
+
+    return lambda texts, **kwargs: sharded_embed(embedder, texts, **kwargs)
 
 
 def search_run(vectors: EmbeddedSet, top_k: int) -> dict[str, list[str]]:
@@ -58,15 +80,21 @@ def search_run(vectors: EmbeddedSet, top_k: int) -> dict[str, list[str]]:
 
 
 def rerank_run(reranker, data: RetrievalSet, run: dict[str, list[str]], *, top_k: int = 100,
-               batch_size: int = 32, progress: bool = False) -> dict[str, list[str]]:
+               batch_size: int = 32, progress: bool = False, sharded: bool = False) -> dict[str, list[str]]:
     """Reorder each query's first `top_k` documents by the reranker's score (ties keep the
-    retriever's order); documents below `top_k` keep their place after them."""
+    retriever's order); documents below `top_k` keep their place after them. Sharded: `run` must
+    be the same on every rank (e.g. `retrieve(..., sharded=True)`'s)."""
     pairs, spans = [], {}
     for qid, docs in run.items():
         head = docs[:top_k]
         spans[qid] = (len(pairs), len(head))
         pairs += [(data.queries[qid], data.corpus[d]) for d in head]
-    scores = reranker.score(pairs, batch_size=batch_size, progress=progress)
+    if sharded:
+        from qtune.evaluation.sharded import sharded_score
+
+        scores = sharded_score(reranker, pairs, batch_size=batch_size, progress=progress)
+    else:
+        scores = reranker.score(pairs, batch_size=batch_size, progress=progress)
     reranked = {}
     for qid, docs in run.items():
         start, n = spans[qid]
@@ -75,16 +103,18 @@ def rerank_run(reranker, data: RetrievalSet, run: dict[str, list[str]], *, top_k
     return reranked
 
 
-def triplet_margin(embedder, groups: Sequence[QueryGroup], batch_size: int = 64) -> float | None:
+def triplet_margin(embedder, groups: Sequence[QueryGroup], batch_size: int = 64,
+                   sharded: bool = False) -> float | None:
     """Mean sim(q, positive) - sim(q, negative) over every (query, first positive, negative) triplet."""
     from qtune.evaluation.retrieval_metrics import mean_margin
 
     triplets = [(g.query, g.positives[0], n) for g in groups for n in g.negatives]
     if not triplets:
         return None
-    q = embedder.embed([t[0] for t in triplets], is_query=True, batch_size=batch_size)
-    p = embedder.embed([t[1] for t in triplets], batch_size=batch_size)
-    n = embedder.embed([t[2] for t in triplets], batch_size=batch_size)
+    embed = _embed_call(embedder, sharded)
+    q = embed([t[0] for t in triplets], is_query=True, batch_size=batch_size)
+    p = embed([t[1] for t in triplets], batch_size=batch_size)
+    n = embed([t[2] for t in triplets], batch_size=batch_size)
     return float(mean_margin((q * p).sum(axis=1), (q * n).sum(axis=1)))
 
 

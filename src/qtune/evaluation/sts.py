@@ -186,11 +186,18 @@ def read_scored_pairs(path: str | Path, *, text_columns: Sequence[str] = STS_COL
 # -- running and reporting
 
 
-def score_pairs(embedder, pairs: ScoredPairs, *, batch_size: int = 64, progress: bool = False) -> np.ndarray:
-    """Cosine of each pair's two embeddings (each distinct text embedded once, as a passage) -> (pairs,)."""
+def score_pairs(embedder, pairs: ScoredPairs, *, batch_size: int = 64, progress: bool = False,
+                sharded: bool = False) -> np.ndarray:
+    """Cosine of each pair's two embeddings (each distinct text embedded once, as a passage) -> (pairs,).
+    `sharded`: the embedding is shared over the launched ranks (every rank must call)."""
     texts = list(dict.fromkeys(pairs.first + pairs.second))
     index = {t: i for i, t in enumerate(texts)}
-    vectors = embedder.embed(texts, batch_size=batch_size, progress=progress)  # (texts, dim)
+    if sharded:
+        from qtune.evaluation.sharded import sharded_embed
+
+        vectors = sharded_embed(embedder, texts, batch_size=batch_size, progress=progress)  # (texts, dim)
+    else:
+        vectors = embedder.embed(texts, batch_size=batch_size, progress=progress)  # (texts, dim)
     return pair_cosines(vectors[[index[t] for t in pairs.first]], vectors[[index[t] for t in pairs.second]])
 
 

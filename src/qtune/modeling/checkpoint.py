@@ -11,20 +11,25 @@ from qtune.io import atomic_dir
 from qtune.modeling.loading import LoadedModel
 
 
-def save_model_files(loaded: LoadedModel, folder: str | os.PathLike) -> None:
-    """Write the model (LoRA adapter or full weights), tokenizer and qtune.json into `folder`."""
-    loaded.model.save_pretrained(folder)
+def save_model_files(loaded: LoadedModel, folder: str | os.PathLike, state_dict: dict | None = None) -> None:
+    """Write the model (LoRA adapter or full weights), tokenizer and qtune.json into `folder`;
+    `state_dict`: the weights to write instead of the model's own (gathered from FSDP / ZeRO-3 shards)."""
+    if state_dict is None:
+        loaded.model.save_pretrained(folder)
+    else:
+        loaded.model.save_pretrained(folder, state_dict=state_dict)
     loaded.tokenizer.save_pretrained(folder)
     replace(loaded.meta, adapter=loaded.is_adapter).save(folder)
 
 
-def save_checkpoint(loaded: LoadedModel, folder: str | os.PathLike, extra_files: dict | None = None) -> None:
+def save_checkpoint(loaded: LoadedModel, folder: str | os.PathLike, extra_files: dict | None = None,
+                    state_dict: dict | None = None) -> None:
     """Save atomically: `folder` is replaced as a whole, never left half-written.
 
     `extra_files` maps file names to callables that write them (e.g. the trainer state).
     """
     with atomic_dir(folder) as tmp:
-        save_model_files(loaded, tmp)
+        save_model_files(loaded, tmp, state_dict)
         for name, write in (extra_files or {}).items():
             write(tmp / name)
 

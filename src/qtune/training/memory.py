@@ -28,6 +28,7 @@ so the formula errs towards too much).
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -226,7 +227,8 @@ def _largest_power_of_two(ok, below: int) -> int | None:
 def free_memory(device) -> int:
     """Bytes a step can still allocate on `device` (a torch.device): on a GPU what the driver has
     free plus what torch's caching allocator holds unused; on the CPU MemAvailable, or the
-    container's memory limit minus its non-reclaimable use when that is lower."""
+    container's memory limit minus its non-reclaimable use when that is lower, shared by the
+    processes a launcher started on this machine (LOCAL_WORLD_SIZE)."""
     if device.type == "cuda":
         import torch
 
@@ -234,7 +236,11 @@ def free_memory(device) -> int:
         return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
     candidates = [_meminfo_available(), _cgroup_room()]
     known = [c for c in candidates if c is not None]
-    return min(known) if known else 0
+    try:
+        sharing = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    except ValueError:
+        sharing = 1
+    return min(known) // sharing if known else 0
 
 
 def _meminfo_available(path: str = "/proc/meminfo") -> int | None:

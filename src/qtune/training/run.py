@@ -10,9 +10,12 @@ from pathlib import Path
 from typing import Sequence
 
 from qtune.config import TrainConfig, config_to_yaml
+from qtune.distributed import barrier, launch
 from qtune.errors import QtuneError
 from qtune.io import write_text
 from qtune.modeling.loading import LoadedModel, LoraSettings, ModelSpec, load_model
+from qtune.training.replica import read_deepspeed_config
+from qtune.training.tracking import check_trackers
 from qtune.training.trainer import STATE_FILE
 
 
@@ -66,6 +69,12 @@ def start_run(config: TrainConfig, spec: ModelSpec, *, validate=None, **load_kwa
 
     Called after the data was read, so bad data never gets this far.
     """
+    check_trackers(getattr(config, "report_to", None))
+    if getattr(config, "deepspeed", None):
+        read_deepspeed_config(config.deepspeed)
+        if config.resume:
+            raise QtuneError("--resume with --deepspeed is not supported yet: DeepSpeed keeps the optimizer state "
+                             "in its own shards, which last/ does not hold")
     output = Path(config.output)
     last = output / "last"
     if config.resume and not (last / STATE_FILE).is_file():
@@ -84,5 +93,7 @@ def start_run(config: TrainConfig, spec: ModelSpec, *, validate=None, **load_kwa
     if not config.eval:
         # best/ is chosen by the eval metric; without eval data it is simply where training ended
         print("no --eval: best/ will be the last checkpoint")
-    write_text(output / "config.yaml", config_to_yaml(dataclasses.replace(config, resume=False)))
+    if launch().is_main:
+        write_text(output / "config.yaml", config_to_yaml(dataclasses.replace(config, resume=False)))
+    barrier()  # every rank has checked the output folder before rank 0 writes into it
     return loaded

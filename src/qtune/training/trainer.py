@@ -1,6 +1,15 @@
 """The training loop every task uses: AdamW, schedules, gradient accumulation, bf16 autocast,
-length-grouped dynamic batches, periodic evaluation with best/ and last/ checkpoints,
-TensorBoard logs, a progress bar with throughput, and exact resume after a stop or crash.
+length-grouped dynamic batches, periodic evaluation with best/ and last/ checkpoints, experiment
+tracking (TensorBoard by default), a progress bar with throughput, and exact resume after a stop
+or crash.
+
+Under torchrun / accelerate launch the same loop runs in every process (`Replica`): each micro-step
+takes one global batch of `--batch-size` x processes rows (the task's sampler builds it, so its
+rules, e.g. no text twice, hold for the global batch), and each rank computes its contiguous share.
+A rank's loss is weighted by its share of what the loss averages over (rows, or answer tokens), so
+the averaged gradient is the gradient of the global batch's mean loss, as one process with the
+global batch would compute it.
+Only rank 0 evaluates, writes checkpoints, logs and shows progress; the others wait for it.
 """
 
 from __future__ import annotations
@@ -13,12 +22,15 @@ from typing import Callable, Sequence
 
 from qtune.config import TrainConfig
 from qtune.data.batching import length_grouped_batches
+from qtune.distributed import all_gather_objects, broadcast_object, launch, shard_bounds
 from qtune.errors import QtuneError
 from qtune.io import write_json
 from qtune.modeling.checkpoint import save_checkpoint
 from qtune.modeling.loading import LoadedModel, to_device
 from qtune.modeling.packing import count_tokens
+from qtune.training.replica import Replica
 from qtune.training.schedulers import make_scheduler
+from qtune.training.tracking import open_trackers
 
 STATE_FILE = "trainer_state.pt"
 
@@ -31,10 +43,16 @@ class TaskHooks:
     loss: Callable[[object, dict], object]  # (model, batch) -> scalar loss tensor
     evaluate: Callable[[LoadedModel], dict] | None  # -> metrics; None when there is no eval data
     best_metric: str  # higher is better
-    # epoch -> batches of feature indices; default: length-grouped batches of config.batch_size
-    batches: Callable[[int], list[list[int]]] | None = None
-    # (model, batch, scale) -> detached loss, for tasks that run their own backward (GradCache)
-    backward: Callable[[object, dict, float], object] | None = None
+    # (epoch, batch_size) -> batches of feature indices; default: length-grouped batches
+    batches: Callable[[int, int], list[list[int]]] | None = None
+    # (replica, batch, scale, sync) -> detached loss, for tasks that run their own backward (GradCache);
+    # `sync`: the gradients are averaged over ranks after this batch
+    backward: Callable[[Replica, dict, float, bool], object] | None = None
+    # the loss already covers the global batch on every rank (cross-device negatives): no weighting
+    global_loss: bool = False
+    # what the loss is a mean over, counted in a collated batch (default: its rows); e.g. answer
+    # tokens for a token-level loss, so the ranks' shares weigh what they hold
+    loss_units: Callable[[dict], int] | None = None
 
 
 @dataclass
@@ -43,10 +61,15 @@ class Progress:
 
     step: int = 0  # optimizer steps done
     epoch: int = 0
-    batches_done: int = 0  # micro-batches of `epoch` already consumed
+    batches_done: int = 0  # (global) batches of `epoch` already consumed
     best_value: float | None = None
     best_step: int | None = None
     history: list[dict] = field(default_factory=list)
+
+
+def global_batches(batches: list[list[int]], world_size: int) -> list[list[int]]:
+    """The batches every rank can take a share of: one with fewer rows than processes is left out."""
+    return [b for b in batches if len(b) >= world_size]
 
 
 def fit(config: TrainConfig, loaded: LoadedModel, features: Sequence[dict], hooks: TaskHooks,
@@ -57,20 +80,37 @@ def fit(config: TrainConfig, loaded: LoadedModel, features: Sequence[dict], hook
     (step, samples, tokens), e.g. for benchmarks.
     """
     import torch
-    from torch.utils.tensorboard import SummaryWriter
     from tqdm.auto import tqdm
 
     output = Path(config.output)
     model = loaded.model
+    where = launch()
+    world, rank = where.world_size, where.rank
+    batch_size = config.batch_size * world  # the global batch of one micro-step
     if hooks.batches is None:
         lengths = [len(f["input_ids"]) for f in features]
 
-        def batches_for(epoch: int) -> list[list[int]]:
-            return length_grouped_batches(lengths, config.batch_size, seed=config.seed, epoch=epoch,
+        def task_batches(epoch: int) -> list[list[int]]:
+            return length_grouped_batches(lengths, batch_size, seed=config.seed, epoch=epoch,
                                           group_by_length=getattr(config, "group_by_length", True))
     else:
-        batches_for = hooks.batches
+        def task_batches(epoch: int) -> list[list[int]]:
+            return hooks.batches(epoch, batch_size)
+
+    def batches_for(epoch: int) -> list[list[int]]:
+        return global_batches(task_batches(epoch), world)
+
     batches_per_epoch = len(batches_for(0))
+    if batches_per_epoch == 0:
+        raise QtuneError(f"{len(features)} training rows cannot be shared by {world} processes: fewer rows than "
+                         "processes")
+    if where.launched:
+        print(f"{world} process{'es' if world > 1 else ''} x --batch-size {config.batch_size} = global batch "
+              f"{batch_size}" + (f", x --grad-accum {config.grad_accum} = {batch_size * config.grad_accum} rows "
+                                 "per optimizer step" if config.grad_accum > 1 else ""))
+        left_out = len(task_batches(0)) - batches_per_epoch
+        if left_out:
+            print(f"{left_out} batch(es) per epoch with fewer rows than the {world} processes are left out")
     total_batches = max(1, math.ceil(batches_per_epoch * config.epochs))
     full_epochs, rest = divmod(total_batches, batches_per_epoch)
     total_steps = full_epochs * math.ceil(batches_per_epoch / config.grad_accum) + math.ceil(rest / config.grad_accum)
@@ -81,48 +121,67 @@ def fit(config: TrainConfig, loaded: LoadedModel, features: Sequence[dict], hook
     scheduler = make_scheduler(optimizer, config.scheduler, total_steps, config.warmup_ratio,
                                patience=config.plateau_patience, factor=config.plateau_factor)
     progress = Progress()
-    rng_state = torch.get_rng_state()
     if resume_state is not None:
         state = load_trainer_state(resume_state)
+        saved_world = int(state.get("world_size", 1))
+        if saved_world != world:
+            raise QtuneError(f"{resume_state}: this run was saved by {saved_world} process(es) and is resumed by "
+                             f"{world}: the data order and random state are per process, so resume it with "
+                             f"{saved_world} (torchrun --nproc_per_node ...), or start a new run")
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         progress = Progress(**state["progress"])
-        rng_state = state["torch_rng"]
-        torch.set_rng_state(rng_state)
+        ranks_rng = state.get("torch_rng_ranks") or [state["torch_rng"]]
+        torch.set_rng_state(ranks_rng[rank])
     else:
-        torch.manual_seed(config.seed)
-        rng_state = torch.get_rng_state()
+        torch.manual_seed(config.seed + rank)  # dropout differs between ranks, as their rows do
+    rng_state = torch.get_rng_state()
+    replica = Replica(model, optimizer, deepspeed=getattr(config, "deepspeed", None),
+                      bf16=loaded.precision == "bf16", batch_size=config.batch_size, grad_accum=config.grad_accum,
+                      max_grad_norm=config.max_grad_norm)
+    optimizer = replica.optimizer
+    main = replica.is_main
+
+    def save(folder: Path, extra: dict | None = None) -> None:
+        weights = replica.full_state_dict()  # every rank takes part when the weights are sharded
+        if main:
+            save_checkpoint(loaded, folder, extra, state_dict=weights)
+        replica.barrier()
 
     def save_last() -> None:
+        rngs = all_gather_objects(rng_state)
+
         def write_state(path: Path) -> None:
             torch.save(plain_state({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                                    "progress": progress.__dict__, "torch_rng": rng_state}), path)
+                                    "progress": progress.__dict__, "torch_rng": rngs[0], "torch_rng_ranks": rngs,
+                                    "world_size": world}), path)
 
-        save_checkpoint(loaded, output / "last", {STATE_FILE: write_state})
+        save(output / "last", {STATE_FILE: write_state})
 
     def evaluate_and_save() -> dict:
-        metrics = hooks.evaluate(loaded) if hooks.evaluate else {}
+        metrics = hooks.evaluate(loaded) if hooks.evaluate and main else {}
+        metrics = broadcast_object(metrics)  # the plateau schedule and the best step agree on every rank
         record = {"step": progress.step, "epoch": round(progress.epoch + progress.batches_done / batches_per_epoch, 4),
                   **metrics}
         progress.history.append(record)
-        for name, value in metrics.items():
-            if isinstance(value, (int, float)):
-                writer.add_scalar(f"eval/{name}", value, progress.step)
+        trackers.log({f"eval/{name}": value for name, value in metrics.items() if isinstance(value, (int, float))},
+                     progress.step)
         if hooks.best_metric in metrics:
             value = metrics[hooks.best_metric]
             if config.scheduler == "plateau":
                 scheduler.step(value)
             if progress.best_value is None or value > progress.best_value:
                 progress.best_value, progress.best_step = value, progress.step
-                save_checkpoint(loaded, output / "best")
+                save(output / "best")
         save_last()
         model.train()
         return record
 
-    writer = SummaryWriter(log_dir=str(output / "runs"))
+    trackers = open_trackers(getattr(config, "report_to", ["tensorboard"]), output, output.name,
+                             _plain_config(config), enabled=main)
     done_batches = progress.epoch * batches_per_epoch + progress.batches_done
     bar = tqdm(total=total_batches, initial=min(done_batches, total_batches), desc="train", unit="batch",
-               dynamic_ncols=True)
+               dynamic_ncols=True, disable=not main)
     samples = tokens = 0
     started = time.perf_counter()
     saved_step = progress.step
@@ -131,30 +190,38 @@ def fit(config: TrainConfig, loaded: LoadedModel, features: Sequence[dict], hook
         while done_batches < total_batches:
             order = batches_for(progress.epoch)
             for batch_idx in order[progress.batches_done:]:
-                batch = hooks.collate([features[i] for i in batch_idx])
+                start, end = shard_bounds(len(batch_idx), world, rank)
+                mine = batch_idx[start:end]
+                batch = hooks.collate([features[i] for i in mine])
+                # the rank's share of the global batch's mean loss (1 with one process)
+                weight = 1.0
+                if world > 1 and not hooks.global_loss:
+                    units = all_gather_objects(int(hooks.loss_units(batch)) if hooks.loss_units else len(mine))
+                    weight = units[rank] * world / max(1, sum(units))
                 # counted on the host copy: no device sync
                 tokens += count_tokens(batch)
                 # plain Python values (e.g. how many logits to keep) stay on the host
                 batch = to_device(batch, loaded.device)
+                end_of_epoch = progress.batches_done + 1 == len(order)
+                finished = done_batches + 1 >= total_batches
+                # An epoch's last, shorter accumulation still makes a step, so no gradient is carried
+                # across an epoch boundary (and a checkpoint there is exact).
+                steps_now = not (progress.batches_done + 1) % config.grad_accum or end_of_epoch or finished
                 with loaded.autocast():
                     if hooks.backward is not None:
-                        loss = hooks.backward(model, batch, 1.0 / config.grad_accum)
+                        loss = hooks.backward(replica, batch, weight / config.grad_accum, steps_now)
                     else:
-                        loss = hooks.loss(model, batch)
+                        loss = replica.run(hooks.loss, batch, sync=steps_now)
                 if hooks.backward is None:
-                    (loss / config.grad_accum).backward()
-                samples += len(batch_idx)
+                    replica.backward(loss * (weight / config.grad_accum))
+                samples += len(mine)
                 done_batches += 1
                 progress.batches_done += 1
                 bar.update(1)
-                end_of_epoch = progress.batches_done == len(order)
-                finished = done_batches >= total_batches
-                # An epoch's last, shorter accumulation still makes a step, so no gradient is carried
-                # across an epoch boundary (and a checkpoint there is exact).
-                if progress.batches_done % config.grad_accum and not (end_of_epoch or finished):
+                if not steps_now:
                     continue
                 if config.max_grad_norm > 0:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+                    replica.clip_grad_norm(config.max_grad_norm)
                 optimizer.step()
                 if config.scheduler != "plateau":
                     scheduler.step()
@@ -167,34 +234,39 @@ def fit(config: TrainConfig, loaded: LoadedModel, features: Sequence[dict], hook
                     progress.epoch += 1
                     progress.batches_done = 0
                 if progress.step % config.logging_steps == 0 or finished:
-                    loss_value = float(loss.detach())
+                    # the global batch's mean loss: the ranks' weighted shares, averaged
+                    loss_value = sum(all_gather_objects(float(loss.detach()) * weight)) / world
                     elapsed = time.perf_counter() - started
-                    writer.add_scalar("train/loss", loss_value, progress.step)
-                    writer.add_scalar("train/lr", optimizer.param_groups[0]["lr"], progress.step)
+                    trackers.log({"train/loss": loss_value, "train/lr": optimizer.param_groups[0]["lr"]},
+                                 progress.step)
                     bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}",
-                                    samples_s=f"{samples / elapsed:.1f}", tok_s=f"{tokens / elapsed:.0f}")
+                                    samples_s=f"{samples * world / elapsed:.1f}",
+                                    tok_s=f"{tokens * world / elapsed:.0f}")
                 due = (progress.step % config.eval_steps == 0) if config.eval_steps else end_of_epoch
                 if due or finished:
                     record = evaluate_and_save()
                     saved_step = progress.step
-                    if hooks.evaluate:
+                    if hooks.evaluate and main:
                         bar.write(_format_record(record))
                 if finished or end_of_epoch:
                     break
     except KeyboardInterrupt:
         # Weights only change at optimizer steps: drop the micro-batches of an unfinished
-        # accumulation, save, and let --resume continue from exactly here.
-        if progress.step > saved_step:
+        # accumulation, save, and let --resume continue from exactly here. (With several
+        # processes a stopped rank cannot save with the others: they resume from the last save.)
+        if progress.step > saved_step and not where.distributed:
             progress.batches_done -= progress.batches_done % config.grad_accum
             save_last()
         raise
     finally:
         bar.close()
-        writer.close()
+        trackers.close()
 
     if hooks.evaluate is None or progress.best_step is None:
-        save_checkpoint(loaded, output / "best")
+        save(output / "best")
     elapsed = time.perf_counter() - started
+    counts = all_gather_objects((samples, tokens))
+    samples, tokens = sum(c[0] for c in counts), sum(c[1] for c in counts)
     result = {
         "best": next((r for r in progress.history if r["step"] == progress.best_step), None),
         "last": progress.history[-1] if progress.history else None,
@@ -202,10 +274,20 @@ def fit(config: TrainConfig, loaded: LoadedModel, features: Sequence[dict], hook
         "history": progress.history,
         "train": {"steps": progress.step, "samples": samples, "tokens": tokens, "seconds": round(elapsed, 3),
                   "samples_per_s": round(samples / elapsed, 2) if elapsed else None,
-                  "tokens_per_s": round(tokens / elapsed, 1) if elapsed else None},
+                  "tokens_per_s": round(tokens / elapsed, 1) if elapsed else None,
+                  "processes": world},
     }
-    write_json(output / "metrics.json", result)
+    if main:
+        write_json(output / "metrics.json", result)
+    replica.barrier()
     return result
+
+
+def _plain_config(config) -> dict:
+    """The run's settings as plain values, for the trackers."""
+    import dataclasses
+
+    return {k: v for k, v in dataclasses.asdict(config).items()}
 
 
 def plain_state(value):

@@ -1,14 +1,23 @@
-"""`qtune eval classify` and `qtune predict classify`."""
+"""`qtune eval classify` and `qtune predict classify`.
+
+Under `torchrun` / `accelerate launch` the ranks share the predictions (the same numbers as one
+process, see `qtune.evaluation.sharded`) and rank 0 alone writes."""
 
 from __future__ import annotations
 
 from qtune.data.tables import table_format, write_rows_with
+from qtune.distributed import init_process_group
 from qtune.errors import QtuneError
 from qtune.evaluation.metrics import metrics_from_probs
-from qtune.evaluation.report import classification_report_md, write_classification_outputs
+from qtune.evaluation.report import (
+    classification_report_md,
+    write_classification_outputs,
+)
+from qtune.evaluation.sharded import is_main, sharded_text_predict, sharded_text_proba
 from qtune.modeling.loading import read_meta
 from qtune.tasks.classify.config import ClassifyEvalConfig, ClassifyPredictConfig
 from qtune.tasks.classify.data import read_labelled, read_texts
+from qtune.tasks.classify.model import check_texts
 
 TASK = "classify"
 TITLE = "Text classification"
@@ -29,12 +38,13 @@ def evaluate(config: ClassifyEvalConfig, load) -> dict:
                                          label_column=config.label_column, labels=saved)
         runs.append((name, examples, labels, saved is None))
     results = {}
+    init_process_group()  # under a launcher: the ranks share the predictions
     for name, examples, labels, base in runs:
         extra = {"labels": labels} if base else {}
         clf = load(name, TASK, device=config.device, precision=config.load_precision, **extra)
-        probs = clf.predict_proba([e.text for e in examples], batch_size=config.batch_size, progress=True)
+        probs = sharded_text_proba(clf, check_texts([e.text for e in examples]), batch_size=config.batch_size, progress=True)
         results[name] = metrics_from_probs([e.label for e in examples], probs, labels)
-    if config.output:
+    if config.output and is_main():
         write_classification_outputs(results, str(config.data), config.output, title=TITLE)
     return results
 
@@ -51,8 +61,11 @@ def predict(config: ClassifyPredictConfig, load) -> int:
     predicted label), to `output` (CSV, TSV or JSONL by extension). Returns the row count."""
     table_format(config.output)  # fail on an unsupported output type before any work
     rows, names, examples = read_texts(config.input, text_column=config.text_column)
+    init_process_group()  # under a launcher: the ranks share the predictions
     clf = load(config.model, TASK, device=config.device, precision=config.load_precision)
-    predictions = clf.predict([e.text for e in examples], batch_size=config.batch_size, progress=True)
+    predictions = sharded_text_predict(clf, check_texts([e.text for e in examples]), batch_size=config.batch_size, progress=True)
+    if not is_main():
+        return len(predictions)
     return write_rows_with(config.output, rows, names, [
         {"predicted_label": p.label, "probability": round(p.probability, 6)} for p in predictions])
 

@@ -23,7 +23,8 @@ class TextPrediction:
         return max(self.probs)
 
 
-def _texts(texts: str | Iterable[str]) -> list[str]:
+def check_texts(texts: str | Iterable[str]) -> list[str]:
+    """The texts as a list, each a non-empty string (else a QtuneError naming its index)."""
     texts = [texts] if isinstance(texts, str) else list(texts)
     for i, text in enumerate(texts):
         if not isinstance(text, str):
@@ -44,7 +45,7 @@ class TextClassifier(LabelledClassifier):
     def predict_proba(self, texts: str | Iterable[str], batch_size: int = 64, progress: bool = False) -> np.ndarray:
         """(len(texts), num_labels) float32 class probabilities, in input order (a str is one text)."""
         encoder = self.encoder()
-        return self.predict_features([encoder.encode(t) for t in _texts(texts)], batch_size=batch_size,
+        return self.predict_features([encoder.encode(t) for t in check_texts(texts)], batch_size=batch_size,
                                      progress=progress)
 
     def predict(self, texts: str | Iterable[str], batch_size: int = 64, progress: bool = False) -> list[TextPrediction]:

@@ -29,6 +29,9 @@ class EmbeddingConfig(TrainConfig):
     distill_temperature: float = opt(1.0, "with --distill: the teacher's scores are divided by this before the "
                                      "softmax (FlagEmbedding: 1)", low=0, low_open=True)
     distill_only: bool = opt(False, "with --distill: the KL term alone, no contrastive loss")
+    cross_device_negatives: bool = opt(False, "under torchrun / accelerate launch: every rank's queries, positives "
+                                       "and hard negatives join the InfoNCE of every rank (the global batch, not "
+                                       "each rank's share, is the pool of negatives)")
     cached: bool = opt(False, "GradCache: same gradients, memory of --mini-batch-size rows")
     mini_batch_size: int = opt(32, "rows per forward pass with --cached", low=1)
     memory_check: bool = opt(True, "before the first step, estimate a batch's memory: switch to --cached when it "

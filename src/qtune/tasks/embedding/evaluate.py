@@ -1,18 +1,23 @@
 """`qtune eval retrieval`: nDCG/Recall/MRR/MAP of one embedder (or two side by side) on a BEIR folder,
 optionally followed by a reranker (two stages), at each Matryoshka dimension, and query by query
-against --compare. `qtune eval sts`: how the pair cosines correlate with gold scores."""
+against --compare. `qtune eval sts`: how the pair cosines correlate with gold scores.
+
+Under `torchrun` / `accelerate launch` the ranks share the embedding and reranking (the same
+numbers as one process, see `qtune.evaluation.sharded`) and rank 0 alone writes the report folder."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 from qtune.data.retrieval import read_beir, read_query_groups
+from qtune.distributed import init_process_group
 from qtune.errors import QtuneError
 from qtune.evaluation.query_report import per_query_markdown, query_rows
 from qtune.evaluation.report import short_name
 from qtune.evaluation.retrieval import (MATRYOSHKA, embed_set, matryoshka_report, rerank_run, retrieval_report,
                                         search_run, triplet_margin, write_retrieval_outputs)
 from qtune.evaluation.retrieval_metrics import retrieval_metrics
+from qtune.evaluation.sharded import is_main, on_main
 from qtune.io import write_jsonl
 from qtune.tasks.embedding.config import RetrievalEvalConfig, StsEvalConfig
 
@@ -26,6 +31,7 @@ def evaluate(config: RetrievalEvalConfig, load) -> dict:
     `load(name, task, device=, precision=)` gives a loaded model (`qtune.load`)."""
     data_set = read_beir(config.data)
     groups = read_query_groups(config.triplets) if config.triplets else None
+    init_process_group()  # under a launcher: the ranks share the model work below
     load_args = dict(device=config.device, precision=config.load_precision)
     scorer = load(config.reranker, "reranker", **load_args) if config.reranker else None
     top_k = config.top_k
@@ -35,20 +41,21 @@ def evaluate(config: RetrievalEvalConfig, load) -> dict:
         embedder = load(name, "embedding", **load_args)
         if dims and getattr(embedder, "dimension", None):
             refuse_wider(dims, embedder.dimension)  # before embedding the corpus
-        vectors = embed_set(embedder, data_set, batch_size=config.batch_size, progress=True)
-        run = search_run(vectors, max(top_k, config.rerank_top_k if scorer else 0))
+        vectors = embed_set(embedder, data_set, batch_size=config.batch_size, progress=True, sharded=True)
+        run = on_main(search_run, vectors, max(top_k, config.rerank_top_k if scorer else 0))  # rank 0's, everywhere
         runs[name] = {q: docs[:top_k] for q, docs in run.items()}
         results[name] = retrieval_metrics(runs[name], data_set.qrels)
         if dims:
             results[name][MATRYOSHKA] = matryoshka_metrics(vectors, dims, data_set.qrels, top_k, dict(results[name]))
         if groups is not None:
-            results[name]["triplet_margin"] = triplet_margin(embedder, groups, batch_size=config.batch_size)
+            results[name]["triplet_margin"] = triplet_margin(embedder, groups, batch_size=config.batch_size,
+                                                             sharded=True)
         if scorer is not None:
             reranked = rerank_run(scorer, data_set, run, top_k=config.rerank_top_k,
-                                  batch_size=config.rerank_batch_size, progress=True)
+                                  batch_size=config.rerank_batch_size, progress=True, sharded=True)
             results[two_stage_name(name, config.reranker)] = retrieval_metrics(
                 {q: docs[:top_k] for q, docs in reranked.items()}, data_set.qrels)
-    if config.output:
+    if config.output and is_main():
         sections = []
         if config.compare:
             rows = query_rows(runs[config.compare], runs[config.model], data_set.qrels, data_set.queries,
@@ -114,15 +121,16 @@ def evaluate_sts(config: StsEvalConfig, load) -> dict:
     from qtune.evaluation.sts import read_scored_pairs, score_pairs, sts_metrics, write_sts_outputs
 
     pairs = read_scored_pairs(config.data, text_columns=config.text_columns, score_column=config.score_column)
+    init_process_group()  # under a launcher: the ranks share the embedding
     results = {}
     for name in [config.model] + ([config.compare] if config.compare else []):
         embedder = load(name, "embedding", device=config.device, precision=config.load_precision)
         try:
-            results[name] = sts_metrics(score_pairs(embedder, pairs, batch_size=config.batch_size, progress=True),
-                                        pairs.gold)
+            results[name] = sts_metrics(score_pairs(embedder, pairs, batch_size=config.batch_size, progress=True,
+                                                    sharded=True), pairs.gold)
         except ValueError as e:
             raise QtuneError(f"{config.data} ({short_name(name)}): {e}") from None
-    if config.output:
+    if config.output and is_main():
         write_sts_outputs(results, str(config.data), config.output)
     return results
 

@@ -10,6 +10,13 @@ The contrastive term is InfoNCE, its `--symmetric` form (also passage -> query) 
 the teacher's softmax over each group's own candidates (its positive and hard negatives, teacher
 scores from the data) and the student's (similarities / --temperature); `--distill-only` keeps
 that term alone. All of it is a function of the vectors, so GradCache backpropagates it unchanged.
+
+`--cross-device-negatives` (several processes): every rank gathers every rank's vectors and
+computes the loss of the whole global batch, laid out as one process would lay it out (all
+positives, then each group's negatives in turn); the false-negative mask and the teacher scores
+follow the rows. Every rank then holds the same loss; its gradient reaches the rank's own vectors,
+scaled so that DDP's average of the ranks' gradients is that loss's gradient
+(`qtune.distributed.gather_rows`).
 """
 
 from __future__ import annotations
@@ -40,6 +47,7 @@ class ContrastiveSettings:
     distill_weight: float | None = None  # None: no distillation
     distill_only: bool = False
     distill_temperature: float = 1.0
+    cross_device: bool = False  # gather every rank's vectors: the loss of the global batch
 
 
 def _contrastive(q, p, settings: ContrastiveSettings, batch: dict):
@@ -51,8 +59,53 @@ def _contrastive(q, p, settings: ContrastiveSettings, batch: dict):
     return info_nce(q, p, settings.temperature, settings.false_negative_offset)
 
 
+def global_batch(q, p, batch: dict):
+    """Every rank's query vectors (B_r, dim) and candidates (B_r + negatives_r, dim) gathered into the
+    global batch's, laid out as one process lays out a batch of all the groups: the queries in rank
+    order, all positives, then all negatives; the batch keys the loss reads re-indexed to match."""
+    import torch
+
+    from qtune.distributed import all_gather_objects, gather_rows
+
+    queries, query_counts = gather_rows(q)
+    local = q.shape[0]
+    positives, _ = gather_rows(p[:local])
+    negatives, negative_counts = gather_rows(p[local:])
+    rank = torch.distributed.get_rank()
+    query_start = sum(query_counts[:rank])
+    negative_start = sum(negative_counts[:rank])
+    total_queries = sum(query_counts)
+
+    def global_rows(rows):  # local candidate row -> global candidate row
+        return torch.where(rows < local, rows + query_start, rows - local + total_queries + negative_start)
+
+    out = {}
+    if CANDIDATE_OWNER in batch:
+        owners = all_gather_objects(batch[CANDIDATE_OWNER].cpu())
+        starts = [sum(query_counts[:r]) for r in range(len(owners))]
+        device = batch[CANDIDATE_OWNER].device
+        out[CANDIDATE_OWNER] = torch.cat(
+            [torch.arange(total_queries)] + [o[query_counts[r]:] + starts[r] for r, o in enumerate(owners)]).to(device)
+    if TEACHER_SCORES in batch:
+        parts = all_gather_objects({k: batch[k].cpu() for k in (TEACHER_SCORES, TEACHER_PADDING)}
+                                   | {TEACHER_INDEX: global_rows(batch[TEACHER_INDEX]).cpu()})
+        width = max(part[TEACHER_SCORES].shape[1] for part in parts)
+
+        def widen(t, fill):
+            extra = width - t.shape[1]
+            return torch.cat([t, torch.full((t.shape[0], extra), fill, dtype=t.dtype)], dim=1) if extra else t
+
+        device = batch[TEACHER_SCORES].device
+        out[TEACHER_SCORES] = torch.cat([widen(part[TEACHER_SCORES], 0.0) for part in parts]).to(device)
+        out[TEACHER_INDEX] = torch.cat([widen(part[TEACHER_INDEX], 0) for part in parts]).to(device)
+        out[TEACHER_PADDING] = torch.cat([widen(part[TEACHER_PADDING], True) for part in parts]).to(device)
+    return queries, torch.cat([positives, negatives]), out
+
+
 def _loss_from_vectors(q, p, settings: ContrastiveSettings, batch: dict):
     """The loss of query vectors q (B, dim) and candidate vectors p (B + negatives, dim)."""
+    if settings.cross_device:
+        q, p, batch = global_batch(q, p, batch)
     def one(q, p):
         total = 0.0 if settings.distill_only else _contrastive(q, p, settings, batch)
         if settings.distill_weight is not None:
@@ -136,16 +189,21 @@ def _set_rng_state(state, device) -> None:
         torch.cuda.set_rng_state(state[1], device)
 
 
-def cached_backward(model, batch: dict, settings: ContrastiveSettings, scale: float = 1.0):
+def cached_backward(replica, batch: dict, settings: ContrastiveSettings, scale: float = 1.0, sync: bool = True):
     """GradCache: the full-batch loss's gradients, computed `mini_batch_size` rows at a time.
 
     1. embed every chunk without a graph (remembering the RNG state, so dropout repeats);
-    2. the loss over all vectors, backpropagated to the vectors only;
-    3. re-embed each chunk with a graph and push the cached vector gradients through it.
+    2. the loss over all vectors, backpropagated to the vectors only (across ranks with
+       --cross-device-negatives);
+    3. re-embed each chunk with a graph and push the cached vector gradients through it, through
+       the replica (`replica.backward_through`), whose last pass averages the gradients over ranks
+       when `sync`. `replica` may also be a plain model (one process).
     Returns the (detached) loss.
     """
     import torch
 
+    model = getattr(replica, "model", replica)
+    through = getattr(replica, "backward_through", None)
     device = next(model.parameters()).device
     sides = {prefix: _chunks(batch, prefix, settings.mini_batch_size) for prefix in ("q_", "p_")}
     states, vectors = {}, {}
@@ -159,10 +217,13 @@ def cached_backward(model, batch: dict, settings: ContrastiveSettings, scale: fl
     value = _loss_from_vectors(vectors["q_"], vectors["p_"], settings, batch)
     (value * scale).backward()
     after = _rng_state(device)
-    for prefix, chunks in sides.items():
-        grads = vectors[prefix].grad.split(settings.mini_batch_size)
-        for chunk, state, grad in zip(chunks, states[prefix], grads):
-            _set_rng_state(state, device)
+    passes = [(prefix, chunk, state, grad) for prefix, chunks in sides.items()
+              for chunk, state, grad in zip(chunks, states[prefix], vectors[prefix].grad.split(settings.mini_batch_size))]
+    for i, (prefix, chunk, state, grad) in enumerate(passes):
+        _set_rng_state(state, device)
+        if through is None:
             forward_embeddings(model, chunk, settings.pooling).backward(grad)
+        else:
+            through(forward_embeddings, (chunk, settings.pooling), grad, sync=sync and i == len(passes) - 1)
     _set_rng_state(after, device)
     return value.detach()

@@ -4,6 +4,11 @@ rescored by a reranker, with the scores written for distillation.
 The selection is `qtune.mining` (sentence-transformers' meaning of the ranges and rules). Corpus
 vectors are cached on disk (`corpus_vectors`), so mining the same corpus again with the same model
 does not embed it again.
+
+Under `torchrun` / `accelerate launch` the ranks share the encoding of the corpus and the queries
+and the rescoring (`qtune.evaluation.sharded`: the same batches as one process, so the same
+numbers); rank 0 alone searches, applies the rules, reads and writes the vector cache and writes
+the output, so the files are those one process writes.
 """
 
 from __future__ import annotations
@@ -18,7 +23,9 @@ import numpy as np
 
 from qtune.data.retrieval import read_corpus, read_query_groups, write_query_groups
 from qtune.data.tables import table_format
+from qtune.distributed import broadcast_object, init_process_group
 from qtune.errors import QtuneError
+from qtune.evaluation.sharded import is_main, sharded_embed, sharded_score
 from qtune.io import atomic_path
 from qtune.mining import MiningSettings, rule_report, search_candidates, select_negatives, summarize
 from qtune.modeling.loading import read_meta
@@ -48,6 +55,9 @@ def mine_file(load_embedder, queries: str, corpus: str, output: str, settings: M
     written `pos_scores`/`neg_scores` are the stronger model's. Corpus vectors are cached in
     `cache_dir` ("auto": `.qtune-vectors/` beside `output`; None: no cache), keyed by `model_name`'s
     files. Returns two lines: the summary and what each rule removed, with the mean scores.
+
+    Under a launcher every rank calls this (the model work is shared); rank 0 writes, and every
+    rank returns rank 0's summary.
     """
     check_output(output)
     groups = read_query_groups(queries)
@@ -55,18 +65,32 @@ def mine_file(load_embedder, queries: str, corpus: str, output: str, settings: M
     texts = list(dict.fromkeys(read_corpus(corpus).values()))
     index_of = {text: i for i, text in enumerate(texts)}
 
+    init_process_group()  # under a launcher: the ranks share the encoding and scoring below
+    main = is_main()
     embedder = load_embedder()
     if cache_dir == "auto":
         cache_dir = default_cache_dir(output)
+    # Ranks > 0 get None when rank 0 read the vectors from the cache: only rank 0 searches.
     corpus_vecs = corpus_vectors(embedder, texts, batch_size=batch_size, cache_dir=cache_dir,
                                  model_key=model_identity(model_name) if model_name else None)
-    query_vecs = embedder.embed([g.query for g in groups], is_query=True, batch_size=batch_size, progress=True)
+    query_vecs = sharded_embed(embedder, [g.query for g in groups], is_query=True, batch_size=batch_size,
+                               progress=True)
     positive_ids = [{index_of[p] for p in g.positives if p in index_of} for g in groups]
-    scores, indices = search_candidates(query_vecs, corpus_vecs, positive_ids, settings)  # (n, k) each
+    scores, indices = search_candidates(query_vecs, corpus_vecs, positive_ids, settings) if main else (None, None)
     if load_rescorer is None:
         pos_scores = _embedder_positive_scores(embedder, groups, index_of, query_vecs, corpus_vecs, batch_size)
     else:
+        indices = broadcast_object(indices)  # (n, k): every rank scores its share of the window
         scores, pos_scores = _rescore(load_rescorer(), groups, texts, indices, batch_size)
+    summary = (_select_and_write(groups, texts, scores, indices, positive_ids, pos_scores, settings, output, fmt)
+               if main else None)
+    return broadcast_object(summary)
+
+
+def _select_and_write(groups, texts: Sequence[str], scores: np.ndarray, indices: np.ndarray,
+                      positive_ids: list[set[int]], pos_scores: list[list[float]], settings: MiningSettings,
+                      output: str, fmt: str) -> str:
+    """The rules over the search window, the output file, and the two summary lines (rank 0)."""
     lowest = np.array([min(s) for s in pos_scores], dtype=np.float32)  # (n,) the margins' positive score
     result = select_negatives(scores, indices, positive_ids, lowest, settings)
 
@@ -81,9 +105,12 @@ def mine_file(load_embedder, queries: str, corpus: str, output: str, settings: M
 def _embedder_positive_scores(embedder, groups, index_of: dict[str, int], query_vecs: np.ndarray,
                               corpus_vecs: np.ndarray, batch_size: int) -> list[list[float]]:
     """Per group, each positive's score: from its corpus vector when it is in the corpus (the very
-    score it has as a candidate), else from embedding it (positives need not be in the corpus)."""
+    score it has as a candidate), else from embedding it (positives need not be in the corpus).
+    Under a launcher the ranks share the embedding; ranks > 0 return None."""
     outside = list(dict.fromkeys(p for g in groups for p in g.positives if p not in index_of))
-    outside_vecs = embedder.embed(outside, batch_size=batch_size, progress=True) if outside else None
+    outside_vecs = sharded_embed(embedder, outside, batch_size=batch_size, progress=True) if outside else None
+    if not is_main():
+        return None
     extra = {p: i for i, p in enumerate(outside)}
     out = []
     for i, g in enumerate(groups):
@@ -98,14 +125,15 @@ def _embedder_positive_scores(embedder, groups, index_of: dict[str, int], query_
 def _rescore(rescorer, groups, texts: Sequence[str], indices: np.ndarray, batch_size: int,
              block: int = 1024) -> tuple[np.ndarray, list[list[float]]]:
     """The rescorer's scores of the search window (n, k) and of every positive, `block` queries'
-    pairs at a time (the pairs' features are built per call)."""
+    pairs at a time (the pairs' features are built per call). Under a launcher the ranks share
+    each block's scoring (every rank gets every score)."""
     window = np.zeros(indices.shape, dtype=np.float32)
     pos_scores: list[list[float]] = []
     for start in range(0, len(groups), block):
         part, rows = groups[start:start + block], indices[start:start + block]
         pairs = [(g.query, texts[j]) for g, row in zip(part, rows.tolist()) for j in row]
         pairs += [(g.query, p) for g in part for p in g.positives]
-        flat = np.asarray(rescorer.score(pairs, batch_size=batch_size, progress=True), dtype=np.float32)
+        flat = np.asarray(sharded_score(rescorer, pairs, batch_size=batch_size, progress=True), dtype=np.float32)
         window[start:start + len(part)] = flat[:rows.size].reshape(rows.shape)
         ends = np.cumsum([rows.size] + [len(g.positives) for g in part])
         pos_scores += [flat[a:b].tolist() for a, b in zip(ends[:-1], ends[1:])]
@@ -144,18 +172,30 @@ def vector_cache_key(model_key: str, embedder, texts: Sequence[str]) -> str:
 def corpus_vectors(embedder, texts: Sequence[str], *, batch_size: int, cache_dir: str | Path | None,
                    model_key: str | None) -> np.ndarray:
     """(len(texts), dim) float32 document vectors: read from `cache_dir` when a run with the same key
-    wrote them, else embedded and written there atomically (no cache without a folder or a key)."""
+    wrote them, else embedded and written there atomically (no cache without a folder or a key).
+
+    Under a launcher the ranks share the embedding and rank 0 alone reads and writes the cache:
+    when it read the vectors there, the other ranks get None (they do not search)."""
     if cache_dir is None or model_key is None:
-        return embedder.embed(texts, batch_size=batch_size, progress=True)
+        return sharded_embed(embedder, texts, batch_size=batch_size, progress=True)
     path = Path(cache_dir) / f"corpus-{vector_cache_key(model_key, embedder, texts)}.npy"
-    if path.is_file():
-        try:
-            vecs = np.load(path, allow_pickle=False)
-        except (OSError, ValueError):
-            vecs = None  # unreadable: embed again and replace it
-        if vecs is not None and vecs.shape == (len(texts), embedder.dimension) and vecs.dtype == np.float32:
-            return vecs
-    vecs = embedder.embed(texts, batch_size=batch_size, progress=True)
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        np.save(f, vecs)  # to an open file: np.save would add ".npy" to the temporary name
+    main = is_main()
+    cached = _read_cached(path, (len(texts), embedder.dimension)) if main else None
+    if broadcast_object(cached is not None):  # every rank takes the same way (rank 0's)
+        return cached
+    vecs = sharded_embed(embedder, texts, batch_size=batch_size, progress=True)
+    if main:
+        with atomic_path(path) as tmp, open(tmp, "wb") as f:
+            np.save(f, vecs)  # to an open file: np.save would add ".npy" to the temporary name
     return vecs
+
+
+def _read_cached(path: Path, shape: tuple[int, int]) -> np.ndarray | None:
+    """The cached vectors at `path` if they are there, readable and of this shape, else None."""
+    if not path.is_file():
+        return None
+    try:
+        vecs = np.load(path, allow_pickle=False)
+    except (OSError, ValueError):
+        return None  # unreadable: embed again and replace it
+    return vecs if vecs.shape == shape and vecs.dtype == np.float32 else None

@@ -6,6 +6,7 @@ from functools import partial
 
 from qtune.data.retrieval import read_beir, read_query_groups
 from qtune.data.teacher_scores import group_teacher_scores, require_teacher_scores
+from qtune.distributed import launch
 from qtune.errors import QtuneError
 from qtune.evaluation.retrieval import evaluate_retrieval
 from qtune.modeling.loading import LoadedModel
@@ -51,11 +52,13 @@ def train(task, config: EmbeddingConfig, on_step=None) -> TrainedRun:
                                    mini_batch_size=config.mini_batch_size, symmetric=config.symmetric,
                                    improved_contrastive=config.improved_contrastive,
                                    distill_weight=config.distill_weight if config.distill else None,
-                                   distill_only=config.distill_only, distill_temperature=config.distill_temperature)
+                                   distill_only=config.distill_only, distill_temperature=config.distill_temperature,
+                                   cross_device=config.cross_device_negatives and launch().distributed)
     if config.distill:
         features = with_teacher_scores(features, [group_teacher_scores(g, config.train) for g in groups])
-    note = short_batches_note(features, unique_text_batches(features, config.batch_size, seed=config.seed, epoch=0),
-                              config.batch_size)
+    global_batch = config.batch_size * launch().world_size  # what the sampler fills under a launcher
+    note = short_batches_note(features, unique_text_batches(features, global_batch, seed=config.seed, epoch=0),
+                              global_batch)
     if note:
         print(note)
     evaluate = None
@@ -68,9 +71,10 @@ def train(task, config: EmbeddingConfig, on_step=None) -> TrainedRun:
         collate=partial(collate_for_loss, partial(collate, loaded.tokenizer, packed=loaded.packs)),
         loss=partial(loss, settings=settings),
         evaluate=evaluate, best_metric="ndcg@10",
-        batches=lambda epoch: unique_text_batches(features, config.batch_size, seed=config.seed, epoch=epoch),
-        backward=(lambda model, batch, scale: cached_backward(model, batch, settings, scale))
-        if config.cached else None)
+        batches=lambda epoch, size: unique_text_batches(features, size, seed=config.seed, epoch=epoch),
+        backward=(lambda replica, batch, scale, sync: cached_backward(replica, batch, settings, scale, sync))
+        if config.cached else None,
+        global_loss=settings.cross_device)
     return TrainedRun(loaded, fit(config, loaded, features, hooks, resume_state=resume_state(config),
                                   on_step=on_step))
 

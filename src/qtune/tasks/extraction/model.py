@@ -9,6 +9,13 @@ from qtune.records import ExtractionExample
 from qtune.tasks.extraction.encode import IGNORE_INDEX, PromptBuilder
 
 
+def answer_tokens(batch: dict) -> int:
+    """How many answer tokens `loss` averages over in a collated batch (padded or packed)."""
+    if "answer_targets" in batch:
+        return int(batch["answer_targets"].numel())
+    return int((batch["labels"] != IGNORE_INDEX).sum())
+
+
 def loss(model, batch: dict):
     """Mean cross-entropy over the answer tokens of the batch (next-token, shifted).
 

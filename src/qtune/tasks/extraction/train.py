@@ -11,7 +11,7 @@ from qtune.modeling.loading import LoadedModel
 from qtune.tasks.base import TrainedRun
 from qtune.tasks.extraction.config import ExtractConfig
 from qtune.tasks.extraction.encode import PromptBuilder, collate, encode_examples
-from qtune.tasks.extraction.model import Extractor, loss
+from qtune.tasks.extraction.model import Extractor, answer_tokens, loss
 from qtune.training.run import resume_state, start_run
 from qtune.training.trainer import TaskHooks, fit
 
@@ -39,6 +39,6 @@ def train(task, config: ExtractConfig, on_step=None) -> TrainedRun:
             return extraction_metrics([e.output for e in eval_examples], [r.output for r in found])
 
     hooks = TaskHooks(collate=partial(collate, loaded.tokenizer, packed=loaded.packs), loss=loss,
-                      evaluate=evaluate, best_metric="all_fields_exact")
+                      evaluate=evaluate, best_metric="all_fields_exact", loss_units=answer_tokens)
     return TrainedRun(loaded, fit(config, loaded, features, hooks, resume_state=resume_state(config),
                                   on_step=on_step))

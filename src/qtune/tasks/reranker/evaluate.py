@@ -1,4 +1,7 @@
-"""`qtune eval rerank` (the retriever alone, then its top-k reranked, side by side) and `qtune calibrate`."""
+"""`qtune eval rerank` (the retriever alone, then its top-k reranked, side by side) and `qtune calibrate`.
+
+Under `torchrun` / `accelerate launch` the ranks share the embedding and scoring (the same numbers
+as one process, see `qtune.evaluation.sharded`) and rank 0 alone writes."""
 
 from __future__ import annotations
 
@@ -6,11 +9,13 @@ from pathlib import Path
 
 from qtune.data.pairs import PAIR_COLUMNS, QUERY_DOCUMENT, read_pairs
 from qtune.data.retrieval import read_beir
+from qtune.distributed import init_process_group
 from qtune.errors import QtuneError
 from qtune.evaluation.metrics import calibrate_threshold
 from qtune.evaluation.report import short_name
 from qtune.evaluation.retrieval import rerank_run, retrieval_report, retrieve, write_retrieval_outputs
 from qtune.evaluation.retrieval_metrics import retrieval_metrics
+from qtune.evaluation.sharded import is_main, sharded_score
 from qtune.io import write_json
 from qtune.tasks.reranker.config import CalibrateConfig, RerankEvalConfig
 
@@ -19,16 +24,19 @@ def evaluate(config: RerankEvalConfig, load) -> dict:
     """Two-stage quality on a BEIR folder: the retriever alone, then its top `top_k` reranked by
     `model` (and by `compare`), side by side. Keys: the retriever's name, then one per reranker."""
     data_set = read_beir(config.data)
+    init_process_group()  # under a launcher: the ranks share the model work below
     load_args = dict(device=config.device, precision=config.load_precision)
     embedder = load(config.retriever, "embedding", **load_args)
-    run = retrieve(embedder, data_set, top_k=config.top_k, batch_size=config.retriever_batch_size, progress=True)
+    run = retrieve(embedder, data_set, top_k=config.top_k, batch_size=config.retriever_batch_size, progress=True,
+                   sharded=True)
     del embedder
     results = {config.retriever: retrieval_metrics(run, data_set.qrels)}
     for name in [config.model] + ([config.compare] if config.compare else []):
         reranker = load(name, "reranker", **load_args)
-        reranked = rerank_run(reranker, data_set, run, top_k=config.top_k, batch_size=config.batch_size, progress=True)
+        reranked = rerank_run(reranker, data_set, run, top_k=config.top_k, batch_size=config.batch_size, progress=True,
+                              sharded=True)
         results[f"{short_name(config.retriever)} + {short_name(name)}"] = retrieval_metrics(reranked, data_set.qrels)
-    if config.output:
+    if config.output and is_main():
         write_retrieval_outputs(results, str(config.data), config.output, baseline=config.retriever, title="Reranking")
     return results
 
@@ -53,12 +61,16 @@ def calibrate(config: CalibrateConfig, load) -> dict:
     alternatives = [QUERY_DOCUMENT] if tuple(config.text_columns) == PAIR_COLUMNS else []
     pairs = read_pairs(config.data, text_columns=config.text_columns, label_column=config.label_column,
                        labels=["0", "1"], alternative_columns=alternatives)
+    init_process_group()  # under a launcher: the ranks share the scoring
     reranker = load(config.model, "reranker", device=config.device, precision=config.load_precision)
-    scores = reranker.score([(p.sentence1, p.sentence2) for p in pairs], batch_size=config.batch_size, progress=True)
+    scores = sharded_score(reranker, [(p.sentence1, p.sentence2) for p in pairs], batch_size=config.batch_size,
+                           progress=True)
     try:
         found = calibrate_threshold([p.label for p in pairs], scores, min_precision=config.min_precision)
     except ValueError as e:
         raise QtuneError(f"{config.data}: {e}") from None
+    if not is_main():
+        return found
     replace(reranker.loaded.meta, threshold=found["threshold"], adapter=reranker.loaded.is_adapter).save(folder)
     if config.output:
         write_json(Path(config.output) / "metrics.json", {"model": config.model, "data": str(config.data), **found})

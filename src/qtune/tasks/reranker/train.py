@@ -73,6 +73,6 @@ def train(task, config: RerankerConfig, on_step=None) -> TrainedRun:
         loss=partial(loss, prompt=reranker.formatter.prompt, kind=config.loss, distill_weight=config.distill_weight,
                      distill_temperature=config.distill_temperature, distill_only=config.distill_only),
         evaluate=evaluate, best_metric="mrr",
-        batches=lambda epoch: length_grouped_batches(lengths, config.batch_size, seed=config.seed, epoch=epoch))
+        batches=lambda epoch, size: length_grouped_batches(lengths, size, seed=config.seed, epoch=epoch))
     return TrainedRun(loaded, fit(config, loaded, features, hooks, resume_state=resume_state(config),
                                   on_step=on_step))
