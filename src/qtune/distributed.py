@@ -13,6 +13,7 @@ to /dev/null (errors still reach standard error).
 
 from __future__ import annotations
 
+import datetime
 import os
 import sys
 from dataclasses import dataclass
@@ -21,6 +22,8 @@ from typing import Callable, Sequence, TypeVar
 from qtune.errors import QtuneError
 
 T = TypeVar("T")
+
+COLLECTIVE_TIMEOUT_MINUTES = 180
 
 
 @dataclass(frozen=True)
@@ -91,7 +94,10 @@ def init_process_group() -> Launch:
     if not dist.is_initialized():
         if torch.cuda.is_available():
             torch.cuda.set_device(where.local_rank % torch.cuda.device_count())
-        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+        # Rank 0 evaluates and saves while the others wait at the next collective: a long
+        # evaluation must not look like a hung rank (PyTorch's default timeout is 10-30 minutes).
+        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo",
+                                timeout=datetime.timedelta(minutes=COLLECTIVE_TIMEOUT_MINUTES))
     return where
 
 
