@@ -117,7 +117,8 @@ def run_embedding_demo(output: Path, model: str) -> dict:
 
     print(f"\n== 7. train: InfoNCE (in-batch + mined negatives), LoRA on all-MiniLM-L6-v2 -> {run_dir}")
     config = EmbeddingConfig(model=model, train=str(mined), eval=str(files["test"]), output=str(run_dir),
-                             epochs=3.0, batch_size=32, hard_negatives=3, device="cpu", logging_steps=5)
+                             epochs=3.0, batch_size=32, hard_negatives=3, device="cpu", logging_steps=5,
+                             full=False, lr=2e-4)
     api.train("embedding", config)
 
     print("\n== 8. evaluate retrieval on held-out paraphrases: base vs fine-tuned")

@@ -174,7 +174,7 @@ def test_cached_training_gives_the_model_of_plain_training(still_bert_dir, mappi
     seed) both runs end with the same weights, hence the same embeddings."""
     common = ["train", "embedding", "--model", still_bert_dir, "--train", mapping_data["train"], "--lr", "5e-3",
               "--epochs", "2", "--batch-size", str(BATCH), "--hard-negatives", "0", "--max-length", "16",
-              "--lora-dropout", "0", "--logging-steps", "1", "--device", "cpu", "--seed", "3"]
+              "--no-full", "--lora-dropout", "0", "--logging-steps", "1", "--device", "cpu", "--seed", "3"]
     plain, cached = tmp_path / "plain", tmp_path / "cached"
     code, _, err = run(capsys, *common, "--output", plain)
     assert code == 0, err
