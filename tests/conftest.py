@@ -7,6 +7,7 @@ import importlib.util
 import json
 import os
 import random
+import socket
 from pathlib import Path
 
 # Idle OpenMP threads sleep instead of spinning: the tests start servers and writers in other
@@ -129,6 +130,13 @@ def synthetic_files(tmp_path_factory) -> dict[str, Path]:
     folder = tmp_path_factory.mktemp("pairs")
     return {"train": write_pairs_csv(folder / "train.csv", synthetic_pairs(600, seed=1)),
             "eval": write_pairs_csv(folder / "eval.csv", synthetic_pairs(200, seed=2))}
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now (for a test server or a torchrun rendezvous)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def run(capsys, *argv) -> tuple[int, str, str]:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import textwrap
@@ -22,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import ANIMALS, VEHICLES, write_lines
+from conftest import ANIMALS, VEHICLES, free_port, write_lines
 
 from qtune.cli import main
 
@@ -74,12 +73,6 @@ DRIVER = textwrap.dedent("""
     sys.stdout.flush()
     print(f"RANK {rank} WRITES " + json.dumps(writes), file=sys.stderr, flush=True)
 """)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def torchrun(*args, cwd: Path) -> subprocess.CompletedProcess:

@@ -9,7 +9,7 @@ import socket
 import threading
 import time
 
-from conftest import FAQ_QUESTIONS
+from conftest import FAQ_QUESTIONS, free_port
 
 MATCH_DB = "faq.db"
 
@@ -35,12 +35,6 @@ def faq_matcher(embedder, folder, rescorer=None):
                    encoding="utf-8")
     with build_kb(embedder, faq, str(folder / MATCH_DB), model_name="tiny-bert") as store:
         yield FaqMatcher(embedder, store, rescorer=rescorer)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @contextlib.contextmanager

@@ -6,13 +6,14 @@ share's InfoNCE. The ranks run the real path: `Replica` (accelerate's DDP) and t
 from __future__ import annotations
 
 import os
-import socket
 from pathlib import Path
 
 import pytest
 import torch
 
 from qtune.records import QueryGroup
+
+from conftest import free_port
 
 WORDS = ["cat", "dog", "horse", "cow", "sheep", "goat", "mouse", "tiger", "car", "bus", "train", "truck", "bike",
          "plane", "boat", "tram"]
@@ -37,12 +38,6 @@ def groups() -> list[QueryGroup]:
         out.append(QueryGroup(f"the {a} {b}", (f"a {a} and a {b} now",), negatives,
                               pos_scores=(0.9,), neg_scores=tuple(0.5 - 0.1 * k for k in range(len(negatives)))))
     return out
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _setup(model_dir: str):

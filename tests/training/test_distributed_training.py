@@ -12,7 +12,6 @@ import json
 import math
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -25,16 +24,10 @@ from safetensors.torch import load_file
 from qtune.data.retrieval import write_query_groups
 from qtune.records import QueryGroup
 
-from conftest import ANIMALS, FILLER, VEHICLES, jsonl, train_losses, write
+from conftest import ANIMALS, FILLER, VEHICLES, free_port, jsonl, train_losses, write
 
 PAIR_FLAGS = ["--full", "--lr", "2e-3", "--epochs", "1", "--max-length", "32", "--device", "cpu", "--seed", "3",
               "--logging-steps", "1"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def torchrun(*args: str, nproc: int = 2, wait: bool = True, **popen):

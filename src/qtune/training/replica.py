@@ -66,10 +66,6 @@ class Replica:
     def is_main(self) -> bool:
         return self.launch.is_main
 
-    @property
-    def world_size(self) -> int:
-        return self.launch.world_size
-
     def run(self, fn, *args, sync: bool = True):
         """fn(model, *args) as one forward pass of the prepared module; `sync=False` for a pass whose
         gradients are to be added to before they are averaged over ranks (accumulation, GradCache)."""

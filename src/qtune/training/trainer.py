@@ -14,6 +14,7 @@ Only rank 0 evaluates, writes checkpoints, logs and shows progress; the others w
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from dataclasses import dataclass, field
@@ -100,7 +101,8 @@ def fit(config: TrainConfig, loaded: LoadedModel, features: Sequence[dict], hook
     def batches_for(epoch: int) -> list[list[int]]:
         return global_batches(task_batches(epoch), world)
 
-    batches_per_epoch = len(batches_for(0))
+    first_epoch = task_batches(0)
+    batches_per_epoch = len(global_batches(first_epoch, world))
     if batches_per_epoch == 0:
         raise QtuneError(f"{len(features)} training rows cannot be shared by {world} processes: fewer rows than "
                          "processes")
@@ -108,7 +110,7 @@ def fit(config: TrainConfig, loaded: LoadedModel, features: Sequence[dict], hook
         print(f"{world} process{'es' if world > 1 else ''} x --batch-size {config.batch_size} = global batch "
               f"{batch_size}" + (f", x --grad-accum {config.grad_accum} = {batch_size * config.grad_accum} rows "
                                  "per optimizer step" if config.grad_accum > 1 else ""))
-        left_out = len(task_batches(0)) - batches_per_epoch
+        left_out = len(first_epoch) - batches_per_epoch
         if left_out:
             print(f"{left_out} batch(es) per epoch with fewer rows than the {world} processes are left out")
     total_batches = max(1, math.ceil(batches_per_epoch * config.epochs))
@@ -178,7 +180,7 @@ def fit(config: TrainConfig, loaded: LoadedModel, features: Sequence[dict], hook
         return record
 
     trackers = open_trackers(getattr(config, "report_to", ["tensorboard"]), output, output.name,
-                             _plain_config(config), enabled=main)
+                             dataclasses.asdict(config), enabled=main)
     done_batches = progress.epoch * batches_per_epoch + progress.batches_done
     bar = tqdm(total=total_batches, initial=min(done_batches, total_batches), desc="train", unit="batch",
                dynamic_ncols=True, disable=not main)
@@ -281,13 +283,6 @@ def fit(config: TrainConfig, loaded: LoadedModel, features: Sequence[dict], hook
         write_json(output / "metrics.json", result)
     replica.barrier()
     return result
-
-
-def _plain_config(config) -> dict:
-    """The run's settings as plain values, for the trackers."""
-    import dataclasses
-
-    return {k: v for k, v in dataclasses.asdict(config).items()}
 
 
 def plain_state(value):
