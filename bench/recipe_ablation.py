@@ -14,11 +14,15 @@ A row whose metrics are already in --work is not run again (stop and rerun to co
 Rows (cumulative where the name says so):
   in-batch          --full --lr 2e-5 --hard-negatives 0 (sentence-transformers MNRL's recipe)
   in-batch+symmetric   ... --symmetric
-  in-batch+lr5e-5   ... --lr 5e-5
+  in-batch+lr5e-5   ... --lr 5e-5 (and +lr1e-4, +lr2e-4)
+  in-batch+improved ... --improved-contrastive (GTE's query-query / passage-passage negatives)
   mined             --full --lr 2e-5, 1 negative mined by the base model per query
   mined+symmetric   ... --symmetric
+  mined+lr1e-4      ... --lr 1e-4
   mined3            --full --lr 2e-5, 3 mined negatives
   lora-default      the LoRA defaults (r 8 on attention, lr 2e-4) with 1 mined negative
+  teacher-mined+lr1e-4      1 negative mined by --teacher (a tuned embedder: harder negatives), lr 1e-4
+  teacher-distilled+lr1e-4  ... + --distill on the teacher's cosine scores (temperature 0.05)
   rescored / distilled: need a reranker (--reranker R): negatives rescored by R, then --distill on R's scores
 """
 
@@ -26,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -42,25 +47,39 @@ ROWS = {
     "in-batch": (FULL + ["--hard-negatives", "0"], "plain"),
     "in-batch+symmetric": (FULL + ["--hard-negatives", "0", "--symmetric"], "plain"),
     "in-batch+lr5e-5": (["--full", "--lr", "5e-5", "--hard-negatives", "0"], "plain"),
+    "in-batch+lr1e-4": (["--full", "--lr", "1e-4", "--hard-negatives", "0"], "plain"),
+    "in-batch+lr2e-4": (["--full", "--lr", "2e-4", "--hard-negatives", "0"], "plain"),
+    "in-batch+improved": (FULL + ["--hard-negatives", "0", "--improved-contrastive"], "plain"),
+    "mined+lr1e-4": (["--full", "--lr", "1e-4", "--hard-negatives", "1"], "mined"),
     "mined": (FULL + ["--hard-negatives", "1"], "mined"),
     "mined+symmetric": (FULL + ["--hard-negatives", "1", "--symmetric"], "mined"),
     "mined3": (FULL + ["--hard-negatives", "3"], "mined"),
     "lora-default": (["--hard-negatives", "1"], "mined"),
+    "teacher-mined+lr1e-4": (["--full", "--lr", "1e-4", "--hard-negatives", "1"], "teacher"),
+    "teacher-distilled+lr1e-4": (["--full", "--lr", "1e-4", "--hard-negatives", "1", "--distill",
+                                  "--distill-temperature", "0.05"], "teacher"),
     "rescored": (FULL + ["--hard-negatives", "1"], "rescored"),
     "distilled": (FULL + ["--hard-negatives", "1", "--distill", "--distill-temperature", "0.05"], "rescored"),
 }
 METRICS = ("ndcg@10", "mrr@10", "recall@100")
 
 
+PEAK_RSS_GB: dict[str, float] = {}  # peak resident memory of each command run, by its first two words
+
+
 def qtune(*args: str, log: Path) -> float:
-    """Run one qtune command (its output appended to `log`); the seconds it took."""
+    """Run one qtune command (its output appended to `log`); the seconds it took. Its peak resident
+    memory (the child's own, from wait4) goes into PEAK_RSS_GB."""
     started = time.perf_counter()
     with open(log, "a") as out:
         out.write(f"\n$ qtune {' '.join(args)}\n")
         out.flush()
-        done = subprocess.run([sys.executable, "-m", "qtune.cli", *args], stdout=out, stderr=subprocess.STDOUT)
-    if done.returncode:
-        raise SystemExit(f"qtune {args[0]} failed (exit {done.returncode}); see {log}")
+        child = subprocess.Popen([sys.executable, "-m", "qtune.cli", *args], stdout=out, stderr=subprocess.STDOUT)
+        _, status, usage = os.wait4(child.pid, 0)
+        child.returncode = os.waitstatus_to_exitcode(status)
+    PEAK_RSS_GB[" ".join(args[:2])] = round(usage.ru_maxrss / 2**20, 2)  # Linux: kilobytes
+    if child.returncode:
+        raise SystemExit(f"qtune {args[0]} failed (exit {child.returncode}); see {log}")
     return round(time.perf_counter() - started, 1)
 
 
@@ -71,6 +90,8 @@ def main() -> None:
     parser.add_argument("--work", default="runs/recipe", help="folder for the split, mined files and runs")
     parser.add_argument("--rows", nargs="+", default=["in-batch", "mined"], choices=sorted(ROWS))
     parser.add_argument("--reranker", default=None, help="reranker for the rescored / distilled rows")
+    parser.add_argument("--teacher", default=None, help="tuned embedder that mines the teacher-* rows' negatives "
+                        "and scores (e.g. WORK/in-batch+lr1e-4/best)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--output", default="bench/results/recipe_ablation.json")
@@ -85,17 +106,21 @@ def main() -> None:
         qtune("data", "retrieval-split", args.data, "--output", str(split), "--question-column", "question",
               "--passage-column", "context", "--test-fraction", "0.1", "--seed", "42", "--skip-empty", log=log)
     train = {"plain": split / "train.jsonl", "mined": work / "train.mined.jsonl",
-             "rescored": work / "train.rescored.jsonl"}
+             "rescored": work / "train.rescored.jsonl", "teacher": work / "train.teacher.jsonl"}
     seconds: dict[str, float] = {}
     for kind in sorted({ROWS[r][1] for r in args.rows} - {"plain"}):
         if train[kind].exists():
             continue
-        extra = []
+        extra, miner = [], model
+        if kind == "teacher":
+            if not args.teacher:
+                raise SystemExit("the teacher-* rows need --teacher")
+            miner = args.teacher
         if kind == "rescored":
             if not args.reranker:
                 raise SystemExit("the rescored and distilled rows need --reranker")
             extra = ["--rescore-with", args.reranker]
-        seconds[f"mine {kind}"] = qtune("mine", "--model", model, "--queries", str(split / "train.jsonl"),
+        seconds[f"mine {kind}"] = qtune("mine", "--model", miner, "--queries", str(split / "train.jsonl"),
                                         "--corpus", str(split / "test" / "corpus.jsonl"), "--output",
                                         str(train[kind]), "--device", args.device, *extra, log=log)
 
@@ -104,6 +129,7 @@ def main() -> None:
         seconds["eval base"] = qtune("eval", "retrieval", "--model", model, "--data", str(split / "test"),
                                      "--output", str(work / "base"), "--device", args.device, log=log)
     results = {"base": _metrics(base_metrics)}
+    peak_gb: dict[str, float] = {}  # training's peak resident memory, for the rows run now
     for row in args.rows:
         flags, kind = ROWS[row]
         run = work / row
@@ -112,6 +138,7 @@ def main() -> None:
             seconds[f"train {row}"] = qtune(
                 "train", "embedding", "--model", model, "--train", str(train[kind]), "--output", str(run),
                 "--batch-size", str(args.batch_size), "--epochs", "1", "--device", args.device, *flags, log=log)
+            peak_gb[row] = PEAK_RSS_GB["train embedding"]
             seconds[f"eval {row}"] = qtune("eval", "retrieval", "--model", str(run / "best"), "--data",
                                            str(split / "test"), "--output", str(run / "eval"), "--device",
                                            args.device, log=log)
@@ -120,17 +147,24 @@ def main() -> None:
         peak = run / "metrics.json"
         if peak.exists():
             results[row]["train_seconds"] = json.loads(peak.read_text())["train"]["seconds"]
+        if row in peak_gb:
+            results[row]["train_peak_rss_gb"] = peak_gb[row]
 
     print(f"\n{'row':<22} {'nDCG@10':>8} {'MRR@10':>8} {'R@100':>8}  vs ST MNRL nDCG@10")
     print(f"{'ST MNRL (README)':<22} " + " ".join(f"{REFERENCE[m]:>8.4f}" for m in METRICS))
     for row, m in results.items():
         print(f"{row:<22} " + " ".join(f"{m[k]:>8.4f}" for k in METRICS)
               + f"  {m['ndcg@10'] / REFERENCE['ndcg@10']:.3f}x")
-    write_report(args.output, {
+    report = {}
+    if Path(args.output).exists():  # rows measured by earlier runs of this script are kept
+        report = json.loads(Path(args.output).read_text())
+    report.update({
         "benchmark": "financial_qa_10k embedding recipe ablation (1 epoch each)", "model": model,
         "split": "qtune data retrieval-split --test-fraction 0.1 --seed 42 --skip-empty",
         "reference_sentence_transformers_mnrl": {"base": BASE_REFERENCE, "tuned": REFERENCE},
-        "rows": results, "seconds": seconds})
+        "rows": {**report.get("rows", {}), **results},
+        "seconds": {**report.get("seconds", {}), **seconds}})
+    write_report(args.output, report)
 
 
 def _metrics(path: Path) -> dict:
