@@ -101,6 +101,15 @@ def init_process_group() -> Launch:
     return where
 
 
+def leave_process_group() -> None:
+    """Leave the process group, if this process joined one, before the interpreter exits: a gloo
+    group still alive at exit can abort the process ("terminate called without an active
+    exception") after its work is done, which the launcher reports as a failed rank."""
+    dist = sys.modules.get("torch.distributed")  # never joined if torch.distributed was never imported
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def quiet_other_ranks() -> None:
     """Only rank 0 prints: the others' standard output goes to /dev/null and their progress bars off."""
     if launch().is_main:

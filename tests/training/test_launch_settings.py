@@ -120,3 +120,19 @@ def test_processes_on_one_machine_share_its_free_memory(monkeypatch):
     assert memory.free_memory(torch.device("cpu")) == 8 << 30
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
     assert memory.free_memory(torch.device("cpu")) == 2 << 30
+
+
+def test_the_process_group_is_left_before_exit(monkeypatch):
+    """A gloo group still alive at interpreter exit can abort a rank after its work is done; the CLI
+    leaves the group on the way out (and does nothing where none was joined)."""
+    import torch.distributed as dist
+
+    from conftest import free_port
+
+    distributed.leave_process_group()  # none joined: a no-op
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    assert dist.is_initialized()
+    distributed.leave_process_group()
+    assert not dist.is_initialized()
