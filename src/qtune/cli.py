@@ -10,7 +10,7 @@ from pathlib import Path
 
 from qtune import __version__
 from qtune.config import add_config_flags, config_from_args
-from qtune.distributed import leave_process_group, quiet_other_ranks
+from qtune.distributed import quiet_other_ranks
 from qtune.errors import QtuneError
 from qtune.tasks import TASKS, Command, get
 
@@ -474,8 +474,6 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("qtune: interrupted", file=sys.stderr)
         return 130
-    finally:
-        leave_process_group()
     return 0
 
 

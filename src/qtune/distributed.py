@@ -13,6 +13,7 @@ to /dev/null (errors still reach standard error).
 
 from __future__ import annotations
 
+import atexit
 import datetime
 import os
 import sys
@@ -98,13 +99,15 @@ def init_process_group() -> Launch:
         # evaluation must not look like a hung rank (PyTorch's default timeout is 10-30 minutes).
         dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo",
                                 timeout=datetime.timedelta(minutes=COLLECTIVE_TIMEOUT_MINUTES))
+        # left at exit, not after each command: several commands of one process share the group
+        atexit.register(leave_process_group)
     return where
 
 
 def leave_process_group() -> None:
-    """Leave the process group, if this process joined one, before the interpreter exits: a gloo
-    group still alive at exit can abort the process ("terminate called without an active
-    exception") after its work is done, which the launcher reports as a failed rank."""
+    """Leave the process group, if this process joined one (registered to run at exit): a gloo
+    group still alive when the interpreter ends can abort the process ("terminate called without
+    an active exception") after its work is done, which the launcher reports as a failed rank."""
     dist = sys.modules.get("torch.distributed")  # never joined if torch.distributed was never imported
     if dist is not None and dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()

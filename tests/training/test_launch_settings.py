@@ -123,16 +123,22 @@ def test_processes_on_one_machine_share_its_free_memory(monkeypatch):
 
 
 def test_the_process_group_is_left_before_exit(monkeypatch):
-    """A gloo group still alive at interpreter exit can abort a rank after its work is done; the CLI
-    leaves the group on the way out (and does nothing where none was joined)."""
+    """A gloo group still alive at interpreter exit can abort a rank after its work is done: joining
+    registers leaving at exit (it does nothing where none was joined)."""
     import torch.distributed as dist
 
     from conftest import free_port
 
     distributed.leave_process_group()  # none joined: a no-op
-    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
-    monkeypatch.setenv("MASTER_PORT", str(free_port()))
-    dist.init_process_group("gloo", rank=0, world_size=1)
-    assert dist.is_initialized()
+    at_exit = []
+    monkeypatch.setattr(distributed.atexit, "register", at_exit.append)
+    for name, value in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "RANK": "0",
+                        "WORLD_SIZE": "1", "LOCAL_RANK": "0"}.items():
+        monkeypatch.setenv(name, value)
+    # taken for one of 2 launched processes, while the group itself (env://) has just this one
+    monkeypatch.setattr(distributed, "launch", lambda: distributed.Launch(rank=0, world_size=2, local_rank=0,
+                                                                          launched=True))
+    distributed.init_process_group()
+    assert dist.is_initialized() and at_exit == [distributed.leave_process_group]
     distributed.leave_process_group()
     assert not dist.is_initialized()
