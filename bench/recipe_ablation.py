@@ -64,12 +64,9 @@ ROWS = {
 METRICS = ("ndcg@10", "mrr@10", "recall@100")
 
 
-PEAK_RSS_GB: dict[str, float] = {}  # peak resident memory of each command run, by its first two words
-
-
-def qtune(*args: str, log: Path) -> float:
-    """Run one qtune command (its output appended to `log`); the seconds it took. Its peak resident
-    memory (the child's own, from wait4) goes into PEAK_RSS_GB."""
+def qtune(*args: str, log: Path) -> tuple[float, float]:
+    """Run one qtune command (its output appended to `log`): the seconds it took and its peak
+    resident memory in GB (the child's own, from wait4)."""
     started = time.perf_counter()
     with open(log, "a") as out:
         out.write(f"\n$ qtune {' '.join(args)}\n")
@@ -77,10 +74,9 @@ def qtune(*args: str, log: Path) -> float:
         child = subprocess.Popen([sys.executable, "-m", "qtune.cli", *args], stdout=out, stderr=subprocess.STDOUT)
         _, status, usage = os.wait4(child.pid, 0)
         child.returncode = os.waitstatus_to_exitcode(status)
-    PEAK_RSS_GB[" ".join(args[:2])] = round(usage.ru_maxrss / 2**20, 2)  # Linux: kilobytes
     if child.returncode:
         raise SystemExit(f"qtune {args[0]} failed (exit {child.returncode}); see {log}")
-    return round(time.perf_counter() - started, 1)
+    return round(time.perf_counter() - started, 1), round(usage.ru_maxrss / 2**20, 2)  # Linux: kilobytes
 
 
 def main() -> None:
@@ -122,12 +118,12 @@ def main() -> None:
             extra = ["--rescore-with", args.reranker]
         seconds[f"mine {kind}"] = qtune("mine", "--model", miner, "--queries", str(split / "train.jsonl"),
                                         "--corpus", str(split / "test" / "corpus.jsonl"), "--output",
-                                        str(train[kind]), "--device", args.device, *extra, log=log)
+                                        str(train[kind]), "--device", args.device, *extra, log=log)[0]
 
     base_metrics = work / "base" / "metrics.json"
     if not base_metrics.exists():
         seconds["eval base"] = qtune("eval", "retrieval", "--model", model, "--data", str(split / "test"),
-                                     "--output", str(work / "base"), "--device", args.device, log=log)
+                                     "--output", str(work / "base"), "--device", args.device, log=log)[0]
     results = {"base": _metrics(base_metrics)}
     peak_gb: dict[str, float] = {}  # training's peak resident memory, for the rows run now
     for row in args.rows:
@@ -135,13 +131,12 @@ def main() -> None:
         run = work / row
         done = run / "eval" / "metrics.json"
         if not done.exists():
-            seconds[f"train {row}"] = qtune(
+            seconds[f"train {row}"], peak_gb[row] = qtune(
                 "train", "embedding", "--model", model, "--train", str(train[kind]), "--output", str(run),
                 "--batch-size", str(args.batch_size), "--epochs", "1", "--device", args.device, *flags, log=log)
-            peak_gb[row] = PEAK_RSS_GB["train embedding"]
             seconds[f"eval {row}"] = qtune("eval", "retrieval", "--model", str(run / "best"), "--data",
                                            str(split / "test"), "--output", str(run / "eval"), "--device",
-                                           args.device, log=log)
+                                           args.device, log=log)[0]
         results[row] = _metrics(done)
         results[row]["flags"] = " ".join(flags) + ("" if kind == "plain" else f" (train: {kind} negatives)")
         peak = run / "metrics.json"

@@ -108,8 +108,9 @@ def leave_process_group() -> None:
     """Leave the process group, if this process joined one (registered to run at exit): a gloo
     group still alive when the interpreter ends can abort the process ("terminate called without
     an active exception") after its work is done, which the launcher reports as a failed rank."""
-    dist = sys.modules.get("torch.distributed")  # never joined if torch.distributed was never imported
-    if dist is not None and dist.is_available() and dist.is_initialized():
+    import torch.distributed as dist
+
+    if dist.is_initialized():
         dist.destroy_process_group()
 
 
