@@ -15,7 +15,9 @@ Rows (cumulative where the name says so):
   in-batch          --full --lr 2e-5 --hard-negatives 0 (sentence-transformers MNRL's recipe)
   in-batch+symmetric   ... --symmetric
   in-batch+lr5e-5   ... --lr 5e-5 (and +lr1e-4, +lr2e-4)
-  in-batch+improved ... --improved-contrastive (GTE's query-query / passage-passage negatives)
+  in-batch+lr1e-4+seed7   ... --lr 1e-4 --seed 7: how far two seeds of one recipe differ
+  in-batch+lr1e-4+improved  ... --lr 1e-4 --improved-contrastive (GTE's query-query / passage-passage negatives)
+  in-batch+lr1e-4+temp0.02  ... --lr 1e-4 --temperature 0.02 (BGE's; the default 0.05 is MNRL's scale 20)
   mined             --full --lr 2e-5, 1 negative mined by the base model per query
   mined+symmetric   ... --symmetric
   mined+lr1e-4      ... --lr 1e-4
@@ -49,7 +51,11 @@ ROWS = {
     "in-batch+lr5e-5": (["--full", "--lr", "5e-5", "--hard-negatives", "0"], "plain"),
     "in-batch+lr1e-4": (["--full", "--lr", "1e-4", "--hard-negatives", "0"], "plain"),
     "in-batch+lr2e-4": (["--full", "--lr", "2e-4", "--hard-negatives", "0"], "plain"),
-    "in-batch+improved": (FULL + ["--hard-negatives", "0", "--improved-contrastive"], "plain"),
+    "in-batch+lr1e-4+seed7": (["--full", "--lr", "1e-4", "--hard-negatives", "0", "--seed", "7"], "plain"),
+    "in-batch+lr1e-4+improved": (["--full", "--lr", "1e-4", "--hard-negatives", "0", "--improved-contrastive"],
+                                 "plain"),
+    "in-batch+lr1e-4+temp0.02": (["--full", "--lr", "1e-4", "--hard-negatives", "0", "--temperature", "0.02"],
+                                 "plain"),
     "mined+lr1e-4": (["--full", "--lr", "1e-4", "--hard-negatives", "1"], "mined"),
     "mined": (FULL + ["--hard-negatives", "1"], "mined"),
     "mined+symmetric": (FULL + ["--hard-negatives", "1", "--symmetric"], "mined"),

@@ -406,8 +406,8 @@ def test_mine_flags_reach_the_settings():
         (None, None, None, False)
 
 
-def test_mined_negatives_fill_the_default_reranker_group_and_embedding_negatives():
-    # `qtune mine` then `train reranker` / `train embedding` with defaults: nothing is repeated or unused
+def test_mined_negatives_fill_the_default_reranker_group():
+    # `qtune mine` then `train reranker` with defaults: nothing is repeated or unused
     from qtune.cli import build_parser
     from qtune.tasks.embedding.config import EmbeddingConfig
     from qtune.tasks.reranker.config import RerankerConfig
@@ -416,5 +416,5 @@ def test_mined_negatives_fill_the_default_reranker_group_and_embedding_negatives
                                      "--output", "o.jsonl"])
     assert cli.num_negatives == MiningSettings().num_negatives
     assert MiningSettings().num_negatives == RerankerConfig.group_size - 1
-    # embeddings use the first of them (the measured recipe: one mined negative per query)
-    assert 1 == EmbeddingConfig.hard_negatives <= MiningSettings().num_negatives
+    # embeddings train on in-batch negatives by default (the measured recipe), the mined ones on request
+    assert EmbeddingConfig.hard_negatives == 0

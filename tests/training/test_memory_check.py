@@ -206,7 +206,7 @@ def test_train_embedding_stops_before_writing_when_nothing_fits(still_bert_dir, 
                                                                 monkeypatch):
     monkeypatch.setattr(memory, "free_memory", lambda device: 1000)
     args = ["train", "embedding", "--model", still_bert_dir, "--train", groups_file, "--batch-size", "8",
-            "--max-length", "16", "--device", "cpu"]
+            "--max-length", "16", "--device", "cpu", "--hard-negatives", "1"]
     code, _, err = run(capsys, *args, "--output", tmp_path / "out")
     assert_user_error(code, err, "a batch of 8 query groups x 3 texts needs", "even --cached --mini-batch-size 1",
                       "--no-memory-check")

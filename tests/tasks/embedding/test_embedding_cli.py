@@ -434,6 +434,24 @@ def test_good_data_gets_as_far_as_the_missing_model(mapping_data, tmp_path, caps
     assert_data_accepted_up_to_the_model(capsys, "embedding", ["--train", mapping_data["train"], "--eval", mapping_data["eval"]], tmp_path / "out")
 
 
+def test_mined_negatives_left_unused_by_the_default_are_announced(tmp_path, capsys):
+    train = tmp_path / "train.jsonl"
+    write_query_groups(train, [QueryGroup("my cat", ("the car is here",), ("the bus is here",)),
+                               QueryGroup("my dog", ("the bus is here",))])
+    notice = f"{train} has mined negatives; --hard-negatives 0 (the default) trains on in-batch negatives only"
+    for flags, announced in (([], True), (["--hard-negatives", "1"], False)):
+        code, out, err = run(capsys, "train", "embedding", "--model", MISSING_MODEL, "--train", train,
+                             "--output", tmp_path / "out", "--device", "cpu", *flags)
+        assert_user_error(code, err, MISSING_MODEL)  # the notice comes before the model loads
+        assert (notice in out) is announced, out
+    plain = tmp_path / "plain.jsonl"
+    write_query_groups(plain, [QueryGroup("my cat", ("the car is here",))])
+    code, out, err = run(capsys, "train", "embedding", "--model", MISSING_MODEL, "--train", plain,
+                         "--output", tmp_path / "out", "--device", "cpu")
+    assert_user_error(code, err, MISSING_MODEL)
+    assert "mined negatives" not in out
+
+
 def test_eval_retrieval_without_qrels_names_the_missing_file(tiny_bert_dir, tmp_path, capsys):
     folder = tmp_path / "beir"
     write_beir(folder, corpus={"d0": "the car is here"}, queries={"q0": "my cat"}, qrels={"q0": {"d0": 1}})

@@ -170,8 +170,8 @@ def test_distill_without_teacher_scores_names_the_first_line_without_them(tmp_pa
     groups[2] = replace(groups[2], pos_scores=None, neg_scores=None)
     train = tmp_path / "train.jsonl"
     write_query_groups(train, groups)
-    assert_refused_before_the_model_loads(capsys, "embedding", ["--train", train, "--distill"], tmp_path / "out",
-                                          f"{train}:3", "pos_scores", "qtune mine --rescore-with")
+    assert_refused_before_the_model_loads(capsys, "embedding", ["--train", train, "--distill", "--hard-negatives", "1"],
+                                          tmp_path / "out", f"{train}:3", "pos_scores", "qtune mine --rescore-with")
     # the same file trains without --distill as far as the (missing) model
     code, _, err = run(capsys, "train", "embedding", "--model", MISSING_MODEL, "--train", train, "--output",
                        tmp_path / "plain", "--device", "cpu")
@@ -181,8 +181,9 @@ def test_distill_without_teacher_scores_names_the_first_line_without_them(tmp_pa
 @pytest.mark.parametrize("flags, message", [
     (["--symmetric", "--improved-contrastive"], "--symmetric and --improved-contrastive overlap"),
     (["--distill-only"], "--distill-only needs --distill"),
-    (["--distill", "--distill-only", "--symmetric"], "would do nothing"),
+    (["--distill", "--distill-only", "--symmetric", "--hard-negatives", "1"], "would do nothing"),
     (["--distill", "--hard-negatives", "0"], "--distill with --hard-negatives 0"),
+    (["--distill"], "--distill with --hard-negatives 0 (the default) has nothing to learn"),
 ])
 def test_contradicting_loss_flags_are_refused_before_anything_runs(flags, message, tmp_path, capsys):
     train = tmp_path / "train.jsonl"

@@ -21,7 +21,8 @@ class EmbeddingConfig(TrainConfig):
     epochs: float = opt(1.0, "training epochs (fractions allowed)", low=0, low_open=True)
     max_length: int = opt(256, "maximum tokens per query or passage", low=4)
     temperature: float = opt(0.05, "InfoNCE temperature", low=0, low_open=True)
-    hard_negatives: int = opt(1, "mined negatives used per query (0: in-batch negatives only)", low=0)
+    hard_negatives: int = opt(0, "mined negatives used per query (0: in-batch negatives only, the measured "
+                                 "recipe; the README's Recipe table has the rows with 1)", low=0)
     false_negative_offset: float | None = opt(None, "mask in-batch candidates scoring above the positive plus "
                                                "this (Qwen3-Embedding uses 0.1); off when unset")
     symmetric: bool = opt(False, "symmetric InfoNCE: also pick each positive's query among the batch's queries")

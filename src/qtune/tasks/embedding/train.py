@@ -27,6 +27,9 @@ def train(task, config: EmbeddingConfig, on_step=None) -> TrainedRun:
     groups = read_query_groups(config.train)
     if config.distill:
         require_teacher_scores(groups, config.train)
+    if config.hard_negatives == 0 and any(g.negatives for g in groups):
+        print(f"{config.train} has mined negatives; --hard-negatives 0 (the default) trains on in-batch "
+              "negatives only: --hard-negatives N adds N of them to each query's group")
     eval_set = read_beir(config.eval) if config.eval else None
 
     def validate(model: LoadedModel) -> None:
@@ -87,8 +90,8 @@ def check_loss_options(config: EmbeddingConfig) -> None:
     if config.distill_only and not config.distill:
         raise QtuneError("--distill-only needs --distill (and teacher scores in the data)")
     if config.distill and config.hard_negatives == 0:
-        raise QtuneError("--distill with --hard-negatives 0 has nothing to learn: the teacher's softmax runs "
-                         "over each group's positive and hard negatives")
+        raise QtuneError("--distill with --hard-negatives 0 (the default) has nothing to learn: the teacher's "
+                         "softmax runs over each group's positive and hard negatives; add --hard-negatives N")
     if config.distill_only and (config.symmetric or config.improved_contrastive):
         raise QtuneError("--distill-only drops the contrastive loss, so --symmetric / --improved-contrastive "
                          "would do nothing: leave them out")
