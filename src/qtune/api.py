@@ -9,6 +9,7 @@ base. The CLI is a thin layer over these functions; the work happens in the laye
 
 from __future__ import annotations
 
+import sys
 from functools import partial
 from pathlib import Path
 from typing import Sequence
@@ -92,10 +93,15 @@ def mine(model: str, queries: str, corpus: str, output: str, settings=None, *, f
                      load_rescorer=rescorer, cache_dir=vector_cache)
 
 
-def export(model_dir: str, output: str, fmt: str = "auto") -> Path:
+def export(model_dir: str, output: str, fmt: str = "auto", test_report: str | None = None) -> Path:
     """Write the qtune folder `model_dir` at `output`, LoRA merged, in a format another engine loads
     with qtune's outputs (`fmt`: one of the task's `export_formats`; "auto": its first, e.g.
-    sentence-transformers for an embedder). See `qtune.modeling.export`."""
+    sentence-transformers for an embedder). See `qtune.modeling.export`. Its README.md is a model
+    card (`qtune.training.card`) with the run's dev figures against the base, and the test figures
+    of `test_report` (the `--output` of `qtune eval ... --compare BASE`) when given. A model whose
+    run ended no better than its base is exported with a warning."""
+    from qtune.training.card import model_card, read_test_report
+    from qtune.training.verdict import regression_warning
     from qtune.modeling.checkpoint import check_export_target
     from qtune.modeling.export import export_model
 
@@ -103,9 +109,17 @@ def export(model_dir: str, output: str, fmt: str = "auto") -> Path:
     fmt = _export_format(spec, fmt)
     check_export_target(output)
     writer = _exporter(spec).write_export if spec.exporter else None
+    report = read_test_report(test_report) if test_report else None
+    warning = regression_warning(model_dir, model_dir)
+    if warning:
+        print(warning, file=sys.stderr)
     loaded = load_model(model_dir, device="cpu", precision="fp32")
     source = str(Path(model_dir).resolve()) if Path(model_dir).exists() else str(model_dir)
-    return export_model(loaded, output, task=spec.name, fmt=fmt, source=source, writer=writer)
+    card = partial(model_card, model_dir, meta=loaded.meta, pipeline_tag=spec.pipeline_tag,
+                   library_name="sentence-transformers" if fmt == "sentence-transformers" else "transformers",
+                   test_report=report, test_source=test_report)
+    return export_model(loaded, output, task=spec.name, fmt=fmt, source=source, writer=writer,
+                        card=lambda body: card(body=body))
 
 
 def check_export(output: str | Path, model_dir: str | None = None, *,
@@ -202,7 +216,12 @@ def _load_served(sources, *, device: str, precision: str, share_base: bool) -> d
     loaded onto one copy of the base (`qtune.modeling.adapters`) unless `share_base` is False;
     int8 exports merge each adapter, so they always load on their own."""
     from qtune.modeling.adapters import adapter_base, load_adapters
+    from qtune.training.verdict import regression_warning
 
+    for s in sources:  # a model whose training ended no better than its base is served, with a warning
+        warning = regression_warning(s.name, s.source)
+        if warning:
+            print(warning, file=sys.stderr)
     specs = {s.name: task_of(s.source, _role_task(s)) for s in sources}
     groups: dict[tuple, list] = {}
     for s in sources:

@@ -11,7 +11,7 @@ from pathlib import Path
 from qtune import __version__
 from qtune.config import add_config_flags, config_from_args
 from qtune.distributed import quiet_other_ranks
-from qtune.errors import QtuneError
+from qtune.errors import QtuneError, RegressionError
 from qtune.tasks import TASKS, Command, get
 
 
@@ -149,6 +149,9 @@ def cmd_train(args) -> None:
     shown = {k: v for k, v in best.items() if isinstance(v, (int, float))}
     print(f"done: {config.output}  best {result['best_metric']}: "
           + (", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in shown.items()) or "n/a"))
+    verdict = result.get("verdict")
+    if getattr(config, "fail_on_regression", False) and verdict and verdict["worse"]:
+        raise RegressionError(f"--fail-on-regression: {verdict['line']}")
 
 
 def command_runner(command: Command):
@@ -189,7 +192,7 @@ def cmd_export(args) -> None:
     from qtune.api import export
     from qtune.modeling.export import read_export_note
 
-    output = export(args.model, args.output, args.format)
+    output = export(args.model, args.output, args.format, test_report=args.test_report)
     print(f"wrote {read_export_note(output)['format']} export to {output}")
     if args.check:
         show_export_check(output, args.model, args.tolerance)
@@ -370,6 +373,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="auto: the task's first (sentence-transformers for an embedder, transformers for "
                      "a classifier)")
     sub.add_argument("--check", action="store_true", help="then load it with each engine and compare (check-export)")
+    sub.add_argument("--test-report", help="the --output folder (or its metrics.json) of `qtune eval ... --compare "
+                     "BASE` on your test set: its figures go in the model card (README.md)")
     _tolerance_flag(sub)
     sub.set_defaults(func=cmd_export)
     sub = commands.add_parser("check-export", help="load an export with each engine installed here and print its "
@@ -470,7 +475,7 @@ def main(argv: list[str] | None = None) -> int:
         args.func(args)
     except QtuneError as e:
         print(f"qtune: error: {e}", file=sys.stderr)
-        return 2
+        return getattr(e, "exit_code", 2)
     except KeyboardInterrupt:
         print("qtune: interrupted", file=sys.stderr)
         return 130

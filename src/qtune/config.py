@@ -37,7 +37,16 @@ class TrainConfig:
 
     model: str = opt("", "base model: hub id, local folder or qtune checkpoint", required=True)
     train: str = opt("", "training data file", required=True)
-    eval: str | None = opt(None, "evaluation data file (evaluated every epoch or --eval-steps)")
+    eval: str | None = opt(None, "dev data file: evaluated every epoch or --eval-steps to choose best/, stop early "
+                           "and compare with the base model (keep your test set out of training: evaluate it "
+                           "afterwards with `qtune eval`)")
+    dev_fraction: float | None = opt(None, "share of the training data (split by query or text, seeded) held out as "
+                                     "the dev set when there is no --eval (default: 0.1, at most 1000, when the data "
+                                     "has 200 or more; 0: none)", low=0, high=0.5, high_open=True)
+    early_stopping: int = opt(0, "stop after this many evaluations without a better dev figure (0: train to the "
+                              "end)", low=0)
+    fail_on_regression: bool = opt(False, "exit with code 3 when the tuned model is not better than its base on the "
+                                   "dev set")
     output: str = opt("", "output folder (config.yaml, best/, last/, metrics.json, runs/)", required=True)
     epochs: float = opt(3.0, "training epochs (fractions allowed)", low=0, low_open=True)
     batch_size: int = opt(32, "training batch size (per optimizer step: times --grad-accum)", low=1)

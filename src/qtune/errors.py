@@ -7,6 +7,13 @@ class QtuneError(Exception):
     """A problem with the user's input or setup (not a bug in qtune)."""
 
 
+class RegressionError(QtuneError):
+    """A run asked to fail on a regression (`--fail-on-regression`) ended no better than its base;
+    the CLI exits with `exit_code`, distinct from a user error's 2."""
+
+    exit_code = 3
+
+
 class DataError(QtuneError):
     """Bad input data, located by file, line and field."""
 

@@ -87,7 +87,7 @@ def test_no_eval_says_best_is_the_last_checkpoint(capsys, tmp_path, tiny_bert_di
     data = _pairs_csv(tmp_path / "data.csv", 0)
     code, out, err = _train(capsys, tiny_bert_dir, "pair-cls", data, tmp_path / "run")
     assert code == 0, err
-    assert out.count("no --eval: best/ will be the last checkpoint") == 1
+    assert out.count("no --eval and no dev split: best/ will be the last checkpoint") == 1
     assert "truncated" not in out  # nothing is cut: nothing is said
     code, out, err = _train(capsys, tiny_bert_dir, "pair-cls", data, tmp_path / "with-eval", "--eval", data[1])
     assert code == 0, err

@@ -141,6 +141,19 @@ def read_query_groups(path: str | Path) -> list[QueryGroup]:
     return groups
 
 
+def held_out_retrieval_set(dev: Sequence[QueryGroup], groups: Sequence[QueryGroup]) -> RetrievalSet:
+    """A retrieval set of held-out query groups: the `dev` queries, searched over every distinct
+    passage of all `groups` (training and dev, positives and negatives), each query's positives
+    relevant. Training passages stay in the corpus, so the dev task is as hard as the real one."""
+    ids: dict[str, str] = {}
+    for group in groups:
+        for passage in (*group.positives, *group.negatives):
+            ids.setdefault(passage, f"p{len(ids)}")
+    queries = {f"q{i}": g.query for i, g in enumerate(dev)}
+    qrels = {f"q{i}": {ids[p]: 1 for p in g.positives} for i, g in enumerate(dev)}
+    return RetrievalSet(corpus={i: p for p, i in ids.items()}, queries=queries, qrels=qrels)
+
+
 def write_query_groups(path: str | Path, groups: Sequence[QueryGroup], fmt: str = "flagembedding") -> None:
     """Write query groups as JSONL, atomically.
 

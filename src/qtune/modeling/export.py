@@ -43,11 +43,12 @@ SAMPLE_TEXTS = (
 
 
 def export_model(loaded: LoadedModel, output: str | os.PathLike, *, task: str, fmt: str, source: str,
-                 writer: Callable[[LoadedModel, Path, str], None] | None = None) -> Path:
+                 writer: Callable[[LoadedModel, Path, str], None] | None = None,
+                 card: Callable[[str], str] | None = None) -> Path:
     """Merge LoRA and write the export of `loaded` (loaded on the CPU in fp32) at `output`, which must
     not exist yet or be empty. The export note goes in first; then `writer(loaded, folder, fmt)` (the
     task's `write_export`) writes the model, or the plain merged checkpoint is saved without one. The
-    folder appears whole or not at all."""
+    folder appears whole or not at all. `card(usage text)` gives its README.md (the model card)."""
     from qtune.io import atomic_dir
 
     output = check_export_target(output)
@@ -59,6 +60,10 @@ def export_model(loaded: LoadedModel, output: str | os.PathLike, *, task: str, f
             save_model_files(loaded, tmp)
         else:
             writer(loaded, tmp, fmt)
+        if card is not None:  # the model card, around whatever usage text the task's writer put in README.md
+            readme = tmp / "README.md"
+            body = readme.read_text(encoding="utf-8") if readme.is_file() else ""
+            readme.write_text(card(body), encoding="utf-8")
     return output
 
 

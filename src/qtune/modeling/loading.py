@@ -96,6 +96,8 @@ class LoadedModel:
     device: Any  # torch.device
     precision: str  # "fp32", "bf16", or "int8" (an ONNX Runtime model, see qtune.modeling.int8)
     packed: bool = False  # batches are padding-free packed rows (see qtune.modeling.packing)
+    # modules a base checkpoint did not provide, so they start randomly initialised (a new head)
+    new_modules: tuple[str, ...] = ()
 
     @property
     def is_adapter(self) -> bool:
@@ -340,7 +342,8 @@ def load_model(name_or_path: str | os.PathLike, spec: ModelSpec, *, labels: Sequ
     model.to(torch_device)
     model.train(trainable)
     loaded = LoadedModel(model=model, tokenizer=tokenizer, family=family, meta=meta, device=torch_device,
-                         precision=chosen, packed=packed)
+                         precision=chosen, packed=packed,
+                         new_modules=tuple(_untrained_modules(info.get("missing_keys", ()))) if saved is None else ())
     if quantize:
         from qtune.modeling.int8 import quantize_int8
 

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Sequence
 
 from qtune.config import TrainConfig, config_to_yaml
+from qtune.data.split import describe, dev_split, resolve_dev_fraction
 from qtune.distributed import barrier, launch
 from qtune.errors import QtuneError
 from qtune.io import write_text
@@ -17,6 +18,7 @@ from qtune.modeling.loading import LoadedModel, LoraSettings, ModelSpec, load_mo
 from qtune.training.replica import read_deepspeed_config
 from qtune.training.tracking import check_trackers
 from qtune.training.trainer import STATE_FILE
+from qtune.training.verdict import DevSet
 
 
 # Over this share of training rows cut by --max-length, a run is refused: most rows would lose
@@ -43,6 +45,29 @@ def check_truncation(lengths: Sequence[int], max_length: int, rows: str) -> int:
     return cut
 
 
+def hold_out(config: TrainConfig, keys: Sequence[str], unit: str) -> tuple[list[int], list[int], DevSet | None]:
+    """Split the training rows (one `key` each: a query, a text) into training and dev rows, by
+    --dev-fraction or its default (`qtune.data.split`). Returns (train rows, dev rows, the dev set as
+    the verdict names it: None when nothing is held out and there is no --eval either)."""
+    distinct = len(set(keys))
+    fraction = resolve_dev_fraction(getattr(config, "dev_fraction", None), distinct, bool(config.eval),
+                                    str(config.train))
+    train, dev = dev_split(keys, fraction, config.seed)
+    if not dev:
+        return train, dev, None
+    if not train:
+        raise QtuneError(f"--dev-fraction {fraction:g} leaves no training data in {config.train}")
+    held = len({keys[i] for i in dev})
+    if launch().is_main:
+        print(describe(fraction, held, unit, str(config.train)))
+    return train, dev, DevSet(size=held, unit=unit, source=f"a {fraction:.0%} dev split of {config.train}")
+
+
+def eval_dev_set(config: TrainConfig, size: int, unit: str) -> DevSet | None:
+    """The dev set --eval names, as the verdict names it."""
+    return DevSet(size=size, unit=unit, source=f"--eval {config.eval}") if config.eval else None
+
+
 def lora_settings(config: TrainConfig) -> LoraSettings | None:
     """The LoRA the flags ask for; None with --full."""
     return None if config.full else LoraSettings(config.lora_r, config.lora_alpha, config.lora_dropout,
@@ -62,10 +87,12 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def start_run(config: TrainConfig, spec: ModelSpec, *, validate=None, **load_kwargs) -> LoadedModel:
+def start_run(config: TrainConfig, spec: ModelSpec, *, validate=None, held_out: bool = False,
+              **load_kwargs) -> LoadedModel:
     """Checks the output folder, seeds, loads the model (fresh with `lora_settings(config)`, or from
     last/), runs `validate(loaded)` (settings and data checks that need the model or its tokenizer,
-    e.g. `check_truncation`), says when there is no --eval and only then writes config.yaml.
+    e.g. `check_truncation`), says when there is no dev set (`held_out`: a dev split was made) and
+    only then writes config.yaml.
 
     Called after the data was read, so bad data never gets this far.
     """
@@ -90,9 +117,12 @@ def start_run(config: TrainConfig, spec: ModelSpec, *, validate=None, **load_kwa
                             **common, **load_kwargs)
     if validate is not None:
         validate(loaded)
-    if not config.eval:
+    if getattr(config, "fail_on_regression", False) and not config.eval and not held_out:
+        raise QtuneError("--fail-on-regression needs a dev set to compare the tuned model with its base: give "
+                         "--eval DEV, or --dev-fraction F (on by default from 200 training queries or rows)")
+    if not config.eval and not held_out:
         # best/ is chosen by the eval metric; without eval data it is simply where training ended
-        print("no --eval: best/ will be the last checkpoint")
+        print("no --eval and no dev split: best/ will be the last checkpoint")
     if launch().is_main:
         write_text(output / "config.yaml", config_to_yaml(dataclasses.replace(config, resume=False)))
     barrier()  # every rank has checked the output folder before rank 0 writes into it

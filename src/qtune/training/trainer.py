@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +33,7 @@ from qtune.modeling.packing import count_tokens
 from qtune.training.replica import Replica
 from qtune.training.schedulers import make_scheduler
 from qtune.training.tracking import open_trackers
+from qtune.training.verdict import DevSet, make_verdict, verdict_message
 
 STATE_FILE = "trainer_state.pt"
 
@@ -54,6 +56,11 @@ class TaskHooks:
     # what the loss is a mean over, counted in a collated batch (default: its rows); e.g. answer
     # tokens for a token-level loss, so the ranks' shares weigh what they hold
     loss_units: Callable[[dict], int] | None = None
+    # the dev set `evaluate` scores (size, unit, source), for the base-vs-tuned verdict
+    dev: DevSet | None = None
+    # the figures to beat, before step 1: (name, model -> metrics). None: `evaluate` of the model as
+    # loaded ("base"); a task whose head starts untrained gives a trivial predictor instead
+    baseline: tuple[str, Callable[[LoadedModel], dict]] | None = None
 
 
 @dataclass
@@ -66,6 +73,8 @@ class Progress:
     best_value: float | None = None
     best_step: int | None = None
     history: list[dict] = field(default_factory=list)
+    baseline: dict | None = None  # the dev figures of the starting point (see `TaskHooks.baseline`)
+    evals_without_gain: int = 0  # for --early-stopping
 
 
 def global_batches(batches: list[list[int]], world_size: int) -> list[list[int]]:
@@ -174,13 +183,20 @@ def fit(config: TrainConfig, loaded: LoadedModel, features: Sequence[dict], hook
                 scheduler.step(value)
             if progress.best_value is None or value > progress.best_value:
                 progress.best_value, progress.best_step = value, progress.step
+                progress.evals_without_gain = 0
                 save(output / "best")
+            else:
+                progress.evals_without_gain += 1
         save_last()
         model.train()
         return record
 
     trackers = open_trackers(getattr(config, "report_to", ["tensorboard"]), output, output.name,
                              dataclasses.asdict(config), enabled=main)
+    if hooks.evaluate is not None and progress.baseline is None and progress.step == 0:
+        progress.baseline = broadcast_object(_baseline(hooks, loaded) if main else None)
+        model.train()
+    stopping = getattr(config, "early_stopping", 0)
     done_batches = progress.epoch * batches_per_epoch + progress.batches_done
     bar = tqdm(total=total_batches, initial=min(done_batches, total_batches), desc="train", unit="batch",
                dynamic_ncols=True, disable=not main)
@@ -250,6 +266,11 @@ def fit(config: TrainConfig, loaded: LoadedModel, features: Sequence[dict], hook
                     saved_step = progress.step
                     if hooks.evaluate and main:
                         bar.write(_format_record(record))
+                    if stopping and progress.evals_without_gain >= stopping and not finished:
+                        bar.write(f"early stop at step {progress.step}: {stopping} evaluation(s) without a better "
+                                  f"dev {hooks.best_metric} than step {progress.best_step}'s")
+                        done_batches = total_batches
+                        break
                 if finished or end_of_epoch:
                     break
     except KeyboardInterrupt:
@@ -274,6 +295,8 @@ def fit(config: TrainConfig, loaded: LoadedModel, features: Sequence[dict], hook
         "last": progress.history[-1] if progress.history else None,
         "best_metric": hooks.best_metric,
         "history": progress.history,
+        "baseline": progress.baseline,
+        "verdict": _verdict(hooks, progress),
         "train": {"steps": progress.step, "samples": samples, "tokens": tokens, "seconds": round(elapsed, 3),
                   "samples_per_s": round(samples / elapsed, 2) if elapsed else None,
                   "tokens_per_s": round(tokens / elapsed, 1) if elapsed else None,
@@ -281,8 +304,32 @@ def fit(config: TrainConfig, loaded: LoadedModel, features: Sequence[dict], hook
     }
     if main:
         write_json(output / "metrics.json", result)
+        if result["verdict"] is not None:
+            print(verdict_message(result["verdict"]), file=sys.stderr if result["verdict"]["worse"] else sys.stdout)
     replica.barrier()
     return result
+
+
+def _baseline(hooks: TaskHooks, loaded: LoadedModel) -> dict:
+    """The dev figures to beat, computed before step 1 (see `TaskHooks.baseline`)."""
+    name, evaluate = hooks.baseline or ("base", hooks.evaluate)
+    metrics = evaluate(loaded)
+    shown = f"{metrics[hooks.best_metric]:.4f}" if hooks.best_metric in metrics else "n/a"
+    size = f" on {hooks.dev.size} dev {hooks.dev.unit}" if hooks.dev else ""
+    print(f"{name}: {hooks.best_metric} {shown}{size}, before training")
+    return {"name": name, **metrics}
+
+
+def _verdict(hooks: TaskHooks, progress: Progress) -> dict | None:
+    """best/ against the baseline on the dev set; None without a dev set or when the run was resumed
+    from a state saved before baselines were recorded."""
+    best = next((r for r in progress.history if r["step"] == progress.best_step), None)
+    base = progress.baseline
+    metric = hooks.best_metric
+    if best is None or not base or metric not in best or metric not in base:
+        return None
+    dev = hooks.dev or DevSet(size=0, unit="rows", source="the dev set")
+    return make_verdict(metric, float(best[metric]), float(base[metric]), base.get("name", "base"), dev)
 
 
 def plain_state(value):

@@ -11,7 +11,7 @@ from qtune.tasks.base import TrainedRun
 from qtune.tasks.classify.config import ClassifyConfig
 from qtune.tasks.classify.data import read_labelled
 from qtune.tasks.classify.encode import TextEncoder
-from qtune.training.run import check_truncation, start_run
+from qtune.training.run import check_truncation, eval_dev_set, hold_out, start_run
 
 
 def model_labels(config: ClassifyConfig, task_name: str) -> list[str] | None:
@@ -26,6 +26,11 @@ def train(task, config: ClassifyConfig, on_step=None) -> TrainedRun:
     # Every data problem surfaces here, before a model is loaded or a file written.
     train_examples, labels = read(config.train, labels=config.labels or model_labels(config, task.name))
     eval_examples = read(config.eval, labels=labels)[0] if config.eval else None
+    kept, held, dev = hold_out(config, [e.text for e in train_examples], "texts")
+    if held:
+        train_examples, eval_examples = [train_examples[i] for i in kept], [train_examples[i] for i in held]
+    else:
+        dev = eval_dev_set(config, len(eval_examples or ()), "texts")
 
     def validate(loaded: LoadedModel) -> None:
         if list(loaded.meta.labels) != labels:
@@ -34,8 +39,8 @@ def train(task, config: ClassifyConfig, on_step=None) -> TrainedRun:
         lengths = TextEncoder(loaded.tokenizer, loaded.family.is_decoder).untruncated_lengths(train_examples)
         check_truncation(lengths, config.max_length, "texts")
 
-    loaded = start_run(config, task, validate=validate, labels=labels)
+    loaded = start_run(config, task, validate=validate, held_out=bool(held), labels=labels)
     encoder = TextEncoder(loaded.tokenizer, loaded.family.is_decoder, config.max_length)
     features = encoder.encode_examples(train_examples)
     eval_features = encoder.encode_examples(eval_examples) if eval_examples is not None else None
-    return task.fit(config, loaded, features, eval_features, on_step)
+    return task.fit(config, loaded, features, eval_features, on_step, dev=dev)

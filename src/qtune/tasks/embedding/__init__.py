@@ -13,6 +13,7 @@ RUNNERS = "qtune.tasks.embedding.evaluate"  # eval/predict runners, imported whe
 class EmbeddingTask(Task):
     name = "embedding"
     kind = "an embedding model"
+    pipeline_tag = "sentence-similarity"
     config = EmbeddingConfig
     trainer = "qtune.tasks.embedding.train:train"
     wrapper = "qtune.tasks.embedding.model:Embedder"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from functools import partial
 
-from qtune.data.retrieval import read_beir, read_query_groups
+from qtune.data.retrieval import held_out_retrieval_set, read_beir, read_query_groups
 from qtune.data.teacher_scores import group_teacher_scores, require_teacher_scores
 from qtune.distributed import launch
 from qtune.errors import QtuneError
@@ -18,7 +18,7 @@ from qtune.tasks.embedding.loss import (ContrastiveSettings, cached_backward, co
                                         with_teacher_scores)
 from qtune.tasks.embedding.model import Embedder
 from qtune.training.memory import fit_embedding_batch
-from qtune.training.run import check_truncation, resume_state, start_run
+from qtune.training.run import check_truncation, eval_dev_set, hold_out, resume_state, start_run
 from qtune.training.trainer import TaskHooks, fit
 
 
@@ -31,6 +31,12 @@ def train(task, config: EmbeddingConfig, on_step=None) -> TrainedRun:
         print(f"{config.train} has mined negatives; --hard-negatives 0 (the default) trains on in-batch "
               "negatives only: --hard-negatives N adds N of them to each query's group")
     eval_set = read_beir(config.eval) if config.eval else None
+    kept, held, dev = hold_out(config, [g.query for g in groups], "queries")
+    if held:
+        eval_set = held_out_retrieval_set([groups[i] for i in held], groups)
+        groups = [groups[i] for i in kept]
+    else:
+        dev = eval_dev_set(config, len(eval_set.queries) if eval_set else 0, "queries")
 
     def validate(model: LoadedModel) -> None:
         width = Embedder(model).dimension
@@ -46,7 +52,7 @@ def train(task, config: EmbeddingConfig, on_step=None) -> TrainedRun:
                 model, lengths, groups=min(config.batch_size, len(groups)), texts_per_group=2 + negatives,
                 max_length=config.max_length, cached=config.cached, mini_batch_size=config.mini_batch_size)
 
-    loaded = start_run(config, task, validate=validate)
+    loaded = start_run(config, task, validate=validate, held_out=bool(held))
     embedder = Embedder(loaded)
     features = group_features(groups, embedder.features, config.hard_negatives)
     settings = ContrastiveSettings(pooling=loaded.meta.pooling, temperature=config.temperature,
@@ -73,7 +79,7 @@ def train(task, config: EmbeddingConfig, on_step=None) -> TrainedRun:
     hooks = TaskHooks(
         collate=partial(collate_for_loss, partial(collate, loaded.tokenizer, packed=loaded.packs)),
         loss=partial(loss, settings=settings),
-        evaluate=evaluate, best_metric="ndcg@10",
+        evaluate=evaluate, best_metric="ndcg@10", dev=dev,
         batches=lambda epoch, size: unique_text_batches(features, size, seed=config.seed, epoch=epoch),
         backward=(lambda replica, batch, scale, sync: cached_backward(replica, batch, settings, scale, sync))
         if config.cached else None,

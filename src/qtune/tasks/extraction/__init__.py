@@ -13,6 +13,7 @@ RUNNERS = "qtune.tasks.extraction.evaluate"  # eval/predict runners, imported wh
 class ExtractionTask(Task):
     name = "extract"
     kind = "an extractor"
+    pipeline_tag = "text-generation"
     config = ExtractConfig
     trainer = "qtune.tasks.extraction.train:train"
     wrapper = "qtune.tasks.extraction.model:Extractor"

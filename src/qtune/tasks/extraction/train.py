@@ -7,16 +7,20 @@ from functools import partial
 
 from qtune.data.extraction import read_extraction
 from qtune.evaluation.extraction import extraction_metrics
+from qtune.errors import QtuneError
 from qtune.modeling.loading import LoadedModel
 from qtune.tasks.base import TrainedRun
 from qtune.tasks.extraction.config import ExtractConfig
 from qtune.tasks.extraction.encode import PromptBuilder, collate, encode_examples
 from qtune.tasks.extraction.model import Extractor, answer_tokens, loss
-from qtune.training.run import resume_state, start_run
+from qtune.training.run import eval_dev_set, resume_state, start_run
 from qtune.training.trainer import TaskHooks, fit
 
 
 def train(task, config: ExtractConfig, on_step=None) -> TrainedRun:
+    if config.dev_fraction:
+        raise QtuneError("train extract takes its dev set from --eval (a held-out file); --dev-fraction is for "
+                         "embedding, reranker, classify and pair-cls")
     examples = read_extraction(config.train)
     eval_examples = read_extraction(config.eval) if config.eval else None
     loaded = start_run(config, task, validate=lambda m: PromptBuilder(m.tokenizer))
@@ -39,6 +43,7 @@ def train(task, config: ExtractConfig, on_step=None) -> TrainedRun:
             return extraction_metrics([e.output for e in eval_examples], [r.output for r in found])
 
     hooks = TaskHooks(collate=partial(collate, loaded.tokenizer, packed=loaded.packs), loss=loss,
-                      evaluate=evaluate, best_metric="all_fields_exact", loss_units=answer_tokens)
+                      evaluate=evaluate, best_metric="all_fields_exact", loss_units=answer_tokens,
+                      dev=eval_dev_set(config, len(eval_examples or ()), "records"))
     return TrainedRun(loaded, fit(config, loaded, features, hooks, resume_state=resume_state(config),
                                   on_step=on_step))

@@ -16,6 +16,7 @@ RUNNERS = "qtune.tasks.pair_cls.evaluate"  # eval/predict runners, imported when
 class PairClsTask(SequenceClassificationTask):
     name = "pair-cls"
     kind = "a pair classifier"
+    pipeline_tag = "text-classification"
     config = PairClsConfig
     trainer = "qtune.tasks.pair_cls.train:train"
     wrapper = "qtune.tasks.pair_cls.model:PairClassifier"

@@ -17,6 +17,7 @@ RUNNERS = "qtune.tasks.reranker.evaluate"  # eval/predict runners, imported when
 class RerankerTask(Task):
     name = "reranker"
     kind = "a reranker"
+    pipeline_tag = "text-ranking"
     config = RerankerConfig
     trainer = "qtune.tasks.reranker.train:train"
     wrapper = "qtune.tasks.reranker.model:Reranker"

@@ -106,6 +106,14 @@ def loss(model, batch: dict, *, prompt, kind: str, distill_weight: float = 1.0, 
                       distill_weight, distill_temperature, distill_only)
 
 
+def random_order_metrics(candidates: Sequence[int]) -> dict:
+    """The expected `group_ranking_metrics` of ranking each group's candidates (these counts, the
+    positive among them) in random order: accuracy@1 1/n and MRR H(n)/n, averaged over groups."""
+    n = np.asarray(candidates, dtype=np.float64)
+    harmonic = np.array([np.sum(1.0 / np.arange(1, int(k) + 1)) for k in n])
+    return {"accuracy@1": float((1.0 / n).mean()), "mrr": float((harmonic / n).mean()), "groups": len(n)}
+
+
 def group_ranking_metrics(scores: Sequence[np.ndarray]) -> dict:
     """How well each group's positive (index 0) is ranked among its own candidates:
     accuracy@1 (the positive is first) and MRR. Ties count against the positive."""
