@@ -1,0 +1,201 @@
+"""Fair baselines in one harness: qtune's embedding recipes against sentence-transformers' training
+at its best learning rate, on the same split, model, epochs and batch, with several seeds a row.
+
+    python -m bench.quality --name financial_qa --train data/fin/train.jsonl --test data/fin/test \\
+        --work runs/quality/fin --rows st-2e-5 st-5e-5 st-1e-4 st-2e-4 qtune --seeds 42 7 \\
+        --output bench/results/quality_financial_qa_cpu.json
+
+Every run is a subprocess (the CLI a user types, or `bench.quality.st_train` for the peer), timed
+and measured (peak RSS from wait4); every model, qtune's and the peer's, is scored by the same
+`qtune eval retrieval` on the test folder, which no run sees before it is scored. qtune's rows
+choose best/ on their own dev split of the training file (its default); the peer trains on the
+whole file and keeps its last weights, as its trainer does by default.
+
+A qtune row counts as better than the peer only when its mean beats the best peer row's mean by
+more than the larger seed spread (max - min) of the two. A (row, seed) already scored in --work is
+not run again: stop and rerun to continue, or add rows and seeds later.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from bench.common import default_model, write_report
+
+METRICS = ("ndcg@10", "mrr@10", "recall@100")
+# name -> (runner, its settings). Peer rows: the learning rate (and CachedMNRL's mini-batch, 0: plain
+# MNRL). qtune rows: flags added to `qtune train embedding` (each row spells out what it measures).
+ROWS = {
+    "st-2e-5": ("st", {"lr": 2e-5}),
+    "st-5e-5": ("st", {"lr": 5e-5}),
+    "st-1e-4": ("st", {"lr": 1e-4}),
+    "st-2e-4": ("st", {"lr": 2e-4}),
+    "st-cached-1e-4": ("st", {"lr": 1e-4, "cached": 32}),
+    "qtune": ("qtune", []),
+    "qtune-no-dev": ("qtune", ["--dev-fraction", "0"]),
+    "qtune-lr2e-4": ("qtune", ["--lr", "2e-4"]),
+}
+
+
+def run(command: list[str], log: Path) -> tuple[float, float]:
+    """Run a command (output appended to `log`): its wall seconds and peak RSS in GB (wait4)."""
+    started = time.perf_counter()
+    with open(log, "a") as out:
+        out.write(f"\n$ {' '.join(command)}\n")
+        out.flush()
+        child = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
+        _, status, usage = os.wait4(child.pid, 0)
+    code = os.waitstatus_to_exitcode(status)
+    if code not in (0, 3):  # 3: qtune's --fail-on-regression verdict, still a scored row
+        raise SystemExit(f"{command[:4]} failed (exit {code}); see {log}")
+    return round(time.perf_counter() - started, 1), round(usage.ru_maxrss / 2**20, 2)
+
+
+def qtune_cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "qtune.cli", *args]
+
+
+def scores(path: Path) -> dict:
+    metrics = next(iter(json.loads(path.read_text()).values()))  # {model name: {metric: value}}
+    return {k: round(float(metrics[k]), 4) for k in METRICS}
+
+
+def train_row(row: str, seed: int, args, model: str, folder: Path, log: Path) -> dict:
+    """Train one (row, seed) into `folder` and score it on the test folder."""
+    runner, settings = ROWS[row]
+    common = ["--epochs", str(args.epochs), "--batch-size", str(args.batch_size)]
+    if runner == "st":
+        command = [sys.executable, "-m", "bench.quality.st_train", "--model", model, "--train", args.train,
+                   "--output", str(folder), "--lr", str(settings["lr"]), "--seed", str(seed),
+                   "--max-length", str(args.max_length), "--cached", str(settings.get("cached", 0)), *common]
+        trained = folder
+    else:
+        command = qtune_cli("train", "embedding", "--model", model, "--train", args.train, "--output", str(folder),
+                            "--seed", str(seed), "--max-length", str(args.max_length), "--report-to", "none",
+                            "--device", args.device, *common, *settings)
+        trained = folder / "best"
+    wall, peak = run(command, log)
+    run(qtune_cli("eval", "retrieval", "--model", str(trained), "--data", args.test, "--output",
+                  str(folder / "test-eval"), "--device", args.device), log)
+    record = {**scores(folder / "test-eval" / "metrics.json"), "train_wall_seconds": wall, "train_peak_rss_gb": peak}
+    if runner == "st":
+        record["train_loop_seconds"] = json.loads((folder / "st_train.json").read_text())["seconds"]
+    else:
+        metrics = json.loads((folder / "metrics.json").read_text())
+        record["train_loop_seconds"] = metrics["train"]["seconds"]
+        record["steps"] = metrics["train"]["steps"]
+        if metrics.get("verdict"):
+            record["dev_verdict"] = metrics["verdict"]["line"]
+    return record
+
+
+def summarise(per_seed: dict[str, dict]) -> dict:
+    values = [r["ndcg@10"] for r in per_seed.values()]
+    out = {f"mean {k}": round(sum(r[k] for r in per_seed.values()) / len(per_seed), 4) for k in METRICS}
+    out["spread ndcg@10"] = round(max(values) - min(values), 4)
+    out["seeds"] = len(values)
+    for key in ("train_wall_seconds", "train_loop_seconds", "train_peak_rss_gb"):
+        out[f"mean {key}"] = round(sum(r[key] for r in per_seed.values()) / len(per_seed), 2)
+    return out
+
+
+def verdicts(summary: dict[str, dict]) -> dict[str, str]:
+    """Each qtune row against the best peer row by mean nDCG@10."""
+    peers = {r: s for r, s in summary.items() if ROWS.get(r, ("",))[0] == "st"}
+    if not peers:
+        return {}
+    best = max(peers, key=lambda r: peers[r]["mean ndcg@10"])
+    out = {}
+    for row, s in summary.items():
+        if ROWS.get(row, ("",))[0] != "qtune":
+            continue
+        delta = s["mean ndcg@10"] - peers[best]["mean ndcg@10"]
+        noise = max(s["spread ndcg@10"], peers[best]["spread ndcg@10"])
+        if min(s["seeds"], peers[best]["seeds"]) < 2:  # one seed measures no spread: nothing is counted
+            word = "not judged (a single seed) against"
+        else:
+            word = "better" if delta > noise else ("worse" if delta < -noise else "within the seed spread of")
+        out[row] = (f"{word} than {best} (the peer's best mean): {delta:+.4f} nDCG@10, spread {noise:.4f}, "
+                    f"{min(s['seeds'], peers[best]['seeds'])} seed(s)")
+    return out
+
+
+def environment() -> dict:
+    import sentence_transformers
+    import torch
+    import transformers
+
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip() or None
+    dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                                text=True).stdout.strip())
+    return {"commit": commit, "uncommitted_changes": dirty, "machine": platform.platform(),
+            "processor": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
+            "threads": torch.get_num_threads(), "load_average_at_start": os.getloadavg()[0],
+            "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
+                         "sentence-transformers": sentence_transformers.__version__}}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--name", required=True, help="the data set's name in the report")
+    parser.add_argument("--train", required=True, help="query groups (FlagEmbedding JSONL)")
+    parser.add_argument("--test", required=True, help="BEIR folder the rows are scored on")
+    parser.add_argument("--work", required=True, help="folder for the runs")
+    parser.add_argument("--rows", nargs="+", default=["st-2e-5", "st-5e-5", "st-1e-4", "st-2e-4", "qtune"],
+                        choices=sorted(ROWS))
+    parser.add_argument("--seeds", nargs="+", type=int, default=[42, 7])
+    parser.add_argument("--model", default=None, help="base embedder (default: the offline all-MiniLM-L6-v2)")
+    parser.add_argument("--epochs", type=float, default=1.0)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--max-length", type=int, default=256)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--output", required=True)
+    args = parser.parse_args()
+    model = args.model or default_model()
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    log = work / "commands.log"
+    report = json.loads(Path(args.output).read_text()) if Path(args.output).exists() else {}
+    results: dict[str, dict] = report.get("per_seed", {})
+    if not (work / "base" / "metrics.json").exists():
+        run(qtune_cli("eval", "retrieval", "--model", model, "--data", args.test, "--output", str(work / "base"),
+                      "--device", args.device), log)
+    base = scores(work / "base" / "metrics.json")
+    for seed in args.seeds:  # seed by seed: every row gets its first seed before any gets a second
+        for row in args.rows:
+            folder = work / f"{row}-seed{seed}"
+            if str(seed) in results.get(row, {}) and (folder / "test-eval" / "metrics.json").exists():
+                continue
+            print(f"{row} seed {seed} ...", flush=True)
+            if folder.exists():  # a run stopped halfway: start it again
+                import shutil
+
+                shutil.rmtree(folder)
+            results.setdefault(row, {})[str(seed)] = train_row(row, seed, args, model, folder, log)
+            summary = {r: summarise(s) for r, s in results.items()}
+            report.update({"benchmark": f"embedding quality: qtune vs sentence-transformers on {args.name}",
+                           "data": {"train": args.train, "test": args.test}, "model": model,
+                           "settings": {"epochs": args.epochs, "batch_size": args.batch_size,
+                                        "max_length": args.max_length},
+                           "base": base, "environment": environment(), "per_seed": results, "summary": summary,
+                           "verdicts": verdicts(summary), "rows": {r: ROWS[r][1] for r in results}})
+            write_report(args.output, report)
+    print(f"\n{'row':<16} {'nDCG@10':>8} {'spread':>7} {'MRR@10':>7} {'R@100':>7} {'seeds':>5} {'train s':>8} {'peak GB':>7}")
+    print(f"{'base':<16} {base['ndcg@10']:>8.4f} {'':>7} {base['mrr@10']:>7.4f} {base['recall@100']:>7.4f}")
+    for row, s in report.get("summary", {}).items():
+        print(f"{row:<16} {s['mean ndcg@10']:>8.4f} {s['spread ndcg@10']:>7.4f} {s['mean mrr@10']:>7.4f} "
+              f"{s['mean recall@100']:>7.4f} {s['seeds']:>5} {s['mean train_wall_seconds']:>8.0f} "
+              f"{s['mean train_peak_rss_gb']:>7.2f}")
+    for row, text in report.get("verdicts", {}).items():
+        print(f"{row}: {text}")
+
+
+if __name__ == "__main__":
+    main()
