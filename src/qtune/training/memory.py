@@ -2,27 +2,72 @@
 would be killed by the kernel halfway through its first batch instead picks settings that fit
 (GradCache for embeddings, gradient accumulation for rerankers) or stops with the flags to change.
 
-Training memory of a transformer step, beyond the weights already loaded:
+What a step holds at its peak follows from how qtune runs a batch:
 
-    activations  ≈ rows x tokens x layers x (K_HIDDEN x hidden + K_INTERMEDIATE x intermediate
-                                              + K_SCORES x heads x tokens) x bytes per value
-    optimizer    ≈ trainable parameters x 12 bytes (fp32 gradient + AdamW's two moments)
+- an embedding batch of G query groups is two forward passes, as sentence-transformers runs it:
+  the G queries, padded to the longest query, and the G positives and the batch's hard
+  negatives, padded to the longest passage (`qtune.tasks.embedding.encode.collate`). Both graphs
+  are kept until the backward, so a batch costs the sum of the two passes, and short queries
+  next to long passages cost little (64 queries of 20 tokens: 4% of what 64 passages of 256 do).
+- a reranker batch is one pass over all its pairs.
+- a decoder loaded for packing (`qtune.modeling.packing`) runs a pass whose padding would be a
+  sizeable share (on a GPU in bf16: every pass) as one row of its real tokens.
 
-`tokens` is the padded width of a forward pass. The attention-score term is the softmax output
-and dropout mask kept per head for the backward; CUDA's fused kernels (flash, memory-efficient)
-recompute them instead, so it is left out there.
+Per pass, beyond the weights already loaded, with `width` the longest row (`padded_width`: the
+rows / (rows + 1) quantile of the data's lengths) and `tokens` rows x width, or the real tokens
+of a packed pass:
 
-The constants were fitted to the peak RSS (`ru_maxrss` of a fresh process, minus its RSS just
-before the step) of one forward+backward of the real all-MiniLM-L6-v2 (6 layers, hidden 384, 12
-heads, intermediate 1536; fp32, LoRA r=8 on the attention projections, sdpa attention, dropout on)
-on a 2-core CPU, with K_INTERMEDIATE fixed at 2 (the GELU's input and output):
+    activations ≈ layers x (tokens x (K.hidden x hidden + K.intermediate x intermediate)
+                            + K_SCORES x heads x rows x width²) x bytes per value
+                  (x LORA_FACTOR with LoRA)
+    optimizer   ≈ trainable parameters x 16 bytes (fp32 gradient, AdamW's two moments and the
+                  temporary of its update)
 
-    rows x tokens   32x128  64x128  128x64  32x256  64x256  16x512  8x512
-    measured GiB    1.85    3.65    3.27    4.34    8.82    6.22    3.25
-    this formula    1.86    3.73    3.27    4.64    9.28    6.47    3.23
+K is ENCODER (LayerNorm, GELU MLP, dropout) or DECODER (RMSNorm, gated MLP, rotary positions,
+query and key norms); their `intermediate` counts the MLP tensors the backward keeps (the GELU's
+input and output; the gate, up and their product) and `hidden` was fitted. The attention-score
+term is the softmax output, its dropout and the product the math attention keeps; it is paid on
+a CPU where attention dropout is on (an encoder's 0.1): without dropout torch's CPU flash kernel
+keeps no scores (all-MiniLM-L6-v2's saved tensors at 256 tokens: 42.5 values per token, layer and
+hidden unit with dropout, 18.5 without), and CUDA's fused kernels keep none. LoRA keeps the same
+saved tensors as full fine-tuning (counted with `torch.autograd.graph.saved_tensors_hooks`), yet
+its dropout copy and low-rank product per projection leave the CPU allocator holding more: peak
+RSS 1.15-1.4x full fine-tuning's activations for MiniLM, 0.9-1.3x for the Qwen3 below (1.3
+fitted). Full fine-tuning pays the optimizer's 16 bytes per parameter instead.
 
-(a least-squares fit gives K_HIDDEN 30.9 and K_SCORES 3.06; they are rounded up to 32 and 3.25,
-so the formula errs towards too much).
+The constants were fitted to one real training step (qtune's loss, backward, clipping and AdamW
+step; in-batch negatives, one case with a hard negative) of all-MiniLM-L6-v2 (6 layers, hidden
+384, 12 heads, intermediate 1536) and a random Qwen3 (4 layers, hidden 256, 4 heads, 2 key-value
+heads, intermediate 768, the real tokenizer; passes packed unless the lengths are all equal), in
+fp32 on a 2-core CPU, each in a fresh process, measured as peak RSS growth over the step
+(`python -m bench.memory_estimate`, bench/results/memory_estimate_cpu.json; `query pass` rows x
+width, with the real tokens in brackets where the pass was packed; GB = 1e9 bytes):
+
+    model   tuning  groups x texts  query pass     passage pass    measured GB  estimate GB  ratio
+    minilm  full        64 x 2      64x20          64x255                8.00         7.87   0.98
+    minilm  full        32 x 2      32x20          32x255                3.91         4.12   1.05
+    minilm  full       128 x 2      128x32         128x128               6.96         6.82   0.98
+    minilm  full        64 x 2      64x64          64x64                 2.44         2.63   1.08
+    minilm  full       512 x 2      512x16         512x32                6.47         6.37   0.98
+    minilm  full         8 x 2      8x32           8x506                 3.00         3.09   1.03
+    minilm  full        16 x 2      16x32          16x506                5.71         5.82   1.02
+    minilm  full        32 x 3      32x20          64x255                7.65         7.72   1.01
+    minilm  lora        64 x 2      64x20          64x255               10.13         9.77   0.96
+    minilm  lora       128 x 2      128x32         128x128               9.05         8.39   0.93
+    minilm  lora        16 x 2      16x32          16x506                6.67         7.10   1.06
+    qwen    full        64 x 2      64x40 (2245)   64x255 (14160)        2.32         2.62   1.13
+    qwen    full       128 x 2      128x40 (4524)  128x128 (14137)       2.61         2.89   1.11
+    qwen    full        32 x 2      32x40 (1122)   32x510 (14332)        2.41         2.51   1.04
+    qwen    full        64 x 3      64x40 (2245)   128x256 (28391)       4.21         4.31   1.02
+    qwen    full        64 x 2      64x64          64x64                 1.98         1.64   0.83
+    qwen    full        32 x 2      32x256         32x256                2.38         2.62   1.10
+    qwen    lora        64 x 2      64x40 (2245)   64x255 (14160)        2.90         2.53   0.87
+    qwen    lora        32 x 2      32x40 (1122)   32x510 (14332)        2.78         2.39   0.86
+    qwen    lora        64 x 2      64x64          64x64                 1.06         1.27   1.19
+
+On a GPU (bf16 autocast, fused attention: no score term) the same constants count 2 bytes per
+value; that has not been measured against torch.cuda.max_memory_allocated yet
+(`python -m bench.memory_estimate --device cuda` does).
 """
 
 from __future__ import annotations
@@ -35,10 +80,20 @@ from typing import Sequence
 
 from qtune.errors import QtuneError
 
-K_HIDDEN = 32
-K_INTERMEDIATE = 2
-K_SCORES = 3.25
-OPTIMIZER_BYTES_PER_PARAMETER = 12
+
+@dataclass(frozen=True)
+class LayerConstants:
+    """Values kept per token and layer: `hidden` x the hidden size + `intermediate` x the MLP's."""
+
+    hidden: float
+    intermediate: float
+
+
+ENCODER = LayerConstants(hidden=16, intermediate=2)  # GELU MLP: its input and output
+DECODER = LayerConstants(hidden=20, intermediate=3)  # gated MLP: gate, up and their product
+K_SCORES = 3
+LORA_FACTOR = 1.3
+OPTIMIZER_BYTES_PER_PARAMETER = 16  # fp32 gradient, AdamW's two moments, its step's temporary
 # Share of the free memory a step may plan to use: the estimate is approximate, and the data
 # loader, the evaluation and other processes need some too.
 USABLE_SHARE = 0.7
@@ -54,8 +109,11 @@ class ModelShape:
     heads: int
     intermediate: int
     bytes_per_value: int  # 4 in fp32, 2 under bf16 autocast
-    attention_scores: bool  # False where fused attention kernels keep no scores (CUDA)
+    attention_scores: bool  # the attention keeps its scores for the backward (CPU with attention dropout)
     trainable_parameters: int = 0
+    decoder: bool = False  # DECODER's constants instead of ENCODER's
+    adapter: bool = False  # LoRA: LORA_FACTOR
+    packing: float | None = None  # a pass is packed when padding would be at least this share; None: never
 
 
 def model_shape(loaded) -> ModelShape | None:
@@ -66,8 +124,18 @@ def model_shape(loaded) -> ModelShape | None:
     if not all(isinstance(s, int) and s > 0 for s in sizes):
         return None
     trainable = sum(p.numel() for p in loaded.model.parameters() if p.requires_grad)
+    cuda = loaded.device.type == "cuda"
+    dropout = max(float(getattr(config, name, 0.0) or 0.0)
+                  for name in ("attention_probs_dropout_prob", "attention_dropout"))
+    packing = None
+    if loaded.packed:  # as `LoadedModel.packs` decides
+        from qtune.modeling import packing as packing_module
+
+        flash = cuda and loaded.precision == "bf16" and packing_module.has_flash_kernel()
+        packing = 0.0 if flash else packing_module.MIN_PADDING_WITHOUT_KERNEL
     return ModelShape(*sizes, bytes_per_value=2 if loaded.precision == "bf16" else 4,
-                      attention_scores=loaded.device.type != "cuda", trainable_parameters=trainable)
+                      attention_scores=not cuda and dropout > 0, trainable_parameters=trainable,
+                      decoder=loaded.family.is_decoder, adapter=loaded.is_adapter, packing=packing)
 
 
 def padded_width(lengths: Sequence[int], rows: int, max_length: int) -> int:
@@ -81,16 +149,57 @@ def padded_width(lengths: Sequence[int], rows: int, max_length: int) -> int:
     return min(ordered[max(index, 0)], max_length)
 
 
-def activation_bytes(shape: ModelShape, rows: int, tokens: int) -> int:
-    """Activations one forward pass of `rows` x `tokens` keeps for its backward (module docstring)."""
-    per_token = (K_HIDDEN * shape.hidden + K_INTERMEDIATE * shape.intermediate
-                 + (K_SCORES * shape.heads * tokens if shape.attention_scores else 0))
-    return int(rows * tokens * shape.layers * per_token * shape.bytes_per_value)
+def pass_size(shape: ModelShape, lengths: Sequence[int], rows: int, max_length: int) -> tuple[int, int]:
+    """(width, tokens) of a forward pass of `rows` rows drawn from texts of these `lengths`: padded
+    to `padded_width`, or, for a model that packs a pass with that much padding, the real tokens of
+    `rows` average rows."""
+    width = padded_width(lengths, rows, max_length)
+    padded = rows * width
+    if shape.packing is None or not padded:
+        return width, padded
+    real = math.ceil(rows * sum(min(n, max_length) for n in lengths) / len(lengths))
+    return width, real if 1 - real / padded >= shape.packing else padded
 
 
-def step_bytes(shape: ModelShape, rows: int, tokens: int) -> int:
-    """A training step's memory beyond the loaded weights: one pass's activations and the optimizer state."""
-    return activation_bytes(shape, rows, tokens) + shape.trainable_parameters * OPTIMIZER_BYTES_PER_PARAMETER
+def activation_bytes(shape: ModelShape, rows: int, width: int, tokens: int | None = None) -> int:
+    """Activations one forward pass of `rows` rows padded to `width` keeps for its backward (module
+    docstring); `tokens`: what the layers run on, rows x width unless the pass is packed."""
+    tokens = rows * width if tokens is None else tokens
+    k = DECODER if shape.decoder else ENCODER
+    values = tokens * (k.hidden * shape.hidden + k.intermediate * shape.intermediate)
+    if shape.attention_scores:
+        values += K_SCORES * shape.heads * rows * width * width
+    return int(values * shape.layers * shape.bytes_per_value * (LORA_FACTOR if shape.adapter else 1))
+
+
+def optimizer_bytes(shape: ModelShape) -> int:
+    return shape.trainable_parameters * OPTIMIZER_BYTES_PER_PARAMETER
+
+
+def step_bytes(shape: ModelShape, rows: int, width: int, tokens: int | None = None) -> int:
+    """A one-pass training step's memory beyond the loaded weights: its activations and the optimizer's."""
+    return activation_bytes(shape, rows, width, tokens) + optimizer_bytes(shape)
+
+
+def _pass_bytes(shape: ModelShape, lengths: Sequence[int], rows: int, max_length: int) -> int:
+    return activation_bytes(shape, rows, *pass_size(shape, lengths, rows, max_length)) if rows else 0
+
+
+def embedding_bytes(shape: ModelShape, query_lengths: Sequence[int], passage_lengths: Sequence[int], *,
+                    groups: int, texts_per_group: int, max_length: int, mini_batch_size: int | None = None) -> int:
+    """Memory of one embedding training step of `groups` query groups of `texts_per_group` texts
+    (the query, its positive, hard negatives), beyond the loaded weights.
+
+    Plain (`mini_batch_size` None): the query pass and the passage pass, each padded to its own
+    longest row (`encode.collate`), both kept until the backward. GradCache: one chunk of
+    `mini_batch_size` rows of one side at a time (the larger of the two), plus every vector and
+    its gradient."""
+    passages = groups * (texts_per_group - 1)
+    sides = ((query_lengths, groups), (passage_lengths, passages))
+    if mini_batch_size is None:
+        return optimizer_bytes(shape) + sum(_pass_bytes(shape, lengths, rows, max_length) for lengths, rows in sides)
+    chunk = max(_pass_bytes(shape, lengths, min(mini_batch_size, rows), max_length) for lengths, rows in sides)
+    return optimizer_bytes(shape) + chunk + (groups + passages) * shape.hidden * 4 * 2
 
 
 def _size(n: float) -> str:
@@ -111,20 +220,22 @@ class EmbeddingPlan:
     note: str | None = None  # the line to print when the plan differs from the flags
 
 
-def plan_embedding(shape: ModelShape, lengths: Sequence[int], *, groups: int, texts_per_group: int,
-                   max_length: int, free: int, cached: bool, mini_batch_size: int) -> EmbeddingPlan:
+def plan_embedding(shape: ModelShape, query_lengths: Sequence[int], passage_lengths: Sequence[int], *,
+                   groups: int, texts_per_group: int, max_length: int, free: int, cached: bool,
+                   mini_batch_size: int) -> EmbeddingPlan:
     """Keep the flags when the batch fits in `free` bytes; else, unless the user chose --cached,
     switch to GradCache with the largest power-of-two --mini-batch-size that fits (the same loss
-    and gradients, `qtune.tasks.embedding.loss.cached_backward`). Raises when nothing fits.
+    and gradients, `qtune.tasks.embedding.loss.cached_backward`): GradCache embeds the batch twice,
+    so it is chosen only when the plain batch does not fit. Raises when nothing fits.
 
-    `lengths`: token counts of the training texts; a batch holds `groups` x `texts_per_group` texts."""
+    `query_lengths`, `passage_lengths`: token counts of the training queries and of the passages
+    (positives and the hard negatives used); a batch holds `groups` x `texts_per_group` texts."""
     rows = groups * texts_per_group
     what = f"a batch of {groups} query groups x {texts_per_group} texts"
 
-    def needed(per_pass: int) -> int:
-        passes = min(per_pass, rows)
-        extra = rows * shape.hidden * 4 * 2 if per_pass < rows else 0  # GradCache's vectors and their gradients
-        return step_bytes(shape, passes, padded_width(lengths, passes, max_length)) + extra
+    def needed(per_pass: int | None) -> int:
+        return embedding_bytes(shape, query_lengths, passage_lengths, groups=groups, texts_per_group=texts_per_group,
+                               max_length=max_length, mini_batch_size=per_pass)
 
     if cached:
         need = needed(mini_batch_size)
@@ -134,7 +245,7 @@ def plan_embedding(shape: ModelShape, lengths: Sequence[int], *, groups: int, te
         hint = f"--mini-batch-size {smaller}" if smaller else "a lower --max-length or --batch-size"
         raise QtuneError(f"{what} with --cached --mini-batch-size {mini_batch_size} needs ~{_size(need)}, "
                          f"{_size(free)} free: use {hint} (or --no-memory-check to try anyway)")
-    need = needed(rows)
+    need = needed(None)
     if fits(need, free):
         return EmbeddingPlan(False, mini_batch_size, need)
     size = _largest_power_of_two(lambda n: fits(needed(n), free), below=rows)
@@ -159,14 +270,15 @@ class AccumulationPlan:
 
 def plan_groups(shape: ModelShape, lengths: Sequence[int], *, batch_size: int, group_size: int, grad_accum: int,
                 max_length: int, free: int, data_groups: int | None = None) -> AccumulationPlan:
-    """Keep the flags when `batch_size` groups of `group_size` rows fit in `free` bytes; else split
-    each batch into the largest divisor of `batch_size` groups that fits, accumulating gradients
-    over the parts (the same groups per optimizer step, the same mean loss). Raises when one group
-    does not fit. `data_groups`: the training groups there are (no batch holds more)."""
+    """Keep the flags when `batch_size` groups of `group_size` rows (one forward pass) fit in
+    `free` bytes; else split each batch into the largest divisor of `batch_size` groups that fits,
+    accumulating gradients over the parts (the same groups per optimizer step, the same mean loss).
+    Raises when one group does not fit. `data_groups`: the training groups there are (no batch
+    holds more)."""
 
     def needed(groups: int) -> int:
         rows = min(groups, data_groups or groups) * group_size
-        return step_bytes(shape, rows, padded_width(lengths, rows, max_length))
+        return optimizer_bytes(shape) + _pass_bytes(shape, lengths, rows, max_length)
 
     need = needed(batch_size)
     if fits(need, free):
@@ -183,16 +295,17 @@ def plan_groups(shape: ModelShape, lengths: Sequence[int], *, batch_size: int, g
                             f"--grad-accum {accum} (the same {batch_size * grad_accum} groups per optimizer step)")
 
 
-def fit_embedding_batch(loaded, lengths: Sequence[int], *, groups: int, texts_per_group: int, max_length: int,
-                        cached: bool, mini_batch_size: int) -> tuple[bool, int]:
+def fit_embedding_batch(loaded, query_lengths: Sequence[int], passage_lengths: Sequence[int], *, groups: int,
+                        texts_per_group: int, max_length: int, cached: bool, mini_batch_size: int) -> tuple[bool, int]:
     """`plan_embedding` against the free memory of the model's device: the (--cached,
     --mini-batch-size) to train with, said in one line when they differ from the flags. The flags
     unchanged when the model's config does not name its sizes."""
     shape = model_shape(loaded)
     if shape is None:
         return cached, mini_batch_size
-    plan = plan_embedding(shape, lengths, groups=groups, texts_per_group=texts_per_group, max_length=max_length,
-                          free=free_memory(loaded.device), cached=cached, mini_batch_size=mini_batch_size)
+    plan = plan_embedding(shape, query_lengths, passage_lengths, groups=groups, texts_per_group=texts_per_group,
+                          max_length=max_length, free=free_memory(loaded.device), cached=cached,
+                          mini_batch_size=mini_batch_size)
     if plan.note:
         print(plan.note)
     return plan.cached, plan.mini_batch_size

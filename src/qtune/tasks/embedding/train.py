@@ -48,9 +48,10 @@ def train(task, config: EmbeddingConfig, on_step=None) -> TrainedRun:
         check_truncation(lengths, config.max_length, "texts")
         if config.memory_check:  # the settings the run trains with, and writes to config.yaml
             negatives = min(config.hard_negatives, max((len(g.negatives) for g in groups), default=0))
-            config.cached, config.mini_batch_size = fit_embedding_batch(
-                model, lengths, groups=min(config.batch_size, len(groups)), texts_per_group=2 + negatives,
-                max_length=config.max_length, cached=config.cached, mini_batch_size=config.mini_batch_size)
+            config.cached, config.mini_batch_size = fit_embedding_batch(  # queries, then passages
+                model, lengths[:len(groups)], lengths[len(groups):], groups=min(config.batch_size, len(groups)),
+                texts_per_group=2 + negatives, max_length=config.max_length, cached=config.cached,
+                mini_batch_size=config.mini_batch_size)
 
     loaded = start_run(config, task, validate=validate, held_out=bool(held))
     embedder = Embedder(loaded)
