@@ -103,22 +103,23 @@ def test_estimate_is_within_25_percent_of_the_measured_step(model, passes, measu
     assert estimate / measured == pytest.approx(1, abs=0.25)
 
 
-def test_padded_width_is_the_longest_of_that_many_rows_capped():
+def test_padded_width_is_the_longest_text_capped():
+    """Every text is in some batch each epoch: the widest pass is as wide as the longest text."""
     lengths = list(range(1, 101))
-    assert padded_width(lengths, rows=1, max_length=512) == 50  # one row: about the median
-    assert padded_width(lengths, rows=99, max_length=512) == 99
-    assert padded_width(lengths, rows=10_000, max_length=512) == 100
-    assert padded_width(lengths, rows=10_000, max_length=64) == 64
-    assert padded_width([], rows=8, max_length=64) == 0
+    assert padded_width(lengths, max_length=512) == 100
+    assert padded_width(lengths, max_length=64) == 64
+    assert padded_width([], max_length=64) == 0
 
 
 def test_a_packing_model_counts_real_tokens_where_it_would_pack():
-    spread = list(range(51, 101))  # mean 75.5; 8 rows are padded to about the 8/9 quantile, 95
-    assert pass_size(MINILM, spread, rows=8, max_length=512) == (95, 8 * 95)  # an encoder never packs
+    spread = [50, 100] * 25  # mean 75, standard deviation 25: padded to 100, a batch is ~25% padding
+    assert pass_size(MINILM, spread, rows=64, max_length=512) == (100, 6400)  # an encoder never packs
     packer = ModelShape(**{**MINILM.__dict__, "packing": 0.1})
-    assert pass_size(packer, spread, rows=8, max_length=512) == (95, 604)  # 21% padding: packed, ceil(8 x 75.5)
-    assert pass_size(packer, [100] * 50, rows=8, max_length=512) == (100, 800)  # no padding: padded
-    assert pass_size(packer, spread, rows=8, max_length=60) == (60, 8 * 60)  # cut to 60: 1.5% padding
+    # the largest of an epoch's 64-row batches: 64 x 75 + 3 x 25 x 8 real tokens, 16% padding: packed
+    assert pass_size(packer, spread, rows=64, max_length=512) == (100, 5400)
+    assert pass_size(packer, [100] * 50, rows=64, max_length=512) == (100, 6400)  # no padding: padded
+    # cut to 60: 64 x 55 + 3 x 5 x 8 = 3640 real tokens, 5% padding: padded
+    assert pass_size(packer, spread, rows=64, max_length=60) == (60, 64 * 60)
 
 
 def test_an_embedding_batch_is_a_query_pass_and_a_passage_pass():

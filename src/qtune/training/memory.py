@@ -13,9 +13,10 @@ What a step holds at its peak follows from how qtune runs a batch:
 - a decoder loaded for packing (`qtune.modeling.packing`) runs a pass whose padding would be a
   sizeable share (on a GPU in bf16: every pass) as one row of its real tokens.
 
-Per pass, beyond the weights already loaded, with `width` the longest row (`padded_width`: the
-rows / (rows + 1) quantile of the data's lengths) and `tokens` rows x width, or the real tokens
-of a packed pass:
+A run is killed by its largest batch, not a typical one, and each epoch the longest text is in
+some batch: so `width` is the longest text's tokens, capped at --max-length (`padded_width`), and
+`tokens` is rows x width, or for a packed pass the real tokens of an epoch's largest batch
+(`pass_size`). Per pass, beyond the weights already loaded:
 
     activations ≈ layers x (tokens x (K.hidden x hidden + K.intermediate x intermediate)
                             + K_SCORES x heads x rows x width²) x bytes per value
@@ -138,26 +139,25 @@ def model_shape(loaded) -> ModelShape | None:
                       decoder=loaded.family.is_decoder, adapter=loaded.is_adapter, packing=packing)
 
 
-def padded_width(lengths: Sequence[int], rows: int, max_length: int) -> int:
-    """The padded width of a forward pass of `rows` rows drawn from texts of these token `lengths`:
-    the longest of `rows` random rows is about the rows / (rows + 1) quantile (the median for one
-    row, p99.8 for 576), capped at --max-length."""
-    if not lengths:
-        return 0
-    ordered = sorted(lengths)
-    index = min(len(ordered) - 1, math.ceil(rows / (rows + 1) * len(ordered)) - 1)
-    return min(ordered[max(index, 0)], max_length)
+def padded_width(lengths: Sequence[int], max_length: int) -> int:
+    """The width of a run's widest padded pass: every text is in some batch each epoch, so the
+    longest text, capped at --max-length, sets it, whatever the batch size."""
+    return min(max(lengths), max_length) if lengths else 0
 
 
 def pass_size(shape: ModelShape, lengths: Sequence[int], rows: int, max_length: int) -> tuple[int, int]:
-    """(width, tokens) of a forward pass of `rows` rows drawn from texts of these `lengths`: padded
-    to `padded_width`, or, for a model that packs a pass with that much padding, the real tokens of
-    `rows` average rows."""
-    width = padded_width(lengths, rows, max_length)
+    """(width, tokens) of a run's largest forward pass of `rows` rows drawn from texts of these
+    `lengths`: padded to `padded_width`, or, for a model that packs a pass with that much padding,
+    the real tokens of the largest of an epoch's batches: `rows` x the mean length plus 3 standard
+    deviations of a `rows`-row sum (the largest of a few hundred batches)."""
+    width = padded_width(lengths, max_length)
     padded = rows * width
     if shape.packing is None or not padded:
         return width, padded
-    real = math.ceil(rows * sum(min(n, max_length) for n in lengths) / len(lengths))
+    capped = [min(n, max_length) for n in lengths]
+    mean = sum(capped) / len(capped)
+    spread = math.sqrt(sum((n - mean) ** 2 for n in capped) / len(capped))
+    real = min(math.ceil(rows * mean + 3 * spread * math.sqrt(rows)), padded)
     return width, real if 1 - real / padded >= shape.packing else padded
 
 
