@@ -41,6 +41,7 @@ ROWS = {
     "qtune": ("qtune", []),
     "qtune-no-dev": ("qtune", ["--dev-fraction", "0"]),
     "qtune-lr2e-4": ("qtune", ["--lr", "2e-4"]),
+    "qtune-3-epochs": ("qtune", ["--epochs", "3"]),  # best/ by the dev split among the 3 epochs
 }
 
 

@@ -114,7 +114,7 @@ def test_a_killed_two_rank_run_resumes_on_two_ranks_to_the_uninterrupted_weights
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     saved = torch.load(state, weights_only=True)
-    assert 0 < saved["progress"]["step"] < 76, "the run was not stopped mid-way"
+    assert 0 < saved["progress"]["step"] < 70, "the run was not stopped mid-way"
     assert saved["world_size"] == 2 and len(saved["torch_rng_ranks"]) == 2
     assert not (out / "killed" / "metrics.json").exists()
 
@@ -126,7 +126,10 @@ def test_a_killed_two_rank_run_resumes_on_two_ranks_to_the_uninterrupted_weights
 
     torchrun(*flags, "--resume")
     assert_same_weights(straight, out / "killed", atol=1e-6)
-    assert json.loads((out / "killed" / "metrics.json").read_text())["train"]["steps"] == 76
+    # no --eval: the default dev split holds out 10% of the first sentences, on both ranks alike
+    resumed, uninterrupted = (json.loads((run / "metrics.json").read_text()) for run in (out / "killed", straight))
+    assert resumed["train"]["steps"] == uninterrupted["train"]["steps"] < 76
+    assert resumed["verdict"] == uninterrupted["verdict"] and resumed["verdict"]["dev_unit"] == "pairs"
 
 
 def embedding_groups() -> list[QueryGroup]:

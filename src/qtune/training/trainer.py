@@ -195,6 +195,8 @@ def fit(config: TrainConfig, loaded: LoadedModel, features: Sequence[dict], hook
                              dataclasses.asdict(config), enabled=main)
     if hooks.evaluate is not None and progress.baseline is None and progress.step == 0:
         progress.baseline = broadcast_object(_baseline(hooks, loaded) if main else None)
+        # step 0 of the eval curves: where the tuned model's figures start from
+        trackers.log({f"eval/{k}": v for k, v in progress.baseline.items() if isinstance(v, (int, float))}, 0)
         model.train()
     stopping = getattr(config, "early_stopping", 0)
     done_batches = progress.epoch * batches_per_epoch + progress.batches_done
