@@ -3,6 +3,7 @@ and a long hub error; a path that is not there is named as such (qtune.modeling.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -107,3 +108,33 @@ def test_local_folders_need_no_network_and_a_missing_path_is_named(hub, tmp_path
     code, _, err = run(capsys, "data", "stats", pairs(tmp_path), "--model", "./not/here", "--plot",
                        tmp_path / "p.png")
     assert_user_error(code, err, "cannot load model './not/here': no such folder")
+
+
+@pytest.mark.parametrize("config, pooling", [
+    ({"embedding_dimension": 384, "pooling_mode": "mean", "include_prompt": True}, "mean"),  # sentence-transformers 6
+    ({"pooling_mode": ["cls"]}, "cls"),
+    ({"pooling_mode": "lasttoken"}, "last"),
+    ({"word_embedding_dimension": 384, "pooling_mode_cls_token": False, "pooling_mode_mean_tokens": True}, "mean"),
+    ({"pooling_mode_cls_token": True}, "cls"),
+])
+def test_both_sentence_transformers_pooling_configs_are_read(tmp_path, config, pooling):
+    from qtune.modeling.family import Family
+    from qtune.modeling.pooling import default_pooling
+
+    (tmp_path / "1_Pooling").mkdir()
+    (tmp_path / "1_Pooling" / "config.json").write_text(json.dumps(config), encoding="utf-8")
+    assert default_pooling(str(tmp_path), Family("bert", False)) == pooling
+
+
+@pytest.mark.parametrize("config", [{"pooling_mode": "max"}, {"pooling_mode_weightedmean_tokens": True}, {},
+                                    {"pooling_mode": ["mean", "max"]}])
+def test_a_pooling_qtune_does_not_compute_is_an_error_not_cls(tmp_path, config):
+    from qtune.errors import QtuneError
+    from qtune.modeling.family import Family
+    from qtune.modeling.pooling import default_pooling
+
+    (tmp_path / "1_Pooling").mkdir()
+    (tmp_path / "1_Pooling" / "config.json").write_text(json.dumps(config), encoding="utf-8")
+    with pytest.raises(QtuneError, match="1_Pooling/config.json"):
+        default_pooling(str(tmp_path), Family("bert", False))
+    assert default_pooling(str(tmp_path / "none"), Family("bert", False)) == "cls"  # no config: [CLS] (bge)

@@ -16,18 +16,34 @@ from qtune.modeling.family import Family
 POOLING_MODES = ("last", "mean", "cls")
 
 
+# sentence-transformers' pooling modes as qtune names them: the 1_Pooling/config.json of version 6+
+# says `"pooling_mode": "mean"` (or a list of modes), earlier versions one boolean flag per mode.
+ST_MODES = {"mean": "mean", "cls": "cls", "lasttoken": "last"}
+ST_FLAGS = {"pooling_mode_mean_tokens": "mean", "pooling_mode_cls_token": "cls", "pooling_mode_lasttoken": "lasttoken",
+            "pooling_mode_max_tokens": "max", "pooling_mode_mean_sqrt_len_tokens": "mean_sqrt_len_tokens",
+            "pooling_mode_weightedmean_tokens": "weightedmean"}
+
+
 def default_pooling(name_or_path: str, family: Family) -> str:
+    """The pooling `name_or_path` was trained with: its sentence-transformers config's, "last" for a
+    decoder, "cls" for an encoder without one (bge, plain BERT). A config naming a pooling qtune does
+    not compute (max, weighted mean, several at once) is an error, not a silent [CLS]."""
     if family.is_decoder:
         return "last"
     config = _pooling_config(name_or_path)
-    if config is not None:
-        if config.get("pooling_mode_mean_tokens"):
-            return "mean"
-        if config.get("pooling_mode_cls_token"):
-            return "cls"
-        if config.get("pooling_mode_lasttoken"):
-            return "last"
-    return "cls"
+    if config is None:
+        return "cls"
+    if "pooling_mode" in config:
+        modes = config["pooling_mode"]
+        modes = [modes] if isinstance(modes, str) else list(modes or [])
+    else:
+        modes = [mode for flag, mode in ST_FLAGS.items() if config.get(flag)]
+    if len(modes) == 1 and modes[0] in ST_MODES:
+        return ST_MODES[modes[0]]
+    from qtune.errors import QtuneError
+
+    raise QtuneError(f"{name_or_path}: its sentence-transformers pooling is {modes or 'not given'} "
+                     f"(1_Pooling/config.json); qtune pools with one of {', '.join(ST_MODES)}")
 
 
 def _pooling_config(name_or_path: str) -> dict | None:
