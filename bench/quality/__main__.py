@@ -120,10 +120,10 @@ def verdicts(summary: dict[str, dict]) -> dict[str, str]:
         delta = s["mean ndcg@10"] - peers[best]["mean ndcg@10"]
         noise = max(s["spread ndcg@10"], peers[best]["spread ndcg@10"])
         if min(s["seeds"], peers[best]["seeds"]) < 2:  # one seed measures no spread: nothing is counted
-            word = "not judged (a single seed) against"
+            word = "not judged (a single seed): against"
         else:
-            word = "better" if delta > noise else ("worse" if delta < -noise else "within the seed spread of")
-        out[row] = (f"{word} than {best} (the peer's best mean): {delta:+.4f} nDCG@10, spread {noise:.4f}, "
+            word = "better than" if delta > noise else ("worse than" if delta < -noise else "within the seed spread of")
+        out[row] = (f"{word} {best} (the peer's best mean): {delta:+.4f} nDCG@10, spread {noise:.4f}, "
                     f"{min(s['seeds'], peers[best]['seeds'])} seed(s)")
     return out
 
@@ -143,6 +143,17 @@ def environment() -> dict:
                          "sentence-transformers": sentence_transformers.__version__}}
 
 
+def save(report: dict, results: dict, base: dict, model: str, args) -> None:
+    """The report as it stands: per-seed figures, each row's summary and the verdicts against the peer."""
+    summary = {r: summarise(s) for r, s in results.items()}
+    report.update({"benchmark": f"embedding quality: qtune vs sentence-transformers on {args.name}",
+                   "data": {"train": args.train, "test": args.test}, "model": model,
+                   "settings": {"epochs": args.epochs, "batch_size": args.batch_size, "max_length": args.max_length},
+                   "base": base, "environment": environment(), "per_seed": results, "summary": summary,
+                   "verdicts": verdicts(summary), "rows": {r: ROWS[r][1] for r in results}})
+    write_report(args.output, report)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--name", required=True, help="the data set's name in the report")
@@ -158,6 +169,8 @@ def main() -> None:
     parser.add_argument("--max-length", type=int, default=256)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--output", required=True)
+    parser.add_argument("--rescore", action="store_true", help="score the rows already trained again (and train "
+                        "only the missing ones)")
     args = parser.parse_args()
     model = args.model or default_model()
     work = Path(args.work)
@@ -173,6 +186,12 @@ def main() -> None:
         for row in args.rows:
             folder = work / f"{row}-seed{seed}"
             if str(seed) in results.get(row, {}) and (folder / "test-eval" / "metrics.json").exists():
+                if args.rescore:  # the trained model again through today's evaluator
+                    trained = folder if ROWS[row][0] == "st" else folder / "best"
+                    run(qtune_cli("eval", "retrieval", "--model", str(trained), "--data", args.test, "--output",
+                                  str(folder / "test-eval"), "--device", args.device), log)
+                    results[row][str(seed)].update(scores(folder / "test-eval" / "metrics.json"))
+                    save(report, results, base, model, args)
                 continue
             print(f"{row} seed {seed} ...", flush=True)
             if folder.exists():  # a run stopped halfway: start it again
@@ -180,14 +199,8 @@ def main() -> None:
 
                 shutil.rmtree(folder)
             results.setdefault(row, {})[str(seed)] = train_row(row, seed, args, model, folder, log)
-            summary = {r: summarise(s) for r, s in results.items()}
-            report.update({"benchmark": f"embedding quality: qtune vs sentence-transformers on {args.name}",
-                           "data": {"train": args.train, "test": args.test}, "model": model,
-                           "settings": {"epochs": args.epochs, "batch_size": args.batch_size,
-                                        "max_length": args.max_length},
-                           "base": base, "environment": environment(), "per_seed": results, "summary": summary,
-                           "verdicts": verdicts(summary), "rows": {r: ROWS[r][1] for r in results}})
-            write_report(args.output, report)
+            save(report, results, base, model, args)
+    save(report, results, base, model, args)
     print(f"\n{'row':<16} {'nDCG@10':>8} {'spread':>7} {'MRR@10':>7} {'R@100':>7} {'seeds':>5} {'train s':>8} {'peak GB':>7}")
     print(f"{'base':<16} {base['ndcg@10']:>8.4f} {'':>7} {base['mrr@10']:>7.4f} {base['recall@100']:>7.4f}")
     for row, s in report.get("summary", {}).items():
