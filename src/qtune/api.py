@@ -106,7 +106,7 @@ def export(model_dir: str, output: str, fmt: str = "auto", test_report: str | No
     from qtune.modeling.export import export_model
 
     spec = task_of(model_dir)
-    fmt = _export_format(spec, fmt)
+    fmt = _export_format(spec, fmt, model_dir)
     check_export_target(output)
     writer = _exporter(spec).write_export if spec.exporter else None
     report = read_test_report(test_report) if test_report else None
@@ -150,11 +150,14 @@ def check_export(output: str | Path, model_dir: str | None = None, *,
     return _exporter(spec).check_export(output, model, list(texts or SAMPLE_TEXTS))
 
 
-def _export_format(spec, fmt: str) -> str:
+def _export_format(spec, fmt: str, model_dir: str) -> str:
+    from qtune.modeling.loading import read_meta
+
+    formats = spec.formats_of(read_meta(model_dir))  # e.g. a mean-pooled classifier: sentence-transformers only
     if fmt == "auto":
-        return spec.export_formats[0]
-    if fmt not in spec.export_formats:
-        raise QtuneError(f"{spec.kind} exports as {' or '.join(spec.export_formats)}, not {fmt}")
+        return formats[0]
+    if fmt not in formats:
+        raise QtuneError(f"{spec.kind} exports as {' or '.join(formats)}, not {fmt}")
     return fmt
 
 

@@ -148,7 +148,11 @@ def write_classifier_export(loaded: LoadedModel, output: Path, end: Sequence[int
     """A sequence classifier that `pipeline("text-classification", model=OUT)` loads: labels named in
     the config (softmax over them), the pad token set, and for decoders (`end`: the tokens qtune
     appends; `pair_separator`: what it puts between a pair's texts) the tokenizer template that
-    encodes texts as qtune does."""
+    encodes texts as qtune does. A head over the mean of the last hidden state is refused: the
+    transformers head would classify BERT's pooler output instead (see `write_mean_classifier_export`)."""
+    if loaded.meta.pooling == "mean":
+        raise QtuneError("this classifier's head reads the mean of the last hidden state, which transformers' "
+                         "BERT head cannot (it reads the pooler): export it with --format sentence-transformers")
     tokenizer, config = loaded.tokenizer, loaded.model.config
     if loaded.family.is_decoder:
         append_to_template(tokenizer, end, pair_separator)
@@ -179,6 +183,87 @@ def _label_difference(row: list[dict], labels: Sequence[str], probs) -> float:
     if set(scores) != set(labels):
         return math.inf
     return max(abs(scores[label] - float(p)) for label, p in zip(labels, probs))
+
+
+# -- classifiers over the mean of the last hidden state (see qtune.modeling.heads): sentence-transformers
+
+MEAN_POOLING = {"pooling_mode_cls_token": False, "pooling_mode_mean_tokens": True, "pooling_mode_max_tokens": False,
+                "pooling_mode_mean_sqrt_len_tokens": False, "pooling_mode_weightedmean_tokens": False,
+                "pooling_mode_lasttoken": False, "include_prompt": True}
+USAGE = """# qtune {kind} export (sentence-transformers)
+
+The head classifies the mean of the encoder's last hidden state, which `transformers.pipeline`
+cannot reproduce (a BERT head reads the pooler): load it with sentence-transformers. `encode`
+returns the logits (Transformer -> mean Pooling -> Dense to the labels, no activation); their
+softmax is qtune's probabilities, in the order of `id2label` in config.json ({labels}).
+
+```python
+from sentence_transformers import SentenceTransformer
+
+model = SentenceTransformer("PATH")
+logits = model.encode({example}, convert_to_tensor=True)
+probs = logits.softmax(-1)
+```
+"""
+
+
+def write_mean_classifier_export(loaded: LoadedModel, output: Path, kind: str, example: str) -> None:
+    """A classifier over the mean of the last hidden state as a sentence-transformers folder whose
+    `encode` gives its logits: Transformer (the merged model, max_seq_length = qtune's max length)
+    -> Pooling (mean over the attention mask, special tokens included, as qtune pools) -> Dense
+    (the head's weights, identity activation). The merged checkpoint and qtune.json stay at the root,
+    so `qtune.load(OUT)` works as on the source. `example`: the `encode` argument in the README."""
+    from safetensors.torch import save_file
+
+    if loaded.meta.pooling != "mean":
+        raise QtuneError(f"a {kind} with a transformers head exports as transformers, not sentence-transformers")
+    tokenizer, config = loaded.tokenizer, loaded.model.config
+    keep_tokenizer_settings(tokenizer, loaded.meta.max_length)
+    config.problem_type = "single_label_classification"
+    save_model_files(loaded, output)
+    head = loaded.model.classifier
+    modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+               {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+               {"idx": 2, "name": "2", "path": "2_Dense", "type": "sentence_transformers.models.Dense"}]
+    _write_json(output / "modules.json", modules)
+    _write_json(output / "sentence_bert_config.json", {"max_seq_length": loaded.meta.max_length,
+                                                       "do_lower_case": False})
+    _write_json(output / "config_sentence_transformers.json", {"model_type": "SentenceTransformer", "prompts": {},
+                                                               "default_prompt_name": None})
+    _write_json(output / "1_Pooling" / "config.json", {"word_embedding_dimension": head.in_features, **MEAN_POOLING})
+    _write_json(output / "2_Dense" / "config.json", {"in_features": head.in_features, "out_features": head.out_features,
+                                                     "bias": head.bias is not None,
+                                                     "activation_function": "torch.nn.modules.linear.Identity"})
+    weights = {"linear.weight": head.weight.detach().float().contiguous()}
+    if head.bias is not None:
+        weights["linear.bias"] = head.bias.detach().float().contiguous()
+    save_file(weights, str(output / "2_Dense" / "model.safetensors"))
+    labels = ", ".join(loaded.meta.labels)
+    (output / "README.md").write_text(USAGE.format(kind=kind, labels=labels, example=example), encoding="utf-8")
+
+
+def is_sentence_transformers_export(output: Path) -> bool:
+    return (Path(output) / "modules.json").is_file()
+
+
+def sentence_transformers_differences(output: Path, inputs: list, expected) -> dict[str, float]:
+    """{engine: max abs difference} between `expected` ((rows, labels) probabilities) and the softmax
+    of `SentenceTransformer(output).encode(inputs)` (texts, or [a, b] pairs), one at a time and in
+    one padded batch."""
+    import torch
+    from sentence_transformers import SentenceTransformer
+
+    model = SentenceTransformer(str(output), device="cpu")
+    differences = {}
+    for engine, batch_size in (("sentence-transformers", 1), ("sentence-transformers, batched", len(inputs))):
+        logits = model.encode(inputs, batch_size=batch_size, convert_to_tensor=True)
+        differences[engine] = max_abs_difference(torch.softmax(logits.float(), dim=-1).numpy(), expected)
+    return differences
+
+
+def _write_json(path: Path, value) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(value, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
 def max_abs_difference(a, b) -> float:

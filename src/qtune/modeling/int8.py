@@ -4,7 +4,7 @@
 weights of its matrix multiplications to int8 (dynamic quantization: int8 weights per output
 channel, activations quantized on the fly per batch) and swaps `loaded.model` for an
 `OnnxModel`, which is called like the transformers model (`model(**batch).last_hidden_state` or
-`.logits`) and returns torch tensors. Tokenization, padding, pooling and heads' post-processing
+`.logits`, a mean-pooled classifier's pooling included) and returns torch tensors. Tokenization, padding, pooling and heads' post-processing
 stay the same code as in fp32, so `Embedder`, `PairClassifier` and cross-encoder `Reranker` work
 unchanged, in `qtune eval`, `predict` and `serve` alike (`--quantize int8`).
 
@@ -60,8 +60,12 @@ class OnnxModel:
 
 
 def _export_module(model, output: str):
-    """A module taking the tokenizer's tensors positionally (what the ONNX exporter traces)."""
+    """A module taking the tokenizer's tensors positionally (what the ONNX exporter traces). Logits
+    are the classification head's as qtune computes them (`class_logits`), so a classifier that
+    pools the mean of the last hidden state has that pooling in the graph too."""
     import torch
+
+    from qtune.modeling.heads import class_logits
 
     class Exported(torch.nn.Module):
         def __init__(self, inner, names):
@@ -69,7 +73,10 @@ def _export_module(model, output: str):
             self.inner, self.names = inner, names
 
         def forward(self, *tensors):
-            return getattr(self.inner(**dict(zip(self.names, tensors))), output)
+            inputs = dict(zip(self.names, tensors))
+            if output == "logits":
+                return class_logits(self.inner, inputs)
+            return getattr(self.inner(**inputs), output)
 
     return Exported
 

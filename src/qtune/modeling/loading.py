@@ -56,7 +56,9 @@ class CheckpointMeta:
     adapter: bool
     labels: list[str] = field(default_factory=list)
     max_length: int = 512
-    # embedding models: how a text becomes one vector (see qtune.modeling.pooling)
+    # embedding models: how a text becomes one vector (see qtune.modeling.pooling); classifiers:
+    # "mean" for a head over the mean of the last hidden state, None for the transformers head's own
+    # pooling (see qtune.modeling.heads)
     pooling: str | None = None  # "last", "mean" or "cls"
     query_instruction: str | None = None
     # rerankers (decoders) and extractors: the instruction put in every prompt unless a row has one

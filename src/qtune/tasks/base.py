@@ -92,6 +92,7 @@ class Task:
     name: ClassVar[str]  # as in `qtune train NAME` and qtune.json
     kind: ClassVar[str]  # what a model of this task is called in messages: "a pair classifier"
     config: ClassVar[type]  # the training settings dataclass (a `qtune.config.TrainConfig`)
+    pipeline_tag: ClassVar[str] = "feature-extraction"  # the Hugging Face pipeline tag of its model cards
     # The model output an int8 ONNX export returns ("logits", "last_hidden_state"); None: no int8.
     int8_output: ClassVar[str | None] = None
     # `qtune data stats --task NAME` (tasks with `token_lengths`): what one row is, what happens
@@ -147,6 +148,11 @@ class Task:
     export_formats: ClassVar[tuple[str, ...]] = ("transformers",)
     exporter: ClassVar[str | None] = None
 
+    def formats_of(self, meta: CheckpointMeta | None) -> tuple[str, ...]:
+        """The export formats of one model of this task (`meta`: its qtune.json, None for a folder
+        without one), the first being what `--format auto` picks."""
+        return self.export_formats
+
     # -- serving (nothing by default)
     def endpoints(self) -> list[Endpoint]:
         return []
@@ -160,6 +166,7 @@ class SequenceClassificationTask(Task):
     classification): `*ForSequenceClassification`, LoRA of type SEQ_CLS, int8 on encoders."""
 
     int8_output = "logits"
+    export_formats = ("transformers", "sentence-transformers")  # per model: see `formats_of`
 
     def auto_class(self, family: Family) -> str:
         return "AutoModelForSequenceClassification"
@@ -168,22 +175,33 @@ class SequenceClassificationTask(Task):
         return "SEQ_CLS"
 
     def prepare(self, meta: CheckpointMeta, source: str, tokenizer, family: Family) -> dict:
-        from qtune.modeling.heads import label_head_kwargs
+        """The labels, and which vector the head classifies (see `qtune.modeling.heads`)."""
+        from qtune.modeling.heads import classifier_head_kwargs
 
-        return label_head_kwargs(meta.labels, tokenizer)
+        return classifier_head_kwargs(meta, source, tokenizer, family)
+
+    def formats_of(self, meta: CheckpointMeta | None) -> tuple[str, ...]:
+        """A head over the mean of the last hidden state is no transformers head (BERT's reads the
+        pooler): such a classifier exports as sentence-transformers (Pooling mean, then Dense)."""
+        return ("sentence-transformers",) if meta is not None and meta.pooling == "mean" else ("transformers",)
 
     def fit(self, config, loaded: LoadedModel, features: list[dict], eval_features: list[dict] | None,
-            on_step=None) -> TrainedRun:
+            on_step=None, dev=None) -> TrainedRun:
         """The shared loop for a classification head: cross-entropy on collated (padded or packed)
-        labelled features; with `eval_features` (labelled too) best/ is chosen by macro-F1."""
+        labelled features; with `eval_features` (labelled too: the dev set `dev` describes) best/ is
+        chosen by macro-F1, and the verdict compares it with always answering the training data's
+        most frequent label (a new head's random predictions are no baseline)."""
+        from collections import Counter
         from functools import partial
+
+        import numpy as np
 
         from qtune.evaluation.metrics import metrics_from_probs
         from qtune.modeling import heads
         from qtune.training.run import resume_state
         from qtune.training.trainer import TaskHooks, fit
 
-        evaluate = None
+        evaluate = baseline = None
         if eval_features is not None:
             y_true = [f["labels"] for f in eval_features]
 
@@ -192,7 +210,17 @@ class SequenceClassificationTask(Task):
                                                                          batch_size=config.eval_batch_size)
                 return metrics_from_probs(y_true, probs, model.meta.labels)
 
+            majority = Counter(f["labels"] for f in features).most_common(1)[0][0]
+
+            def majority_class(model: LoadedModel) -> dict:
+                probs = np.zeros((len(y_true), len(model.meta.labels)), dtype=np.float32)
+                probs[:, majority] = 1.0
+                return metrics_from_probs(y_true, probs, model.meta.labels)
+
+            baseline = (f"majority class '{loaded.meta.labels[majority]}'", majority_class)
+
         hooks = TaskHooks(collate=partial(heads.collate_labelled, loaded.tokenizer, packed=loaded.packs),
-                          loss=heads.class_loss, evaluate=evaluate, best_metric="macro_f1")
+                          loss=heads.class_loss, evaluate=evaluate, best_metric="macro_f1", dev=dev,
+                          baseline=baseline)
         return TrainedRun(loaded, fit(config, loaded, features, hooks, resume_state=resume_state(config),
                                       on_step=on_step))

@@ -28,6 +28,7 @@ from qtune.distributed import all_gather_objects, broadcast_object, launch, shar
 from qtune.errors import QtuneError
 from qtune.io import write_json
 from qtune.modeling.checkpoint import save_checkpoint
+from qtune.modeling.heads import head_param_groups
 from qtune.modeling.loading import LoadedModel, to_device
 from qtune.modeling.packing import count_tokens
 from qtune.training.replica import Replica
@@ -127,8 +128,9 @@ def fit(config: TrainConfig, loaded: LoadedModel, features: Sequence[dict], hook
     total_steps = full_epochs * math.ceil(batches_per_epoch / config.grad_accum) + math.ceil(rest / config.grad_accum)
 
     # fused: one kernel per step for all parameters on a GPU instead of several per tensor
-    optimizer = torch.optim.AdamW(_param_groups(model, config.weight_decay), lr=config.lr,
-                                  fused=loaded.device.type == "cuda")
+    # a task's new head may train at its own rate (--head-lr); the body's groups come first
+    groups = head_param_groups(model, _param_groups(model, config.weight_decay), getattr(config, "head_lr", None))
+    optimizer = torch.optim.AdamW(groups, lr=config.lr, fused=loaded.device.type == "cuda")
     scheduler = make_scheduler(optimizer, config.scheduler, total_steps, config.warmup_ratio,
                                patience=config.plateau_patience, factor=config.plateau_factor)
     progress = Progress()

@@ -45,3 +45,17 @@ def write_jsonl(path: Path, objs) -> Path:
 
 PROBE = [text for text, _ in synthetic_texts(12, seed=99)] + ["cow", "the big red bus is here now", "a"]
 
+
+
+def mean_pooled_copy(model_dir: str, folder: Path) -> str:
+    """`model_dir` with a sentence-transformers config saying it was trained with mean pooling (as
+    all-MiniLM-L6-v2 says): a classifier on it classifies the mean of the last hidden state."""
+    import shutil
+
+    shutil.copytree(model_dir, folder, dirs_exist_ok=True)
+    (folder / "1_Pooling").mkdir(exist_ok=True)
+    (folder / "1_Pooling" / "config.json").write_text(json.dumps({"word_embedding_dimension": 32,
+                                                                   "pooling_mode_cls_token": False,
+                                                                   "pooling_mode_mean_tokens": True}),
+                                                       encoding="utf-8")
+    return str(folder)

@@ -66,7 +66,10 @@ def test_train_writes_config_checkpoints_metrics_and_logs(trained, tiny_bert_dir
     accumulator.Reload()
     scalars = accumulator.Tags()["scalars"]
     assert {"train/loss", "train/lr", "eval/macro_f1", "eval/accuracy"} <= set(scalars)
-    assert [e.step for e in accumulator.Scalars("eval/macro_f1")] == [steps]
+    # step 0: the baseline the verdict compares with (the majority class, for a new head)
+    curve = accumulator.Scalars("eval/macro_f1")
+    assert [e.step for e in curve] == [0, steps]
+    assert curve[0].value == pytest.approx(metrics["baseline"]["macro_f1"])
 
 
 def test_eval_writes_metrics_report_and_confusion_png(trained, synthetic_files, tmp_path, capsys):

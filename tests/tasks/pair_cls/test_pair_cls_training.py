@@ -167,7 +167,7 @@ def test_same_seed_same_model_other_seed_other_model(tiny_bert_dir, synthetic_fi
 def test_bf16_path_keeps_frozen_weights_in_bf16_and_trained_ones_in_fp32(tiny_qwen_dir, synthetic_files, tmp_path):
     # The GPU default (bf16 autocast, frozen base in bf16) runs on a CPU too, so it is tested here.
     loaded, result = _train_pair_cls(_config(tiny_qwen_dir, synthetic_files, tmp_path / "run", eval=None,
-                                             epochs=0.2, precision="bf16"))
+                                             epochs=0.2, precision="bf16", dev_fraction=0.0))
     dtypes = {p.dtype for p in loaded.model.parameters() if not p.requires_grad}
     assert dtypes == {torch.bfloat16}
     assert {p.dtype for p in loaded.model.parameters() if p.requires_grad} == {torch.float32}

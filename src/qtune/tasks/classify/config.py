@@ -17,6 +17,9 @@ class ClassifyConfig(TrainConfig):
                                    "(default: the sorted labels found in --train)")
     group_by_length: bool = opt(True, "length-grouped batches (less padding)")
     max_length: int = opt(128, "maximum tokens per text (special tokens included)", low=4)
+    head_lr: float | None = opt(3e-2, "peak learning rate of the classification head, which starts untrained "
+                                "(its own AdamW group, scheduled like --lr; null in a YAML recipe: --lr)", low=0,
+                                low_open=True)
 
 
 @dataclass(kw_only=True)
