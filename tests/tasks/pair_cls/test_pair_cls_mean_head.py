@@ -78,4 +78,4 @@ def test_export_gives_the_probabilities_through_sentence_transformers(source, tm
 
 
 def test_pair_cls_has_a_head_learning_rate():
-    assert PairClsConfig(model="m", train="t", output="o").head_lr == 3e-2
+    assert PairClsConfig(model="m", train="t", output="o").head_lr is None  # pair-cls: one rate unless asked

@@ -16,9 +16,10 @@ class PairClsConfig(TrainConfig):
     labels: list[str] = opt(["0", "1"], "label values in the file, in class order (last = positive)")
     group_by_length: bool = opt(True, "length-grouped batches (less padding)")
     max_length: int = opt(128, "maximum tokens per pair, both sentences together", low=4)
-    head_lr: float | None = opt(3e-2, "peak learning rate of the classification head, which starts untrained "
-                                "(its own AdamW group, scheduled like --lr; null in a YAML recipe: --lr)", low=0,
-                                low_open=True)
+    # Default: --lr. 3e-2 (classify's default) was measured on text classification only; on the demo's
+    # paraphrase pairs it scored below one rate (0.752 against 0.775 dev accuracy).
+    head_lr: float | None = opt(None, "peak learning rate of the classification head, which starts untrained "
+                                "(its own AdamW group, scheduled like --lr; default: --lr)", low=0, low_open=True)
 
 
 @dataclass(kw_only=True)
