@@ -50,13 +50,11 @@ def hold_out(config: TrainConfig, keys: Sequence[str], unit: str) -> tuple[list[
     --dev-fraction or its default (`qtune.data.split`). Returns (train rows, dev rows, the dev set as
     the verdict names it: None when nothing is held out and there is no --eval either)."""
     distinct = len(set(keys))
-    fraction = resolve_dev_fraction(getattr(config, "dev_fraction", None), distinct, bool(config.eval),
+    fraction = resolve_dev_fraction(config.dev_fraction, distinct, bool(config.eval),
                                     str(config.train))
     train, dev = dev_split(keys, fraction, config.seed)
     if not dev:
         return train, dev, None
-    if not train:
-        raise QtuneError(f"--dev-fraction {fraction:g} leaves no training data in {config.train}")
     held = len({keys[i] for i in dev})
     if launch().is_main:
         print(describe(fraction, held, unit, str(config.train)))
@@ -117,7 +115,7 @@ def start_run(config: TrainConfig, spec: ModelSpec, *, validate=None, held_out: 
                             **common, **load_kwargs)
     if validate is not None:
         validate(loaded)
-    if getattr(config, "fail_on_regression", False) and not config.eval and not held_out:
+    if config.fail_on_regression and not config.eval and not held_out:
         raise QtuneError("--fail-on-regression needs a dev set to compare the tuned model with its base: give "
                          "--eval DEV, or --dev-fraction F (on by default from 200 training queries or rows)")
     if not config.eval and not held_out:
