@@ -42,7 +42,17 @@ ROWS = {
     "qtune-no-dev": ("qtune", ["--dev-fraction", "0"]),
     "qtune-lr2e-4": ("qtune", ["--lr", "2e-4"]),
     "qtune-3-epochs": ("qtune", ["--epochs", "3"]),  # best/ by the dev split among the 3 epochs
+    "qtune-hn1-percpos": ("qtune", ["--hard-negatives", "1"]),
+    "qtune-hn3-percpos": ("qtune", ["--hard-negatives", "3"]),
+    "st-hn1-1e-4": ("st", {"lr": 1e-4, "negatives": 1}),
 }
+# Rows that train on mined negatives, and the `qtune mine` settings that mine them (once per work
+# folder, by the base model, over the test folder's corpus: the passages a user's corpus holds).
+# "percpos": NV-Retriever's TopK-PercPos, the top 30 candidates less any scoring above 95% of the
+# query's positive, no absolute margin or score cap.
+MINING = {"percpos": ["--range-min", "0", "--range-max", "30", "--margin", "off", "--max-score", "off",
+                      "--relative-margin", "0.05", "--num-negatives", "7", "--sampling", "top"]}
+MINED_ROWS = {"qtune-hn1-percpos": "percpos", "qtune-hn3-percpos": "percpos", "st-hn1-1e-4": "percpos"}
 
 
 def run(command: list[str], log: Path) -> tuple[float, float]:
@@ -68,17 +78,30 @@ def scores(path: Path) -> dict:
     return {k: round(float(metrics[k]), 4) for k in METRICS}
 
 
+def mined_file(recipe: str, args, model: str, log: Path) -> str:
+    """The training file with negatives mined by `recipe` (mined on first use)."""
+    path = Path(args.work) / f"train.mined-{recipe}.jsonl"
+    if not path.exists():
+        print(f"mining negatives ({recipe}) ...", flush=True)
+        corpus = str(Path(args.test) / "corpus.jsonl")
+        run(qtune_cli("mine", "--model", model, "--queries", args.train, "--corpus", corpus, "--output", str(path),
+                      "--device", args.device, *MINING[recipe]), log)
+    return str(path)
+
+
 def train_row(row: str, seed: int, args, model: str, folder: Path, log: Path) -> dict:
     """Train one (row, seed) into `folder` and score it on the test folder."""
     runner, settings = ROWS[row]
     common = ["--epochs", str(args.epochs), "--batch-size", str(args.batch_size)]
+    train = mined_file(MINED_ROWS[row], args, model, log) if row in MINED_ROWS else args.train
     if runner == "st":
-        command = [sys.executable, "-m", "bench.quality.st_train", "--model", model, "--train", args.train,
+        command = [sys.executable, "-m", "bench.quality.st_train", "--model", model, "--train", train,
                    "--output", str(folder), "--lr", str(settings["lr"]), "--seed", str(seed),
-                   "--max-length", str(args.max_length), "--cached", str(settings.get("cached", 0)), *common]
+                   "--max-length", str(args.max_length), "--cached", str(settings.get("cached", 0)),
+                   "--negatives", str(settings.get("negatives", 0)), *common]
         trained = folder
     else:
-        command = qtune_cli("train", "embedding", "--model", model, "--train", args.train, "--output", str(folder),
+        command = qtune_cli("train", "embedding", "--model", model, "--train", train, "--output", str(folder),
                             "--seed", str(seed), "--max-length", str(args.max_length), "--report-to", "none",
                             "--device", args.device, *common, *settings)
         trained = folder / "best"

@@ -4,8 +4,8 @@ CachedMultipleNegativesRankingLoss, the no-duplicates batch sampler, linear sche
 
     python -m bench.quality.st_train --model M --train train.jsonl --output DIR --lr 1e-4 --seed 42
 
-Each (query, first positive) of the file is one training pair; mined negatives are not used (the
-in-batch recipe qtune's defaults train too). Writes the model to DIR and DIR/st_train.json with the
+Each (query, first positive) of the file is one training pair; mined negatives are used only with
+--negatives N (the first N of each 'neg' list, as more columns; rows with fewer are left out). Writes the model to DIR and DIR/st_train.json with the
 seconds `trainer.train()` took.
 """
 
@@ -27,6 +27,8 @@ def main() -> None:
     parser.add_argument("--epochs", type=float, default=1.0)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--max-length", type=int, default=256)
+    parser.add_argument("--negatives", type=int, default=0, help="mined negatives per pair from the file's "
+                        "'neg' lists (0: in-batch negatives only)")
     parser.add_argument("--cached", type=int, default=0, help="CachedMNRL with this mini-batch size (0: plain MNRL)")
     args = parser.parse_args()
 
@@ -39,6 +41,11 @@ def main() -> None:
     set_seed(args.seed)
     rows = [json.loads(line) for line in Path(args.train).read_text(encoding="utf-8").splitlines() if line.strip()]
     pairs = {"anchor": [r["query"] for r in rows], "positive": [r["pos"][0] for r in rows]}
+    if args.negatives:  # (anchor, positive, negative_1..n) columns: MNRL adds them to the in-batch ones
+        rows = [r for r in rows if len(r.get("neg", [])) >= args.negatives]
+        pairs = {"anchor": [r["query"] for r in rows], "positive": [r["pos"][0] for r in rows]}
+        for i in range(args.negatives):
+            pairs[f"negative_{i + 1}"] = [r["neg"][i] for r in rows]
     model = SentenceTransformer(args.model, device="cpu")
     model.max_seq_length = args.max_length
     loss = (losses.CachedMultipleNegativesRankingLoss(model, mini_batch_size=args.cached) if args.cached
