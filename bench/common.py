@@ -175,6 +175,32 @@ def summary(lengths: list[int]) -> dict:
     return {"n": len(s), "min": s[0], "median": s[len(s) // 2], "mean": round(sum(s) / len(s), 1), "max": s[-1]}
 
 
+def environment() -> dict:
+    """Where a result came from: the commit (and whether the tree had uncommitted changes), the
+    machine, torch's thread count, the load average at the start and the libraries' versions."""
+    import importlib.metadata
+    import os
+    import subprocess
+
+    import torch
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], capture_output=True, text=True).stdout.strip()
+
+    versions = {}
+    for name in ("torch", "transformers", "sentence-transformers", "onnxruntime", "openvino", "infinity-emb"):
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return {"commit": git("rev-parse", "HEAD") or None,
+            "uncommitted_changes": bool(git("status", "--porcelain", "--untracked-files=no")),
+            "machine": platform.platform(), "processor": platform.processor() or platform.machine(),
+            "cpus": os.cpu_count(), "threads": torch.get_num_threads(),
+            "load_average_at_start": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+            "versions": versions}
+
+
 def write_report(path: str, report: dict) -> None:
     """Write the JSON report (atomically: a stopped run never leaves half a file) and say so."""
     from qtune.io import write_json

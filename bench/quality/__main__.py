@@ -21,13 +21,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from bench.common import default_model, write_report
+from bench.common import default_model, environment, write_report
 
 METRICS = ("ndcg@10", "mrr@10", "recall@100")
 # name -> (runner, its settings). Peer rows: the learning rate (and CachedMNRL's mini-batch, 0: plain
@@ -149,21 +148,6 @@ def verdicts(summary: dict[str, dict]) -> dict[str, str]:
         out[row] = (f"{word} {best} (the peer's best mean): {delta:+.4f} nDCG@10, spread {noise:.4f}, "
                     f"{min(s['seeds'], peers[best]['seeds'])} seed(s)")
     return out
-
-
-def environment() -> dict:
-    import sentence_transformers
-    import torch
-    import transformers
-
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip() or None
-    dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                                text=True).stdout.strip())
-    return {"commit": commit, "uncommitted_changes": dirty, "machine": platform.platform(),
-            "processor": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
-            "threads": torch.get_num_threads(), "load_average_at_start": os.getloadavg()[0],
-            "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
-                         "sentence-transformers": sentence_transformers.__version__}}
 
 
 def save(report: dict, results: dict, base: dict, model: str, args) -> None:
