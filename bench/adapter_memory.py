@@ -23,7 +23,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from bench.common import default_model, device_name, write_report
+from bench.common import default_model, device_name, environment, write_report
 
 TEXTS = ["How do I reset my password?", "my card was declined at the shop", "where is my parcel"]
 
@@ -133,7 +133,8 @@ def main(argv=None) -> int:
           f"({separate / shared:.1f}x)")
     write_report(args.output, {"benchmark": "adapter_memory", "model": args.model or "all-MiniLM-L6-v2",
                                "device": args.device, "machine": device_name(torch.device(args.device)),
-                               "threads": torch.get_num_threads(), "adapters": n, "rank": args.rank, "rows": rows})
+                               "threads": torch.get_num_threads(), "adapters": n, "rank": args.rank, "rows": rows,
+                               "environment": environment()})
     return 0
 
 

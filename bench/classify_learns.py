@@ -31,7 +31,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench.common import default_model, write_report
+from bench.common import default_model, environment, write_report
 
 SETTINGS = {"full-lr5e-5": ["--full", "--lr", "5e-5"], "defaults": []}
 SETTING_LR = {"full-lr5e-5": "5e-5", "defaults": "2e-4"}  # the --lr each setting trains at
@@ -136,7 +136,7 @@ def main() -> None:
     report.update({"benchmark": "classify on a mean-pooled sentence-transformers encoder: first-word rule "
                                 "(how / what / other) of financial questions, 3 epochs, batch 32",
                    "model": model, "train": args.train, "dev": args.dev,
-                   "rows": {**report.get("rows", {}), **results}})
+                   "rows": {**report.get("rows", {}), **results}, "environment": environment()})
     write_report(args.output, report)
 
 

@@ -21,7 +21,7 @@ import platform
 import sys
 import time
 
-from bench.common import default_model, device_name, write_report
+from bench.common import default_model, device_name, environment, write_report
 
 
 def timed_embed(embedder, texts, batch_size: int, repeats: int) -> float:
@@ -95,6 +95,7 @@ def main(argv=None) -> int:
         "texts": len(texts), "tokens": tokens, "batch_size": args.batch_size, "max_length": args.max_length,
         "results": rows, "speedup": round(speedup, 3),
         "cosine_min": round(float(cosines.min()), 5), "cosine_mean": round(float(cosines.mean()), 5),
+        "environment": environment(),
     }
     if "ndcg@10" in base:
         loss = (base["ndcg@10"] - fast["ndcg@10"]) / base["ndcg@10"]

@@ -34,7 +34,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.common import (ARCHS, build_model_dir, default_model, device_name, dtype_name, peak_gib,
+from bench.common import (ARCHS, build_model_dir, default_model, device_name, dtype_name, environment, peak_gib,
                           quiet_transformers, read_qa, reset_memory, summary, sync, write_report)
 
 PAIR_CHECK = 64  # texts compared between the two sides
@@ -510,7 +510,8 @@ def main(argv=None) -> int:
     precision = resolve_precision(args.precision, device)
     rows = read_qa(args.data)
     report = {"benchmark": "embedding_speed", "device": device_name(device), "torch": torch.__version__,
-              "threads": torch.get_num_threads(), "precision": precision, "settings": vars(args).copy()}
+              "threads": torch.get_num_threads(), "precision": precision, "settings": vars(args).copy(),
+              "environment": environment()}
     import sentence_transformers
     import transformers
 

@@ -38,8 +38,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.common import (allocated_gib, build_model_dir, dtype_name, peak_gib, quiet_transformers, random_qwen_parser,
-                          reset_memory, run_report, summary, sync, write_report)
+from bench.common import (allocated_gib, build_model_dir, dtype_name, environment, peak_gib, quiet_transformers,
+                          random_qwen_parser, reset_memory, run_report, summary, sync, write_report)
 
 QTUNE = "qtune Extractor (batched)"
 BASELINE = "one-by-one generate"
@@ -210,7 +210,7 @@ def main(argv=None) -> int:
     device = resolve_device(args.device)
     precision = resolve_precision(args.precision, device)
     report = {**run_report("extract_speed", device, precision, args),
-              "model": f"random {args.arch} ({args.tokenizer}), as Qwen3ForCausalLM"}
+              "model": f"random {args.arch} ({args.tokenizer}), as Qwen3ForCausalLM", "environment": environment()}
     print(f"model: {report['model']}\ndevice: {report['device']} ({precision}), torch {report['torch']}, "
           f"transformers {report['transformers']}")
     status = 0

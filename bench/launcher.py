@@ -23,7 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.common import default_model, write_report
+from bench.common import default_model, environment, write_report
 
 
 def free_port() -> int:
@@ -90,7 +90,7 @@ def main() -> None:
     write_report(args.output, {"benchmark": "qtune train pair-cls: plain process vs torchrun (accelerate DDP)",
                                "model": model, "rows": len(rows), "global_batch": args.batch_size,
                                "max_length": args.max_length, "device": args.device, "cores": cores,
-                               "results": results})
+                               "results": results, "environment": environment()})
 
 
 if __name__ == "__main__":

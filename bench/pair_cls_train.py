@@ -27,7 +27,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.common import ARCHS, build_model_dir, peak_gib, quiet_transformers, reset_memory, sync, write_report
+from bench.common import (ARCHS, build_model_dir, environment, peak_gib, quiet_transformers, reset_memory, sync,
+                          write_report)
 
 
 def sample_pairs(data: str, n: int, seed: int):
@@ -165,7 +166,7 @@ def main(argv=None) -> int:
     report = {"benchmark": "pair_cls_train", "arch": args.arch, "batch_size": args.batch_size, "steps": args.steps,
               "warmup": args.warmup, "max_length": args.max_length, "device": device_name,
               "torch": torch.__version__, "threads": torch.get_num_threads(), "data": str(args.data),
-              "results": rows}
+              "results": rows, "environment": environment()}
     write_report(args.output, report)
     return 0
 

@@ -39,7 +39,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench.common import default_model, write_report
+from bench.common import default_model, environment, write_report
 
 # sentence-transformers MNRL, 1 epoch, batch 64, lr 2e-5, no-duplicates sampler (../shared/data/README.md)
 REFERENCE = {"ndcg@10": 0.810, "mrr@10": 0.779, "recall@100": 0.993}
@@ -164,7 +164,7 @@ def main() -> None:
         "split": "qtune data retrieval-split --test-fraction 0.1 --seed 42 --skip-empty",
         "reference_sentence_transformers_mnrl": {"base": BASE_REFERENCE, "tuned": REFERENCE},
         "rows": {**report.get("rows", {}), **results},
-        "seconds": {**report.get("seconds", {}), **seconds}})
+        "seconds": {**report.get("seconds", {}), **seconds}, "environment": environment()})
     write_report(args.output, report)
 
 

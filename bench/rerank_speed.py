@@ -41,8 +41,8 @@ import time
 import warnings
 from pathlib import Path
 
-from bench.common import (allocated_gib, build_model_dir, dtype_name, peak_gib, quiet_transformers, random_qwen_parser,
-                          read_qa, reset_memory, run_report, summary, sync, write_report)
+from bench.common import (allocated_gib, build_model_dir, dtype_name, environment, peak_gib, quiet_transformers,
+                          random_qwen_parser, read_qa, reset_memory, run_report, summary, sync, write_report)
 
 FP32_MAX_ABS_DIFF = 1e-4
 QTUNE = "qtune Reranker"
@@ -331,7 +331,8 @@ def main(argv=None) -> int:
     device = resolve_device(args.device)
     precision = resolve_precision(args.precision, device)
     pairs = build_pairs(read_qa(args.data), args.num_pairs, args.docs_per_query, args.seed)
-    report = {**run_report("rerank_speed", device, precision, args), "data": str(args.data)}
+    report = {**run_report("rerank_speed", device, precision, args), "data": str(args.data),
+              "environment": environment()}
     print(f"device: {report['device']} ({precision}), torch {report['torch']}, transformers "
           f"{report['transformers']}")
     status = 0

@@ -22,7 +22,7 @@ import subprocess
 import sys
 import time
 
-from bench.common import write_report
+from bench.common import environment, write_report
 
 SENTENCES = [
     "How do I reset my password?", "my card was declined at the shop", "where is my parcel",
@@ -139,7 +139,7 @@ def main(argv=None) -> int:
         print(f"concurrency {level}: batched / unbatched requests/s = "
               f"{batched['requests_per_s'] / single['requests_per_s']:.2f}x")
     report = {"benchmark": "serve_load", "model": model, "device": args.device, "machine": platform.processor(),
-              "results": rows}
+              "results": rows, "environment": environment()}
     write_report(args.output, report)
     return 0
 
