@@ -12,7 +12,7 @@ import dataclasses
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import yaml
 
@@ -80,6 +80,17 @@ class TrainConfig:
                                "tensorboard (runs/), wandb, mlflow, swanlab (each its own extra), or none")
     deepspeed: str | None = opt(None, "DeepSpeed config JSON (ZeRO-2/3) for runs under torchrun / accelerate "
                                 "launch (needs qtune[deepspeed])")
+
+    # The settings a --resume may give new values: how far the run goes (epochs, early stopping),
+    # how it is watched (evaluation and logging cadence, trackers, the exit code) and where it runs.
+    # Any other change would make the resumed run another run than the one last/ holds, so
+    # `qtune.training.run.check_resumed_settings` refuses it. A task may add its own.
+    resume_may_change: ClassVar[frozenset[str]] = frozenset({
+        "epochs", "early_stopping", "eval_steps", "eval_batch_size", "logging_steps", "report_to",
+        "fail_on_regression", "device"})
+    # What a resumed run takes from last/ (its qtune.json: the labels, a reranker's or embedder's
+    # instruction) when the setting is not given: left out (None) on resume, it is as saved.
+    resume_from_last: ClassVar[frozenset[str]] = frozenset({"labels", "instruction", "query_instruction"})
 
 
 @dataclass(kw_only=True)

@@ -16,6 +16,8 @@ import time
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
+from qtune.errors import QtuneError
+
 # A temp path whose name records no owner (written before owners were recorded) is stale after this.
 UNOWNED_TEMP_MAX_AGE_S = 3600
 
@@ -33,6 +35,23 @@ def current_umask() -> int:
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
+
+
+def unlinked_target(path: str | os.PathLike) -> Path:
+    """`path` made absolute through the links of the folders above it, never through its own: a
+    writer replaces or deletes the entry it was given, so an entry that is a symbolic link is refused
+    (replacing what it points to would replace, and delete from, a folder outside the target's)."""
+    path = Path(path)
+    target = path.parent.resolve() / path.name
+    refuse_link(target)
+    return target
+
+
+def refuse_link(path: Path) -> None:
+    """A QtuneError naming `path` when it is a symbolic link (dangling or not)."""
+    if path.is_symlink():
+        raise QtuneError(f"{path} is a symbolic link (to {os.readlink(path)}) and qtune does not replace or delete "
+                         "through a link: remove the link or write somewhere else")
 
 
 def _temp_prefix(path: Path) -> str:
@@ -60,7 +79,8 @@ def remove_stale_temps(path: str | os.PathLike) -> list[Path]:
     A temp path is stale when the process named in it no longer runs on this machine; one that names
     no process (`.{name}.{random}.tmp`, from before owners were recorded) only once it is older than
     UNOWNED_TEMP_MAX_AGE_S. So a writer still running, in this process or another, keeps its temp
-    path; a reused pid only delays the cleanup. Temp paths of other targets are never touched.
+    path; a reused pid only delays the cleanup. Temp paths of other targets are never touched, nor
+    a symbolic link with a temp path's name (writers make plain files and folders, never links).
     """
     path = Path(path)
     name = re.escape(path.name)
@@ -73,6 +93,8 @@ def remove_stale_temps(path: str | os.PathLike) -> list[Path]:
     except FileNotFoundError:
         return removed
     for entry in entries:
+        if entry.is_symlink():
+            continue
         match = owned.fullmatch(entry.name)
         if match:
             stale = not _pid_running(int(match.group(1)))
@@ -84,7 +106,7 @@ def remove_stale_temps(path: str | os.PathLike) -> list[Path]:
         else:
             continue
         if stale:
-            if entry.is_dir() and not entry.is_symlink():
+            if entry.is_dir():
                 shutil.rmtree(entry, ignore_errors=True)
             else:
                 with contextlib.suppress(FileNotFoundError):
@@ -95,8 +117,9 @@ def remove_stale_temps(path: str | os.PathLike) -> list[Path]:
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; it replaces `path` only if the block succeeds."""
-    path = Path(path).resolve()
+    """Yield a temporary path beside `path`; it replaces `path` only if the block succeeds. A `path`
+    that is a symbolic link is refused (`unlinked_target`)."""
+    path = unlinked_target(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(path)
     fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path), suffix=".tmp", dir=path.parent)
@@ -149,16 +172,22 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
 
     Used for checkpoints, so `best/` or `last/` is always a complete, loadable folder; the temp
     folders of earlier writers that were killed mid-save are removed first (`remove_stale_temps`),
-    and what the block wrote gets the modes the umask gives (`_umask_modes`).
+    and what the block wrote gets the modes the umask gives (`_umask_modes`). A `path`, or the
+    `.{name}.old` folder the replaced one passes through, that is a symbolic link is refused before
+    anything is written (`unlinked_target`).
     """
-    path = Path(path).resolve()
+    path = unlinked_target(path)
+    old = path.with_name(f".{path.name}.old")
+    refuse_link(old)
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(path)
     tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(path), suffix=".tmp", dir=path.parent))  # 0700
-    old = path.with_name(f".{path.name}.old")
     try:
         yield tmp
         _umask_modes(tmp)
+        # checked again: a link made while the block ran must not be followed either
+        refuse_link(path)
+        refuse_link(old)
         if old.exists():
             shutil.rmtree(old)
         if path.exists():
