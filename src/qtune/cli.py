@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -15,15 +16,44 @@ from qtune.errors import QtuneError, RegressionError
 from qtune.tasks import TASKS, Command, get
 
 
+# A negative number as argparse's own pattern misses it (-1e-4, -1., -5E3 besides -1 and -.5).
+NEGATIVE_NUMBER = re.compile(r"-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
 class Parser(argparse.ArgumentParser):
     """argparse with mistakes answered where they were made: an unknown flag is reported by the
-    subcommand that got it (its usage, not the top-level one) with the flags it probably meant."""
+    subcommand that got it (its usage, not the top-level one) with the flags it probably meant; a
+    negative number is the value of the flag before it (`--lr -1e-4`), so a bound check can answer it."""
+
+    def __init__(self, *args, **kwargs):
+        self.one_value_flags: set[str] = set()
+        super().__init__(*args, **kwargs)
+
+    def add_argument(self, *args, **kwargs):
+        action = super().add_argument(*args, **kwargs)
+        if action.nargs is None:  # the flag takes exactly one value
+            self.one_value_flags.update(action.option_strings)
+        return action
 
     def parse_known_args(self, args=None, namespace=None):
+        args = self._negative_values_attached(sys.argv[1:] if args is None else list(args))
         namespace, extras = super().parse_known_args(args, namespace)
         if extras and self._subparsers is None:  # a leaf command: nothing after it could take these
             self.error(f"unrecognized arguments: {' '.join(extras)}{self._suggestions(extras)}")
         return namespace, extras
+
+    def _negative_values_attached(self, args: list[str]) -> list[str]:
+        """`--lr -1e-4` as `--lr=-1e-4`: argparse takes "-1e-4" for a flag (its pattern of a negative
+        number has no exponent) and answers "expected one argument" with the whole usage."""
+        joined: list[str] = []
+        for i, arg in enumerate(args):
+            if arg == "--":
+                return joined + args[i:]
+            if joined and joined[-1] in self.one_value_flags and NEGATIVE_NUMBER.fullmatch(arg):
+                joined[-1] = f"{joined[-1]}={arg}"
+            else:
+                joined.append(arg)
+        return joined
 
     def _suggestions(self, extras: list[str]) -> str:
         """' (did you mean --lr?)' for flags close to one of this command's: the closest by difflib,
