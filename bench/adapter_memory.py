@@ -23,7 +23,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from bench.common import default_model, device_name, environment, write_report
+from bench.common import default_model, device_name, environment, figure, headline_row, write_report
 
 TEXTS = ["How do I reset my password?", "my card was declined at the shop", "where is my parcel"]
 
@@ -136,6 +136,18 @@ def main(argv=None) -> int:
                                "threads": torch.get_num_threads(), "adapters": n, "rank": args.rank, "rows": rows,
                                "environment": environment()})
     return 0
+
+
+def headline(report: dict) -> list[dict]:
+    """The README table's row: resident memory of N adapters on one base against N separate loads
+    (the ratio is how many times less memory the shared base takes)."""
+    n = report["adapters"]
+    rows = {r["setting"]: r for r in report["rows"]}
+    shared, separate = rows[f"{n} adapters, one base"], rows[f"{n} adapters, separate loads"]
+    return [headline_row(f"serving {n} LoRA adapters (rank {report['rank']}), resident memory of the models",
+                         f"{figure(shared['models_mib'])} MiB on one base",
+                         f"{n} separate loads: {figure(separate['models_mib'])} MiB",
+                         separate["models_mib"] / shared["models_mib"])]
 
 
 if __name__ == "__main__":

@@ -207,3 +207,36 @@ def write_report(path: str, report: dict) -> None:
 
     write_json(path, report)
     print(f"wrote {path}")
+
+
+# --- headline rows (the README's benchmark table, `python -m bench report`) -----------------------
+
+def figure(value: float | None) -> str:
+    """About three significant digits: 17752.7 -> "17.8k", 1851.3 -> "1851", 2.074 -> "2.07"."""
+    if value is None:
+        return "n/a"
+    if abs(value) >= 10_000:
+        return f"{value / 1000:.1f}k"
+    if abs(value) >= 100:
+        return f"{value:.0f}"
+    return f"{value:.3g}" if abs(value) >= 10 or abs(value) < 1 else f"{value:.2f}"
+
+
+def model_note(arch: str | None = None, model: str | None = None) -> str:
+    """What a row ran on, as a suffix of its name: nothing for the CPU stand-in (`--arch small`,
+    which the README's text names once), else the architecture or the model folder."""
+    if arch:
+        return "" if arch == "small" else f", random {arch}"
+    if not model or "minilm" in model.lower():
+        return ", all-MiniLM-L6-v2"
+    return f", {Path(model).name}"
+
+
+def headline_row(row: str, qtune: str, peer: str, ratio: float | None, peak: tuple | None = None,
+                 target: str | None = None) -> dict:
+    """One row of the README table; `peak` is (qtune GiB, baseline GiB) where GPU memory was measured."""
+    peak_text = None
+    if peak and peak[0] is not None:
+        peak_text = f"{peak[0]:.2f} GiB" + (f" (baseline {peak[1]:.2f})" if len(peak) > 1 and peak[1] is not None
+                                             else "")
+    return {"row": row, "qtune": qtune, "peer": peer, "ratio": ratio, "peak": peak_text, "target": target}

@@ -20,8 +20,9 @@ import argparse
 import platform
 import sys
 import time
+from pathlib import Path
 
-from bench.common import default_model, device_name, environment, write_report
+from bench.common import default_model, device_name, environment, figure, headline_row, write_report
 
 
 def timed_embed(embedder, texts, batch_size: int, repeats: int) -> float:
@@ -109,6 +110,19 @@ def main(argv=None) -> int:
         pass
     write_report(args.output, report)
     return 0
+
+
+def headline(report: dict) -> list[dict]:
+    """The README table's row: int8 against fp32 PyTorch, speed by tokens/s and nDCG@10 beside it."""
+    fp32, int8 = report["results"]["fp32 PyTorch"], report["results"]["int8 ONNX Runtime"]
+
+    def quality(row: dict) -> str:
+        return f", nDCG@10 {row['ndcg@10']:.4f}" if "ndcg@10" in row else ""
+
+    model = "MiniLM" if "minilm" in str(report.get("model", "")).lower() else Path(report["model"]).name
+    return [headline_row(f"{model} embedding, `--quantize int8`, {report['texts']} texts",
+                         f"{figure(int8['tokens_per_s'])} tokens/s{quality(int8)}",
+                         f"fp32 PyTorch: {figure(fp32['tokens_per_s'])}{quality(fp32)}", report["speedup"])]
 
 
 if __name__ == "__main__":

@@ -34,8 +34,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.common import (ARCHS, build_model_dir, default_model, device_name, dtype_name, environment, peak_gib,
-                          quiet_transformers, read_qa, reset_memory, summary, sync, write_report)
+from bench.common import (ARCHS, build_model_dir, default_model, device_name, dtype_name, environment, figure,
+                          headline_row, model_note, peak_gib, quiet_transformers, read_qa, reset_memory, summary,
+                          sync, write_report)
 
 PAIR_CHECK = 64  # texts compared between the two sides
 # Largest allowed gap between the two sides' normalised vectors: fp32 must match to rounding;
@@ -567,6 +568,33 @@ def main(argv=None) -> int:
 
     write_report(args.output, report)
     return status
+
+
+def headline(report: dict) -> list[dict]:
+    """The README table's rows: encoding and contrastive training, qtune's default against
+    sentence-transformers (the ratio is the script's own `speedup_vs_st`, samples or texts per second)."""
+    settings = report.get("settings", {})
+    note = model_note(settings.get("arch"), settings.get("model") or report.get("model"))
+    out = []
+    if "encoding" in report:
+        enc = report["encoding"]
+        qtune, st = enc["results"]["qtune"], enc["results"]["sentence-transformers"]
+        lengths = enc["lengths"]
+        out.append(headline_row(f"embedding encoding, lengths {lengths['min']}-{lengths['max']} (financial QA){note}",
+                                f"{figure(qtune['real_tokens_per_s'])} tokens/s",
+                                f"sentence-transformers `encode`: {figure(st['real_tokens_per_s'])}",
+                                qtune["texts_per_s"] / st["texts_per_s"],
+                                peak=(qtune.get("peak_gib"), st.get("peak_gib"))))
+    if "training" in report:
+        train = report["training"]
+        qtune, st = train["results"]["qtune"], train["results"]["sentence-transformers"]
+        mode = "full fine-tuning" if train["mode"] == "full" else "LoRA"
+        out.append(headline_row(f"contrastive training, {mode}, batch {settings.get('train_batch_size')}{note}",
+                                f"{figure(qtune['real_tokens_per_s'])} tokens/s",
+                                f"sentence-transformers MNRL loop: {figure(st['real_tokens_per_s'])}",
+                                qtune["samples_per_s"] / st["samples_per_s"],
+                                peak=(qtune.get("peak_gib"), st.get("peak_gib"))))
+    return out
 
 
 if __name__ == "__main__":

@@ -38,7 +38,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.common import (allocated_gib, build_model_dir, dtype_name, environment, peak_gib, quiet_transformers,
+from bench.common import (allocated_gib, build_model_dir, dtype_name, environment, figure, headline_row, model_note,
+                          peak_gib, quiet_transformers,
                           random_qwen_parser, reset_memory, run_report, summary, sync, write_report)
 
 QTUNE = "qtune Extractor (batched)"
@@ -275,6 +276,17 @@ def main(argv=None) -> int:
 
     write_report(args.output, report)
     return status
+
+
+def headline(report: dict) -> list[dict]:
+    """The README table's row: batched extraction against one-by-one `generate`, by records/s."""
+    settings = report["settings"]
+    qtune, one = report["results"][QTUNE], report["results"][BASELINE]
+    return [headline_row(f"extraction, {qtune['records']} records, {settings['max_new_tokens']} new tokens"
+                         f"{model_note(settings.get('arch'))}",
+                         f"{figure(qtune['records_per_s'])} records/s",
+                         f"one-by-one `generate`: {figure(one['records_per_s'])}",
+                         qtune["x_baseline"], peak=(qtune.get("peak_gib"), one.get("peak_gib")))]
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.common import default_model, environment, write_report
+from bench.common import default_model, environment, figure, headline_row, write_report
 
 
 def free_port() -> int:
@@ -91,6 +91,15 @@ def main() -> None:
                                "model": model, "rows": len(rows), "global_batch": args.batch_size,
                                "max_length": args.max_length, "device": args.device, "cores": cores,
                                "results": results, "environment": environment()})
+
+
+def headline(report: dict) -> list[dict]:
+    """The README table's rows: what running under torchrun costs against one plain process (on a
+    CPU the processes share the cores, so this is a cost, not a speed-up)."""
+    plain, *launched = report["results"]
+    return [headline_row(f"`qtune train pair-cls` under {r['side']}, global batch {report['global_batch']}",
+                         f"{figure(r['samples_per_s'])} samples/s", f"plain process: {figure(plain['samples_per_s'])}",
+                         r["samples_per_s"] / plain["samples_per_s"]) for r in launched]
 
 
 if __name__ == "__main__":

@@ -27,8 +27,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.common import (ARCHS, build_model_dir, environment, peak_gib, quiet_transformers, reset_memory, sync,
-                          write_report)
+from bench.common import (ARCHS, build_model_dir, environment, figure, headline_row, model_note, peak_gib,
+                          quiet_transformers, reset_memory, sync, write_report)
 
 
 def sample_pairs(data: str, n: int, seed: int):
@@ -169,6 +169,16 @@ def main(argv=None) -> int:
               "results": rows, "environment": environment()}
     write_report(args.output, report)
     return 0
+
+
+def headline(report: dict) -> list[dict]:
+    """The README table's row: qtune's default path against the plain fp32 LoRA loop."""
+    rows = report["results"]
+    qtune, plain = rows["qtune (LoRA, packing on: default)"], rows["plain fp32 LoRA, pad to 64"]
+    return [headline_row(f"pair-cls training, LoRA, batch {report['batch_size']} (AFQMC){model_note(report['arch'])}",
+                         f"{figure(qtune['samples_per_s'])} samples/s",
+                         f"plain fp32 loop padding to {report['max_length']}: {figure(plain['samples_per_s'])}",
+                         qtune["samples_per_s"] / plain["samples_per_s"], peak=(qtune["peak_gib"], plain["peak_gib"]))]
 
 
 if __name__ == "__main__":

@@ -41,7 +41,8 @@ import time
 import warnings
 from pathlib import Path
 
-from bench.common import (allocated_gib, build_model_dir, dtype_name, environment, peak_gib, quiet_transformers,
+from bench.common import (allocated_gib, build_model_dir, dtype_name, environment, figure, headline_row, model_note,
+                          peak_gib, quiet_transformers,
                           random_qwen_parser, read_qa, reset_memory, run_report, summary, sync, write_report)
 
 FP32_MAX_ABS_DIFF = 1e-4
@@ -361,6 +362,28 @@ def main(argv=None) -> int:
 
     write_report(args.output, report)
     return status
+
+
+def headline(report: dict) -> list[dict]:
+    """The README table's rows: qtune's packed Reranker against the model-card loop (and against
+    sentence-transformers CrossEncoder where --cross-encoder ran)."""
+    out = []
+    if "decoder" in report:
+        rows = report["decoder"]["results"]
+        qtune, card = rows[QTUNE], rows[CARD]
+        out.append(headline_row(f"decoder reranking, {qtune['pairs']} pairs"
+                                f"{model_note(report.get('settings', {}).get('arch'))}",
+                                f"{figure(qtune['pairs_per_s'])} pairs/s",
+                                f"Qwen3-Reranker model-card loop: {figure(card['pairs_per_s'])}",
+                                qtune["x_baseline"], peak=(qtune.get("peak_gib"), card.get("peak_gib"))))
+    if "cross_encoder" in report:
+        rows = report["cross_encoder"]["results"]
+        qtune, st = rows[QTUNE], rows[ST]
+        out.append(headline_row(f"cross-encoder reranking, {qtune['pairs']} pairs",
+                                f"{figure(qtune['pairs_per_s'])} pairs/s",
+                                f"sentence-transformers `CrossEncoder.predict`: {figure(st['pairs_per_s'])}",
+                                qtune["x_baseline"], peak=(qtune.get("peak_gib"), st.get("peak_gib"))))
+    return out
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ import subprocess
 import sys
 import time
 
-from bench.common import environment, write_report
+from bench.common import environment, figure, headline_row, model_note, write_report
 
 SENTENCES = [
     "How do I reset my password?", "my card was declined at the shop", "where is my parcel",
@@ -142,6 +142,19 @@ def main(argv=None) -> int:
               "results": rows, "environment": environment()}
     write_report(args.output, report)
     return 0
+
+
+def headline(report: dict) -> list[dict]:
+    """The README table's row: micro-batching against one model call per request, at the highest
+    concurrency measured (the level where batching has the most requests to merge)."""
+    level = max(r["concurrency"] for r in report["results"])
+    at = {r["mode"].split()[0]: r for r in report["results"] if r["concurrency"] == level}
+    batched, single = at["batched"], at["unbatched"]
+    return [headline_row(f"serving `/v1/embeddings`, concurrency {level}{model_note(model=report.get('model'))}",
+                         f"{figure(batched['requests_per_s'])} requests/s, p99 {figure(batched['p99_ms'])} ms",
+                         f"one call per request (`--max-batch-tokens 1`): {figure(single['requests_per_s'])}, "
+                         f"p99 {figure(single['p99_ms'])} ms",
+                         batched["requests_per_s"] / single["requests_per_s"])]
 
 
 if __name__ == "__main__":

@@ -155,5 +155,26 @@ def main() -> None:
                                    "environment": environment(), "rows": rows})
 
 
+
+def headline(report: dict) -> list[dict]:
+    """The README table's rows: each workload's slowdown beside busy processes (quiet rate / loaded
+    rate) for qtune and for the peer; the ratio is the peer's slowdown over qtune's."""
+    from bench.common import figure, headline_row
+
+    peers = {"encode": "sentence-transformers `encode`", "train-step": "PyTorch defaults"}
+    work = {"encode": "encoding 512 texts", "train-step": "a MiniLM training step"}
+    out = []
+    for workload in WORKLOADS:
+        qtune, peer = report["rows"].get(f"{workload} qtune"), report["rows"].get(f"{workload} peer")
+        if not (qtune and peer):
+            continue
+        out.append(headline_row(
+            f"{work[workload]} beside {report['busy_processes']} busy processes: slowdown loaded / quiet",
+            f"{qtune['slowdown loaded']:.2f}x ({figure(qtune['quiet'])} -> {figure(qtune['loaded'])} {qtune['unit']})",
+            f"{peers[workload]}: {peer['slowdown loaded']:.2f}x ({figure(peer['quiet'])} -> {figure(peer['loaded'])})",
+            peer["slowdown loaded"] / qtune["slowdown loaded"]))
+    return out
+
+
 if __name__ == "__main__":
     main()
