@@ -7,7 +7,6 @@ import difflib
 import json
 import re
 import sys
-from pathlib import Path
 
 from qtune import __version__
 from qtune.config import add_config_flags, config_from_args
@@ -102,14 +101,16 @@ def _quantize_flag(parser: argparse.ArgumentParser) -> None:
 
 def cmd_data_stats(args) -> None:
     from qtune.api import length_stats
-    from qtune.data.stats import text_histogram
+    from qtune.data.stats import plot_target, text_histogram
 
-    plot = args.plot or f"{Path(args.file).stem}.lengths.png"
+    plot, replaced = plot_target(args.file, args.plot)  # refused here, before the tokenizer loads
+    written = f"plot: {plot}" + (f" ({replaced})" if replaced else "")
     task = get(args.task)
     summary, lengths = length_stats(args.task, args.file, args.model, plot=plot, text_columns=args.text_columns,
                                     text_column=args.text_column)
     if args.json:
         print(json.dumps(summary, indent=2))
+        print(written, file=sys.stderr)  # stdout stays one JSON document
         return
     print(f"{args.file}: {summary['rows']} rows, tokens per {task.stats_unit} with {args.model}")
     print("  ".join(f"{k} {summary[k]}" for k in ("min", "p50", "p90", "p95", "p99", "max")) +
@@ -117,7 +118,7 @@ def cmd_data_stats(args) -> None:
     print(text_histogram(lengths))
     print(f"suggested --max-length {summary['suggested_max_length']} (covers {summary['coverage']:.0%} of rows; "
           f"{summary['rows_truncated_at_suggestion']} rows would be {task.over_length})")
-    print(f"plot: {plot}")
+    print(written)
 
 
 def cmd_data_retrieval_split(args) -> None:
@@ -317,7 +318,9 @@ def build_parser() -> argparse.ArgumentParser:
                        default="pair-cls", help="how rows are encoded, as that task trains (default: pair-cls)")
     stats.add_argument("--text-columns", nargs=2, default=["sentence1", "sentence2"], metavar=("COL1", "COL2"))
     stats.add_argument("--text-column", help="the text column of single-text tasks (default: text)")
-    stats.add_argument("--plot", help="PNG histogram path (default: FILE-STEM.lengths.png here)")
+    stats.add_argument("--output", "--plot", dest="plot",
+                       help="PNG histogram path (default: FILE.lengths.png here, e.g. train.csv.lengths.png; a file "
+                            "there that is not this command's plot of FILE is refused, not replaced)")
     stats.add_argument("--json", action="store_true", help="print the summary as JSON")
     stats.set_defaults(func=cmd_data_stats)
     split = data.add_parser("retrieval-split", help="QA table -> training JSONL + BEIR test folder (split by question)")

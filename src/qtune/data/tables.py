@@ -244,11 +244,42 @@ def _read_delimited(path: Path, text: str, fmt: str, columns: Sequence[str],
     rows: list[Row] = []
     for lineno, values in body:
         if len(values) != width:
-            raise DataError(f"expected {width} {fmt.upper()} fields, found {len(values)}",
-                            path=str(path), line=lineno)
+            raise DataError(f"expected {width} {fmt.upper()} fields, found {len(values)}"
+                            f"{_delimiter_hint(values, delimiter, width, path)}", path=str(path), line=lineno)
         _refuse_nul(values, names, path, lineno)
         rows.append(Row(lineno, dict(zip(names, values))))
     return rows, names
+
+
+# Delimiters people save tables with that qtune does not read (Excel in many European locales
+# writes ';'); there is no delimiter option, so the hint says how to convert.
+OTHER_DELIMITERS = {";": "';'", "\t": "tab", ",": "','", "|": "'|'"}
+
+
+def _delimiter_hint(values: Sequence[str], delimiter: str, width: int, path: Path) -> str:
+    """Why a row has the wrong number of fields when another delimiter would give the right
+    number (or, for too few fields, appears at all); "" when nothing points to one."""
+    line = delimiter.join(values)
+    counts = {d: line.count(d) for d in OTHER_DELIMITERS if d != delimiter and d in line}
+    exact = [d for d, n in counts.items() if n + 1 == width]
+    if exact:
+        other = exact[0]
+    elif counts and len(values) < width:
+        other = max(counts, key=counts.get)
+    else:
+        return ""
+    name = OTHER_DELIMITERS[other]
+    if other == "\t":
+        fix = f"name it {path.stem}.tsv"
+    elif other == ",":
+        fix = f"name it {path.stem}.csv"
+    else:
+        converted = path.with_name(f"{path.stem}.comma{path.suffix}")
+        fix = ("convert it to ',' (qtune reads ',' in .csv and tabs in .tsv and has no delimiter option), e.g. "
+               f"python -c \"import csv, sys; csv.writer(sys.stdout).writerows(csv.reader(sys.stdin, "
+               f"delimiter='{other}'))\" < {path} > {converted}")
+    held = "tabs" if other == "\t" else name
+    return f"; the line holds {counts[other]} {held}: if the file is {name}-separated, {fix}"
 
 
 def write_rows_with(path: str | Path, rows: Sequence[Row], columns: Sequence[str], added: Sequence[dict]) -> int:
