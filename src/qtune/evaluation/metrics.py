@@ -107,6 +107,32 @@ def calibrate_threshold(y_true: Sequence[int], scores: Sequence[float], min_prec
             "f1": float(f1[best]), "pairs": int(len(y)), "relevant": positives, "min_precision": min_precision}
 
 
+# A threshold whose precision is within this of the share of relevant pairs does about what
+# accepting every pair does: it does not tell relevant from not relevant.
+SEPARATION_MARGIN = 0.05
+
+
+def threshold_warning(found: dict, margin: float = SEPARATION_MARGIN) -> str | None:
+    """Why a threshold from `calibrate_threshold` does not separate the classes, or None when it does.
+
+    Accepting every pair gives precision = the share of relevant pairs and recall 1; a threshold
+    whose precision is not at least `margin` above that share is no better than accepting all.
+    """
+    rate = found["relevant"] / found["pairs"]
+    precision, recall = found["precision"], found["recall"]
+    if precision >= rate + margin:
+        return None
+    if recall == 1.0 and precision <= rate:
+        what = (f"it accepts every pair (precision {precision:.2f} = the share of relevant pairs, "
+                f"recall {recall:.2f})")
+    else:
+        what = (f"its precision {precision:.2f} is within {margin:.2f} of the {rate:.2f} that accepting every "
+                f"pair gives (recall {recall:.2f})")
+    return (f"threshold {found['threshold']:.6f} does not separate relevant from not relevant pairs: {what}, so "
+            "documents unrelated to the query are marked relevant; the model does not rank these pairs (train "
+            "or pick another reranker) or the labels do not match its scores")
+
+
 def metrics_from_probs(y_true: Sequence[int], probs: np.ndarray, labels: Sequence[str]) -> dict:
     """Report for argmax predictions, plus (two classes) the threshold that maximises macro-F1."""
     report = classification_report(y_true, probs.argmax(axis=1), labels)

@@ -13,7 +13,7 @@ from typing import NamedTuple, Sequence
 
 import numpy as np
 
-from qtune.evaluation.report import markdown_table, short_name
+from qtune.evaluation.report import UNTRAINED_HEAD, column_name, markdown_table, short_name, untrained_notes
 from qtune.io import write_json, write_text
 from qtune.records import QueryGroup, RetrievalSet
 
@@ -127,7 +127,8 @@ def retrieval_report(results: dict[str, dict], data: str, *, baseline: str | Non
     if baseline is None and len(names) == 2:
         baseline = names[1]
     compared = [n for n in names if baseline is not None and n != baseline]
-    header = ["metric", *names] + [f"change ({short_name(n)})" if len(compared) > 1 else "change" for n in compared]
+    header = (["metric", *(column_name(n, results[n]) for n in names)]
+              + [f"change ({short_name(n)})" if len(compared) > 1 else "change" for n in compared])
     rows = []
     for k in keys:
         row = [k] + [results[n].get(k, "") for n in names]
@@ -135,33 +136,50 @@ def retrieval_report(results: dict[str, dict], data: str, *, baseline: str | Non
             a, b = results[n].get(k), results[baseline].get(k)
             row.append(f"{a - b:+.4f}" if isinstance(a, float) and isinstance(b, float) else "")
         rows.append(row)
-    return "\n".join([f"# {title}: {data}", "", markdown_table(header, rows), ""])
+    notes = untrained_notes(results)
+    return "\n".join([f"# {title}: {data}", "", markdown_table(header, rows), "", *notes, *([""] if notes else [])])
 
 
-def plot_retrieval(results: dict[str, dict], path: Path) -> None:
-    from qtune.plotting import pyplot, save_png
+def two_stage_legend(retriever: str, reranker: str) -> str:
+    """How a plot names the two stages: `retriever (run/best) + reranker (fin-rr/best)`. (The
+    results key, "run/best + fin-rr/best", reads as one path once a legend shortens it.)"""
+    return f"retriever ({short_name(retriever)}) + reranker ({short_name(reranker)})"
+
+
+def retrieval_figure(results: dict[str, dict], legend: dict[str, str] | None = None):
+    """Grouped bars of the main metrics, a group per metric and a bar per model; `legend` names a
+    result in the legend (default: its short name)."""
+    from qtune.plotting import pyplot
 
     plt = pyplot()
-
+    legend = legend or {}
     keys = ["ndcg@10", "recall@10", "recall@100", "mrr@10", "map@100"]
     width = 0.8 / len(results)
     fig, ax = plt.subplots(figsize=(8, 4))
     for i, (name, metrics) in enumerate(results.items()):
         values = [metrics.get(k, 0.0) for k in keys]
-        bars = ax.bar(np.arange(len(keys)) + i * width, values, width, label=short_name(name))
+        label = legend.get(name, short_name(name)) + (" (untrained head)" if metrics.get(UNTRAINED_HEAD) else "")
+        bars = ax.bar(np.arange(len(keys)) + i * width, values, width, label=label)
         ax.bar_label(bars, fmt="%.3f", fontsize=7)
     ax.set_xticks(np.arange(len(keys)) + width * (len(results) - 1) / 2, keys)
     ax.set_ylim(0, 1.05)
     ax.legend(fontsize=8)
     ax.set_title("retrieval quality", fontsize=10)
-    save_png(fig, path)
+    fig.tight_layout()
+    return fig
+
+
+def plot_retrieval(results: dict[str, dict], path: Path, legend: dict[str, str] | None = None) -> None:
+    from qtune.plotting import save_png
+
+    save_png(retrieval_figure(results, legend), path)
 
 
 def write_retrieval_outputs(results: dict[str, dict], data: str, output: str | Path, *,
                             baseline: str | None = None, title: str = "Retrieval",
-                            sections: Sequence[str] = ()) -> None:
-    """metrics.json, report.md (the table, then `sections`) and retrieval.png; with Matryoshka
-    results also matryoshka.png."""
+                            sections: Sequence[str] = (), legend: dict[str, str] | None = None) -> None:
+    """metrics.json, report.md (the table, then `sections`) and retrieval.png (`legend`: see
+    `retrieval_figure`); with Matryoshka results also matryoshka.png."""
     output = Path(output)
     write_json(output / "metrics.json", results)
     report = retrieval_report(results, data, baseline=baseline, title=title)
@@ -169,7 +187,7 @@ def write_retrieval_outputs(results: dict[str, dict], data: str, output: str | P
         report += "\n" + matryoshka_report(results)
         plot_matryoshka(results, output / "matryoshka.png")
     write_text(output / "report.md", "\n".join([report, *sections]))
-    plot_retrieval(results, output / "retrieval.png")
+    plot_retrieval(results, output / "retrieval.png", legend)
 
 
 # -- Matryoshka: the same metrics at each leading dimension
@@ -191,26 +209,55 @@ def matryoshka_report(results: dict[str, dict]) -> str:
                       markdown_table(header, rows), ""])
 
 
-def plot_matryoshka(results: dict[str, dict], path: Path) -> None:
-    """Metric against dimension (log scale), one line per model and metric."""
-    from qtune.plotting import pyplot, save_png
+# Each line of the Matryoshka plot gets its own marker and dash pattern, hollow markers of
+# decreasing size: two lines with the same values stay visible on top of each other.
+LINE_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
+LINE_STYLES = ("-", "--", ":", "-.")
+
+
+def matryoshka_figure(results: dict[str, dict]):
+    """Metric against dimension (log scale), one line per model and metric; the y axis spans the
+    values (padded), not 0-1, so differences of a few points show."""
+    from qtune.plotting import pyplot
 
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))
-    every_dim = set()
+    every_dim, every_value = set(), []
+    line = 0
     for name, metrics in results.items():
         if MATRYOSHKA not in metrics:
             continue
         dims = sorted(int(d) for d in metrics[MATRYOSHKA])
         every_dim.update(dims)
-        for key, marker, style in zip(("ndcg@10", "recall@100"), ("o", "s"), ("-", "--")):
+        for key in ("ndcg@10", "recall@100"):
             values = [metrics[MATRYOSHKA][str(d)][key] for d in dims]
-            ax.plot(dims, values, marker=marker, linestyle=style, label=f"{short_name(name)} {key}")
+            every_value += values
+            ax.plot(dims, values, marker=LINE_MARKERS[line % len(LINE_MARKERS)],
+                    linestyle=LINE_STYLES[line % len(LINE_STYLES)], markersize=max(4, 9 - 1.5 * line),
+                    markerfacecolor="none", linewidth=1.4, label=f"{short_name(name)} {key}")
+            line += 1
     ax.set_xscale("log", base=2)
     ax.set_xticks(sorted(every_dim), [str(d) for d in sorted(every_dim)])
     ax.minorticks_off()
     ax.set_xlabel("dimension")
-    ax.set_ylim(0, 1.05)
+    ax.set_ylim(*value_range(every_value))
     ax.legend(fontsize=8)
     ax.set_title("retrieval quality by Matryoshka dimension", fontsize=10)
-    save_png(fig, path)
+    fig.tight_layout()
+    return fig
+
+
+def value_range(values: Sequence[float], pad: float = 0.15, min_span: float = 0.02) -> tuple[float, float]:
+    """Y limits around metric values in [0, 1]: their range (at least `min_span`, so equal values
+    do not collapse the axis) plus `pad` of it on each side, shifted to stay within 0 and 1."""
+    lo, hi = (min(values), max(values)) if len(values) else (0.0, 1.0)
+    middle, half = (lo + hi) / 2, max(hi - lo, min_span) * (0.5 + pad)
+    lo, hi = middle - half, middle + half
+    shift = max(0.0, -lo) - max(0.0, hi - 1.0)
+    return max(0.0, lo + shift), min(1.0, hi + shift)
+
+
+def plot_matryoshka(results: dict[str, dict], path: Path) -> None:
+    from qtune.plotting import save_png
+
+    save_png(matryoshka_figure(results), path)

@@ -65,6 +65,9 @@ class CheckpointMeta:
     instruction: str | None = None
     # rerankers: the calibrated score threshold below which there is "no good answer"
     threshold: float | None = None
+    # why that threshold does not separate relevant from not relevant pairs, when it does not
+    # (`qtune calibrate` found so; the model card repeats it)
+    threshold_warning: str | None = None
     qtune_version: str = __version__
 
     def save(self, folder: str | os.PathLike) -> None:

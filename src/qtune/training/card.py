@@ -17,6 +17,7 @@ from pathlib import Path
 import yaml
 
 from qtune.errors import QtuneError
+from qtune.evaluation.report import column_name
 from qtune.training.verdict import run_verdict
 
 
@@ -74,7 +75,8 @@ def model_card(checkpoint: str | os.PathLike, *, meta, pipeline_tag: str, librar
             if numbers:
                 results.append({"task": {"type": pipeline_tag},
                                 "dataset": {"name": test_source or "test", "type": "test"},
-                                "metrics": [{"type": k, "value": round(v, 4), "name": f"test {k} ({name})"}
+                                "metrics": [{"type": k, "value": round(v, 4),
+                                             "name": f"test {k} ({column_name(name, metrics)})"}
                                             for k, v in numbers.items()]})
     front = {"base_model": str(base), "library_name": library_name, "pipeline_tag": pipeline_tag,
              "tags": ["qtune", meta.task]}
@@ -98,12 +100,26 @@ def model_card(checkpoint: str | os.PathLike, *, meta, pipeline_tag: str, librar
                   "|---" * (len(metrics) + 1) + "|"]
         for name, m in test_report.items():
             numbers = _numbers(m)
-            lines.append(f"| {name} | " + " | ".join(f"{numbers[k]:.4f}" if k in numbers else "" for k in metrics)
-                         + " |")
+            lines.append(f"| {column_name(name, m)} | "
+                         + " | ".join(f"{numbers[k]:.4f}" if k in numbers else "" for k in metrics) + " |")
         lines.append("")
     else:
         lines += ["No test figures were given to the export (`qtune export --test-report DIR`, the `--output` "
                   "of `qtune eval ... --compare BASE`).", ""]
+    lines += _threshold_section(meta)
     if body:
         lines += [body.strip(), ""]
     return "\n".join(lines)
+
+
+def _threshold_section(meta) -> list[str]:
+    """The calibrated threshold a server applies, and the calibration's warning when it had one: a
+    threshold that accepts every pair makes the server mark unrelated documents relevant."""
+    threshold = meta.threshold
+    if threshold is None:
+        return []
+    lines = ["## Relevance threshold", "",
+             f"Calibrated with `qtune calibrate`: a score of at least {threshold:.6f} marks a document relevant.", ""]
+    if meta.threshold_warning:
+        lines += [f"**Warning:** {meta.threshold_warning}.", ""]
+    return lines

@@ -11,6 +11,7 @@ from qtune.errors import QtuneError
 from qtune.evaluation.metrics import metrics_from_probs
 from qtune.evaluation.report import (
     classification_report_md,
+    mark_untrained,
     write_classification_outputs,
 )
 from qtune.evaluation.sharded import is_main, sharded_text_predict, sharded_text_proba
@@ -43,7 +44,7 @@ def evaluate(config: ClassifyEvalConfig, load) -> dict:
         extra = {"labels": labels} if base else {}
         clf = load(name, TASK, device=config.device, precision=config.load_precision, **extra)
         probs = sharded_text_proba(clf, check_texts([e.text for e in examples]), batch_size=config.batch_size, progress=True)
-        results[name] = metrics_from_probs([e.label for e in examples], probs, labels)
+        results[name] = mark_untrained(metrics_from_probs([e.label for e in examples], probs, labels), clf)
     if config.output and is_main():
         write_classification_outputs(results, str(config.data), config.output, title=TITLE)
     return results

@@ -13,9 +13,9 @@ from qtune.data.retrieval import read_beir, read_query_groups
 from qtune.distributed import init_process_group
 from qtune.errors import QtuneError
 from qtune.evaluation.query_report import per_query_markdown, query_rows
-from qtune.evaluation.report import short_name
+from qtune.evaluation.report import mark_untrained, short_name
 from qtune.evaluation.retrieval import (MATRYOSHKA, embed_set, matryoshka_report, rerank_run, retrieval_report,
-                                        search_run, triplet_margin, write_retrieval_outputs)
+                                        search_run, triplet_margin, two_stage_legend, write_retrieval_outputs)
 from qtune.evaluation.retrieval_metrics import retrieval_metrics
 from qtune.evaluation.sharded import is_main, on_main
 from qtune.io import write_jsonl
@@ -53,8 +53,8 @@ def evaluate(config: RetrievalEvalConfig, load) -> dict:
         if scorer is not None:
             reranked = rerank_run(scorer, data_set, run, top_k=config.rerank_top_k,
                                   batch_size=config.rerank_batch_size, progress=True, sharded=True)
-            results[two_stage_name(name, config.reranker)] = retrieval_metrics(
-                {q: docs[:top_k] for q, docs in reranked.items()}, data_set.qrels)
+            results[two_stage_name(name, config.reranker)] = mark_untrained(retrieval_metrics(
+                {q: docs[:top_k] for q, docs in reranked.items()}, data_set.qrels), scorer)
     if config.output and is_main():
         sections = []
         if config.compare:
@@ -63,8 +63,10 @@ def evaluate(config: RetrievalEvalConfig, load) -> dict:
             sections.append(per_query_markdown(rows, config.compare, config.model, depth=top_k,
                                                top=config.per_query_top))
             write_jsonl(Path(config.output) / "per_query.jsonl", rows)
+        legend = ({two_stage_name(n, config.reranker): two_stage_legend(n, config.reranker) for n in runs}
+                  if config.reranker else None)
         write_retrieval_outputs(results, str(config.data), config.output, baseline=_baseline(config),
-                                sections=sections)
+                                sections=sections, legend=legend)
     return results
 
 

@@ -9,7 +9,7 @@ from qtune.data.pairs import pair_column_flags, pairs_from_rows, read_pairs
 from qtune.data.tables import read_table, table_format, write_rows_with
 from qtune.distributed import init_process_group
 from qtune.evaluation.metrics import metrics_from_probs
-from qtune.evaluation.report import classification_report_md, write_classification_outputs
+from qtune.evaluation.report import classification_report_md, mark_untrained, write_classification_outputs
 from qtune.evaluation.sharded import is_main, sharded_pair_predict, sharded_pair_proba
 from qtune.modeling.loading import read_meta
 from qtune.tasks.pair_cls.config import PairClsEvalConfig, PairClsPredictConfig
@@ -24,11 +24,11 @@ def evaluate(config: PairClsEvalConfig, load) -> dict:
         meta = read_meta(name)
         labels = meta.labels if meta else ["0", "1"]
         pairs = read_pairs(config.data, text_columns=config.text_columns, label_column=config.label_column,
-                           labels=labels)
+                           labels=labels, labels_flag=None)
         clf = load(name, "pair-cls", device=config.device, precision=config.load_precision)
         probs = sharded_pair_proba(clf, [(p.sentence1, p.sentence2) for p in pairs], batch_size=config.batch_size,
                                    progress=True)
-        results[name] = metrics_from_probs([p.label for p in pairs], probs, labels)
+        results[name] = mark_untrained(metrics_from_probs([p.label for p in pairs], probs, labels), clf)
     if config.output and is_main():
         write_classification_outputs(results, str(config.data), config.output)
     return results

@@ -11,9 +11,10 @@ from qtune.data.pairs import PAIR_COLUMNS, QUERY_DOCUMENT, read_pairs
 from qtune.data.retrieval import read_beir
 from qtune.distributed import init_process_group
 from qtune.errors import QtuneError
-from qtune.evaluation.metrics import calibrate_threshold
-from qtune.evaluation.report import short_name
-from qtune.evaluation.retrieval import rerank_run, retrieval_report, retrieve, write_retrieval_outputs
+from qtune.evaluation.metrics import calibrate_threshold, threshold_warning
+from qtune.evaluation.report import mark_untrained, short_name
+from qtune.evaluation.retrieval import (rerank_run, retrieval_report, retrieve, two_stage_legend,
+                                        write_retrieval_outputs)
 from qtune.evaluation.retrieval_metrics import retrieval_metrics
 from qtune.evaluation.sharded import is_main, sharded_score
 from qtune.io import write_json
@@ -31,13 +32,17 @@ def evaluate(config: RerankEvalConfig, load) -> dict:
                    sharded=True)
     del embedder
     results = {config.retriever: retrieval_metrics(run, data_set.qrels)}
+    legend = {config.retriever: f"retriever ({short_name(config.retriever)})"}
     for name in [config.model] + ([config.compare] if config.compare else []):
         reranker = load(name, "reranker", **load_args)
         reranked = rerank_run(reranker, data_set, run, top_k=config.top_k, batch_size=config.batch_size, progress=True,
                               sharded=True)
-        results[f"{short_name(config.retriever)} + {short_name(name)}"] = retrieval_metrics(reranked, data_set.qrels)
+        key = f"{short_name(config.retriever)} + {short_name(name)}"
+        results[key] = mark_untrained(retrieval_metrics(reranked, data_set.qrels), reranker)
+        legend[key] = two_stage_legend(config.retriever, name)
     if config.output and is_main():
-        write_retrieval_outputs(results, str(config.data), config.output, baseline=config.retriever, title="Reranking")
+        write_retrieval_outputs(results, str(config.data), config.output, baseline=config.retriever, title="Reranking",
+                                legend=legend)
     return results
 
 
@@ -60,7 +65,7 @@ def calibrate(config: CalibrateConfig, load) -> dict:
     # (query, document, label) files, the usual shape of relevance judgements, need no flags either
     alternatives = [QUERY_DOCUMENT] if tuple(config.text_columns) == PAIR_COLUMNS else []
     pairs = read_pairs(config.data, text_columns=config.text_columns, label_column=config.label_column,
-                       labels=["0", "1"], alternative_columns=alternatives)
+                       labels=["0", "1"], alternative_columns=alternatives, labels_flag=None)
     init_process_group()  # under a launcher: the ranks share the scoring
     reranker = load(config.model, "reranker", device=config.device, precision=config.load_precision)
     scores = sharded_score(reranker, [(p.sentence1, p.sentence2) for p in pairs], batch_size=config.batch_size,
@@ -69,9 +74,11 @@ def calibrate(config: CalibrateConfig, load) -> dict:
         found = calibrate_threshold([p.label for p in pairs], scores, min_precision=config.min_precision)
     except ValueError as e:
         raise QtuneError(f"{config.data}: {e}") from None
+    found["warning"] = threshold_warning(found)
     if not is_main():
         return found
-    replace(reranker.loaded.meta, threshold=found["threshold"], adapter=reranker.loaded.is_adapter).save(folder)
+    replace(reranker.loaded.meta, threshold=found["threshold"], threshold_warning=found["warning"],
+            adapter=reranker.loaded.is_adapter).save(folder)
     if config.output:
         write_json(Path(config.output) / "metrics.json", {"model": config.model, "data": str(config.data), **found})
     return found
@@ -80,4 +87,5 @@ def calibrate(config: CalibrateConfig, load) -> dict:
 def show_calibration(config: CalibrateConfig, found: dict) -> str:
     return (f"threshold {found['threshold']:.6f}: precision {found['precision']:.4f}, recall {found['recall']:.4f}, "
             f"F1 {found['f1']:.4f} on {found['pairs']} pairs ({found['relevant']} relevant)\n"
-            f"stored in {config.model}/qtune.json")
+            f"stored in {config.model}/qtune.json"
+            + (f"\nwarning: {found['warning']}" if found.get("warning") else ""))
