@@ -248,15 +248,19 @@ def show_export_check(output, model: str | None, tolerance: float) -> None:
 
 def cmd_serve(args) -> None:
     from qtune.api import serve
+    from qtune.serving.listen import check_port
 
     if not (args.embedding or args.classifier or args.reranker or args.extractor):
         raise QtuneError("nothing to serve: give --embedding, --classifier, --reranker and/or --extractor")
+    check_port(args.host, args.port)  # before the models load, which takes minutes
     serve(embedding=args.embedding, classifier=args.classifier, reranker=args.reranker, extractor=args.extractor,
           separate_adapters=args.separate_adapters, kb=args.kb, kb_token=args.kb_token,
           threshold=args.threshold, device=args.device, precision=args.precision, host=args.host, port=args.port,
-          max_batch_tokens=args.max_batch_tokens, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
+          max_batch_tokens=args.max_batch_tokens, target_call_ms=args.target_call_ms or None,
+          max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
           max_inputs=args.max_inputs, max_body_bytes=args.max_body_bytes, max_new_tokens=args.max_new_tokens,
           max_request_tokens=args.max_request_tokens, max_top_k=args.max_top_k, body_timeout_s=args.body_timeout,
+          header_timeout_s=args.header_timeout,
           shutdown_timeout_s=args.shutdown_timeout, api_key=args.api_key, metrics_public=args.metrics_public)
 
 
@@ -435,6 +439,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--host", default="127.0.0.1")
     sub.add_argument("--port", type=int, default=8000)
     sub.add_argument("--max-batch-tokens", type=int, default=16384, help="tokens per model call (default: 16384)")
+    sub.add_argument("--target-call-ms", type=float, default=250.0, help="size model calls from the model's "
+                     "measured speed to take about this long; 0: --max-batch-tokens alone (default: 250)")
     sub.add_argument("--max-wait-ms", type=float, default=5.0, help="wait for more requests (default: 5 ms)")
     sub.add_argument("--max-queue", type=int, default=1024, help="waiting requests before 429 (default: 1024)")
     sub.add_argument("--max-inputs", type=int, default=2048, help="inputs per request (default: 2048)")
@@ -446,6 +452,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--max-top-k", type=int, default=100, help="/v1/match: the largest top_k (default: 100)")
     sub.add_argument("--body-timeout", type=float, default=30.0,
                      help="seconds for a request body to arrive; later -> 408 (default: 30)")
+    sub.add_argument("--header-timeout", type=float, default=10.0,
+                     help="seconds for a request's headers to arrive; later -> 408 and the connection closes "
+                          "(default: 10)")
     sub.add_argument("--shutdown-timeout", type=float, default=30.0,
                      help="after SIGTERM, seconds in-flight requests get before they are cancelled (default: 30)")
     sub.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (for /v1/* and /metrics)")

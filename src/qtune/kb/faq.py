@@ -29,11 +29,16 @@ if TYPE_CHECKING:
 
 
 class Embeds(Protocol):
-    """Something that embeds texts (an embedding model from `qtune.load`)."""
+    """Something that embeds texts (an embedding model from `qtune.load`): `embed`, or in two steps
+    (the server tokenizes apart from the model call) `features` then `run_batch`."""
 
     dimension: int
 
     def embed(self, texts: Sequence[str], *, is_query: bool = False, batch_size: int = 64) -> np.ndarray: ...
+
+    def features(self, texts: Sequence[str], is_query: bool) -> list[dict]: ...
+
+    def run_batch(self, features: list[dict]) -> np.ndarray: ...
 
 
 class ScoresPairs(Protocol):
@@ -46,6 +51,10 @@ class ScoresPairs(Protocol):
         """Raise QtuneError if this model cannot score pairs for matching."""
 
     def pair_scores(self, pairs: list[tuple[str, str]]) -> np.ndarray: ...
+
+    def pair_features(self, pairs: list[tuple[str, str]]) -> list[dict]: ...
+
+    def feature_scores(self, features: list[dict]) -> np.ndarray: ...
 
 FAQ_COLUMNS = ("question", "answer")
 DEFAULT_TOP_K = 5
@@ -277,21 +286,49 @@ class FaqMatcher:
             default = DEFAULT_THRESHOLD_CLASSIFIER
         self.threshold = default if threshold is None else float(threshold)
 
-    def match(self, query: str, top_k: int | None = None, threshold: float | None = None) -> dict:
-        """{"matched", "id", "question", "answer", "score", "candidates": [{id, question, answer, score}]}.
+    @property
+    def tokenizers(self) -> list:
+        """The tokenizers the stages use (the server lets one thread at a time use each)."""
+        models = [self.embedder] if self.rescorer is None else [self.embedder, self.rescorer]
+        return [m.loaded.tokenizer for m in models if getattr(m, "loaded", None) is not None]
 
-        Candidates are sorted by score, best first; with an empty KB nothing matches and the
-        best-entry fields are None.
-        """
+    def query_text(self, query: str) -> str:
+        """The query as the models can read it: no more characters than the longest of their max
+        lengths can hold (the models cut the rest anyway), so a megabyte query is not tokenized
+        once for the embedder and again for each candidate."""
+        from qtune.tasks.requests import cut_chars
+
         if not isinstance(query, str) or not query.strip():
             raise QtuneError("the query is empty")
-        top_k = self.top_k if top_k is None else int(top_k)
+        lengths = [m.loaded.meta.max_length for m in (self.embedder, self.rescorer)
+                   if getattr(getattr(m, "loaded", None), "meta", None) is not None]
+        return cut_chars(query, max(lengths)) if lengths else query
+
+    # The stages of `match`: the server runs the tokenizing ones on its prep threads and the model
+    # calls on its model thread.
+    def query_features(self, query: str) -> list[dict]:
+        return self.embedder.features([self.query_text(query)], is_query=True)
+
+    def recall(self, features: list[dict], top_k: int | None = None) -> list:
+        """The `top_k` nearest FAQ entries of the query these features encode."""
+        vector = self.embedder.run_batch(features)[0]  # (dim,) unit vector, as `embed` returns it
+        return self.kb.search(vector, self.top_k if top_k is None else int(top_k))
+
+    def pair_features(self, query: str, hits: list) -> list[dict]:
+        if self.rescorer is None or not hits:
+            return []
+        query = self.query_text(query)
+        return self.rescorer.pair_features([(query, h.question) for h in hits])
+
+    def rescore(self, features: list[dict]) -> np.ndarray:
+        """(len(features),) the rescorer's scores of (query, candidate) features."""
+        return self.rescorer.feature_scores(features)
+
+    def decide(self, hits: list, scores: Sequence[float] | None, threshold: float | None = None) -> dict:
+        """The answer `match` returns, from the recalled `hits` and their rescored `scores` (None:
+        their cosines)."""
         threshold = self.threshold if threshold is None else float(threshold)
-        vector = self.embedder.embed([query], is_query=True)[0]  # (dim,)
-        hits = self.kb.search(vector, top_k)
-        scores = [h.score for h in hits]
-        if self.rescorer is not None and hits:
-            scores = [float(s) for s in self.rescorer.pair_scores([(query, h.question) for h in hits])]  # (k,)
+        scores = [h.score for h in hits] if scores is None else [float(s) for s in scores]
         candidates = sorted(({"id": h.id, "question": h.question, "answer": h.answer, "score": s}
                              for h, s in zip(hits, scores)), key=lambda c: -c["score"])
         if not candidates:
@@ -299,3 +336,15 @@ class FaqMatcher:
                     "candidates": []}
         best = candidates[0]
         return {"matched": best["score"] >= threshold, **best, "candidates": candidates}
+
+    def match(self, query: str, top_k: int | None = None, threshold: float | None = None) -> dict:
+        """{"matched", "id", "question", "answer", "score", "candidates": [{id, question, answer, score}]}.
+
+        Candidates are sorted by score, best first; with an empty KB nothing matches and the
+        best-entry fields are None. A query longer than the models read is cut (`query_text`).
+        """
+        hits = self.recall(self.query_features(query), top_k)
+        scores = None
+        if self.rescorer is not None and hits:
+            scores = self.rescore(self.pair_features(query, hits))  # (k,)
+        return self.decide(hits, scores, threshold)

@@ -17,6 +17,7 @@ cancelled (rows not yet computed leave the batcher) and is counted as status 499
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import signal
@@ -48,6 +49,9 @@ MATCH_QUEUE = "/v1/match"  # the queue-depth label of FAQ matching (no model nam
 PREP_THREADS = 2  # JSON parsing, validation, tokenization and answers: off the event loop, beside the model thread
 MAX_JSON_DEPTH = 32  # the deepest request is 3 levels (a list of pairs); deeper bodies are refused
 CLIENT_CLOSED = 499  # nginx's status for "the client closed the connection before the answer"
+# /v1/match rescores its candidates in model calls of at most this many tokens (a 512-token reranker:
+# 4 of 100 candidates at a time), so that a top_k of 100 does not hold the model thread for seconds.
+MATCH_CALL_TOKENS = 2048
 
 
 @dataclass
@@ -88,11 +92,18 @@ class ServingState:
     executor: ThreadPoolExecutor | None = None  # the model thread
     prep: ThreadPoolExecutor | None = None  # parsing, tokenization, answers
     # A fast tokenizer sets its truncation and padding on state its calls share, then encodes: two
-    # threads tokenizing at once (prep threads, and the FAQ matcher on the model thread) could get
-    # each other's settings. Whoever tokenizes holds this.
-    tokenizing: threading.Lock = field(default_factory=threading.Lock)
+    # threads using one tokenizer at once could get each other's settings. Whoever tokenizes holds
+    # that tokenizer's lock; models with tokenizers of their own do not wait for each other.
+    tokenizer_locks: dict[int, tuple[object, threading.Lock]] = field(default_factory=dict)
+    guard: threading.Lock = field(default_factory=threading.Lock)
     match_queue: Waiting = field(default_factory=lambda: Waiting(MATCH_QUEUE))
     created: int = field(default_factory=lambda: int(time.time()))
+
+    def tokenizer_lock(self, tokenizer) -> threading.Lock:
+        with self.guard:
+            # keyed by identity; the tokenizer is kept so that its id is not reused by another
+            _, lock = self.tokenizer_locks.setdefault(id(tokenizer), (tokenizer, threading.Lock()))
+            return lock
 
 
 def _task_of(model) -> Task:
@@ -177,13 +188,19 @@ class ModelCalls:
     async def one_call(self, waiting, what: str, fn, *args):
         """`fn(*args)` on the model thread, counted in `waiting.pending`; 429 past `max_queue`.
         Cancelled before it starts (the client went away), it never runs."""
+        with self.queued(waiting, what):
+            return await asyncio.get_running_loop().run_in_executor(self.state.executor, fn, *args)
+
+    @contextlib.contextmanager
+    def queued(self, waiting, what: str):
+        """Counts a request in `waiting.pending` while the block runs; 429 past `max_queue`."""
         limit = self.settings.max_queue
         if waiting.pending >= limit:
             raise ApiError(429, f"too many requests waiting for {what}: {limit} requests are already waiting; "
                                 "retry later", code="queue_full")
         waiting.pending += 1
         try:
-            return await asyncio.get_running_loop().run_in_executor(self.state.executor, fn, *args)
+            yield
         finally:
             waiting.pending -= 1
 
@@ -192,9 +209,11 @@ class ModelCalls:
         the event loop, nor wait behind model calls."""
         return await asyncio.get_running_loop().run_in_executor(self.state.prep, lambda: fn(*args, **kwargs))
 
-    async def tokenize(self, fn, *args, **kwargs):
-        """`prepare` for work that tokenizes: one tokenizing call at a time (`ServingState.tokenizing`)."""
-        return await self.prepare(_holding, self.state.tokenizing, fn, *args, **kwargs)
+    async def tokenize(self, fn, entry: ServedModel, *args, **kwargs):
+        """`prepare(fn, entry, *args, **kwargs)` for work that tokenizes with the served model `entry`'s
+        tokenizer: one call at a time per tokenizer (`ServingState.tokenizer_lock`)."""
+        lock = self.state.tokenizer_lock(entry.model.loaded.tokenizer)
+        return await self.prepare(_holding, [lock], fn, entry, *args, **kwargs)
 
 
 def _routes() -> dict[str, list[tuple[Task, Endpoint]]]:
@@ -266,6 +285,7 @@ def create_app(models: dict[str, object], settings: ServerSettings, matcher=None
                 continue  # e.g. generation: one model call per request, not micro-batched
             entry.batcher = MicroBatcher(run_batch, state.executor, max_batch_tokens=settings.max_batch_tokens,
                                          max_wait_ms=settings.max_wait_ms, max_queue=settings.max_queue,
+                                         target_call_ms=settings.target_call_ms,
                                          on_call=lambda rows, name=entry.name: calls.counted(name, rows))
             entry.batcher.start()
         state.draining, state.ready = False, True
@@ -353,10 +373,8 @@ def create_app(models: dict[str, object], settings: ServerSettings, matcher=None
         if body.top_k is not None and not 1 <= body.top_k <= settings.max_top_k:
             raise ApiError(422, f"top_k must be at least 1 and at most {settings.max_top_k}, got {body.top_k}",
                            param="top_k", code="invalid_top_k")
-        try:  # the matcher embeds the query: it runs on the model thread like every torch call
-            result = await _while_connected(request, calls.one_call(
-                state.match_queue, "FAQ matching", _holding, state.tokenizing, state.matcher.match, body.query,
-                body.top_k, body.threshold))
+        try:
+            result = await _while_connected(request, _match(calls, state.matcher, body))
         except QtuneError as error:
             if isinstance(error, ApiError):
                 raise
@@ -367,8 +385,43 @@ def create_app(models: dict[str, object], settings: ServerSettings, matcher=None
     return app
 
 
-def _holding(lock: threading.Lock, fn, *args, **kwargs):
-    with lock:
+async def _match(calls: ModelCalls, matcher, body: MatchRequest) -> dict:
+    """`matcher.match` in stages: tokenizing on prep threads (holding the tokenizers' locks), model
+    calls and the search on the model thread, rescoring a few candidates per model call so that
+    other models' calls run between them. Counted in the match queue throughout."""
+    state = calls.state
+    locks = [state.tokenizer_lock(t) for t in matcher.tokenizers]
+    loop = asyncio.get_running_loop()
+    with calls.queued(state.match_queue, "FAQ matching"):
+        features = await calls.prepare(_holding, locks, matcher.query_features, body.query)
+        hits = await loop.run_in_executor(state.executor, matcher.recall, features, body.top_k)
+        scores = None
+        if matcher.rescorer is not None and hits:
+            pairs = await calls.prepare(_holding, locks, matcher.pair_features, body.query, hits)
+            scores = []
+            for part in _parts(pairs, MATCH_CALL_TOKENS):
+                scores.extend(await loop.run_in_executor(state.executor, matcher.rescore, part))
+        return matcher.decide(hits, scores, body.threshold)
+
+
+def _parts(features: list[dict], tokens: int) -> list[list[dict]]:
+    """`features` in order, in runs of at most `tokens` tokens (a longer feature alone)."""
+    parts, size = [], 0
+    for feature in features:
+        length = len(feature["input_ids"])
+        if not parts or size + length > tokens:
+            parts.append([])
+            size = 0
+        parts[-1].append(feature)
+        size += length
+    return parts
+
+
+def _holding(locks: list[threading.Lock], fn, *args, **kwargs):
+    """`fn(*args, **kwargs)` holding `locks` (taken in one order: two callers never wait for each other's)."""
+    with contextlib.ExitStack() as held:
+        for lock in sorted(set(locks), key=id):
+            held.enter_context(lock)
         return fn(*args, **kwargs)
 
 
@@ -600,6 +653,19 @@ def _pick(served: dict[str, ServedModel], handlers: list[tuple[Task, Endpoint]],
     return entry, by_task[entry.kind]
 
 
+def server_config(app, settings: ServerSettings):
+    """The uvicorn configuration `serve` runs `app` with."""
+    import uvicorn
+
+    from qtune.serving.listen import header_timeout_protocol
+
+    # After SIGTERM in-flight requests get `shutdown_timeout_s`, then are cancelled: a stalled client
+    # cannot keep the process alive. Headers that trickle in are cut off after `header_timeout_s`.
+    return uvicorn.Config(app, host=settings.host, port=settings.port, log_level="info",
+                          timeout_graceful_shutdown=settings.shutdown_timeout_s,
+                          http=header_timeout_protocol(settings.header_timeout_s))
+
+
 def serve(models: dict[str, object], settings: ServerSettings, matcher=None) -> None:
     """Run the app with uvicorn until SIGTERM/SIGINT: stop accepting, finish in-flight requests, return."""
     import uvicorn
@@ -612,10 +678,7 @@ def serve(models: dict[str, object], settings: ServerSettings, matcher=None) -> 
             state.draining = True  # requests on open keep-alive connections now get 503
             super().handle_exit(sig, frame)
 
-    # After SIGTERM in-flight requests get `shutdown_timeout_s`, then are cancelled: a stalled client
-    # cannot keep the process alive.
-    server = DrainingServer(uvicorn.Config(app, host=settings.host, port=settings.port, log_level="info",
-                                           timeout_graceful_shutdown=settings.shutdown_timeout_s))
+    server = DrainingServer(server_config(app, settings))
     # uvicorn re-raises the signal it caught once it has shut down, which would kill the process
     # with that signal; a graceful shutdown should end like a normal return (exit code 0).
     main = threading.current_thread() is threading.main_thread()

@@ -14,7 +14,11 @@ rows still waiting:
   padded tokens (one short text among long ones, or one long text among short ones, no longer
   pads every row of the call);
 - abandonment: a request whose caller went away (its future cancelled) is dropped from the pool,
-  its rows not yet computed never are.
+  its rows not yet computed never are;
+- call time: with `target_call_ms`, a call holds at most the padded tokens the model computes in
+  that time, at the speed measured on its earlier calls (the first call holds at most
+  `FIRST_CALL_TOKENS`): one big request is many short calls, and the model thread, which every
+  model shares, is never held for long by one of them.
 
 Model calls go through an executor with a single thread, shared by all models, so torch never runs
 two calls at once and the event loop stays free. The runner is the served wrapper's own batch
@@ -26,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -36,6 +41,13 @@ Runner = Callable[[list[dict]], np.ndarray]  # unpadded features -> (rows, width
 # A model call costs about as much as this many padded tokens whatever its size (kernel launches,
 # pooling, copies): splitting rows into two calls to save less padding than that is not worth it.
 MIN_SPLIT_SAVING = 256
+# Before a model's speed is measured its first call holds at most this many padded tokens: small on
+# any machine, and enough for most requests. Later calls are sized from the measured speed.
+FIRST_CALL_TOKENS = 2048
+# Calls are never sized below this many padded tokens: a call costs about MIN_SPLIT_SAVING tokens
+# whatever its size, and a small call timed while the machine was busy elsewhere would otherwise
+# shrink the next ones.
+MIN_CALL_TOKENS = 256
 
 
 class QueueFullError(Exception):
@@ -70,9 +82,13 @@ class _Pending:
 
 class MicroBatcher:
     def __init__(self, run: Runner, executor, *, max_batch_tokens: int, max_wait_ms: float, max_queue: int,
-                 on_call: Callable[[int], None] | None = None, min_split_saving: int = MIN_SPLIT_SAVING):
+                 on_call: Callable[[int], None] | None = None, min_split_saving: int = MIN_SPLIT_SAVING,
+                 target_call_ms: float | None = None):
         self.run, self.executor, self.on_call = run, executor, on_call
         self.max_batch_tokens, self.max_wait = max_batch_tokens, max_wait_ms / 1000
+        self.target_call_s = None if target_call_ms is None else target_call_ms / 1000
+        self.seconds_per_token: float | None = None  # measured on the calls so far (a moving average)
+        self._warm = False  # the first call is not timed: it pays for lazy initialisation
         self.max_queue, self.min_split_saving = max_queue, min_split_saving
         self.model_calls = 0  # for /metrics and the tests
         self.pending = 0  # requests submitted and not yet answered (waiting or being computed)
@@ -139,7 +155,7 @@ class MicroBatcher:
     async def _gather(self, deadline: float) -> None:
         """Wait for company until `deadline` or until the waiting rows fill a model call."""
         loop = asyncio.get_running_loop()
-        while sum(item.tokens for item in self._pool if item.live) < self.max_batch_tokens:
+        while sum(item.tokens for item in self._pool if item.live) < self.call_tokens:
             remaining = deadline - loop.time()
             if remaining <= 0:
                 return
@@ -148,6 +164,28 @@ class MicroBatcher:
                 await asyncio.wait_for(self._wake.wait(), remaining)
             except asyncio.TimeoutError:
                 return
+
+    @property
+    def call_tokens(self) -> int:
+        """The most padded tokens of the next model call."""
+        if self.target_call_s is None:
+            return self.max_batch_tokens
+        if self.seconds_per_token is None:
+            return min(self.max_batch_tokens, FIRST_CALL_TOKENS)
+        return min(self.max_batch_tokens, max(MIN_CALL_TOKENS, int(self.target_call_s / self.seconds_per_token)))
+
+    def _timed(self, features: list[dict]) -> np.ndarray:
+        """`run(features)`, on the model thread, measuring its speed (not the time spent waiting for the thread)."""
+        began = time.perf_counter()
+        result = self.run(features)
+        if not self._warm:
+            self._warm = True
+            return result
+        padded = len(features) * max((len(f["input_ids"]) for f in features), default=1)
+        measured = (time.perf_counter() - began) / max(padded, 1)
+        previous = self.seconds_per_token
+        self.seconds_per_token = measured if previous is None else (previous + measured) / 2
+        return result
 
     def next_call(self) -> list[tuple[_Pending, int]]:
         """(request, row) pairs of the next model call, taken out of the waiting rows."""
@@ -160,7 +198,7 @@ class MicroBatcher:
         first = max(front, key=lambda item: item.lengths[item.waiting[0]])
         ready = [first, *(item for item in ready if item is not first)]
         longest = first.lengths[first.waiting[0]]
-        room = max(1, self.max_batch_tokens // max(longest, 1))
+        room = max(1, self.call_tokens // max(longest, 1))
         every, alike = [], []  # the first `room` rows no longer than `longest`; the same without short ones
         for item in ready:
             for j in item.waiting:
@@ -193,7 +231,7 @@ class MicroBatcher:
         loop = asyncio.get_running_loop()
         items = list({id(item): item for item, _ in call}.values())
         try:
-            result = await loop.run_in_executor(self.executor, self.run, [item.features[j] for item, j in call])
+            result = await loop.run_in_executor(self.executor, self._timed, [item.features[j] for item, j in call])
         except asyncio.CancelledError:  # stopped mid-call: its requests get an answer, not a hang
             for item in items:
                 _fail(item, BatcherStopped())

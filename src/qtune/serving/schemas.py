@@ -16,7 +16,11 @@ __all__ = ["ERROR_TYPES", "ApiError", "ServerSettings", "error_body"]
 class ServerSettings:
     host: str = "127.0.0.1"
     port: int = 8000
-    max_batch_tokens: int = 16384  # padded tokens (rows x longest row) per model call
+    max_batch_tokens: int = 16384  # padded tokens (rows x longest row) per model call, at most
+    # Model calls are sized from the model's measured speed to take about this long, so that a request
+    # of another model (or a small one of this model) waits about this long for the model thread,
+    # whatever the size of the request being computed; None: `max_batch_tokens` alone.
+    target_call_ms: float | None = 250.0
     max_wait_ms: float = 5.0  # how long the first waiting request may wait for company
     max_queue: int = 1024  # waiting requests per model; more -> 429
     max_inputs: int = 2048  # inputs per request
@@ -29,4 +33,5 @@ class ServerSettings:
     max_top_k: int = 100  # /v1/match: the most candidates a request may ask for; more -> 422
     max_request_tokens: int = 262144  # tokens of all inputs of one request; more -> 422
     body_timeout_s: float = 30.0  # the whole body must arrive within this; else 408
+    header_timeout_s: float = 10.0  # a request's headers must arrive within this; else 408 and the connection closes
     shutdown_timeout_s: float = 30.0  # SIGTERM: in-flight requests get this long, then are cancelled

@@ -12,6 +12,10 @@ from pydantic import BaseModel, ConfigDict, Field, StrictStr
 from qtune.errors import RequestError
 
 NO_LIMIT = 10 ** 9  # tokenize without cutting, so too-long inputs are reported (bounded by the body size)
+# Tokens are rarely longer than a few characters; a text with more characters than this many per
+# allowed token is over the limit (or cut) before a tokenizer reads it: tokenizing megabytes takes
+# seconds that the limit would throw away.
+CHARS_PER_TOKEN = 32
 
 FiniteFloat = Annotated[float, Field(strict=True, allow_inf_nan=False)]  # a number (an int too), not NaN/inf
 
@@ -44,6 +48,26 @@ def check_lengths(features: list[dict], limit: int, note: str = "", param: str =
         if len(f["input_ids"]) > limit:
             raise RequestError(422, f"{item} {i} has {len(f['input_ids'])} tokens{note}; the limit is {limit}",
                                param=param, code="input_too_long")
+
+
+def check_chars(texts: list[str], limit: int, param: str = "input", item: str = "input") -> None:
+    """422 for a text longer than `limit` tokens could be (CHARS_PER_TOKEN characters each), before
+    it is tokenized."""
+    most = limit * CHARS_PER_TOKEN
+    for i, text in enumerate(texts):
+        if len(text) > most:
+            raise RequestError(422, f"{item} {i} has {len(text)} characters, more than {limit} tokens can hold (at "
+                                    f"most {most} characters are read); the limit is {limit} tokens", param=param,
+                               code="input_too_long")
+
+
+def cut_chars(text: str, limit: int, side: str = "end") -> str:
+    """`text` without the characters that cannot be among its first (`side="end"`: the end is cut) or
+    last (`"start"`) `limit` tokens, before it is tokenized."""
+    most = limit * CHARS_PER_TOKEN
+    if len(text) <= most:
+        return text
+    return text[:most] if side == "end" else text[len(text) - most:]
 
 
 def check_total(features: list[dict], settings, param: str = "input") -> None:
@@ -79,9 +103,12 @@ def usage(features: list[dict], generated: int | None = None) -> dict:
 
 
 def classify_answer(entry, probs, labels, features) -> dict:
-    """The `/v1/classify` answer: `{data: [{index, label, probs}]}` from (rows, labels) probabilities."""
+    """The `/v1/classify` answer: `{data: [{index, label, probs, scores}]}` from (rows, labels)
+    probabilities; `probs` in the model's label order (vLLM's field), `scores` the same with each
+    label's name: `[{label, score}]`."""
     return {"object": "list", "model": entry.name,
-            "data": [{"index": i, "label": labels[int(p.argmax())], "probs": [float(x) for x in p]}
+            "data": [{"index": i, "label": labels[int(p.argmax())], "probs": [float(x) for x in p],
+                      "scores": [{"label": name, "score": float(x)} for name, x in zip(labels, p)]}
                      for i, p in enumerate(probs)],
             "usage": usage(features)}
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from qtune.errors import RequestError
-from qtune.tasks.requests import ClassifyRequest, check_lengths, check_texts, check_total, classify_answer
+from qtune.tasks.requests import ClassifyRequest, check_chars, check_lengths, check_texts, check_total, classify_answer
 
 
 def is_texts(body: ClassifyRequest) -> bool:
@@ -18,6 +18,7 @@ def text_features(entry, value, settings) -> list[dict]:
         raise RequestError(422, f"model {entry.name!r} is a text classifier: input must be a string or a list of "
                                 "strings [text, ...], not pairs", param="input", code="texts_required")
     texts = check_texts(value, settings)
+    check_chars(texts, entry.max_input_tokens)
     # Untruncated, to report too-long texts; within the limit this equals the truncating encoder.
     encoder = entry.model.encoder(truncate=False)
     features = [encoder.encode(text) for text in texts]

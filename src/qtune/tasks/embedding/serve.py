@@ -14,7 +14,8 @@ from pydantic import Field, StrictInt, StrictStr
 
 from qtune.errors import RequestError
 from qtune.tasks.embedding.model import truncate_normalize
-from qtune.tasks.requests import Request, check_count, check_lengths, check_total, cohere_meta, fit_text, usage
+from qtune.tasks.requests import (Request, check_chars, check_count, check_lengths, check_total, cohere_meta, cut_chars,
+                                  fit_text, usage)
 
 
 class EmbeddingRequest(Request):
@@ -49,7 +50,11 @@ def embedding_features(entry, value, *, is_query: bool, settings, limit: int | N
     loaded = entry.model.loaded
     tokenizer = loaded.tokenizer
     if isinstance(value[0], str):
-        # Bounded by the body size limit: count, do not cut (unless asked to).
+        if cut is None:
+            check_chars(value, limit, param=param, item=item)
+        else:
+            value = [cut_chars(text, limit, cut) for text in value]
+        # Bounded by the characters read: count, do not cut (unless asked to).
         features = entry.model.features(value, is_query, truncate=False)
         if cut is not None:
             features = _cut_to_fit(entry, value, features, is_query=is_query, limit=limit, side=cut, item=item)

@@ -10,7 +10,7 @@ import functools
 from pydantic import Field, StrictInt, StrictStr
 
 from qtune.errors import RequestError
-from qtune.tasks.requests import Request, check_lengths, check_texts, check_total, usage
+from qtune.tasks.requests import Request, check_chars, check_lengths, check_texts, check_total, usage
 
 DEFAULT_MAX_NEW_TOKENS = 256  # without max_new_tokens (capped by ServerSettings.max_new_tokens)
 
@@ -25,6 +25,7 @@ class ExtractRequest(Request):
 async def extract(call, entry, body: ExtractRequest) -> dict:
     settings = call.settings
     texts = check_texts(body.input, settings)
+    check_chars(texts, entry.max_input_tokens)
     cap = settings.max_new_tokens
     max_new_tokens = min(DEFAULT_MAX_NEW_TOKENS, cap) if body.max_new_tokens is None else body.max_new_tokens
     if max_new_tokens > cap:

@@ -58,3 +58,12 @@ class PairClassifier(LabelledClassifier):
     def pair_scores(self, pairs: list[tuple[str, str]]) -> np.ndarray:
         """(len(pairs),) P(positive) of each (query, FAQ question) pair."""
         return self.predict_proba(pairs)[:, 1]
+
+    def pair_features(self, pairs: list[tuple[str, str]]) -> list[dict]:
+        """`pair_scores` in two steps, tokenizing apart from the model call: the features, ..."""
+        encoder = self.encoder()
+        return [encoder.encode(a, b) for a, b in pairs]
+
+    def feature_scores(self, features: list[dict]) -> np.ndarray:
+        """... then (len(features),) P(positive) of each."""
+        return self.predict_features(features)[:, 1]

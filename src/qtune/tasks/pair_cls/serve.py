@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from qtune.errors import RequestError
-from qtune.tasks.requests import ClassifyRequest, check_count, check_lengths, check_total, classify_answer
+from qtune.tasks.requests import ClassifyRequest, check_chars, check_count, check_lengths, check_total, classify_answer
 
 
 def is_pairs(body: ClassifyRequest) -> bool:
@@ -22,6 +22,7 @@ def pair_features(entry, value, settings) -> list[dict]:
         if len(pair) != 2:
             raise RequestError(422, f"input {i} has {len(pair)} texts; each input must be a pair [text_a, text_b]",
                                param="input", code="pairs_required")
+        check_chars(pair, entry.max_input_tokens, item=f"input {i}, text")
     # Untruncated, to report too-long pairs; within the limit this equals the truncating encoder.
     encoder = entry.model.encoder(truncate=False)
     features = [dict(encoder.encode(a, b)) for a, b in value]

@@ -60,6 +60,14 @@ class Reranker:
         """(len(pairs),) relevance of each (query, FAQ question) pair."""
         return self.score(pairs)
 
+    def pair_features(self, pairs: list[tuple[str, str]]) -> list[dict]:
+        """`pair_scores` in two steps, tokenizing apart from the model call: the features, ..."""
+        return self.features(pairs)
+
+    def feature_scores(self, features: list[dict]) -> np.ndarray:
+        """... then (len(features),) their scores."""
+        return self.score_features(features)
+
     def features(self, pairs: Sequence[tuple[str, str]], truncate: bool = True) -> list[dict]:
         """Unpadded features of (query, document) pairs (`truncate=False`: nothing cut, to count
         tokens; within max_length these equal the truncated ones)."""

@@ -12,7 +12,7 @@ import numpy as np
 from pydantic import Field, StrictBool, StrictInt, StrictStr
 
 from qtune.errors import RequestError
-from qtune.tasks.requests import Request, check_count, check_total, cohere_meta, fit_text, usage
+from qtune.tasks.requests import Request, check_chars, check_count, check_total, cohere_meta, cut_chars, fit_text, usage
 
 
 class RerankDocument(Request):
@@ -56,6 +56,10 @@ def rerank_features(entry, query: str, documents: list[str], settings,
     for i, document in enumerate(documents):
         if not document:
             raise RequestError(400, f"document {i} is empty", param="documents", code="empty_input")
+    check_chars([query], entry.max_input_tokens, param="query", item="query")
+    if max_document_tokens is not None:
+        documents = [cut_chars(d, max_document_tokens) for d in documents]
+    check_chars(documents, entry.max_input_tokens, param="documents", item="document")
     if max_document_tokens is not None:
         tokenizer = entry.model.loaded.tokenizer
 
