@@ -169,7 +169,8 @@ def headline(report: dict) -> list[dict]:
         if not (qtune and peer):
             continue
         out.append(headline_row(
-            f"{work[workload]} beside {report['busy_processes']} busy processes: slowdown loaded / quiet",
+            f"{work[workload]} beside {report['busy_processes']} busy process{'es' * (report['busy_processes'] != 1)}: "
+            "slowdown loaded / quiet",
             f"{qtune['slowdown loaded']:.2f}x ({figure(qtune['quiet'])} -> {figure(qtune['loaded'])} {qtune['unit']})",
             f"{peers[workload]}: {peer['slowdown loaded']:.2f}x ({figure(peer['quiet'])} -> {figure(peer['loaded'])})",
             peer["slowdown loaded"] / qtune["slowdown loaded"]))
