@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
+
 
 class QtuneError(Exception):
     """A problem with the user's input or setup (not a bug in qtune)."""
@@ -49,3 +52,28 @@ class RequestError(QtuneError):
 
 def error_body(message: str, type_: str, param: str | None = None, code: str | None = None) -> dict:
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+@contextlib.contextmanager
+def held_logs(*names: str):
+    """Hold back what the loggers `names` log during the block (from any thread), and yield the
+    records as a list. Whatever is left in the list when the block ends is logged as it would have
+    been; a caller that turns a library failure into one QtuneError clears it first, so the user
+    sees that line instead of the library's tracebacks. A logger's filter sees only records logged
+    on that very logger (not those its children pass up), so `names` are the exact loggers."""
+    held: list[logging.LogRecord] = []
+
+    def hold(record: logging.LogRecord) -> bool:
+        held.append(record)
+        return False
+
+    loggers = [logging.getLogger(name) for name in names]
+    for logger in loggers:
+        logger.addFilter(hold)
+    try:
+        yield held
+    finally:
+        for logger in loggers:
+            logger.removeFilter(hold)
+        for record in held:
+            logging.getLogger(record.name).handle(record)

@@ -149,15 +149,69 @@ def _one_split(splits: list[str], split: str | None, where: str) -> str:
 def _folder_dataset(datasets, source: ColumnarSource, where: str):
     folder = Path(source.location)
     if (folder / DATASET_DICT_FILE).is_file():
-        splits = json.loads((folder / DATASET_DICT_FILE).read_text(encoding="utf-8"))["splits"]
+        splits = _json_file(folder / DATASET_DICT_FILE, where).get("splits")
+        if not isinstance(splits, list) or not all(isinstance(name, str) for name in splits):
+            raise DataError(f"{DATASET_DICT_FILE} lists no splits (a list of names under \"splits\"); "
+                            f"{REWRITE}", path=where)
         split = _one_split(list(splits), source.split, where)
-        return datasets.load_from_disk(str(folder))[split]
+        return _load_from_disk(datasets, folder, where)[split]
     if (folder / DATASET_FILE).is_file():
         if source.split is not None:
             raise DataError(f"is a single dataset without splits; drop ':{source.split}'", path=where)
-        return datasets.load_from_disk(str(folder))
+        return _load_from_disk(datasets, folder, where)
     raise DataError(f"is a folder but not a Hugging Face datasets folder (no {DATASET_DICT_FILE} or "
                     f"{DATASET_FILE}, which save_to_disk writes)", path=where)
+
+
+REWRITE = "write the dataset again with save_to_disk"
+
+
+def _json_file(path: Path, where: str) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as e:  # JSONDecodeError is a ValueError
+        raise DataError(f"{path.name} of the datasets folder {where} is not readable JSON ({e}); {REWRITE}",
+                        path=str(path)) from None
+    if not isinstance(data, dict):
+        raise DataError(f"{path.name} of the datasets folder {where} is not a JSON object; {REWRITE}",
+                        path=str(path))
+    return data
+
+
+def _load_from_disk(datasets, folder: Path, where: str):
+    """`datasets.load_from_disk`, whose errors (pyarrow's "Expected to be able to read 28112 bytes for
+    message body, got 27836") name no file: a failure is traced to the file it comes from."""
+    try:
+        return datasets.load_from_disk(str(folder))
+    except (OSError, ValueError) as e:  # pyarrow's ArrowInvalid is a ValueError
+        error = _broken_file(folder, where) or DataError(f"cannot be read as a datasets folder ({e}); {REWRITE}",
+                                                         path=where)
+    raise error from None
+
+
+def _broken_file(folder: Path, where: str) -> DataError | None:
+    """The first file of a save_to_disk folder that is missing, truncated or corrupt, as a DataError
+    naming it; None if every file reads."""
+    import pyarrow as pa
+
+    parts = [folder]
+    if (folder / DATASET_DICT_FILE).is_file():
+        parts = [folder / name for name in _json_file(folder / DATASET_DICT_FILE, where).get("splits") or []]
+    for part in parts:
+        state = _json_file(part / DATASET_FILE, where)
+        names = [f.get("filename") for f in state.get("_data_files") or [] if isinstance(f, dict)]
+        for name in names or sorted(p.name for p in part.glob("*.arrow")):
+            path = part / str(name)
+            if not path.is_file():
+                return DataError(f"missing: {DATASET_FILE} lists it as part of the datasets folder {where}; "
+                                 f"{REWRITE}", path=str(path))
+            try:
+                with pa.memory_map(str(path)) as file:
+                    pa.ipc.open_stream(file).read_all()
+            except (OSError, ValueError) as e:  # ArrowInvalid is a ValueError
+                return DataError(f"truncated or corrupt Arrow file ({e}) in the datasets folder {where}; {REWRITE}",
+                                 path=str(path))
+    return None
 
 
 def _hub_dataset(datasets, source: ColumnarSource, where: str):

@@ -13,14 +13,18 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
+import pickle
+import re
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, Sequence
 
 from qtune import __version__
 from qtune.distributed import device_name
-from qtune.errors import QtuneError
+from qtune.errors import DataError, QtuneError, held_logs
 from qtune.hub import hub_reachable
 from qtune.modeling.family import Family, family_of
 
@@ -75,13 +79,114 @@ class CheckpointMeta:
                                            encoding="utf-8")
 
 
+# Bounds of qtune.json values. Every value qtune writes lies inside them; a value outside was typed
+# or damaged, and used as it stands it fails deep inside tokenizers, transformers or peft instead.
+MAX_LENGTH_CAP = 1 << 20  # tokens: beyond the context of any model small enough for qtune
+MAX_LABELS = 10_000  # a classifier head with more outputs is no small classifier
+RESTORE_HINT = "restore the qtune.json written by training (or export), or correct it"
+
+
 def read_meta(name_or_path: str | os.PathLike) -> CheckpointMeta | None:
+    """The qtune.json of a folder (None where there is none), checked field by field: a value qtune
+    cannot use is a DataError naming the file, the field, the value and what is allowed."""
     path = Path(name_or_path, META_FILE)
     if not path.is_file():
         return None
-    data = json.loads(path.read_text(encoding="utf-8"))
+    where = str(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise DataError(f"not valid JSON ({e.msg}, column {e.colno}); {RESTORE_HINT}", path=where,
+                        line=e.lineno) from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"cannot be read ({e}); {RESTORE_HINT}", path=where) from None
+    if not isinstance(data, dict):
+        raise DataError(f"holds a JSON {_json_type(data)}, expected an object of model settings "
+                        f"({', '.join(REQUIRED_FIELDS)}, ...); {RESTORE_HINT}", path=where)
+    for name in REQUIRED_FIELDS:
+        if name not in data:
+            raise DataError(f"missing; every qtune.json names {', '.join(REQUIRED_FIELDS)}; {RESTORE_HINT}",
+                            path=where, field=name)
+    for name, check in FIELD_CHECKS.items():
+        if name in data:
+            allowed = check(data[name])
+            if allowed is not None:
+                raise DataError(f"{_shown(data[name])} is not allowed: {allowed}; {RESTORE_HINT}",
+                                path=where, field=name)
+    # Fields this qtune does not know come from a newer one: they are left out, not refused.
     known = CheckpointMeta.__dataclass_fields__
     return CheckpointMeta(**{k: v for k, v in data.items() if k in known})
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)  # JSON true is no length
+
+
+def _text(value, what: str) -> str | None:
+    return None if isinstance(value, str) and value else f"expected {what}"
+
+
+def _optional_text(value) -> str | None:
+    return None if value is None or isinstance(value, str) else "expected a string or null"
+
+
+def _check_max_length(value) -> str | None:
+    if _is_int(value) and 1 <= value <= MAX_LENGTH_CAP:
+        return None
+    return f"expected a whole number of tokens from 1 to {MAX_LENGTH_CAP}"
+
+
+def _check_labels(value) -> str | None:
+    expected = (f"expected a list of 2 to {MAX_LABELS} distinct, non-empty label strings (or [] for a "
+                f"task without labels)")
+    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+        return expected
+    if len(value) == 1 or len(value) > MAX_LABELS:
+        return f"{expected}, got {len(value)}"
+    repeated = sorted(label for label, n in Counter(value).items() if n > 1)
+    return f"{expected}; repeated: {repeated[:5]}" if repeated else None
+
+
+def _check_pooling(value) -> str | None:
+    from qtune.modeling.pooling import POOLING_MODES
+
+    if value is None or value in POOLING_MODES:
+        return None
+    return f"expected one of {', '.join(POOLING_MODES)} or null"
+
+
+def _check_threshold(value) -> str | None:
+    if value is None or ((_is_int(value) or isinstance(value, float)) and math.isfinite(value)):
+        return None
+    return "expected a finite number or null"
+
+
+REQUIRED_FIELDS = ("task", "base_model", "adapter")
+# field -> check(value): None where the value is usable, else what is allowed
+FIELD_CHECKS = {
+    "task": lambda v: _text(v, "a task name (a non-empty string)"),
+    "base_model": lambda v: _text(v, "a model folder or hub id (a non-empty string)"),
+    "adapter": lambda v: None if isinstance(v, bool) else "expected true or false",
+    "labels": _check_labels,
+    "max_length": _check_max_length,
+    "pooling": _check_pooling,
+    "query_instruction": _optional_text,
+    "instruction": _optional_text,
+    "threshold": _check_threshold,
+    "qtune_version": _optional_text,
+}
+
+
+def _json_type(value) -> str:
+    return {list: "list", str: "string", bool: "boolean", int: "number", float: "number"}.get(type(value), "null")
+
+
+def _shown(value) -> str:
+    """The value as JSON, shortened: a list of 100,000 labels is named by its length."""
+    if isinstance(value, list) and len(value) > 5:
+        return f"a list of {len(value)} items"
+    text = json.dumps(value, ensure_ascii=False)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 @dataclass(frozen=True)
@@ -216,6 +321,12 @@ def check_sources(*names: str | os.PathLike) -> None:
     cannot be reached. Local folders never touch the network; the hub is probed once per call."""
     hub_ids = []
     for name in dict.fromkeys(str(n) for n in names):
+        if Path(name).is_file():
+            # transformers would take it for a malformed hub id and say so
+            folder = Path(name).parent
+            raise QtuneError(f"cannot load model '{name}': it is a file; a model is a folder (the one that holds "
+                             f"config.json and the weights, here perhaps '{folder}') or a hub id such as "
+                             f"'org/model'")
         if Path(name).exists():
             continue
         if _looks_like_path(name):
@@ -328,17 +439,20 @@ def load_model(name_or_path: str | os.PathLike, spec: ModelSpec, *, labels: Sequ
         from qtune.modeling.packing import register_attention
 
         head_kwargs["attn_implementation"] = register_attention()
-    try:
-        model, info = auto_class.from_pretrained(base, dtype=dtype, output_loading_info=True, **head_kwargs)
-    except (OSError, ValueError) as e:
-        raise QtuneError(f"cannot load model '{base}': {e}") from None
-    model.config.pad_token_id = tokenizer.pad_token_id
-
-    if saved is not None and saved.adapter:
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, name_or_path, is_trainable=trainable)
-    elif lora is not None:
+    # transformers' load report calls every weight the checkpoint lacks newly initialised; qtune says
+    # itself which of them are a new head and which the adapter restores (`_report_missing`)
+    saved_adapter = saved is not None and saved.adapter
+    with held_logs(LOAD_REPORT_LOGGER) as report:
+        try:
+            model, info = _from_pretrained(auto_class, base, saved, meta, config, dtype=dtype, **head_kwargs)
+            model.config.pad_token_id = tokenizer.pad_token_id
+            if saved_adapter:
+                model = _peft_from_pretrained(model, name_or_path, meta, trainable)
+        except QtuneError:
+            report.clear()  # the error's one line says what is wrong
+            raise
+        new_modules = _report_missing(name_or_path, saved, info, trainable, report)
+    if lora is not None and not saved_adapter:
         model = _add_lora(model, family, lora, _untrained_modules(info.get("missing_keys", ())), spec)
     if trainable:
         for p in model.parameters():
@@ -348,7 +462,7 @@ def load_model(name_or_path: str | os.PathLike, spec: ModelSpec, *, labels: Sequ
     model.train(trainable)
     loaded = LoadedModel(model=model, tokenizer=tokenizer, family=family, meta=meta, device=torch_device,
                          precision=chosen, packed=packed,
-                         new_modules=tuple(_untrained_modules(info.get("missing_keys", ()))) if saved is None else ())
+                         new_modules=tuple(new_modules))
     if quantize:
         from qtune.modeling.int8 import quantize_int8
 
@@ -374,6 +488,108 @@ def _untrained_modules(missing_keys: Sequence[str]) -> list[str]:
     weights and predict differently.
     """
     return sorted({key.rsplit(".", 1)[0] for key in missing_keys})
+
+
+LOAD_REPORT_LOGGER = "transformers.modeling_utils"  # where from_pretrained logs its LOAD REPORT
+
+
+def _from_pretrained(auto_class, base: str, saved: CheckpointMeta | None, meta: CheckpointMeta, config, **kwargs):
+    """(model, loading info) of `auto_class.from_pretrained(base)`, its failures as QtuneErrors."""
+    try:
+        return auto_class.from_pretrained(base, output_loading_info=True, **kwargs)
+    except pickle.UnpicklingError as e:
+        raise QtuneError(_refused_pickle(base, "model", e)) from None
+    except RuntimeError as e:
+        # a full checkpoint's head has the outputs its config.json counts
+        if saved is None or "mismatch" not in str(e) or len(meta.labels) == config.num_labels:
+            raise
+        raise QtuneError(_head_mismatch(base, meta, config.num_labels)) from None
+    except (OSError, ValueError) as e:
+        raise QtuneError(f"cannot load model '{base}': {e}") from None
+
+
+def _peft_from_pretrained(model, folder: str, meta: CheckpointMeta, trainable: bool):
+    """`model` wrapped with the LoRA adapter (and head) saved in `folder`, its failures as QtuneErrors."""
+    from peft import PeftModel
+
+    try:
+        return PeftModel.from_pretrained(model, folder, is_trainable=trainable)
+    except pickle.UnpicklingError as e:
+        raise QtuneError(_refused_pickle(folder, "adapter", e)) from None
+    except RuntimeError as e:
+        # peft: "size mismatch for ...classifier.modules_to_save.default.bias: copying a param with
+        # shape torch.Size([2]) from checkpoint, ..."; a saved head's first dimension is its outputs
+        head = re.search(r"size mismatch for \S*modules_to_save\S*: copying a param with shape "
+                         r"torch\.Size\(\[(\d+)", str(e))
+        if head is None:
+            raise
+        raise QtuneError(_head_mismatch(folder, meta, int(head[1]))) from None
+
+
+def _report_missing(name_or_path: str, saved: CheckpointMeta | None, info: dict, trainable: bool,
+                    report: list) -> list[str]:
+    """The new (randomly initialised) modules of a model just loaded, said in one qtune line instead
+    of transformers' load report; returns them (none for a qtune folder, whose checkpoint holds them).
+
+    A LoRA checkpoint's base lacks the head the adapter file brings back (peft's `modules_to_save`):
+    nothing is new there, and nothing is said. A weight that neither the base nor the adapter holds
+    keeps transformers' report, which tells the whole story of that unexpected state."""
+    missing_keys = list(info.get("missing_keys", ()))
+    missing = _untrained_modules(missing_keys)
+    if saved is None:
+        report.clear()
+        if missing:
+            # training is what a new head is loaded for; elsewhere it answers at random
+            log.log(logging.INFO if trainable else logging.WARNING,
+                    "%s has no weights for %s: the head is new and untrained; %s", name_or_path, ", ".join(missing),
+                    "training starts it from random weights" if trainable else
+                    "its outputs are random until the model is trained")
+        return missing
+    restored = _adapter_keys(name_or_path) if saved.adapter else set()
+    # peft saves "classifier.weight" of the model it wraps as "base_model.model.classifier.weight"
+    if all(any(k == key or k.endswith("." + key) for k in restored) for key in missing_keys):
+        report.clear()
+    return []
+
+
+def _adapter_keys(folder: str) -> set[str]:
+    """The names of the weights in a peft adapter folder's file (LoRA matrices and whole modules)."""
+    path = Path(folder, "adapter_model.safetensors")
+    if path.is_file():
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as weights:
+            return set(weights.keys())
+    path = Path(folder, "adapter_model.bin")
+    if path.is_file():
+        import torch
+
+        try:
+            return set(torch.load(path, map_location="cpu", weights_only=True, mmap=True))
+        except (pickle.UnpicklingError, RuntimeError, OSError):
+            return set()
+    return set()
+
+
+def _refused_pickle(folder: str, kind: str, error: Exception) -> str:
+    """Why a pickled weights file (`pytorch_model.bin`, `adapter_model.bin`) is refused."""
+    pattern = "adapter_model*.bin" if kind == "adapter" else "pytorch_model*.bin"
+    files = sorted(Path(folder).glob(pattern)) if Path(folder).is_dir() else []
+    where = str(files[0]) if len(files) == 1 else f"{folder} ({pattern.replace('*', '')})"
+    found = re.search(r"Unsupported global: GLOBAL (\S+)", str(error))
+    holds = f"Python objects ({found[1]})" if found else "Python objects"
+    target = "adapter_model.safetensors" if kind == "adapter" else "model.safetensors"
+    return (f"{where}: refused: this pickle file holds {holds}, not only tensors, and loading those could run "
+            f"code; qtune loads only tensors (torch.load with weights_only=True). If you trust the file, "
+            f"convert it to safetensors: torch.load it with weights_only=False and write the tensors with "
+            f"safetensors.torch.save_file to {target} in the same folder, then delete the .bin")
+
+
+def _head_mismatch(folder: str, meta: CheckpointMeta, outputs: int | None) -> str:
+    """A qtune.json whose labels do not fit the classification head saved beside it."""
+    head = f"has {outputs} outputs" if outputs is not None else "has another number of outputs"
+    return (f"{Path(folder, META_FILE)}, field 'labels': {len(meta.labels)} labels, but the classification head "
+            f"saved in {folder} {head}: the labels must be those the model was trained with; {RESTORE_HINT}")
 
 
 def _add_lora(model, family: Family, lora: LoraSettings, extra_modules: Sequence[str], spec: ModelSpec):
