@@ -16,14 +16,16 @@ unnecessary, so it is skipped.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from qtune.errors import QtuneError
+from qtune.errors import QtuneError, held_logs
 from qtune.records import FaqEntry
 
 ENTRIES = "qtune_faq"
@@ -48,6 +50,14 @@ def is_local(uri: str) -> bool:
     return not str(uri).startswith(_REMOTE_PREFIXES)
 
 
+# The loggers Milvus Lite and pymilvus log a failed open or write on, each with a traceback, before
+# the caller gets an exception that says less ("Open local milvus failed"); qtune holds them back
+# while it turns the failure into one line (`qtune.errors.held_logs`).
+MILVUS_LOGGERS = ("milvus_lite.server_manager", "milvus_lite.adapter.grpc.server", "milvus_lite.adapter.grpc.servicer",
+                  "pymilvus.decorators")
+LOCK_FILE = "LOCK"  # what Milvus Lite flocks inside a .db folder while a process has it open
+
+
 def _connect(uri: str, token: str | None):
     try:
         from pymilvus import MilvusClient
@@ -57,10 +67,106 @@ def _connect(uri: str, token: str | None):
     if is_local(uri):
         _check_local_path(uri)
         uri = str(Path(uri).resolve())
+    with held_logs(*MILVUS_LOGGERS) as held:
+        try:
+            return MilvusClient(uri, token=token or "")
+        except Exception as e:  # noqa: BLE001 - connection refused, bad token, unreadable file: say which KB
+            cause = _logged_error(held)
+            held.clear()
+            if is_local(uri) and _is_locked(cause):
+                raise QtuneError(_held_by_another(uri)) from None
+            raise QtuneError(f"cannot open the knowledge base at {uri}: {cause or e}") from None
+
+
+def _logged_error(records) -> BaseException | None:
+    """The exception behind a failure that Milvus Lite logged instead of raising."""
+    for record in records:
+        if record.exc_info and record.exc_info[1] is not None:
+            return record.exc_info[1]
+    return None
+
+
+def _is_locked(error: BaseException | None) -> bool:
+    """Whether Milvus Lite failed on its LOCK (its DataDirLockedError, or the flock it raises from)."""
+    while error is not None:
+        if type(error).__name__ == "DataDirLockedError" or isinstance(error, BlockingIOError):
+            return True
+        error = error.__cause__
+    return False
+
+
+def _held_by_another(uri: str) -> str:
+    """Milvus Lite lets one process at a time open a .db: who has it, and what to do meanwhile."""
+    holder = _lock_holder(Path(uri, LOCK_FILE))
+    who = f"process {holder[0]} ({holder[1]})" if holder else "another process"
+    served = holder is not None and "serve" in holder[1].split()
+    advice = ("query that server's /v1/match endpoint instead, or stop it first" if served else
+              "wait for it to finish or stop it; while `qtune serve --kb` holds a knowledge base, query its "
+              "/v1/match endpoint instead of `qtune kb search`")
+    return f"the knowledge base {uri} is open in {who}, and Milvus Lite lets one process at a time use it: {advice}"
+
+
+def _lock_holder(lock: Path) -> tuple[int, str] | None:
+    """(pid, command line) of the process holding a flock on `lock`, from Linux's /proc/locks; None
+    where that cannot be told (another OS, another PID namespace, a lock already released)."""
     try:
-        return MilvusClient(uri, token=token or "")
-    except Exception as e:  # noqa: BLE001 - connection refused, bad token, unreadable file: say which KB
-        raise QtuneError(f"cannot open the knowledge base at {uri}: {e}") from None
+        stat = lock.stat()
+        # /proc/locks: "1: FLOCK  ADVISORY  WRITE 4711 08:02:1234567 0 EOF" (major:minor:inode in hex:hex:dec)
+        device = f"{os.major(stat.st_dev):02x}:{os.minor(stat.st_dev):02x}:{stat.st_ino}"
+        for line in Path("/proc/locks").read_text().splitlines():
+            fields = line.split()
+            if len(fields) > 5 and fields[1] == "FLOCK" and fields[5] == device and fields[4].isdigit():
+                pid = int(fields[4])
+                words = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").replace("\0", " ").split()
+                return pid, _command_line(words)
+    except (OSError, ValueError):
+        return None
+    return None
+
+
+def _command_line(words: list[str]) -> str:
+    """A process's command line as people say it: `python qtune serve --kb faq.db`, not the full
+    paths of the interpreter and its script."""
+    words = list(words) or ["?"]
+    words[0] = Path(words[0]).name
+    if words[0].startswith("python") and len(words) > 1 and not words[1].startswith("-"):
+        words[1] = Path(words[1]).name
+    command = " ".join(words)
+    return command if len(command) <= 200 else command[:197] + "..."
+
+
+@contextlib.contextmanager
+def _writing(uri: str, *, creating: bool = False):
+    """A failed Milvus write as one QtuneError: what failed, whether anything was lost, what to do."""
+    from pymilvus.exceptions import MilvusException
+
+    with held_logs(*MILVUS_LOGGERS) as held:
+        try:
+            yield
+        except MilvusException as e:
+            held.clear()
+            raise QtuneError(_write_failure(uri, getattr(e, "message", None) or str(e), creating)) from None
+
+
+DISK_FULL = ("No space left", "Errno 28", "ENOSPC", "Disk quota exceeded", "Errno 122")
+
+
+def _write_failure(uri: str, reason: str, creating: bool) -> str:
+    if any(sign in reason for sign in DISK_FULL):
+        what = (f"the disk holding {uri} is full" if is_local(uri) else
+                f"the Milvus server at {uri} reports a full disk") + f" ({reason})"
+        fix = "free disk space"
+    else:
+        what = f"writing to the knowledge base {uri} failed ({reason})"
+        fix = "remove the cause"
+    if creating:
+        return (f"{what}, while the knowledge base was being created: it holds no entries yet. {fix.capitalize()}, "
+                f"delete {uri} and run `qtune kb build` again")
+    # Milvus Lite acknowledges a write once its write-ahead log has it (see the module docstring): a
+    # write that failed at the flush after it was acknowledged comes back when the KB is next opened.
+    return (f"{what}. Nothing acknowledged was lost: the entries written before are kept; this write's entries "
+            f"may or may not be there. {fix.capitalize()}, then write the same entries again: "
+            f"`qtune kb add` replaces entries by id, so repeating it duplicates nothing")
 
 
 def _check_local_path(uri: str) -> None:
@@ -92,36 +198,37 @@ class KnowledgeBase:
             raise QtuneError(f"dimension must be a positive integer, got {dimension!r}")
         client = _connect(uri, token)
         try:
-            existing = set(client.list_collections())
-            if ENTRIES in existing or META in existing:
-                raise QtuneError(f"{uri} already holds a knowledge base; open it, or choose another path")
-            # Milvus needs a vector field in every collection: the metadata row carries a dummy one.
-            meta = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
-            meta.add_field("id", DataType.VARCHAR, is_primary=True, max_length=64)
-            meta.add_field("vector", DataType.FLOAT_VECTOR, dim=2)
-            meta.add_field("value", DataType.VARCHAR, max_length=MAX_TEXT_BYTES)
-            meta_index = client.prepare_index_params()
-            meta_index.add_index("vector", index_type="FLAT", metric_type="L2")
-            client.create_collection(META, schema=meta, index_params=meta_index, consistency_level="Strong")
+            with _writing(uri, creating=True):
+                existing = set(client.list_collections())
+                if ENTRIES in existing or META in existing:
+                    raise QtuneError(f"{uri} already holds a knowledge base; open it, or choose another path")
+                # Milvus needs a vector field in every collection: the metadata row carries a dummy one.
+                meta = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
+                meta.add_field("id", DataType.VARCHAR, is_primary=True, max_length=64)
+                meta.add_field("vector", DataType.FLOAT_VECTOR, dim=2)
+                meta.add_field("value", DataType.VARCHAR, max_length=MAX_TEXT_BYTES)
+                meta_index = client.prepare_index_params()
+                meta_index.add_index("vector", index_type="FLAT", metric_type="L2")
+                client.create_collection(META, schema=meta, index_params=meta_index, consistency_level="Strong")
 
-            schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
-            schema.add_field("id", DataType.VARCHAR, is_primary=True, max_length=MAX_ID_BYTES)
-            schema.add_field("vector", DataType.FLOAT_VECTOR, dim=int(dimension))
-            schema.add_field("question", DataType.VARCHAR, max_length=MAX_TEXT_BYTES)
-            schema.add_field("answer", DataType.VARCHAR, max_length=MAX_TEXT_BYTES)
-            index = client.prepare_index_params()
-            # FLAT: exact search; FAQ collections are small and a near-duplicate must not be missed.
-            index.add_index("vector", index_type="FLAT", metric_type="COSINE")
-            client.create_collection(ENTRIES, schema=schema, index_params=index, consistency_level="Strong")
+                schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
+                schema.add_field("id", DataType.VARCHAR, is_primary=True, max_length=MAX_ID_BYTES)
+                schema.add_field("vector", DataType.FLOAT_VECTOR, dim=int(dimension))
+                schema.add_field("question", DataType.VARCHAR, max_length=MAX_TEXT_BYTES)
+                schema.add_field("answer", DataType.VARCHAR, max_length=MAX_TEXT_BYTES)
+                index = client.prepare_index_params()
+                # FLAT: exact search; FAQ collections are small and a near-duplicate must not be missed.
+                index.add_index("vector", index_type="FLAT", metric_type="COSINE")
+                client.create_collection(ENTRIES, schema=schema, index_params=index, consistency_level="Strong")
 
-            # Still format 1: a qtune that does not know the fingerprint reads "model" as before.
-            record = {"model": model, "dimension": int(dimension), "format": FORMAT_VERSION}
-            if fingerprint is not None:
-                record["fingerprint"] = fingerprint
-            client.upsert(META, [{"id": META_ID, "vector": [0.0, 0.0], "value": json.dumps(record)}])
-            kb = cls(client, uri, model, int(dimension), fingerprint)
-            kb._persist(META)
-            return kb
+                # Still format 1: a qtune that does not know the fingerprint reads "model" as before.
+                record = {"model": model, "dimension": int(dimension), "format": FORMAT_VERSION}
+                if fingerprint is not None:
+                    record["fingerprint"] = fingerprint
+                client.upsert(META, [{"id": META_ID, "vector": [0.0, 0.0], "value": json.dumps(record)}])
+                kb = cls(client, uri, model, int(dimension), fingerprint)
+                kb._persist(META)
+                return kb
         except BaseException:
             _close_client(client, uri)
             raise
@@ -204,8 +311,9 @@ class KnowledgeBase:
             return 0
         rows = [{"id": e.id, "vector": v.tolist(), "question": e.question, "answer": e.answer}
                 for e, v in zip(entries, vectors)]
-        self.client.upsert(ENTRIES, rows)
-        self._persist(ENTRIES)
+        with _writing(self.uri):
+            self.client.upsert(ENTRIES, rows)
+            self._persist(ENTRIES)
         return len(rows)
 
     def delete(self, ids: Sequence[str]) -> int:
@@ -215,8 +323,9 @@ class KnowledgeBase:
             return 0
         present = [row["id"] for row in self._rows(ids, ["id"])]
         if present:
-            self.client.delete(ENTRIES, filter=_id_filter(present))
-            self._persist(ENTRIES)
+            with _writing(self.uri):
+                self.client.delete(ENTRIES, filter=_id_filter(present))
+                self._persist(ENTRIES)
         return len(present)
 
     def _persist(self, collection: str) -> None:
