@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from qtune.losses import false_negative_mask, info_nce, matryoshka_info_nce
+from qtune.losses import false_negative_mask, info_nce, matryoshka_mean
 
 
 def _unit(*rows):
@@ -51,5 +51,5 @@ def test_matryoshka_averages_the_full_and_truncated_losses():
     p = F.normalize(torch.randn(6, 8, dtype=torch.float64), dim=-1)
     full = info_nce(q, p)
     half = info_nce(F.normalize(q[:, :4], dim=-1), F.normalize(p[:, :4], dim=-1))
-    assert matryoshka_info_nce(q, p, [4]).item() == pytest.approx(((full + half) / 2).item(), rel=1e-12)
-    assert matryoshka_info_nce(q, p, None).item() == pytest.approx(full.item(), rel=1e-12)
+    assert matryoshka_mean(info_nce, q, p, [4]).item() == pytest.approx(((full + half) / 2).item(), rel=1e-12)
+    assert matryoshka_mean(info_nce, q, p, None).item() == pytest.approx(full.item(), rel=1e-12)

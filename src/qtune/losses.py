@@ -147,10 +147,3 @@ def matryoshka_mean(loss_fn, queries: torch.Tensor, candidates: torch.Tensor,
         if d < queries.shape[1]:
             losses.append(loss_fn(F.normalize(queries[:, :d], dim=-1), F.normalize(candidates[:, :d], dim=-1)))
     return losses[0] if len(losses) == 1 else torch.stack(losses).mean()
-
-
-def matryoshka_info_nce(queries: torch.Tensor, candidates: torch.Tensor, dimensions: list[int] | None,
-                        temperature: float = 0.05, false_negative_offset: float | None = None) -> torch.Tensor:
-    """InfoNCE averaged over the full vector and each Matryoshka prefix (truncated, renormalised)."""
-    return matryoshka_mean(lambda q, p: info_nce(q, p, temperature, false_negative_offset), queries, candidates,
-                           dimensions)

@@ -7,7 +7,8 @@ import stat
 
 import pytest
 
-from qtune.modeling.checkpoint import export_merged, save_checkpoint
+from qtune.api import export
+from qtune.modeling.checkpoint import save_checkpoint
 from qtune.tasks import load_model
 
 
@@ -30,7 +31,7 @@ def test_a_checkpoint_and_an_export_follow_the_umask(loaded, tmp_path, mask, fil
     old = os.umask(mask)
     try:
         save_checkpoint(loaded, tmp_path / "last", {"state.txt": lambda p: p.write_text("x", encoding="utf-8")})
-        export_merged(loaded, tmp_path / "merged")
+        export(str(tmp_path / "last"), str(tmp_path / "merged"))
     finally:
         os.umask(old)
     for folder in ("last", "merged"):

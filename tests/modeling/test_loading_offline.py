@@ -137,4 +137,29 @@ def test_a_pooling_qtune_does_not_compute_is_an_error_not_cls(tmp_path, config):
     (tmp_path / "1_Pooling" / "config.json").write_text(json.dumps(config), encoding="utf-8")
     with pytest.raises(QtuneError, match="1_Pooling/config.json"):
         default_pooling(str(tmp_path), Family("bert", False))
+    (tmp_path / "none").mkdir()
     assert default_pooling(str(tmp_path / "none"), Family("bert", False)) == "cls"  # no config: [CLS] (bge)
+
+
+def test_a_hub_pooling_that_cannot_be_read_is_an_error_and_a_missing_one_is_cls(monkeypatch):
+    import huggingface_hub
+    from huggingface_hub.errors import LocalEntryNotFoundError, RemoteEntryNotFoundError
+
+    from qtune.errors import QtuneError
+    from qtune.modeling.family import Family
+    from qtune.modeling.pooling import default_pooling
+
+    def offline(*args, **kwargs):
+        raise LocalEntryNotFoundError("outgoing traffic has been disabled")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", offline)
+    with pytest.raises(QtuneError, match=r"org/encoder: cannot read its pooling .*LocalEntryNotFoundError"):
+        default_pooling("org/encoder", Family("bert", False))
+
+    def no_such_file(*args, **kwargs):
+        error = RemoteEntryNotFoundError.__new__(RemoteEntryNotFoundError)
+        Exception.__init__(error, "404: 1_Pooling/config.json")
+        raise error
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", no_such_file)
+    assert default_pooling("org/encoder", Family("bert", False)) == "cls"  # not a sentence-transformers model

@@ -49,13 +49,3 @@ def merge_lora(loaded: LoadedModel) -> LoadedModel:
     if loaded.is_adapter:
         loaded.model = loaded.model.merge_and_unload()
     return loaded
-
-
-def export_merged(loaded: LoadedModel, output: str | os.PathLike) -> Path:
-    """Merge a loaded LoRA model into a plain transformers checkpoint (loadable without peft) at
-    `output` (which must not exist yet, or be empty). Load it on the CPU in fp32 first."""
-    output = check_export_target(output)
-    merge_lora(loaded)
-    with atomic_dir(output) as tmp:
-        save_model_files(loaded, tmp)
-    return output

@@ -52,12 +52,23 @@ def _pooling_config(name_or_path: str) -> dict | None:
         return json.loads(local.read_text(encoding="utf-8"))
     if Path(name_or_path).exists():
         return None
-    try:  # a hub id: sentence-transformers models publish their pooling next to the weights
-        from huggingface_hub import hf_hub_download
+    # A hub id: sentence-transformers models publish their pooling next to the weights. Only a
+    # repository that has no such file means [CLS]; a file that could not be read (offline and not
+    # cached, a network or permission error) would otherwise embed with the wrong pooling, silently.
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import RemoteEntryNotFoundError
 
-        return json.loads(Path(hf_hub_download(name_or_path, "1_Pooling/config.json")).read_text(encoding="utf-8"))
-    except Exception:  # offline, or the model has no such file: fall back to [CLS]
+    try:
+        path = hf_hub_download(name_or_path, "1_Pooling/config.json")
+    except RemoteEntryNotFoundError:
         return None
+    except Exception as error:
+        from qtune.errors import QtuneError
+
+        raise QtuneError(f"{name_or_path}: cannot read its pooling (1_Pooling/config.json) from the hub "
+                         f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}); "
+                         "download the model into a folder and pass the folder") from error
+    return json.loads(Path(path).read_text(encoding="utf-8"))
 
 
 def pool(hidden, attention_mask, mode: str):

@@ -11,7 +11,6 @@ from pydantic import BaseModel, ConfigDict, Field, StrictStr
 
 from qtune.errors import RequestError
 
-NO_LIMIT = 10 ** 9  # tokenize without cutting, so too-long inputs are reported (bounded by the body size)
 # Tokens are rarely longer than a few characters; a text with more characters than this many per
 # allowed token is over the limit (or cut) before a tokenizer reads it: tokenizing megabytes takes
 # seconds that the limit would throw away.
