@@ -14,6 +14,45 @@ from pathlib import Path
 # processes, and on 2 cores spinning threads starve them (steps ran 30-100x slower).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+
+def _cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+# Under pytest-xdist each worker gets an equal share of the cores for torch (and for the processes its
+# tests start, which inherit OMP_NUM_THREADS): the models are tiny, and N workers each running as
+# many threads as there are cores made every step wait on the others (set before torch is imported,
+# which the modules below do not do). A thread count the user set is kept.
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    os.environ.setdefault("OMP_NUM_THREADS",
+                          str(max(1, _cpus() // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))))
+
+
+def pytest_xdist_auto_num_workers(config) -> int:
+    """`-n auto`: one worker per usable core, at most 4 (each holds its own torch, tokenizers and
+    session models, over 1 GB; past 4 the longest test files, not the cores, set the wall time)."""
+    return max(1, min(_cpus(), 4))
+
+
+# glibc hands blocks over 32 MB (a Qwen-vocabulary embedding's gradient is 39 MB) back to the
+# kernel when they are freed and maps fresh zeroed pages for the next step's: a tiny Qwen3 trained
+# for 10 steps took 2.7 M page faults and 8.5 s of system time, 0.4 M and 1.4 s when freed memory
+# stays in the process for reuse. The test processes keep it: this one from now on, and the
+# workers, servers and torchrun ranks they start (read when a process starts).
+_KEEP = 1 << 30
+os.environ.setdefault("GLIBC_TUNABLES", f"glibc.malloc.mmap_threshold={_KEEP}:glibc.malloc.trim_threshold={_KEEP}")
+try:
+    import ctypes
+
+    _libc = ctypes.CDLL("libc.so.6")
+    _libc.mallopt(-3, _KEEP)  # M_MMAP_THRESHOLD
+    _libc.mallopt(-1, _KEEP)  # M_TRIM_THRESHOLD
+except (OSError, AttributeError):  # not glibc: its allocator keeps its own ways
+    pass
+
 import pytest
 
 from qtune.cli import main
@@ -276,3 +315,34 @@ def train_losses(out: Path) -> list[float]:
     accumulator = EventAccumulator(str(out / "runs"))
     accumulator.Reload()
     return [e.value for e in accumulator.Scalars("train/loss")]
+
+
+# The files that take longest (measured with --durations), longest first. They are collected first,
+# so under `--dist loadfile` each worker starts on one of them and the short files fill in behind:
+# collected in name order, tests/training's launches came last and one worker ran them alone.
+LONG_FILES = (
+    "tests/training/test_distributed_training.py",
+    "tests/tasks/extraction/test_extraction.py",
+    "tests/tasks/extraction/test_extraction_export.py",
+    "tests/test_distributed_encoding.py",
+    "tests/tasks/pair_cls/test_pair_cls_training.py",
+    "tests/training/test_distributed_loss.py",
+    "tests/tasks/embedding/test_embedding_export.py",
+    "tests/tasks/reranker/test_reranker_export.py",
+    "tests/tasks/classify/test_classify_export.py",
+    "tests/serving/test_serving_hardening.py",
+    "tests/tasks/reranker/test_reranker_cli.py",
+    "tests/tasks/classify/test_classify_model.py",
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    order = {name: i for i, name in enumerate(LONG_FILES)}
+
+    def rank(item) -> int:
+        try:
+            return order.get(item.path.relative_to(config.rootpath).as_posix(), len(order))
+        except ValueError:  # outside the checkout
+            return len(order)
+
+    items.sort(key=rank)  # stable: the other files, and the tests inside every file, keep their order
