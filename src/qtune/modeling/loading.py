@@ -493,8 +493,11 @@ def _untrained_modules(missing_keys: Sequence[str]) -> list[str]:
 LOAD_REPORT_LOGGER = "transformers.modeling_utils"  # where from_pretrained logs its LOAD REPORT
 
 
-def _from_pretrained(auto_class, base: str, saved: CheckpointMeta | None, meta: CheckpointMeta, config, **kwargs):
-    """(model, loading info) of `auto_class.from_pretrained(base)`, its failures as QtuneErrors."""
+def _from_pretrained(auto_class, base: str, saved: CheckpointMeta | None, meta: CheckpointMeta, base_config,
+                     **kwargs):
+    """(model, loading info) of `auto_class.from_pretrained(base)`, its failures as QtuneErrors.
+    `base_config`: the checkpoint's config, unless a head passes its own as `config`."""
+    config = kwargs.get("config", base_config)
     try:
         return auto_class.from_pretrained(base, output_loading_info=True, **kwargs)
     except pickle.UnpicklingError as e:
