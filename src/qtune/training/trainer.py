@@ -90,228 +90,286 @@ def fit(config: TrainConfig, loaded: LoadedModel, features: Sequence[dict], hook
     `on_step`, if given, is called after every optimizer step with the running counts
     (step, samples, tokens), e.g. for benchmarks.
     """
-    import torch
-    from tqdm.auto import tqdm
+    loop = TrainingLoop(config, loaded, features, hooks, on_step)
+    loop.resume(resume_state)
+    return loop.run()
 
-    output = Path(config.output)
-    model = loaded.model
-    where = launch()
-    world, rank = where.world_size, where.rank
-    batch_size = config.batch_size * world  # the global batch of one micro-step
-    if hooks.batches is None:
-        lengths = [len(f["input_ids"]) for f in features]
 
-        def task_batches(epoch: int) -> list[list[int]]:
-            return length_grouped_batches(lengths, batch_size, seed=config.seed, epoch=epoch,
-                                          group_by_length=getattr(config, "group_by_length", True))
-    else:
-        def task_batches(epoch: int) -> list[list[int]]:
-            return hooks.batches(epoch, batch_size)
+class TrainingLoop:
+    """One training run, in the order a reader follows it: the plan (batches, steps, optimizer,
+    schedule) in `__init__`, `resume`, then `run`: the baseline, `micro_step` for every batch
+    (`optimizer_step` where an accumulation ends, `log`, `evaluate_and_save`), and `finish`."""
 
-    def batches_for(epoch: int) -> list[list[int]]:
-        return global_batches(task_batches(epoch), world)
+    def __init__(self, config: TrainConfig, loaded: LoadedModel, features: Sequence[dict], hooks: TaskHooks,
+                 on_step: Callable[[dict], None] | None = None):
+        import torch
 
-    first_epoch = task_batches(0)
-    batches_per_epoch = len(global_batches(first_epoch, world))
-    if batches_per_epoch == 0:
-        raise QtuneError(f"{len(features)} training rows cannot be shared by {world} processes: fewer rows than "
-                         "processes")
-    if where.launched:
+        self.config, self.loaded, self.features, self.hooks, self.on_step = config, loaded, features, hooks, on_step
+        self.output = Path(config.output)
+        self.model = loaded.model
+        self.where = launch()
+        self.world, self.rank = self.where.world_size, self.where.rank
+        self.batch_size = config.batch_size * self.world  # the global batch of one micro-step
+        first_epoch = self.task_batches(0)
+        self.batches_per_epoch = len(global_batches(first_epoch, self.world))
+        if self.batches_per_epoch == 0:
+            raise QtuneError(f"{len(features)} training rows cannot be shared by {self.world} processes: fewer rows "
+                             "than processes")
+        if self.where.launched:
+            self._print_launch(len(first_epoch) - self.batches_per_epoch)
+        self.total_batches = max(1, math.ceil(self.batches_per_epoch * config.epochs))
+        full_epochs, rest = divmod(self.total_batches, self.batches_per_epoch)
+        per_epoch = math.ceil(self.batches_per_epoch / config.grad_accum)
+        self.total_steps = full_epochs * per_epoch + math.ceil(rest / config.grad_accum)
+
+        # fused: one kernel per step for all parameters on a GPU instead of several per tensor
+        # a task's new head may train at its own rate (--head-lr); the body's groups come first
+        groups = head_param_groups(self.model, _param_groups(self.model, config.weight_decay),
+                                   getattr(config, "head_lr", None))
+        optimizer = torch.optim.AdamW(groups, lr=config.lr, fused=loaded.device.type == "cuda")
+        self.scheduler = make_scheduler(optimizer, config.scheduler, self.total_steps, config.warmup_ratio,
+                                        patience=config.plateau_patience, factor=config.plateau_factor)
+        self.progress = Progress()
+        self.replica = Replica(self.model, optimizer, deepspeed=getattr(config, "deepspeed", None),
+                               bf16=loaded.precision == "bf16", batch_size=config.batch_size,
+                               grad_accum=config.grad_accum, max_grad_norm=config.max_grad_norm)
+        self.optimizer = self.replica.optimizer
+        self.main = self.replica.is_main
+        self.trackers = None
+        self.rng_state = None
+        self.samples = self.tokens = 0  # this process's counts since the (re)start
+        self.started = 0.0
+
+    # -- the plan --------------------------------------------------------------------------------
+
+    def task_batches(self, epoch: int) -> list[list[int]]:
+        """The task's batches of feature indices for `epoch` (default: length-grouped)."""
+        if self.hooks.batches is not None:
+            return self.hooks.batches(epoch, self.batch_size)
+        lengths = [len(f["input_ids"]) for f in self.features]
+        return length_grouped_batches(lengths, self.batch_size, seed=self.config.seed, epoch=epoch,
+                                      group_by_length=getattr(self.config, "group_by_length", True))
+
+    def _print_launch(self, left_out: int) -> None:
+        config, world = self.config, self.world
         print(f"{world} process{'es' if world > 1 else ''} x --batch-size {config.batch_size} = global batch "
-              f"{batch_size}" + (f", x --grad-accum {config.grad_accum} = {batch_size * config.grad_accum} rows "
-                                 "per optimizer step" if config.grad_accum > 1 else ""))
-        left_out = len(first_epoch) - batches_per_epoch
+              f"{self.batch_size}" + (f", x --grad-accum {config.grad_accum} = {self.batch_size * config.grad_accum} "
+                                      "rows per optimizer step" if config.grad_accum > 1 else ""))
         if left_out:
             print(f"{left_out} batch(es) per epoch with fewer rows than the {world} processes are left out")
-    total_batches = max(1, math.ceil(batches_per_epoch * config.epochs))
-    full_epochs, rest = divmod(total_batches, batches_per_epoch)
-    total_steps = full_epochs * math.ceil(batches_per_epoch / config.grad_accum) + math.ceil(rest / config.grad_accum)
 
-    # fused: one kernel per step for all parameters on a GPU instead of several per tensor
-    # a task's new head may train at its own rate (--head-lr); the body's groups come first
-    groups = head_param_groups(model, _param_groups(model, config.weight_decay), getattr(config, "head_lr", None))
-    optimizer = torch.optim.AdamW(groups, lr=config.lr, fused=loaded.device.type == "cuda")
-    scheduler = make_scheduler(optimizer, config.scheduler, total_steps, config.warmup_ratio,
-                               patience=config.plateau_patience, factor=config.plateau_factor)
-    progress = Progress()
-    if resume_state is not None:
-        state = load_trainer_state(resume_state)
-        saved_world = int(state.get("world_size", 1))
-        if saved_world != world:
-            raise QtuneError(f"{resume_state}: this run was saved by {saved_world} process(es) and is resumed by "
-                             f"{world}: the data order and random state are per process, so resume it with "
-                             f"{saved_world} (torchrun --nproc_per_node ...), or start a new run")
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        progress = Progress(**state["progress"])
-        ranks_rng = state.get("torch_rng_ranks") or [state["torch_rng"]]
-        torch.set_rng_state(ranks_rng[rank])
-    else:
-        torch.manual_seed(config.seed + rank)  # dropout differs between ranks, as their rows do
-    rng_state = torch.get_rng_state()
-    replica = Replica(model, optimizer, deepspeed=getattr(config, "deepspeed", None),
-                      bf16=loaded.precision == "bf16", batch_size=config.batch_size, grad_accum=config.grad_accum,
-                      max_grad_norm=config.max_grad_norm)
-    optimizer = replica.optimizer
-    main = replica.is_main
+    def resume(self, resume_state: Path | None) -> None:
+        """Continue from the state saved in last/ (optimizer, schedule, progress, each rank's RNG), or
+        seed a new run."""
+        import torch
 
-    def save(folder: Path, extra: dict | None = None) -> None:
-        weights = replica.full_state_dict()  # every rank takes part when the weights are sharded
-        if main:
-            save_checkpoint(loaded, folder, extra, state_dict=weights)
-        replica.barrier()
+        if resume_state is None:
+            torch.manual_seed(self.config.seed + self.rank)  # dropout differs between ranks, as their rows do
+        else:
+            state = load_trainer_state(resume_state)
+            saved_world = int(state.get("world_size", 1))
+            if saved_world != self.world:
+                raise QtuneError(f"{resume_state}: this run was saved by {saved_world} process(es) and is resumed "
+                                 f"by {self.world}: the data order and random state are per process, so resume it "
+                                 f"with {saved_world} (torchrun --nproc_per_node ...), or start a new run")
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+            self.progress = Progress(**state["progress"])
+            ranks_rng = state.get("torch_rng_ranks") or [state["torch_rng"]]
+            torch.set_rng_state(ranks_rng[self.rank])
+        self.rng_state = torch.get_rng_state()
 
-    def save_last() -> None:
-        rngs = all_gather_objects(rng_state)
+    # -- the run ---------------------------------------------------------------------------------
+
+    def run(self) -> dict:
+        from tqdm.auto import tqdm
+
+        config, progress = self.config, self.progress
+        self.trackers = open_trackers(getattr(config, "report_to", ["tensorboard"]), self.output, self.output.name,
+                                      dataclasses.asdict(config), enabled=self.main)
+        if self.hooks.evaluate is not None and progress.baseline is None and progress.step == 0:
+            self.record_baseline()
+        done = progress.epoch * self.batches_per_epoch + progress.batches_done
+        self.bar = tqdm(total=self.total_batches, initial=min(done, self.total_batches), desc="train", unit="batch",
+                        dynamic_ncols=True, disable=not self.main)
+        self.started = time.perf_counter()
+        self.saved_step = progress.step
+        self.model.train()
+        try:
+            while done < self.total_batches:
+                order = global_batches(self.task_batches(progress.epoch), self.world)
+                for batch_idx in order[progress.batches_done:]:
+                    end_of_epoch = progress.batches_done + 1 == len(order)
+                    finished = done + 1 >= self.total_batches
+                    stop = self.micro_step(batch_idx, end_of_epoch, finished)
+                    done = self.total_batches if stop else done + 1
+                    if stop or finished or end_of_epoch:  # an epoch's last batch always steps
+                        break
+        except KeyboardInterrupt:
+            # Weights only change at optimizer steps: drop the micro-batches of an unfinished
+            # accumulation, save, and let --resume continue from exactly here. (With several
+            # processes a stopped rank cannot save with the others: they resume from the last save.)
+            if progress.step > self.saved_step and not self.where.distributed:
+                progress.batches_done -= progress.batches_done % config.grad_accum
+                self.save_last()
+            raise
+        finally:
+            self.bar.close()
+            self.trackers.close()
+        return self.finish()
+
+    def record_baseline(self) -> None:
+        """The dev figures before step 1, logged as step 0 of the eval curves."""
+        self.progress.baseline = broadcast_object(_baseline(self.hooks, self.loaded) if self.main else None)
+        self.trackers.log({f"eval/{k}": v for k, v in self.progress.baseline.items() if isinstance(v, (int, float))},
+                          0)
+        self.model.train()
+
+    def micro_step(self, batch_idx: list[int], end_of_epoch: bool, finished: bool) -> bool:
+        """Forward and backward of this rank's share of one global batch, then the optimizer step
+        where an accumulation ends. True: early stopping ends the run here."""
+        config, hooks, progress, world = self.config, self.hooks, self.progress, self.world
+        start, end = shard_bounds(len(batch_idx), world, self.rank)
+        mine = batch_idx[start:end]
+        batch = hooks.collate([self.features[i] for i in mine])
+        # the rank's share of the global batch's mean loss (1 with one process)
+        weight = 1.0
+        if world > 1 and not hooks.global_loss:
+            units = all_gather_objects(int(hooks.loss_units(batch)) if hooks.loss_units else len(mine))
+            weight = units[self.rank] * world / max(1, sum(units))
+        self.tokens += count_tokens(batch)  # counted on the host copy: no device sync
+        # plain Python values (e.g. how many logits to keep) stay on the host
+        batch = to_device(batch, self.loaded.device)
+        # An epoch's last, shorter accumulation still makes a step, so no gradient is carried
+        # across an epoch boundary (and a checkpoint there is exact).
+        self.stepped = not (progress.batches_done + 1) % config.grad_accum or end_of_epoch or finished
+        with self.loaded.autocast():
+            if hooks.backward is not None:
+                loss = hooks.backward(self.replica, batch, weight / config.grad_accum, self.stepped)
+            else:
+                loss = self.replica.run(hooks.loss, batch, sync=self.stepped)
+        if hooks.backward is None:
+            self.replica.backward(loss * (weight / config.grad_accum))
+        self.samples += len(mine)
+        progress.batches_done += 1
+        self.bar.update(1)
+        if not self.stepped:
+            return False
+        self.optimizer_step(end_of_epoch)
+        if progress.step % config.logging_steps == 0 or finished:
+            self.log(loss, weight)
+        due = (progress.step % config.eval_steps == 0) if config.eval_steps else end_of_epoch
+        if not (due or finished):
+            return False
+        record = self.evaluate_and_save()
+        self.saved_step = progress.step
+        if hooks.evaluate and self.main:
+            self.bar.write(_format_record(record))
+        stopping = getattr(config, "early_stopping", 0)
+        if stopping and progress.evals_without_gain >= stopping and not finished:
+            self.bar.write(f"early stop at step {progress.step}: {stopping} evaluation(s) without a better "
+                           f"dev {hooks.best_metric} than step {progress.best_step}'s")
+            return True
+        return False
+
+    def optimizer_step(self, end_of_epoch: bool) -> None:
+        import torch
+
+        config, progress = self.config, self.progress
+        if config.max_grad_norm > 0:
+            self.replica.clip_grad_norm(config.max_grad_norm)
+        self.optimizer.step()
+        if config.scheduler != "plateau":
+            self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        progress.step += 1
+        self.rng_state = torch.get_rng_state()
+        if self.on_step is not None:
+            self.on_step({"step": progress.step, "samples": self.samples, "tokens": self.tokens})
+        if end_of_epoch:
+            progress.epoch += 1
+            progress.batches_done = 0
+
+    def log(self, loss, weight: float) -> None:
+        """The global batch's mean loss (the ranks' weighted shares, averaged), lr and throughput."""
+        world = self.world
+        loss_value = sum(all_gather_objects(float(loss.detach()) * weight)) / world
+        elapsed = time.perf_counter() - self.started
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.trackers.log({"train/loss": loss_value, "train/lr": lr}, self.progress.step)
+        self.bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", samples_s=f"{self.samples * world / elapsed:.1f}",
+                             tok_s=f"{self.tokens * world / elapsed:.0f}")
+
+    # -- evaluation and checkpoints --------------------------------------------------------------
+
+    def save(self, folder: Path, extra: dict | None = None) -> None:
+        weights = self.replica.full_state_dict()  # every rank takes part when the weights are sharded
+        if self.main:
+            save_checkpoint(self.loaded, folder, extra, state_dict=weights)
+        self.replica.barrier()
+
+    def save_last(self) -> None:
+        import torch
+
+        rngs = all_gather_objects(self.rng_state)
 
         def write_state(path: Path) -> None:
-            torch.save(plain_state({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                                    "progress": progress.__dict__, "torch_rng": rngs[0], "torch_rng_ranks": rngs,
-                                    "world_size": world}), path)
+            torch.save(plain_state({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                                    "progress": self.progress.__dict__, "torch_rng": rngs[0], "torch_rng_ranks": rngs,
+                                    "world_size": self.world}), path)
 
-        save(output / "last", {STATE_FILE: write_state})
+        self.save(self.output / "last", {STATE_FILE: write_state})
 
-    def evaluate_and_save() -> dict:
-        metrics = hooks.evaluate(loaded) if hooks.evaluate and main else {}
+    def evaluate_and_save(self) -> dict:
+        hooks, progress = self.hooks, self.progress
+        metrics = hooks.evaluate(self.loaded) if hooks.evaluate and self.main else {}
         metrics = broadcast_object(metrics)  # the plateau schedule and the best step agree on every rank
-        record = {"step": progress.step, "epoch": round(progress.epoch + progress.batches_done / batches_per_epoch, 4),
-                  **metrics}
+        epoch = round(progress.epoch + progress.batches_done / self.batches_per_epoch, 4)
+        record = {"step": progress.step, "epoch": epoch, **metrics}
         progress.history.append(record)
-        trackers.log({f"eval/{name}": value for name, value in metrics.items() if isinstance(value, (int, float))},
-                     progress.step)
+        self.trackers.log({f"eval/{name}": value for name, value in metrics.items() if isinstance(value, (int, float))},
+                          progress.step)
         if hooks.best_metric in metrics:
             value = metrics[hooks.best_metric]
-            if config.scheduler == "plateau":
-                scheduler.step(value)
+            if self.config.scheduler == "plateau":
+                self.scheduler.step(value)
             if progress.best_value is None or value > progress.best_value:
                 progress.best_value, progress.best_step = value, progress.step
                 progress.evals_without_gain = 0
-                save(output / "best")
+                self.save(self.output / "best")
             else:
                 progress.evals_without_gain += 1
-        save_last()
-        model.train()
+        self.save_last()
+        self.model.train()
         return record
 
-    trackers = open_trackers(getattr(config, "report_to", ["tensorboard"]), output, output.name,
-                             dataclasses.asdict(config), enabled=main)
-    if hooks.evaluate is not None and progress.baseline is None and progress.step == 0:
-        progress.baseline = broadcast_object(_baseline(hooks, loaded) if main else None)
-        # step 0 of the eval curves: where the tuned model's figures start from
-        trackers.log({f"eval/{k}": v for k, v in progress.baseline.items() if isinstance(v, (int, float))}, 0)
-        model.train()
-    stopping = getattr(config, "early_stopping", 0)
-    done_batches = progress.epoch * batches_per_epoch + progress.batches_done
-    bar = tqdm(total=total_batches, initial=min(done_batches, total_batches), desc="train", unit="batch",
-               dynamic_ncols=True, disable=not main)
-    samples = tokens = 0
-    started = time.perf_counter()
-    saved_step = progress.step
-    model.train()
-    try:
-        while done_batches < total_batches:
-            order = batches_for(progress.epoch)
-            for batch_idx in order[progress.batches_done:]:
-                start, end = shard_bounds(len(batch_idx), world, rank)
-                mine = batch_idx[start:end]
-                batch = hooks.collate([features[i] for i in mine])
-                # the rank's share of the global batch's mean loss (1 with one process)
-                weight = 1.0
-                if world > 1 and not hooks.global_loss:
-                    units = all_gather_objects(int(hooks.loss_units(batch)) if hooks.loss_units else len(mine))
-                    weight = units[rank] * world / max(1, sum(units))
-                # counted on the host copy: no device sync
-                tokens += count_tokens(batch)
-                # plain Python values (e.g. how many logits to keep) stay on the host
-                batch = to_device(batch, loaded.device)
-                end_of_epoch = progress.batches_done + 1 == len(order)
-                finished = done_batches + 1 >= total_batches
-                # An epoch's last, shorter accumulation still makes a step, so no gradient is carried
-                # across an epoch boundary (and a checkpoint there is exact).
-                steps_now = not (progress.batches_done + 1) % config.grad_accum or end_of_epoch or finished
-                with loaded.autocast():
-                    if hooks.backward is not None:
-                        loss = hooks.backward(replica, batch, weight / config.grad_accum, steps_now)
-                    else:
-                        loss = replica.run(hooks.loss, batch, sync=steps_now)
-                if hooks.backward is None:
-                    replica.backward(loss * (weight / config.grad_accum))
-                samples += len(mine)
-                done_batches += 1
-                progress.batches_done += 1
-                bar.update(1)
-                if not steps_now:
-                    continue
-                if config.max_grad_norm > 0:
-                    replica.clip_grad_norm(config.max_grad_norm)
-                optimizer.step()
-                if config.scheduler != "plateau":
-                    scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                progress.step += 1
-                rng_state = torch.get_rng_state()
-                if on_step is not None:
-                    on_step({"step": progress.step, "samples": samples, "tokens": tokens})
-                if end_of_epoch:
-                    progress.epoch += 1
-                    progress.batches_done = 0
-                if progress.step % config.logging_steps == 0 or finished:
-                    # the global batch's mean loss: the ranks' weighted shares, averaged
-                    loss_value = sum(all_gather_objects(float(loss.detach()) * weight)) / world
-                    elapsed = time.perf_counter() - started
-                    trackers.log({"train/loss": loss_value, "train/lr": optimizer.param_groups[0]["lr"]},
-                                 progress.step)
-                    bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}",
-                                    samples_s=f"{samples * world / elapsed:.1f}",
-                                    tok_s=f"{tokens * world / elapsed:.0f}")
-                due = (progress.step % config.eval_steps == 0) if config.eval_steps else end_of_epoch
-                if due or finished:
-                    record = evaluate_and_save()
-                    saved_step = progress.step
-                    if hooks.evaluate and main:
-                        bar.write(_format_record(record))
-                    if stopping and progress.evals_without_gain >= stopping and not finished:
-                        bar.write(f"early stop at step {progress.step}: {stopping} evaluation(s) without a better "
-                                  f"dev {hooks.best_metric} than step {progress.best_step}'s")
-                        done_batches = total_batches
-                        break
-                if finished or end_of_epoch:
-                    break
-    except KeyboardInterrupt:
-        # Weights only change at optimizer steps: drop the micro-batches of an unfinished
-        # accumulation, save, and let --resume continue from exactly here. (With several
-        # processes a stopped rank cannot save with the others: they resume from the last save.)
-        if progress.step > saved_step and not where.distributed:
-            progress.batches_done -= progress.batches_done % config.grad_accum
-            save_last()
-        raise
-    finally:
-        bar.close()
-        trackers.close()
-
-    if hooks.evaluate is None or progress.best_step is None:
-        save(output / "best")
-    elapsed = time.perf_counter() - started
-    counts = all_gather_objects((samples, tokens))
-    samples, tokens = sum(c[0] for c in counts), sum(c[1] for c in counts)
-    result = {
-        "best": next((r for r in progress.history if r["step"] == progress.best_step), None),
-        "last": progress.history[-1] if progress.history else None,
-        "best_metric": hooks.best_metric,
-        "history": progress.history,
-        "baseline": progress.baseline,
-        "verdict": _verdict(hooks, progress),
-        "train": {"steps": progress.step, "samples": samples, "tokens": tokens, "seconds": round(elapsed, 3),
-                  "samples_per_s": round(samples / elapsed, 2) if elapsed else None,
-                  "tokens_per_s": round(tokens / elapsed, 1) if elapsed else None,
-                  "processes": world},
-    }
-    if main:
-        write_json(output / "metrics.json", result)
-        if result["verdict"] is not None:
-            print(verdict_message(result["verdict"]), file=sys.stderr if result["verdict"]["worse"] else sys.stdout)
-    replica.barrier()
-    return result
+    def finish(self) -> dict:
+        """best/ when nothing chose one, metrics.json (history, verdict, throughput), the verdict line."""
+        hooks, progress, world = self.hooks, self.progress, self.world
+        if hooks.evaluate is None or progress.best_step is None:
+            self.save(self.output / "best")
+        elapsed = time.perf_counter() - self.started
+        counts = all_gather_objects((self.samples, self.tokens))
+        samples, tokens = sum(c[0] for c in counts), sum(c[1] for c in counts)
+        result = {
+            "best": next((r for r in progress.history if r["step"] == progress.best_step), None),
+            "last": progress.history[-1] if progress.history else None,
+            "best_metric": hooks.best_metric,
+            "history": progress.history,
+            "baseline": progress.baseline,
+            "verdict": _verdict(hooks, progress),
+            "train": {"steps": progress.step, "samples": samples, "tokens": tokens, "seconds": round(elapsed, 3),
+                      "samples_per_s": round(samples / elapsed, 2) if elapsed else None,
+                      "tokens_per_s": round(tokens / elapsed, 1) if elapsed else None,
+                      "processes": world},
+        }
+        if self.main:
+            write_json(self.output / "metrics.json", result)
+            if result["verdict"] is not None:
+                print(verdict_message(result["verdict"]),
+                      file=sys.stderr if result["verdict"]["worse"] else sys.stdout)
+        self.replica.barrier()
+        return result
 
 
 def _baseline(hooks: TaskHooks, loaded: LoadedModel) -> dict:
