@@ -37,6 +37,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import statistics
 import sys
 import time
@@ -135,7 +136,6 @@ def _load_openvino(folder: Path, threads: int, calibration: list[str]) -> tuple:
 
 def peer_worker(argv) -> int:
     """Serve one peer over stdin/stdout, one JSON object a line, until stdin closes."""
-    import shutil
     import tempfile
 
     parser = argparse.ArgumentParser()
@@ -346,6 +346,7 @@ def main(argv=None) -> int:
     finally:
         for peer in peers.values():
             peer.close()
+        shutil.rmtree(work, ignore_errors=True)
     load_end = os.getloadavg()
 
     base, fast = rows[FP32], rows[QTUNE]
