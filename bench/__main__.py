@@ -181,7 +181,7 @@ def _memory_cpu(c: Context) -> list[Step]:
 
 
 def _shared_cpu(c: Context) -> list[Step]:
-    return [Step(bench("shared_cpu", "--busy", "2", "--seconds", "20", "--repeats", "2",
+    return [Step(bench("shared_cpu", "--busy", "2", "--seconds", "8", "--repeats", "2",
                        "--output", str(c.output / "shared_cpu_cpu.json")))]
 
 
@@ -197,10 +197,11 @@ BENCHMARKS = [
               cpu=_rerank_cpu, gpu=_rerank_gpu, cpu_minutes=3),
     Benchmark("extract_speed", "extraction records/s: batched qtune extract vs one-by-one generate",
               cpu=_extract_cpu, gpu=_extract_gpu, cpu_minutes=1),
-    Benchmark("cpu_int8", "CPU embedding: --quantize int8 (ONNX Runtime) vs fp32 PyTorch, speed and nDCG@10",
+    Benchmark("cpu_int8", "CPU embedding: --quantize int8 vs fp32 PyTorch and sentence-transformers' ONNX / OpenVINO "
+              "int8 (with --onnx-python / --openvino-python), speed and nDCG@10",
               cpu=_int8_cpu, cpu_minutes=3),
-    Benchmark("serve_load", "qtune serve /v1/embeddings: micro-batching vs one call per request",
-              cpu=_serve_cpu, cpu_minutes=1),
+    Benchmark("serve_load", "qtune serve /v1/embeddings and /v1/rerank: micro-batching vs one call per request, "
+              "and vs infinity_emb when --infinity finds it", cpu=_serve_cpu, cpu_minutes=6),
     Benchmark("adapter_memory", "qtune serve memory: LoRA adapters on one base vs separate loads",
               cpu=_adapters_cpu, cpu_minutes=1),
     Benchmark("launcher", "qtune train as a plain process vs under torchrun (1 and 2 processes)",
@@ -208,7 +209,7 @@ BENCHMARKS = [
     Benchmark("memory_estimate", "the memory check's estimate vs the measured peak of one training step, 20 cases",
               cpu=_memory_cpu, cpu_minutes=7),
     Benchmark("shared_cpu", "quiet vs beside 2 busy processes: qtune's slowdown vs the peer's",
-              cpu=_shared_cpu, cpu_minutes=8),
+              cpu=_shared_cpu, cpu_minutes=4),
     # Quality experiments and quick starts: hours of training or a check of the README's commands,
     # not speed figures; they take their own arguments (python -m bench NAME ARGS...).
     Benchmark("quality", "embedding quality: qtune vs sentence-transformers rows over seeds (bench/quality)",
