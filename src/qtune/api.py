@@ -17,6 +17,7 @@ from typing import Sequence
 from qtune.config import build_config
 from qtune.errors import QtuneError
 from qtune.tasks import TASKS, Command, get, load_model, task_of
+from qtune.tasks.base import resolve
 
 
 def load(name_or_path: str | Path, task: str | None = None, *, device: str = "auto", precision: str = "auto",
@@ -108,7 +109,7 @@ def export(model_dir: str, output: str, fmt: str = "auto", test_report: str | No
     spec = task_of(model_dir)
     fmt = _export_format(spec, fmt, model_dir)
     check_export_target(output)
-    writer = _exporter(spec).write_export if spec.exporter else None
+    writer = resolve(f"{spec.exporter}:write_export") if spec.exporter else None
     report = read_test_report(test_report) if test_report else None
     warning = regression_warning(model_dir, model_dir)
     if warning:
@@ -147,7 +148,7 @@ def check_export(output: str | Path, model_dir: str | None = None, *,
     if spec.exporter is None:
         raise QtuneError(f"no engine checks for exports of {spec.kind}")
     model = load(model_dir, device="cpu", precision="fp32")
-    return _exporter(spec).check_export(output, model, list(texts or SAMPLE_TEXTS))
+    return resolve(f"{spec.exporter}:check_export")(output, model, list(texts or SAMPLE_TEXTS))
 
 
 def _export_format(spec, fmt: str, model_dir: str) -> str:
@@ -159,13 +160,6 @@ def _export_format(spec, fmt: str, model_dir: str) -> str:
     if fmt not in formats:
         raise QtuneError(f"{spec.kind} exports as {' or '.join(formats)}, not {fmt}")
     return fmt
-
-
-def _exporter(spec):
-    """The task's export module (`Task.exporter`, below qtune.tasks)."""
-    import importlib
-
-    return importlib.import_module(f"qtune.tasks.{spec.exporter}")
 
 
 def length_stats(task: str, data: str, model: str, *, plot: str | Path | None = None,

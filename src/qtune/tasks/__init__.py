@@ -7,30 +7,23 @@
 
 from __future__ import annotations
 
-import importlib
 import os
 from typing import TYPE_CHECKING
 
 from qtune.errors import QtuneError
-from qtune.tasks.base import Command, Endpoint, Task, TrainedRun
+from qtune.tasks.base import Command, Endpoint, Task, TrainedRun, resolve
 
 if TYPE_CHECKING:
     from qtune.modeling.loading import LoadedModel
 
 
-def _task(path: str) -> Task:
-    """An instance of the Task subclass at "package.Class" below qtune.tasks."""
-    package, cls = path.rsplit(".", 1)
-    return getattr(importlib.import_module(f"qtune.tasks.{package}"), cls)()
-
-
-TASKS: dict[str, Task] = {task.name: task for task in (
-    _task("pair_cls.PairClsTask"),
-    _task("embedding.EmbeddingTask"),
-    _task("reranker.RerankerTask"),
-    _task("extraction.ExtractionTask"),
-    _task("classify.ClassifyTask"),
-)}
+TASKS: dict[str, Task] = {task.name: task for task in (resolve(path)() for path in (
+    "qtune.tasks.pair_cls:PairClsTask",
+    "qtune.tasks.embedding:EmbeddingTask",
+    "qtune.tasks.reranker:RerankerTask",
+    "qtune.tasks.extraction:ExtractionTask",
+    "qtune.tasks.classify:ClassifyTask",
+))}
 
 __all__ = ["TASKS", "Command", "Endpoint", "Task", "TrainedRun", "get", "load_model", "task_of"]
 

@@ -140,7 +140,8 @@ class Task:
         return resolve(self.wrapper)(loaded)
 
     # -- `qtune export`: the formats this task writes (the first is what `--format auto` picks) and
-    # the module below qtune.tasks ("embedding.export") with `write_export(loaded, output, fmt)`,
+    # the module ("qtune.tasks.embedding.export"; `resolve` names its functions as everything lazily
+    # imported is named, "module:name") with `write_export(loaded, output, fmt)`,
     # which writes the model into `output` (a temp folder that replaces the target whole, holding
     # only the export note, see `qtune.modeling.export`; `loaded` is on the CPU in fp32 with LoRA
     # merged), and `check_export(output, model, texts) -> {engine: max abs difference}` against

@@ -24,7 +24,7 @@ class ClassifyTask(SequenceClassificationTask):
     commands = {"evaluation": Command("classify", ClassifyEvalConfig, RUNNERS),
                 "prediction": Command("classify", ClassifyPredictConfig, RUNNERS, "predict", "show_prediction")}
     stats_unit = "text"
-    exporter = "classify.export"
+    exporter = "qtune.tasks.classify.export"
     over_length = "truncated"
 
     def token_lengths(self, data: str, tokenizer, family: Family, text_column: str | None = None, **_) -> list[int]:

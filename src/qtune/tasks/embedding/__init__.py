@@ -21,7 +21,7 @@ class EmbeddingTask(Task):
                                Command("sts", StsEvalConfig, RUNNERS, "evaluate_sts", "show_sts"))}
     int8_output = "last_hidden_state"
     export_formats = ("sentence-transformers", "transformers")
-    exporter = "embedding.export"
+    exporter = "qtune.tasks.embedding.export"
 
     def auto_class(self, family: Family) -> str:
         return "AutoModel"

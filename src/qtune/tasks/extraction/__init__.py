@@ -23,7 +23,7 @@ class ExtractionTask(Task):
     stats_unit = "example (chat prompt, answer, EOS)"
     over_length = "left out of training"
     export_formats = ("causal-lm",)  # the merged LM with greedy generation settings and thinking off
-    exporter = "extraction.export"
+    exporter = "qtune.tasks.extraction.export"
 
     def auto_class(self, family: Family) -> str:
         return "AutoModelForCausalLM"

@@ -23,7 +23,7 @@ class PairClsTask(SequenceClassificationTask):
     commands = {"evaluation": Command("pair-cls", PairClsEvalConfig, RUNNERS),
                 "prediction": Command("pair-cls", PairClsPredictConfig, RUNNERS, "predict", "show_prediction")}
     stats_unit = "pair"
-    exporter = "pair_cls.export"
+    exporter = "qtune.tasks.pair_cls.export"
     over_length = "truncated"
 
     def token_lengths(self, data: str, tokenizer, family: Family, text_columns=("sentence1", "sentence2"),

@@ -27,7 +27,7 @@ class RerankerTask(Task):
     int8_output = "logits"  # cross-encoders; decoders have no int8 path
     # cross-encoder: a one-logit classifier (encoders also for sentence-transformers); causal-lm: decoders' LM
     export_formats = ("cross-encoder", "causal-lm")
-    exporter = "reranker.export"
+    exporter = "qtune.tasks.reranker.export"
 
     def auto_class(self, family: Family) -> str:
         return "AutoModelForCausalLM" if family.is_decoder else "AutoModelForSequenceClassification"
