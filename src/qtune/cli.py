@@ -26,10 +26,13 @@ class Parser(argparse.ArgumentParser):
 
     def __init__(self, *args, **kwargs):
         self.one_value_flags: set[str] = set()
+        self.flag_actions: list[argparse.Action] = []  # every flag's action, in the order added
         super().__init__(*args, **kwargs)
 
     def add_argument(self, *args, **kwargs):
         action = super().add_argument(*args, **kwargs)
+        if action.option_strings:
+            self.flag_actions.append(action)
         if action.nargs is None:  # the flag takes exactly one value
             self.one_value_flags.update(action.option_strings)
         return action
@@ -58,10 +61,10 @@ class Parser(argparse.ArgumentParser):
         """' (did you mean --lr?)' for flags close to one of this command's: the closest by difflib,
         compared with - for _; a hidden alias stands for the flag --help shows."""
         visible = {}  # spelling -> the flag --help shows for that setting
-        for action in self._actions:
+        for action in self.flag_actions:
             for flag in action.option_strings:
-                shown = next((a.option_strings[0] for a in self._actions if a.dest == action.dest
-                              and a.option_strings and a.help != argparse.SUPPRESS), flag)
+                shown = next((a.option_strings[0] for a in self.flag_actions if a.dest == action.dest
+                              and a.help != argparse.SUPPRESS), flag)
                 visible.setdefault(_spelling(flag), shown)
         answers = []
         for typed in (e for e in extras if e.startswith("--")):

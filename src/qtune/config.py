@@ -167,11 +167,12 @@ def add_config_flags(parser: argparse.ArgumentParser, cls: type, recipe: bool = 
             settings.update(type=kind, choices=f.metadata.get("choices"))
         parser.add_argument("--" + f.name.replace("_", "-"), help=help_text, **settings)
         # One action per alias, so an error names the spelling typed. A spelling some other flag
-        # already has (a task's own setting) stays that flag's.
-        taken = parser._option_string_actions
+        # already has (a task's own setting) stays that flag's: argparse refuses the duplicate.
         for alias in flag_aliases(cls, f.name):
-            if alias not in taken and "--no-" + alias[2:] not in taken:
+            try:
                 parser.add_argument(alias, help=argparse.SUPPRESS, **settings)
+            except argparse.ArgumentError:
+                pass
     parser.epilog = parser.epilog or (TRAIN_ALIASES_NOTE if issubclass(cls, TrainConfig) else UNDERSCORES_NOTE)
 
 
