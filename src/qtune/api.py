@@ -16,7 +16,7 @@ from typing import Sequence
 
 from qtune.config import build_config
 from qtune.errors import QtuneError
-from qtune.tasks import TASKS, Command, get, load_model, task_of
+from qtune.tasks import TASKS, Command, get, load_model, serve_roles, shares_role, task_of
 from qtune.tasks.base import resolve
 
 
@@ -194,21 +194,16 @@ def _listed(values: str | Sequence[str] | None) -> list[str]:
     return [] if not values else [values] if isinstance(values, str) else list(values)
 
 
-# The task each `qtune serve` role loads its folders as; a classifier is the one its qtune.json names
-# (pair or text), and a base model given as a classifier is a pair classifier.
-ROLE_TASKS = {"embedding": "embedding", "classifier": "pair-cls", "reranker": "reranker", "extractor": "extract"}
-
-
-def _role_task(source) -> str | None:
-    """The task to load `source` (a `ServedSource`) as: None lets its qtune.json decide."""
+def _served_task(source):
+    """The task `source` (a `ServedSource`) is served as: its qtune.json's where its role is shared
+    by several tasks (a classifier folder is a pair or a text classifier), else the role's task."""
     from qtune.modeling.loading import read_meta
 
-    if source.role == "classifier" and read_meta(source.source) is not None:
-        return None
-    return ROLE_TASKS[source.role]
+    task = serve_roles()[source.role]
+    return task_of(source.source, None if shares_role(task) and read_meta(source.source) is not None else task.name)
 
 
-def _load_served(sources, *, device: str, precision: str, share_base: bool) -> dict[str, object]:
+def _load_served(sources, specs: dict, *, device: str, precision: str, share_base: bool) -> dict[str, object]:
     """Served name -> wrapper, in flag order. LoRA adapters of one base model and one task are
     loaded onto one copy of the base (`qtune.modeling.adapters`) unless `share_base` is False;
     int8 exports merge each adapter, so they always load on their own."""
@@ -219,7 +214,6 @@ def _load_served(sources, *, device: str, precision: str, share_base: bool) -> d
         warning = regression_warning(s.name, s.source)
         if warning:
             print(warning, file=sys.stderr)
-    specs = {s.name: task_of(s.source, _role_task(s)) for s in sources}
     groups: dict[tuple, list] = {}
     for s in sources:
         base = adapter_base(s.source) if share_base and precision != "int8" else None
@@ -254,31 +248,32 @@ def _kb_embedder(kb: str, token: str | None, embedders: list):
     raise refusals[0]
 
 
-def serve(*, embedding: str | Sequence[str] | None = None, classifier: str | Sequence[str] | None = None,
-          reranker: str | Sequence[str] | None = None, extractor: str | Sequence[str] | None = None,
-          kb: str | None = None, kb_token: str | None = None, threshold: float | None = None, device: str = "auto",
+def serve(*, kb: str | None = None, kb_token: str | None = None, threshold: float | None = None, device: str = "auto",
           precision: str = "auto", separate_adapters: bool = False, **settings) -> None:
     """Load the models (and the knowledge base) and serve them until SIGTERM.
 
-    Each role takes one or more `DIR` or `NAME=DIR` (a folder or hub id); clients choose a model by
-    its served name (see `qtune.serving.names`). `classifier`: pair and/or text classifiers
-    (/v1/classify routes pairs and texts to the right one). LoRA adapters of one base model in one
-    role share one copy of the base weights (`separate_adapters=True` loads each on its own)."""
+    The models come as one keyword per serve role of the task registry (`qtune.tasks.serve_roles`:
+    `embedding=`, `classifier=`, `reranker=`, `extractor=`), each one or more `DIR` or `NAME=DIR` (a
+    folder or hub id); clients choose a model by its served name (see `qtune.serving.names`).
+    `classifier`: pair and/or text classifiers (/v1/classify routes pairs and texts to the right
+    one). LoRA adapters of one base model in one role share one copy of the base weights
+    (`separate_adapters=True` loads each on its own). The other keywords are `ServerSettings`."""
     from qtune.serving import ServerSettings
     from qtune.serving import serve as run_server
     from qtune.serving.names import served_sources
 
-    sources = served_sources({"embedding": _listed(embedding), "classifier": _listed(classifier),
-                              "reranker": _listed(reranker), "extractor": _listed(extractor)})
-    kb_embedder = _kb_embedder(kb, kb_token, [s for s in sources if s.role == "embedding"]) if kb else None
-    models = _load_served(sources, device=device, precision=precision, share_base=not separate_adapters)
+    sources = served_sources({role: _listed(settings.pop(role, None)) for role in serve_roles()})
+    specs = {s.name: _served_task(s) for s in sources}
+    recall = [s for s in sources if specs[s.name].kb_recall]
+    kb_embedder = _kb_embedder(kb, kb_token, recall) if kb else None
+    models = _load_served(sources, specs, device=device, precision=precision, share_base=not separate_adapters)
     matcher = None
     if kb:
-        # recall -> rerank -> threshold: a reranker rescores when served, else a pair classifier
-        rerankers = [models[s.name] for s in sources if s.role == "reranker"]
-        pair_scorers = [models[s.name] for s in sources if s.role == "classifier"
-                        and hasattr(models[s.name], "pair_scores")]
-        rescorer = next(iter(rerankers or pair_scorers), None)
+        # recall -> rerank -> threshold: the served model whose task ranks first as a rescorer
+        # (a reranker before a pair classifier), in flag order among equals
+        ranked = sorted((specs[s.name].kb_rescore_rank, i) for i, s in enumerate(sources)
+                        if specs[s.name].kb_rescore_rank is not None)
+        rescorer = models[sources[ranked[0][1]].name] if ranked else None
         matcher = faq_matcher(kb, models[kb_embedder.name] if kb_embedder else None, rescorer, threshold=threshold,
                               token=kb_token, device=device)
     run_server(models, ServerSettings(**settings), matcher)

@@ -12,7 +12,7 @@ from qtune import __version__
 from qtune.config import add_config_flags, config_from_args
 from qtune.distributed import quiet_other_ranks
 from qtune.errors import QtuneError, RegressionError
-from qtune.tasks import TASKS, Command, get
+from qtune.tasks import TASKS, Command, get, serve_roles
 
 
 # A negative number as argparse's own pattern misses it (-1e-4, -1., -5E3 besides -1 and -.5).
@@ -253,11 +253,12 @@ def cmd_serve(args) -> None:
     from qtune.api import serve
     from qtune.serving.listen import check_port
 
-    if not (args.embedding or args.classifier or args.reranker or args.extractor):
-        raise QtuneError("nothing to serve: give --embedding, --classifier, --reranker and/or --extractor")
+    roles = {role: getattr(args, role) for role in serve_roles()}
+    if not any(roles.values()):
+        flags = [f"--{role}" for role in roles]
+        raise QtuneError(f"nothing to serve: give {', '.join(flags[:-1])} and/or {flags[-1]}")
     check_port(args.host, args.port)  # before the models load, which takes minutes
-    serve(embedding=args.embedding, classifier=args.classifier, reranker=args.reranker, extractor=args.extractor,
-          separate_adapters=args.separate_adapters, kb=args.kb, kb_token=args.kb_token,
+    serve(**roles, separate_adapters=args.separate_adapters, kb=args.kb, kb_token=args.kb_token,
           threshold=args.threshold, device=args.device, precision=args.precision, host=args.host, port=args.port,
           max_batch_tokens=args.max_batch_tokens, target_call_ms=args.target_call_ms or None,
           max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
@@ -427,13 +428,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = commands.add_parser("serve", help="OpenAI-compatible HTTP server (embeddings, classify, rerank, extract, FAQ match)")
     # Every model flag takes one or more DIR or NAME=DIR, and may be repeated (qtune.serving.names).
     models = dict(nargs="+", action="extend", metavar="[NAME=]DIR")
-    sub.add_argument("--embedding", **models, help="embedding models for /v1/embeddings (the first one that "
-                     "built --kb also serves /v1/match)")
-    sub.add_argument("--classifier", **models, help="pair and/or text classifiers for /v1/classify (a pair "
-                     "classifier also rescores FAQ matches)")
-    sub.add_argument("--reranker", **models, help="rerankers for /v1/rerank (the first also rescores FAQ matches, "
-                     "with its calibrated threshold)")
-    sub.add_argument("--extractor", **models, help="extraction models for /v1/extract")
+    for role, task in serve_roles().items():  # one flag per serve role of the task registry
+        sub.add_argument(f"--{role}", **models, help=task.serve_help)
     sub.add_argument("--separate-adapters", action="store_true", help="load each LoRA adapter with its own copy of "
                      "the base model (default: adapters of one base and task share it)")
     sub.add_argument("--kb", help="knowledge base for /v1/match: Milvus Lite file or Milvus server URI")

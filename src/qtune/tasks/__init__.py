@@ -25,7 +25,8 @@ TASKS: dict[str, Task] = {task.name: task for task in (resolve(path)() for path 
     "qtune.tasks.classify:ClassifyTask",
 ))}
 
-__all__ = ["TASKS", "Command", "Endpoint", "Task", "TrainedRun", "get", "load_model", "task_of"]
+__all__ = ["TASKS", "Command", "Endpoint", "Task", "TrainedRun", "get", "load_model", "serve_roles", "shares_role",
+           "task_of"]
 
 
 def get(name: str) -> Task:
@@ -33,6 +34,27 @@ def get(name: str) -> Task:
         return TASKS[name]
     except KeyError:
         raise QtuneError(f"unknown task {name!r}; known: {', '.join(TASKS)}") from None
+
+
+# The order of `qtune serve`'s model flags, which is also the order models are served and listed
+# in; a role a new task brings and this tuple lacks comes after these.
+SERVE_ROLE_ORDER = ("embedding", "classifier", "reranker", "extractor")
+
+
+def serve_roles() -> dict[str, Task]:
+    """`qtune serve`'s model flags: role -> the task a folder without a qtune.json given under it
+    loads as (the role's first registered task)."""
+    roles: dict[str, Task] = {}
+    for task in TASKS.values():
+        if task.serve_role is not None:
+            roles.setdefault(task.serve_role, task)
+    rank = {role: i for i, role in enumerate(SERVE_ROLE_ORDER)}
+    return dict(sorted(roles.items(), key=lambda item: rank.get(item[0], len(rank))))
+
+
+def shares_role(task: Task) -> bool:
+    """Whether another registered task is served under `task`'s role."""
+    return sum(other.serve_role == task.serve_role for other in TASKS.values()) > 1
 
 
 def task_of(name_or_path: str | os.PathLike, task: str | None = None) -> Task:

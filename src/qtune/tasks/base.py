@@ -154,7 +154,17 @@ class Task:
         without one), the first being what `--format auto` picks."""
         return self.export_formats
 
-    # -- serving (nothing by default)
+    # -- serving (nothing by default). `serve_role`: the `qtune serve --ROLE` flag that takes this
+    # task's models (several tasks may share one: the first registered is what a folder without a
+    # qtune.json loads as, and `serve_help` of that first task is the flag's help). What the FAQ
+    # matcher may ask of a served model: `kb_recall`, it embeds the knowledge base's questions;
+    # `kb_rescore_rank`, it rescores the recalled candidates (`pair_scores`), the lowest rank served
+    # being the one used; None: it does neither.
+    serve_role: ClassVar[str | None] = None
+    serve_help: ClassVar[str] = ""
+    kb_recall: ClassVar[bool] = False
+    kb_rescore_rank: ClassVar[int | None] = None
+
     def endpoints(self) -> list[Endpoint]:
         return []
 

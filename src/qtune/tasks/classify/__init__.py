@@ -17,6 +17,7 @@ RUNNERS = "qtune.tasks.classify.evaluate"  # eval/predict runners, imported when
 class ClassifyTask(SequenceClassificationTask):
     name = "classify"
     kind = "a text classifier"
+    serve_role = "classifier"
     pipeline_tag = "text-classification"
     config = ClassifyConfig
     trainer = "qtune.tasks.classify.train:train"

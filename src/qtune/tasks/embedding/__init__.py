@@ -13,6 +13,9 @@ RUNNERS = "qtune.tasks.embedding.evaluate"  # eval/predict runners, imported whe
 class EmbeddingTask(Task):
     name = "embedding"
     kind = "an embedding model"
+    serve_role = "embedding"
+    serve_help = "embedding models for /v1/embeddings (the first one that built --kb also serves /v1/match)"
+    kb_recall = True
     pipeline_tag = "sentence-similarity"
     config = EmbeddingConfig
     trainer = "qtune.tasks.embedding.train:train"

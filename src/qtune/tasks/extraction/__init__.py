@@ -13,6 +13,8 @@ RUNNERS = "qtune.tasks.extraction.evaluate"  # eval/predict runners, imported wh
 class ExtractionTask(Task):
     name = "extract"
     kind = "an extractor"
+    serve_role = "extractor"
+    serve_help = "extraction models for /v1/extract"
     pipeline_tag = "text-generation"
     config = ExtractConfig
     trainer = "qtune.tasks.extraction.train:train"

@@ -16,6 +16,9 @@ RUNNERS = "qtune.tasks.pair_cls.evaluate"  # eval/predict runners, imported when
 class PairClsTask(SequenceClassificationTask):
     name = "pair-cls"
     kind = "a pair classifier"
+    serve_role = "classifier"
+    serve_help = "pair and/or text classifiers for /v1/classify (a pair classifier also rescores FAQ matches)"
+    kb_rescore_rank = 1
     pipeline_tag = "text-classification"
     config = PairClsConfig
     trainer = "qtune.tasks.pair_cls.train:train"

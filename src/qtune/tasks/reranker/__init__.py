@@ -17,6 +17,9 @@ RUNNERS = "qtune.tasks.reranker.evaluate"  # eval/predict runners, imported when
 class RerankerTask(Task):
     name = "reranker"
     kind = "a reranker"
+    serve_role = "reranker"
+    serve_help = "rerankers for /v1/rerank (the first also rescores FAQ matches, with its calibrated threshold)"
+    kb_rescore_rank = 0
     pipeline_tag = "text-ranking"
     config = RerankerConfig
     trainer = "qtune.tasks.reranker.train:train"
