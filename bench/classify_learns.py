@@ -26,12 +26,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
-import time
 from pathlib import Path
 
-from bench.common import default_model, environment, write_report
+from bench.common import default_model, environment, qtune_command, timed_command, write_report
 
 SETTINGS = {"full-lr5e-5": ["--full", "--lr", "5e-5"], "defaults": []}
 SETTING_LR = {"full-lr5e-5": "5e-5", "defaults": "2e-4"}  # the --lr each setting trains at
@@ -71,14 +68,7 @@ def pooler_copy(model: str, folder: Path) -> str:
 
 def qtune(*args: str, log: Path) -> float:
     """Run one qtune command (its output appended to `log`); the seconds it took."""
-    started = time.perf_counter()
-    with open(log, "a") as out:
-        out.write(f"\n$ qtune {' '.join(args)}\n")
-        out.flush()
-        code = subprocess.call([sys.executable, "-m", "qtune.cli", *args], stdout=out, stderr=subprocess.STDOUT)
-    if code:
-        raise SystemExit(f"qtune {args[0]} failed (exit {code}); see {log}")
-    return round(time.perf_counter() - started, 1)
+    return timed_command(qtune_command(*args), log)[0]
 
 
 def main() -> None:

@@ -201,6 +201,33 @@ def environment() -> dict:
             "versions": versions}
 
 
+def timed_command(command: list[str], log, ok_codes: tuple[int, ...] = (0,)) -> tuple[float, float]:
+    """Run `command` (its output appended to `log`): the wall seconds it took and its peak resident
+    memory in GB (the child's own, from wait4; Linux reports kilobytes). An exit code outside
+    `ok_codes` stops the benchmark, naming the log."""
+    import os
+    import subprocess
+    import time
+
+    started = time.perf_counter()
+    with open(log, "a") as out:
+        out.write(f"\n$ {' '.join(command)}\n")
+        out.flush()
+        child = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
+        _, status, usage = os.wait4(child.pid, 0)
+    code = os.waitstatus_to_exitcode(status)
+    if code not in ok_codes:
+        raise SystemExit(f"{' '.join(command[:5])} failed (exit {code}); see {log}")
+    return round(time.perf_counter() - started, 1), round(usage.ru_maxrss / 2**20, 2)
+
+
+def qtune_command(*args: str) -> list[str]:
+    """`qtune ARGS` as this interpreter runs it."""
+    import sys
+
+    return [sys.executable, "-m", "qtune.cli", *args]
+
+
 def write_report(path: str, report: dict) -> None:
     """Write the JSON report (atomically: a stopped run never leaves half a file) and say so."""
     from qtune.io import write_json

@@ -32,14 +32,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
-import subprocess
-import sys
-import time
 from pathlib import Path
 
-from bench.common import default_model, environment, write_report
+from bench.common import default_model, environment, qtune_command, timed_command, write_report
 
 # sentence-transformers MNRL, 1 epoch, batch 64, lr 2e-5, no-duplicates sampler (../shared/data/README.md)
 REFERENCE = {"ndcg@10": 0.810, "mrr@10": 0.779, "recall@100": 0.993}
@@ -72,17 +68,8 @@ METRICS = ("ndcg@10", "mrr@10", "recall@100")
 
 def qtune(*args: str, log: Path) -> tuple[float, float]:
     """Run one qtune command (its output appended to `log`): the seconds it took and its peak
-    resident memory in GB (the child's own, from wait4)."""
-    started = time.perf_counter()
-    with open(log, "a") as out:
-        out.write(f"\n$ qtune {' '.join(args)}\n")
-        out.flush()
-        child = subprocess.Popen([sys.executable, "-m", "qtune.cli", *args], stdout=out, stderr=subprocess.STDOUT)
-        _, status, usage = os.wait4(child.pid, 0)
-        child.returncode = os.waitstatus_to_exitcode(status)
-    if child.returncode:
-        raise SystemExit(f"qtune {args[0]} failed (exit {child.returncode}); see {log}")
-    return round(time.perf_counter() - started, 1), round(usage.ru_maxrss / 2**20, 2)  # Linux: kilobytes
+    resident memory in GB."""
+    return timed_command(qtune_command(*args), log)
 
 
 def main() -> None:

@@ -20,13 +20,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
-import time
 from pathlib import Path
 
-from bench.common import default_model, environment, write_report
+from bench.common import default_model, environment, qtune_command, timed_command, write_report
 
 METRICS = ("ndcg@10", "mrr@10", "recall@100")
 # name -> (runner, its settings). Peer rows: the learning rate (and CachedMNRL's mini-batch, 0: plain
@@ -55,21 +52,9 @@ MINED_ROWS = {"qtune-hn1-percpos": "percpos", "qtune-hn3-percpos": "percpos", "s
 
 
 def run(command: list[str], log: Path) -> tuple[float, float]:
-    """Run a command (output appended to `log`): its wall seconds and peak RSS in GB (wait4)."""
-    started = time.perf_counter()
-    with open(log, "a") as out:
-        out.write(f"\n$ {' '.join(command)}\n")
-        out.flush()
-        child = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
-        _, status, usage = os.wait4(child.pid, 0)
-    code = os.waitstatus_to_exitcode(status)
-    if code not in (0, 3):  # 3: qtune's --fail-on-regression verdict, still a scored row
-        raise SystemExit(f"{command[:4]} failed (exit {code}); see {log}")
-    return round(time.perf_counter() - started, 1), round(usage.ru_maxrss / 2**20, 2)
-
-
-def qtune_cli(*args: str) -> list[str]:
-    return [sys.executable, "-m", "qtune.cli", *args]
+    """Run a command (output appended to `log`): its wall seconds and peak RSS in GB. Exit 3 is
+    qtune's --fail-on-regression verdict, still a scored row."""
+    return timed_command(command, log, ok_codes=(0, 3))
 
 
 def scores(path: Path) -> dict:
@@ -83,7 +68,7 @@ def mined_file(recipe: str, args, model: str, log: Path) -> str:
     if not path.exists():
         print(f"mining negatives ({recipe}) ...", flush=True)
         corpus = str(Path(args.test) / "corpus.jsonl")
-        run(qtune_cli("mine", "--model", model, "--queries", args.train, "--corpus", corpus, "--output", str(path),
+        run(qtune_command("mine", "--model", model, "--queries", args.train, "--corpus", corpus, "--output", str(path),
                       "--device", args.device, *MINING[recipe]), log)
     return str(path)
 
@@ -100,12 +85,12 @@ def train_row(row: str, seed: int, args, model: str, folder: Path, log: Path) ->
                    "--negatives", str(settings.get("negatives", 0)), *common]
         trained = folder
     else:
-        command = qtune_cli("train", "embedding", "--model", model, "--train", train, "--output", str(folder),
+        command = qtune_command("train", "embedding", "--model", model, "--train", train, "--output", str(folder),
                             "--seed", str(seed), "--max-length", str(args.max_length), "--report-to", "none",
                             "--device", args.device, *common, *settings)
         trained = folder / "best"
     wall, peak = run(command, log)
-    run(qtune_cli("eval", "retrieval", "--model", str(trained), "--data", args.test, "--output",
+    run(qtune_command("eval", "retrieval", "--model", str(trained), "--data", args.test, "--output",
                   str(folder / "test-eval"), "--device", args.device), log)
     record = {**scores(folder / "test-eval" / "metrics.json"), "train_wall_seconds": wall, "train_peak_rss_gb": peak}
     if runner == "st":
@@ -186,7 +171,7 @@ def main() -> None:
     report = json.loads(Path(args.output).read_text()) if Path(args.output).exists() else {}
     results: dict[str, dict] = report.get("per_seed", {})
     if not (work / "base" / "metrics.json").exists():
-        run(qtune_cli("eval", "retrieval", "--model", model, "--data", args.test, "--output", str(work / "base"),
+        run(qtune_command("eval", "retrieval", "--model", model, "--data", args.test, "--output", str(work / "base"),
                       "--device", args.device), log)
     base = scores(work / "base" / "metrics.json")
     for seed in args.seeds:  # seed by seed: every row gets its first seed before any gets a second
@@ -195,7 +180,7 @@ def main() -> None:
             if str(seed) in results.get(row, {}) and (folder / "test-eval" / "metrics.json").exists():
                 if args.rescore:  # the trained model again through today's evaluator
                     trained = folder if ROWS[row][0] == "st" else folder / "best"
-                    run(qtune_cli("eval", "retrieval", "--model", str(trained), "--data", args.test, "--output",
+                    run(qtune_command("eval", "retrieval", "--model", str(trained), "--data", args.test, "--output",
                                   str(folder / "test-eval"), "--device", args.device), log)
                     results[row][str(seed)].update(scores(folder / "test-eval" / "metrics.json"))
                     save(report, results, base, model, args)
