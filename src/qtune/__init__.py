@@ -7,7 +7,8 @@ import os
 
 # OpenMP threads that wait for work by spinning (libgomp's default) steal the cores they share with
 # any other busy process: beside two CPU-bound processes on 2 cores a training step ran 3.1x slower
-# than quiet with spinning threads and 1.4x slower with sleeping ones (bench/shared_cpu.py). The
+# than quiet with spinning threads and 1.4x slower with sleeping ones (`python -m bench shared_cpu`
+# times such work quiet and loaded for qtune and sentence-transformers). The
 # policy is read when torch loads its OpenMP runtime, so it is set here, before any qtune module
 # imports torch; a value the user set wins.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")

@@ -110,6 +110,7 @@ class TrainingLoop:
         self.where = launch()
         self.world, self.rank = self.where.world_size, self.where.rank
         self.batch_size = config.batch_size * self.world  # the global batch of one micro-step
+        self.lengths = [len(f["input_ids"]) for f in features] if hooks.batches is None else None
         first_epoch = self.task_batches(0)
         self.batches_per_epoch = len(global_batches(first_epoch, self.world))
         if self.batches_per_epoch == 0:
@@ -146,8 +147,7 @@ class TrainingLoop:
         """The task's batches of feature indices for `epoch` (default: length-grouped)."""
         if self.hooks.batches is not None:
             return self.hooks.batches(epoch, self.batch_size)
-        lengths = [len(f["input_ids"]) for f in self.features]
-        return length_grouped_batches(lengths, self.batch_size, seed=self.config.seed, epoch=epoch,
+        return length_grouped_batches(self.lengths, self.batch_size, seed=self.config.seed, epoch=epoch,
                                       group_by_length=getattr(self.config, "group_by_length", True))
 
     def _print_launch(self, left_out: int) -> None:
