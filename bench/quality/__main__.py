@@ -38,6 +38,8 @@ ROWS = {
     "qtune-no-dev": ("qtune", ["--dev-fraction", "0"]),
     "qtune-lr2e-4": ("qtune", ["--lr", "2e-4"]),
     "qtune-3-epochs": ("qtune", ["--epochs", "3"]),  # best/ by the dev split among the 3 epochs
+    "qtune-min-100": ("qtune", ["--min-steps", "100"]),  # small data: more epochs up to 100 steps, best/ by dev
+    "st-1e-4-100-steps": ("st", {"lr": 1e-4, "max_steps": 100}),  # the peer given the same 100 steps
     "qtune-hn1-percpos": ("qtune", ["--hard-negatives", "1"]),
     "qtune-hn3-percpos": ("qtune", ["--hard-negatives", "3"]),
     "st-hn1-1e-4": ("st", {"lr": 1e-4, "negatives": 1}),
@@ -82,7 +84,8 @@ def train_row(row: str, seed: int, args, model: str, folder: Path, log: Path) ->
         command = [sys.executable, "-m", "bench.quality.st_train", "--model", model, "--train", train,
                    "--output", str(folder), "--lr", str(settings["lr"]), "--seed", str(seed),
                    "--max-length", str(args.max_length), "--cached", str(settings.get("cached", 0)),
-                   "--negatives", str(settings.get("negatives", 0)), *common]
+                   "--negatives", str(settings.get("negatives", 0)), "--max-steps", str(settings.get("max_steps", 0)),
+                   *common]
         trained = folder
     else:
         command = qtune_command("train", "embedding", "--model", model, "--train", train, "--output", str(folder),

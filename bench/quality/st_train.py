@@ -25,6 +25,8 @@ def main() -> None:
     parser.add_argument("--lr", type=float, required=True)
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--epochs", type=float, default=1.0)
+    parser.add_argument("--max-steps", type=int, default=0, help="train this many optimizer steps (more epochs "
+                        "than --epochs when needed); 0: --epochs")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--max-length", type=int, default=256)
     parser.add_argument("--negatives", type=int, default=0, help="mined negatives per pair from the file's "
@@ -51,7 +53,7 @@ def main() -> None:
     loss = (losses.CachedMultipleNegativesRankingLoss(model, mini_batch_size=args.cached) if args.cached
             else losses.MultipleNegativesRankingLoss(model))
     settings = SentenceTransformerTrainingArguments(
-        output_dir=str(Path(args.output) / "checkpoints"), num_train_epochs=args.epochs,
+        output_dir=str(Path(args.output) / "checkpoints"), num_train_epochs=args.epochs, max_steps=args.max_steps or -1,
         per_device_train_batch_size=args.batch_size, learning_rate=args.lr, warmup_ratio=0.1, seed=args.seed,
         batch_sampler=BatchSamplers.NO_DUPLICATES, save_strategy="no", logging_steps=10, report_to="none",
         use_cpu=True)

@@ -49,6 +49,8 @@ class TrainConfig:
                                    "dev set")
     output: str = opt("", "output folder (config.yaml, best/, last/, metrics.json, runs/)", required=True)
     epochs: float = opt(3.0, "training epochs (fractions allowed)", low=0, low_open=True)
+    min_steps: int = opt(0, "train at least this many optimizer steps: more epochs when --epochs of the data make "
+                         "fewer (small data), best/ still chosen on the dev set; 0: exactly --epochs", low=0)
     batch_size: int = opt(32, "training batch size (per optimizer step: times --grad-accum)", low=1)
     eval_batch_size: int = opt(64, "evaluation batch size", low=1)
     grad_accum: int = opt(1, "gradient accumulation steps", low=1)
@@ -86,7 +88,7 @@ class TrainConfig:
     # Any other change would make the resumed run another run than the one last/ holds, so
     # `qtune.training.run.check_resumed_settings` refuses it. A task may add its own.
     resume_may_change: ClassVar[frozenset[str]] = frozenset({
-        "epochs", "early_stopping", "eval_steps", "eval_batch_size", "logging_steps", "report_to",
+        "epochs", "min_steps", "early_stopping", "eval_steps", "eval_batch_size", "logging_steps", "report_to",
         "fail_on_regression", "device"})
     # What a resumed run takes from last/ (its qtune.json: the labels, a reranker's or embedder's
     # instruction) when the setting is not given: left out (None) on resume, it is as saved.

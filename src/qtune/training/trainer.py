@@ -118,10 +118,7 @@ class TrainingLoop:
                              "than processes")
         if self.where.launched:
             self._print_launch(len(first_epoch) - self.batches_per_epoch)
-        self.total_batches = max(1, math.ceil(self.batches_per_epoch * config.epochs))
-        full_epochs, rest = divmod(self.total_batches, self.batches_per_epoch)
-        per_epoch = math.ceil(self.batches_per_epoch / config.grad_accum)
-        self.total_steps = full_epochs * per_epoch + math.ceil(rest / config.grad_accum)
+        self.total_batches, self.total_steps = self.plan_length()
 
         # fused: one kernel per step for all parameters on a GPU instead of several per tensor
         # a task's new head may train at its own rate (--head-lr); the body's groups come first
@@ -149,6 +146,29 @@ class TrainingLoop:
             return self.hooks.batches(epoch, self.batch_size)
         return length_grouped_batches(self.lengths, self.batch_size, seed=self.config.seed, epoch=epoch,
                                       group_by_length=getattr(self.config, "group_by_length", True))
+
+    def plan_length(self) -> tuple[int, int]:
+        """Micro-batches and optimizer steps of the run: --epochs of the data, or more epochs (a
+        fraction allowed) when those make fewer than --min-steps optimizer steps."""
+        config, per_batches = self.config, self.batches_per_epoch
+        per_epoch = math.ceil(per_batches / config.grad_accum)  # an epoch's last accumulation always steps
+
+        def steps_of(batches: int) -> int:
+            full_epochs, rest = divmod(batches, per_batches)
+            return full_epochs * per_epoch + math.ceil(rest / config.grad_accum)
+
+        batches = max(1, math.ceil(per_batches * config.epochs))
+        steps = steps_of(batches)
+        min_steps = getattr(config, "min_steps", 0)
+        if steps < min_steps:
+            full_epochs, rest = divmod(min_steps, per_epoch)
+            batches = full_epochs * per_batches + min(rest * config.grad_accum, per_batches)
+            steps = steps_of(batches)
+            if self.where.is_main:
+                print(f"{per_epoch} optimizer step(s) per epoch: training {steps} steps "
+                      f"({batches / per_batches:.2f} epochs, --min-steps {min_steps}; --min-steps 0 for exactly "
+                      f"--epochs {config.epochs:g})")
+        return batches, steps
 
     def _print_launch(self, left_out: int) -> None:
         config, world = self.config, self.world

@@ -169,6 +169,28 @@ def test_train_writes_config_checkpoints_and_metrics(trained, still_bert_dir, ma
     assert history[-1]["ndcg@10"] > history[0]["ndcg@10"]  # it kept learning after the first epoch
 
 
+@pytest.mark.parametrize("grad_accum, min_steps, steps, epochs", [
+    (1, 10, 10, [1.0, 2.0, 2.5]),  # 4 steps an epoch: two epochs and half of a third
+    (2, 5, 5, [1.0, 2.0, 2.5]),  # 2 steps an epoch (2 batches each): the same batches
+    (1, 3, 4, [1.0]),  # --epochs already gives more steps: --min-steps changes nothing
+])
+def test_min_steps_trains_more_epochs_of_small_data(still_bert_dir, mapping_data, tmp_path, capsys, grad_accum,
+                                                    min_steps, steps, epochs):
+    out = tmp_path / "run"
+    code, stdout, err = run(capsys, "train", "embedding", "--model", still_bert_dir, "--train",
+                            mapping_data["train"], "--eval", mapping_data["eval"], "--output", str(out),
+                            "--epochs", "1", "--batch-size", str(BATCH), "--grad-accum", str(grad_accum),
+                            "--min-steps", str(min_steps), "--max-length", "16", "--device", "cpu",
+                            "--report-to", "none")
+    assert code == 0, err
+    metrics = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
+    assert metrics["train"]["steps"] == steps
+    assert [h["epoch"] for h in metrics["history"]] == epochs  # evaluated at every epoch's end and the last step
+    assert metrics["best"]["ndcg@10"] == max(h["ndcg@10"] for h in metrics["history"])
+    said = f"training {steps} steps ({epochs[-1]:.2f} epochs, --min-steps {min_steps}"
+    assert (said in stdout) == (epochs[-1] > 1)
+
+
 def test_cached_training_gives_the_model_of_plain_training(still_bert_dir, mapping_data, tmp_path, capsys):
     """GradCache computes the same gradients in mini-batches, so (LoRA, no dropout anywhere, same
     seed) both runs end with the same weights, hence the same embeddings."""
