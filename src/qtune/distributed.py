@@ -162,17 +162,15 @@ def shard_bounds(count: int, world_size: int, rank: int) -> tuple[int, int]:
     return start, start + base + (1 if rank < extra else 0)
 
 
-def map_sharded(fn: Callable[[Sequence], Sequence[T]], items: Sequence, *, concat: Callable | None = None):
+def map_sharded(fn: Callable[[Sequence], Sequence[T]], items: Sequence) -> list[T]:
     """`fn(items)` with the items split over the launched ranks: each rank runs `fn` on its
-    contiguous share and every rank gets the results back in input order (`concat` joins the
-    ranks' parts, e.g. `numpy.concatenate`; default: a list). One process: just `fn(items)`."""
+    contiguous share and every rank gets the results back in input order, as one list. One
+    process: just `fn(items)`."""
     where = launch()
     if not where.distributed:
         return fn(items)
     start, end = shard_bounds(len(items), where.world_size, where.rank)
     parts = all_gather_objects(fn(items[start:end]))
-    if concat is not None:
-        return concat([p for p in parts if len(p)]) if any(len(p) for p in parts) else parts[0]
     return [x for part in parts for x in part]
 
 

@@ -66,9 +66,9 @@ def _embed_call(embedder, sharded: bool):
     """`embedder.embed`, or (sharded) the same call shared over the launched ranks."""
     if not sharded:
         return embedder.embed
-    from qtune.evaluation.sharded import sharded_embed
+    from qtune.evaluation.sharded import sharded_call
 
-    return lambda texts, **kwargs: sharded_embed(embedder, texts, **kwargs)
+    return lambda texts, **kwargs: sharded_call(embedder, "embed", texts, **kwargs)
 
 
 def search_run(vectors: EmbeddedSet, top_k: int) -> dict[str, list[str]]:
@@ -90,9 +90,9 @@ def rerank_run(reranker, data: RetrievalSet, run: dict[str, list[str]], *, top_k
         spans[qid] = (len(pairs), len(head))
         pairs += [(data.queries[qid], data.corpus[d]) for d in head]
     if sharded:
-        from qtune.evaluation.sharded import sharded_score
+        from qtune.evaluation.sharded import sharded_call
 
-        scores = sharded_score(reranker, pairs, batch_size=batch_size, progress=progress)
+        scores = sharded_call(reranker, "score", pairs, batch_size=batch_size, progress=progress)
     else:
         scores = reranker.score(pairs, batch_size=batch_size, progress=progress)
     reranked = {}

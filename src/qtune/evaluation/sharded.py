@@ -1,8 +1,9 @@
 """A command's model work shared over the ranks `torchrun` / `accelerate launch` started, with the
 results every rank gets back in input order exactly as one process computes them.
 
-The model wrappers (Embedder.embed, Reranker.score, the classifiers' predict, Extractor.extract)
-sort their inputs by token length, longest first, and run them in greedy batches
+The model wrappers' batch calls (`qtune.modeling.inference.InferenceModel.batch_calls`:
+Embedder.embed, Reranker.score, the classifiers' predict, Extractor.extract_examples) sort their
+inputs by token length, longest first, and run them in greedy batches
 (`LoadedModel.sorted_batches`). A row's result can depend on the batch it runs in (padding width,
 kernel shapes, packing), so splitting the INPUTS over the ranks would not give one process's
 numbers bit for bit. Here the batches one process would run are planned first (from the token
@@ -25,6 +26,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from qtune.distributed import all_gather_objects, broadcast_object, launch, map_sharded
+from qtune.modeling.inference import InferenceModel
 
 
 def is_main() -> bool:
@@ -54,31 +56,24 @@ def _length(feature) -> int:
     return len(feature["input_ids"]) if isinstance(feature, dict) else len(feature)
 
 
-def map_sorted_batches(run: Callable[[list], Sequence], items: Sequence, features: Callable[[list], Sequence] | None,
+def map_sorted_batches(run: Callable[[list], Sequence], items: Sequence, features: Callable[[list], Sequence],
                        *, batch_size: int, max_tokens: int | None = None):
     """`run(items)` shared over the launched ranks, the result of each item as one process gets it.
 
     `run(part)` is a length-sorting wrapper call (e.g. `embedder.embed(part, ...)`) returning one
     row per item (a numpy array or a list); `features(part)` gives the features it sorts by (dicts
     with `input_ids`, or token-id lists), and `batch_size`/`max_tokens` are the ones `run` batches
-    with. `features=None`: the items are split evenly in input order instead (`map_sharded`), for a
-    wrapper whose batching this module does not know (same rows, not necessarily the same bits).
+    with.
     """
     items = list(items)
     where = launch()
     if not where.distributed or not items:
         return run(items)
-    if features is None:
-        return map_sharded(run, items, concat=_joined)
     lengths = map_sharded(lambda part: [_length(f) for f in features(part)] if part else [], items)
     batches = plan_batches(lengths, batch_size, max_tokens)[where.rank::where.world_size]
     rows = np.concatenate(batches) if batches else np.zeros(0, dtype=np.int64)
     part = run([items[i] for i in rows.tolist()]) if len(rows) else None
     return _scatter(len(items), all_gather_objects((rows, part)))
-
-
-def _joined(parts: list):
-    return np.concatenate(parts) if isinstance(parts[0], np.ndarray) else [x for p in parts for x in p]
 
 
 def _scatter(count: int, parts: list[tuple[np.ndarray, object]]):
@@ -97,79 +92,19 @@ def _scatter(count: int, parts: list[tuple[np.ndarray, object]]):
     return out_list
 
 
-# -- the wrappers' calls, shared
+# -- a wrapper's batch call, shared
 
-def sharded_embed(embedder, texts: Sequence[str], **kwargs) -> np.ndarray:
-    """`embedder.embed(texts, **kwargs)` shared over the ranks, with the same keywords (is_query,
-    batch_size, max_tokens, dimensions, progress: its progress bar on rank 0 only)."""
-    if "progress" in kwargs:
-        kwargs["progress"] = kwargs["progress"] and is_main()
-    is_query = kwargs.get("is_query", False)
-    features = (lambda part: embedder.features(part, is_query)) if hasattr(embedder, "features") else None
-    return map_sorted_batches(lambda part: embedder.embed(part, **kwargs), texts, features,
-                              batch_size=kwargs.get("batch_size", 64), max_tokens=kwargs.get("max_tokens"))
-
-
-def sharded_score(reranker, pairs: Sequence[tuple[str, str]], *, batch_size: int = 32,
-                  progress: bool = False) -> np.ndarray:
-    """`reranker.score(pairs, ...)` shared over the ranks (progress bar on rank 0)."""
+def sharded_call(model: InferenceModel, call: str, items: Sequence, /, *, batch_size: int, progress: bool = False,
+            **options):
+    """`model.<call>(items, batch_size=..., progress=..., **options)` shared over the ranks, each
+    item's result as one process gets it. `call` is one of the wrapper's declared `batch_calls`
+    (e.g. "embed", "score", "predict_proba", "predict", "extract_examples"); the rows are planned
+    from the wrapper's `features` with the call's `feature_options` (the embedder's `is_query`), and
+    `max_tokens`, when the call takes it, caps the padded tokens of a batch as the call does. The
+    progress bar shows on rank 0 only."""
+    run = model.batch_call(call)
     show = progress and is_main()
-    features = reranker.features if hasattr(reranker, "features") else None
-    return map_sorted_batches(lambda part: reranker.score(part, batch_size=batch_size, progress=show),
-                              pairs, features, batch_size=batch_size)
-
-
-def _classifier_features(clf, pairs: bool):
-    if not hasattr(clf, "encoder"):
-        return None
-
-    def features(part):
-        encoder = clf.encoder()
-        return [encoder.encode(a, b) for a, b in part] if pairs else [encoder.encode(t) for t in part]
-
-    return features
-
-
-def sharded_pair_proba(clf, pairs: Sequence[tuple[str, str]], *, batch_size: int = 64,
-                       progress: bool = False) -> np.ndarray:
-    """`clf.predict_proba(pairs, ...)` of a PairClassifier shared over the ranks."""
-    show = progress and is_main()
-    return map_sorted_batches(lambda part: clf.predict_proba(part, batch_size=batch_size, progress=show),
-                              pairs, _classifier_features(clf, pairs=True), batch_size=batch_size)
-
-
-def sharded_pair_predict(clf, pairs: Sequence[tuple[str, str]], *, batch_size: int = 64,
-                         threshold: float | None = None, progress: bool = False) -> list:
-    """`clf.predict(pairs, ...)` of a PairClassifier shared over the ranks."""
-    show = progress and is_main()
-    return map_sorted_batches(
-        lambda part: clf.predict(part, batch_size=batch_size, threshold=threshold, progress=show),
-        pairs, _classifier_features(clf, pairs=True), batch_size=batch_size)
-
-
-def sharded_text_proba(clf, texts: Sequence[str], *, batch_size: int = 64, progress: bool = False) -> np.ndarray:
-    """`clf.predict_proba(texts, ...)` of a TextClassifier shared over the ranks (check the texts
-    first, `qtune.tasks.classify.model.check_texts`, so an error names a text's place in the whole input)."""
-    show = progress and is_main()
-    return map_sorted_batches(lambda part: clf.predict_proba(part, batch_size=batch_size, progress=show),
-                              texts, _classifier_features(clf, pairs=False), batch_size=batch_size)
-
-
-def sharded_text_predict(clf, texts: Sequence[str], *, batch_size: int = 64, progress: bool = False) -> list:
-    """`clf.predict(texts, ...)` of a TextClassifier shared over the ranks (texts checked first)."""
-    show = progress and is_main()
-    return map_sorted_batches(lambda part: clf.predict(part, batch_size=batch_size, progress=show),
-                              texts, _classifier_features(clf, pairs=False), batch_size=batch_size)
-
-
-def sharded_extract(extractor, examples: Sequence, *, batch_size: int = 16, max_new_tokens: int = 256,
-                    progress: bool = False) -> list:
-    """`extractor.extract_examples(examples, ...)` shared over the ranks (greedy generation: the same
-    left-padded batches as one process, so the same answers)."""
-    show = progress and is_main()
-    builder = getattr(extractor, "builder", None)
-    features = (lambda part: [builder.prompt_ids(e.input, e.instruction) for e in part]) if builder else None
-    return map_sorted_batches(
-        lambda part: extractor.extract_examples(part, batch_size=batch_size, max_new_tokens=max_new_tokens,
-                                                progress=show),
-        examples, features, batch_size=batch_size)
+    chosen = {name: options[name] for name in type(model).feature_options if name in options}
+    return map_sorted_batches(lambda part: run(part, batch_size=batch_size, progress=show, **options), items,
+                              lambda part: model.features(part, **chosen), batch_size=batch_size,
+                              max_tokens=options.get("max_tokens"))

@@ -193,9 +193,9 @@ def score_pairs(embedder, pairs: ScoredPairs, *, batch_size: int = 64, progress:
     texts = list(dict.fromkeys(pairs.first + pairs.second))
     index = {t: i for i, t in enumerate(texts)}
     if sharded:
-        from qtune.evaluation.sharded import sharded_embed
+        from qtune.evaluation.sharded import sharded_call
 
-        vectors = sharded_embed(embedder, texts, batch_size=batch_size, progress=progress)  # (texts, dim)
+        vectors = sharded_call(embedder, "embed", texts, batch_size=batch_size, progress=progress)  # (texts, dim)
     else:
         vectors = embedder.embed(texts, batch_size=batch_size, progress=progress)  # (texts, dim)
     return pair_cosines(vectors[[index[t] for t in pairs.first]], vectors[[index[t] for t in pairs.second]])

@@ -24,6 +24,8 @@ from typing import Sequence
 
 import numpy as np
 
+from qtune.modeling.inference import InferenceModel
+
 
 def collate_labelled(tokenizer, features: Sequence[dict], packed=False) -> dict:
     """Pad a batch to its own longest row (on the tokenizer's padding side), or pack it (decoders;
@@ -198,13 +200,13 @@ def head_param_groups(model, groups: list[dict], head_lr: float | None) -> list[
     return body_groups + head_groups
 
 
-class LabelledClassifier:
+class LabelledClassifier(InferenceModel):
     """What the inference wrappers over a sequence-classification head share: the labels, the batch
     function (used by the Python API and the server's micro-batcher alike) and length-sorted
-    prediction of encoded rows. Subclasses add how their inputs are encoded."""
+    prediction of encoded rows. Subclasses add how their inputs are encoded (`encoder`)."""
 
-    def __init__(self, loaded):
-        self.loaded = loaded
+    batch_calls = frozenset({"predict_proba", "predict"})
+
 
     @property
     def labels(self) -> list[str]:
@@ -213,10 +215,6 @@ class LabelledClassifier:
     def forward(self, batch: dict) -> np.ndarray:
         """(rows, num_labels) class probabilities of one collated batch: the batch function."""
         return class_probs(self.loaded.model, batch)
-
-    def run_batch(self, features: list[dict]) -> np.ndarray:
-        """`forward` of the batch made of these unpadded features (the server's micro-batcher calls this)."""
-        return self.loaded.infer_batch(features, self.forward)
 
     def predict_features(self, features: list[dict], batch_size: int = 64, progress: bool = False) -> np.ndarray:
         """(rows, num_labels) probabilities of encoded rows, in input order; batches are length-sorted."""

@@ -120,7 +120,9 @@ class Task:
 
     # -- training and inference
     trainer: ClassVar[str]  # "module:function", called (task, config, on_step) -> TrainedRun
-    wrapper: ClassVar[str]  # "module:Class": the inference wrapper around a LoadedModel
+    # "module:Class": the inference wrapper around a LoadedModel, a `qtune.modeling.inference.
+    # InferenceModel` (features as trained, the batch function, its declared batch calls)
+    wrapper: ClassVar[str]
     # The task's commands by kind: "evaluation" (`qtune eval`), "prediction" (`qtune predict`), ...;
     # a tuple where a task has several of one kind (embedding: `qtune eval retrieval` and `qtune eval sts`).
     commands: ClassVar[dict[str, Command | tuple[Command, ...]]] = {}
@@ -137,7 +139,13 @@ class Task:
 
     def wrap(self, loaded: LoadedModel):
         """The inference wrapper (`qtune.load` returns it)."""
-        return resolve(self.wrapper)(loaded)
+        from qtune.modeling.inference import InferenceModel
+
+        cls = resolve(self.wrapper)
+        if not (isinstance(cls, type) and issubclass(cls, InferenceModel)):
+            raise TypeError(f"task {self.name!r}: its wrapper {self.wrapper} is not a "
+                            "qtune.modeling.inference.InferenceModel")
+        return cls(loaded)
 
     # -- `qtune export`: the formats this task writes (the first is what `--format auto` picks) and
     # the module ("qtune.tasks.embedding.export"; `resolve` names its functions as everything lazily

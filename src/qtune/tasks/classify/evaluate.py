@@ -14,7 +14,7 @@ from qtune.evaluation.report import (
     mark_untrained,
     write_classification_outputs,
 )
-from qtune.evaluation.sharded import is_main, sharded_text_predict, sharded_text_proba
+from qtune.evaluation.sharded import is_main, sharded_call
 from qtune.modeling.loading import read_meta
 from qtune.tasks.classify.config import ClassifyEvalConfig, ClassifyPredictConfig
 from qtune.tasks.classify.data import read_labelled, read_texts
@@ -43,7 +43,8 @@ def evaluate(config: ClassifyEvalConfig, load) -> dict:
     for name, examples, labels, base in runs:
         extra = {"labels": labels} if base else {}
         clf = load(name, TASK, device=config.device, precision=config.load_precision, **extra)
-        probs = sharded_text_proba(clf, check_texts([e.text for e in examples]), batch_size=config.batch_size, progress=True)
+        probs = sharded_call(clf, "predict_proba", check_texts([e.text for e in examples]),
+                             batch_size=config.batch_size, progress=True)
         results[name] = mark_untrained(metrics_from_probs([e.label for e in examples], probs, labels), clf)
     if config.output and is_main():
         write_classification_outputs(results, str(config.data), config.output, title=TITLE)
@@ -64,7 +65,8 @@ def predict(config: ClassifyPredictConfig, load) -> int:
     rows, names, examples = read_texts(config.input, text_column=config.text_column)
     init_process_group()  # under a launcher: the ranks share the predictions
     clf = load(config.model, TASK, device=config.device, precision=config.load_precision)
-    predictions = sharded_text_predict(clf, check_texts([e.text for e in examples]), batch_size=config.batch_size, progress=True)
+    predictions = sharded_call(clf, "predict", check_texts([e.text for e in examples]),
+                               batch_size=config.batch_size, progress=True)
     if not is_main():
         return len(predictions)
     return write_rows_with(config.output, rows, names, [

@@ -42,11 +42,14 @@ class TextClassifier(LabelledClassifier):
         loaded = self.loaded
         return TextEncoder(loaded.tokenizer, loaded.family.is_decoder, loaded.meta.max_length if truncate else None)
 
+    def features(self, texts: Iterable[str], *, truncate: bool = True) -> list[dict]:
+        """Unpadded features of texts as trained."""
+        encoder = self.encoder(truncate)
+        return [encoder.encode(t) for t in texts]
+
     def predict_proba(self, texts: str | Iterable[str], batch_size: int = 64, progress: bool = False) -> np.ndarray:
         """(len(texts), num_labels) float32 class probabilities, in input order (a str is one text)."""
-        encoder = self.encoder()
-        return self.predict_features([encoder.encode(t) for t in check_texts(texts)], batch_size=batch_size,
-                                     progress=progress)
+        return self.predict_features(self.features(check_texts(texts)), batch_size=batch_size, progress=progress)
 
     def predict(self, texts: str | Iterable[str], batch_size: int = 64, progress: bool = False) -> list[TextPrediction]:
         """The most probable label and all probabilities of each text, in input order."""

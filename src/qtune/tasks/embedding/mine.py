@@ -25,7 +25,7 @@ from qtune.data.retrieval import read_corpus, read_query_groups, write_query_gro
 from qtune.data.tables import table_format
 from qtune.distributed import broadcast_object, init_process_group
 from qtune.errors import QtuneError
-from qtune.evaluation.sharded import is_main, sharded_embed, sharded_score
+from qtune.evaluation.sharded import is_main, sharded_call
 from qtune.io import atomic_path
 from qtune.mining import MiningSettings, rule_report, search_candidates, select_negatives, summarize
 from qtune.modeling.loading import read_meta
@@ -73,8 +73,8 @@ def mine_file(load_embedder, queries: str, corpus: str, output: str, settings: M
     # Ranks > 0 get None when rank 0 read the vectors from the cache: only rank 0 searches.
     corpus_vecs = corpus_vectors(embedder, texts, batch_size=batch_size, cache_dir=cache_dir,
                                  model_key=model_identity(model_name) if model_name else None)
-    query_vecs = sharded_embed(embedder, [g.query for g in groups], is_query=True, batch_size=batch_size,
-                               progress=True)
+    query_vecs = sharded_call(embedder, "embed", [g.query for g in groups], is_query=True, batch_size=batch_size,
+                              progress=True)
     positive_ids = [{index_of[p] for p in g.positives if p in index_of} for g in groups]
     scores, indices = search_candidates(query_vecs, corpus_vecs, positive_ids, settings) if main else (None, None)
     if load_rescorer is None:
@@ -108,7 +108,7 @@ def _embedder_positive_scores(embedder, groups, index_of: dict[str, int], query_
     score it has as a candidate), else from embedding it (positives need not be in the corpus).
     Under a launcher the ranks share the embedding; ranks > 0 return None."""
     outside = list(dict.fromkeys(p for g in groups for p in g.positives if p not in index_of))
-    outside_vecs = sharded_embed(embedder, outside, batch_size=batch_size, progress=True) if outside else None
+    outside_vecs = sharded_call(embedder, "embed", outside, batch_size=batch_size, progress=True) if outside else None
     if not is_main():
         return None
     extra = {p: i for i, p in enumerate(outside)}
@@ -133,7 +133,8 @@ def _rescore(rescorer, groups, texts: Sequence[str], indices: np.ndarray, batch_
         part, rows = groups[start:start + block], indices[start:start + block]
         pairs = [(g.query, texts[j]) for g, row in zip(part, rows.tolist()) for j in row]
         pairs += [(g.query, p) for g in part for p in g.positives]
-        flat = np.asarray(sharded_score(rescorer, pairs, batch_size=batch_size, progress=True), dtype=np.float32)
+        flat = np.asarray(sharded_call(rescorer, "score", pairs,
+                                       batch_size=batch_size, progress=True), dtype=np.float32)
         window[start:start + len(part)] = flat[:rows.size].reshape(rows.shape)
         ends = np.cumsum([rows.size] + [len(g.positives) for g in part])
         pos_scores += [flat[a:b].tolist() for a, b in zip(ends[:-1], ends[1:])]
@@ -177,13 +178,13 @@ def corpus_vectors(embedder, texts: Sequence[str], *, batch_size: int, cache_dir
     Under a launcher the ranks share the embedding and rank 0 alone reads and writes the cache:
     when it read the vectors there, the other ranks get None (they do not search)."""
     if cache_dir is None or model_key is None:
-        return sharded_embed(embedder, texts, batch_size=batch_size, progress=True)
+        return sharded_call(embedder, "embed", texts, batch_size=batch_size, progress=True)
     path = Path(cache_dir) / f"corpus-{vector_cache_key(model_key, embedder, texts)}.npy"
     main = is_main()
     cached = _read_cached(path, (len(texts), embedder.dimension)) if main else None
     if broadcast_object(cached is not None):  # every rank takes the same way (rank 0's)
         return cached
-    vecs = sharded_embed(embedder, texts, batch_size=batch_size, progress=True)
+    vecs = sharded_call(embedder, "embed", texts, batch_size=batch_size, progress=True)
     if main:
         with atomic_path(path) as tmp, open(tmp, "wb") as f:
             np.save(f, vecs)  # to an open file: np.save would add ".npy" to the temporary name

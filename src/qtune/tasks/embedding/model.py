@@ -10,6 +10,7 @@ from typing import Sequence
 
 import numpy as np
 
+from qtune.modeling.inference import InferenceModel
 from qtune.modeling.pooling import normalize, pool
 from qtune.tasks.embedding.encode import format_text, tokenize_texts
 
@@ -35,18 +36,18 @@ def truncate_normalize(vectors: np.ndarray, dimensions: int | None) -> np.ndarra
     return (short / np.maximum(np.linalg.norm(short, axis=1, keepdims=True), 1e-12)).astype(np.float32)
 
 
-class Embedder:
+class Embedder(InferenceModel):
     """A loaded embedding model: `embed(texts, is_query=...)` -> normalised float32 array."""
 
-    def __init__(self, loaded):
-        self.loaded = loaded
+    batch_calls = frozenset({"embed"})
+    feature_options = ("is_query",)
 
     @property
     def dimension(self) -> int:
         config = getattr(self.loaded.model, "config", None)
         return int(config.hidden_size)
 
-    def features(self, texts: Sequence[str], is_query: bool, truncate: bool = True) -> list[dict]:
+    def features(self, texts: Sequence[str], is_query: bool = False, *, truncate: bool = True) -> list[dict]:
         """Unpadded features exactly as training and inference see them (`truncate=False`: nothing
         cut, to count tokens)."""
         meta, family = self.loaded.meta, self.loaded.family
@@ -58,10 +59,6 @@ class Embedder:
     def forward(self, batch: dict) -> np.ndarray:
         """(rows, dim) float32 unit vectors of one collated batch: the batch function."""
         return forward_embeddings(self.loaded.model, batch, self.loaded.meta.pooling).cpu().numpy()
-
-    def run_batch(self, features: list[dict]) -> np.ndarray:
-        """`forward` of the batch made of these unpadded features (the server's micro-batcher calls this)."""
-        return self.loaded.infer_batch(features, self.forward)
 
     def check_dimensions(self, dimensions: int | None) -> None:
         if dimensions is not None and not 0 < dimensions <= self.dimension:

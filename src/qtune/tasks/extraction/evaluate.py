@@ -10,7 +10,7 @@ from qtune.data.tables import table_format
 from qtune.distributed import init_process_group
 from qtune.errors import QtuneError
 from qtune.evaluation.extraction import extraction_metrics, extraction_report, write_extraction_outputs
-from qtune.evaluation.sharded import is_main, sharded_extract
+from qtune.evaluation.sharded import is_main, sharded_call
 from qtune.io import write_jsonl
 from qtune.tasks.extraction.config import ExtractEvalConfig, ExtractPredictConfig
 
@@ -22,8 +22,8 @@ def evaluate(config: ExtractEvalConfig, load) -> dict:
     results = {}
     for name in [config.model] + ([config.compare] if config.compare else []):
         extractor = load(name, "extract", device=config.device, precision=config.load_precision)
-        found = sharded_extract(extractor, examples, batch_size=config.batch_size,
-                                max_new_tokens=config.max_new_tokens, progress=True)
+        found = sharded_call(extractor, "extract_examples", examples, batch_size=config.batch_size,
+                             max_new_tokens=config.max_new_tokens, progress=True)
         results[name] = extraction_metrics([e.output for e in examples], [r.output for r in found])
     if config.output and is_main():
         write_extraction_outputs(results, str(config.data), config.output)
@@ -45,8 +45,8 @@ def predict(config: ExtractPredictConfig, load) -> dict:
     examples = read_extraction(config.input, require_output=False)
     init_process_group()  # under a launcher: the ranks share the generation
     extractor = load(config.model, "extract", device=config.device, precision=config.load_precision)
-    found = sharded_extract(extractor, examples, batch_size=config.batch_size, max_new_tokens=config.max_new_tokens,
-                            progress=True)
+    found = sharded_call(extractor, "extract_examples", examples, batch_size=config.batch_size,
+                         max_new_tokens=config.max_new_tokens, progress=True)
     rows = []
     for example, result in zip(examples, found):
         row = {"input": example.input, "output": result.output}

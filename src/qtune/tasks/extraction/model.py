@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
+from qtune.modeling.inference import InferenceModel
 from qtune.records import ExtractionExample
 from qtune.tasks.extraction.encode import IGNORE_INDEX, PromptBuilder
 
@@ -84,12 +85,20 @@ class Extraction:
     tokens: int = 0  # tokens generated, EOS included
 
 
-class Extractor:
-    """A loaded extraction model: `extract(texts)` -> parsed JSON per text."""
+class Extractor(InferenceModel):
+    """A loaded extraction model: `extract(texts)` -> parsed JSON per text. Its batch function is
+    greedy generation over left-padded prompts (`generate`), not `forward`."""
+
+    batch_calls = frozenset({"extract_examples"})
 
     def __init__(self, loaded):
-        self.loaded = loaded
+        super().__init__(loaded)
         self.builder = PromptBuilder(loaded.tokenizer, loaded.meta.instruction)
+
+    def features(self, examples: Sequence[ExtractionExample], *, truncate: bool = True) -> list[list[int]]:
+        """The prompt token ids of each example (its input with its own instruction), as trained;
+        what `extract_examples` sorts by. Prompts are never cut (`truncate` changes nothing)."""
+        return [self.builder.prompt_ids(e.input, e.instruction) for e in examples]
 
     def extract(self, texts: Sequence[str], *, instructions: Sequence[str | None] | None = None,
                 batch_size: int = 16, max_new_tokens: int = 256, progress: bool = False) -> list[Extraction]:

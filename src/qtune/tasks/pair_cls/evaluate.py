@@ -10,7 +10,7 @@ from qtune.data.tables import read_table, table_format, write_rows_with
 from qtune.distributed import init_process_group
 from qtune.evaluation.metrics import metrics_from_probs
 from qtune.evaluation.report import classification_report_md, mark_untrained, write_classification_outputs
-from qtune.evaluation.sharded import is_main, sharded_pair_predict, sharded_pair_proba
+from qtune.evaluation.sharded import is_main, sharded_call
 from qtune.modeling.loading import read_meta
 from qtune.tasks.pair_cls.config import PairClsEvalConfig, PairClsPredictConfig
 
@@ -26,8 +26,8 @@ def evaluate(config: PairClsEvalConfig, load) -> dict:
         pairs = read_pairs(config.data, text_columns=config.text_columns, label_column=config.label_column,
                            labels=labels, labels_flag=None)
         clf = load(name, "pair-cls", device=config.device, precision=config.load_precision)
-        probs = sharded_pair_proba(clf, [(p.sentence1, p.sentence2) for p in pairs], batch_size=config.batch_size,
-                                   progress=True)
+        probs = sharded_call(clf, "predict_proba", [(p.sentence1, p.sentence2) for p in pairs],
+                             batch_size=config.batch_size, progress=True)
         results[name] = mark_untrained(metrics_from_probs([p.label for p in pairs], probs, labels), clf)
     if config.output and is_main():
         write_classification_outputs(results, str(config.data), config.output)
@@ -49,8 +49,8 @@ def predict(config: PairClsPredictConfig, load) -> int:
     pairs = pairs_from_rows(rows, config.input, text_columns=config.text_columns, labels=None)
     init_process_group()  # under a launcher: the ranks share the predictions
     clf = load(config.model, "pair-cls", device=config.device, precision=config.load_precision)
-    predictions = sharded_pair_predict(clf, [(p.sentence1, p.sentence2) for p in pairs], batch_size=config.batch_size,
-                                       threshold=config.threshold, progress=True)
+    predictions = sharded_call(clf, "predict", [(p.sentence1, p.sentence2) for p in pairs],
+                               batch_size=config.batch_size, threshold=config.threshold, progress=True)
     if not is_main():
         return len(predictions)
     return write_rows_with(config.output, rows, names, [

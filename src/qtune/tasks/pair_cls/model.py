@@ -27,12 +27,15 @@ class PairClassifier(LabelledClassifier):
         loaded = self.loaded
         return PairEncoder(loaded.tokenizer, loaded.family.is_decoder, loaded.meta.max_length if truncate else None)
 
+    def features(self, pairs: Iterable[tuple[str, str]], *, truncate: bool = True) -> list[dict]:
+        """Unpadded features of (a, b) pairs as trained."""
+        encoder = self.encoder(truncate)
+        return [encoder.encode(a, b) for a, b in pairs]
+
     def predict_proba(self, pairs: Iterable[tuple[str, str]], batch_size: int = 64,
                       progress: bool = False) -> np.ndarray:
         """(len(pairs), num_labels) class probabilities, in input order."""
-        encoder = self.encoder()
-        return self.predict_features([encoder.encode(a, b) for a, b in pairs], batch_size=batch_size,
-                                     progress=progress)
+        return self.predict_features(self.features(pairs), batch_size=batch_size, progress=progress)
 
     def predict(self, pairs: Iterable[tuple[str, str]], batch_size: int = 64, threshold: float | None = None,
                 progress: bool = False) -> list[PairPrediction]:
@@ -61,8 +64,7 @@ class PairClassifier(LabelledClassifier):
 
     def pair_features(self, pairs: list[tuple[str, str]]) -> list[dict]:
         """`pair_scores` in two steps, tokenizing apart from the model call: the features, ..."""
-        encoder = self.encoder()
-        return [encoder.encode(a, b) for a, b in pairs]
+        return self.features(pairs)
 
     def feature_scores(self, features: list[dict]) -> np.ndarray:
         """... then (len(features),) P(positive) of each."""

@@ -16,7 +16,7 @@ from qtune.evaluation.report import mark_untrained, short_name
 from qtune.evaluation.retrieval import (rerank_run, retrieval_report, retrieve, two_stage_legend,
                                         write_retrieval_outputs)
 from qtune.evaluation.retrieval_metrics import retrieval_metrics
-from qtune.evaluation.sharded import is_main, sharded_score
+from qtune.evaluation.sharded import is_main, sharded_call
 from qtune.io import write_json
 from qtune.tasks.reranker.config import CalibrateConfig, RerankEvalConfig
 
@@ -68,8 +68,8 @@ def calibrate(config: CalibrateConfig, load) -> dict:
                        labels=["0", "1"], alternative_columns=alternatives, labels_flag=None)
     init_process_group()  # under a launcher: the ranks share the scoring
     reranker = load(config.model, "reranker", device=config.device, precision=config.load_precision)
-    scores = sharded_score(reranker, [(p.sentence1, p.sentence2) for p in pairs], batch_size=config.batch_size,
-                           progress=True)
+    scores = sharded_call(reranker, "score", [(p.sentence1, p.sentence2) for p in pairs],
+                          batch_size=config.batch_size, progress=True)
     try:
         found = calibrate_threshold([p.label for p in pairs], scores, min_precision=config.min_precision)
     except ValueError as e:

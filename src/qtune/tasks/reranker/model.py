@@ -9,6 +9,7 @@ from typing import Sequence
 
 import numpy as np
 
+from qtune.modeling.inference import InferenceModel
 from qtune.tasks.reranker.encode import PairFormatter, RerankPrompt
 
 
@@ -32,11 +33,13 @@ def forward_logits(model, batch: dict, prompt: RerankPrompt | None):
     return logits[:, prompt.yes_id] - logits[:, prompt.no_id]
 
 
-class Reranker:
+class Reranker(InferenceModel):
     """A loaded reranker: `score([(query, doc), ...])` -> relevance in [0, 1]."""
 
+    batch_calls = frozenset({"score"})
+
     def __init__(self, loaded):
-        self.loaded = loaded
+        super().__init__(loaded)
         self.formatter = PairFormatter(loaded.tokenizer, loaded.family.is_decoder, loaded.meta.max_length,
                                        loaded.meta.instruction)
 
@@ -68,7 +71,7 @@ class Reranker:
         """... then (len(features),) their scores."""
         return self.score_features(features)
 
-    def features(self, pairs: Sequence[tuple[str, str]], truncate: bool = True) -> list[dict]:
+    def features(self, pairs: Sequence[tuple[str, str]], *, truncate: bool = True) -> list[dict]:
         """Unpadded features of (query, document) pairs (`truncate=False`: nothing cut, to count
         tokens; within max_length these equal the truncated ones)."""
         formatter = self.formatter if truncate else self._whole
