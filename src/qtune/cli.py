@@ -253,7 +253,7 @@ def cmd_serve(args) -> None:
     from qtune.api import serve
     from qtune.serving.listen import check_port
 
-    roles = {role: getattr(args, role) for role in serve_roles()}
+    roles = {role: getattr(args, role.replace("-", "_")) for role in serve_roles()}  # --a-role: dest a_role
     if not any(roles.values()):
         flags = [f"--{role}" for role in roles]
         raise QtuneError(f"nothing to serve: give {', '.join(flags[:-1])} and/or {flags[-1]}")

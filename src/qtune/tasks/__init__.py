@@ -17,13 +17,45 @@ if TYPE_CHECKING:
     from qtune.modeling.loading import LoadedModel
 
 
-TASKS: dict[str, Task] = {task.name: task for task in (resolve(path)() for path in (
+BUILT_IN = (
     "qtune.tasks.pair_cls:PairClsTask",
     "qtune.tasks.embedding:EmbeddingTask",
     "qtune.tasks.reranker:RerankerTask",
     "qtune.tasks.extraction:ExtractionTask",
     "qtune.tasks.classify:ClassifyTask",
-))}
+)
+# Tasks from elsewhere: a package's entry points in the group "qtune.tasks" (name = "module:Class"),
+# or the "module:Class" list of the QTUNE_TASKS variable (comma-separated); they come after the
+# built-in ones, and a name taken already is an error.
+ENTRY_POINT_GROUP = "qtune.tasks"
+TASKS_VARIABLE = "QTUNE_TASKS"
+
+
+def added_task_paths() -> list[str]:
+    """The "module:Class" of every task an installed package or QTUNE_TASKS adds."""
+    from importlib.metadata import entry_points
+
+    paths = [point.value for point in entry_points(group=ENTRY_POINT_GROUP)]
+    return paths + [p.strip() for p in os.environ.get(TASKS_VARIABLE, "").split(",") if p.strip()]
+
+
+def _registry() -> dict[str, Task]:
+    tasks: dict[str, Task] = {}
+    for path in (*BUILT_IN, *added_task_paths()):
+        try:
+            task = resolve(path)()
+        except (ImportError, AttributeError, ValueError) as error:
+            raise ImportError(f"qtune task {path!r} (from the {ENTRY_POINT_GROUP!r} entry points or "
+                              f"{TASKS_VARIABLE}) cannot be loaded: {error}") from error
+        if not isinstance(task, Task):
+            raise ImportError(f"qtune task {path!r} is not a qtune.tasks.Task")
+        if task.name in tasks:
+            raise ImportError(f"qtune task {path!r}: the task name {task.name!r} is taken")
+        tasks[task.name] = task
+    return tasks
+
+
+TASKS: dict[str, Task] = _registry()
 
 __all__ = ["TASKS", "Command", "Endpoint", "Task", "TrainedRun", "get", "load_model", "serve_roles", "shares_role",
            "task_of"]
