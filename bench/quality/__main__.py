@@ -42,6 +42,8 @@ ROWS = {
     "st-1e-4-100-steps": ("st", {"lr": 1e-4, "max_steps": 100}),  # the peer given the same 100 steps
     "qtune-hn1-percpos": ("qtune", ["--hard-negatives", "1"]),
     "qtune-hn3-percpos": ("qtune", ["--hard-negatives", "3"]),
+    # a second round: the qtune row's tuned model (same seed) mines TopK-PercPos negatives, the base retrains
+    "qtune-round2-hn1": ("qtune", ["--hard-negatives", "1"]),
     "st-hn1-1e-4": ("st", {"lr": 1e-4, "negatives": 1}),
 }
 # Rows that train on mined negatives, and the `qtune mine` settings that mine them (once per work
@@ -50,7 +52,10 @@ ROWS = {
 # query's positive, no absolute margin or score cap.
 MINING = {"percpos": ["--range-min", "0", "--range-max", "30", "--margin", "off", "--max-score", "off",
                       "--relative-margin", "0.05", "--num-negatives", "7", "--sampling", "top"]}
-MINED_ROWS = {"qtune-hn1-percpos": "percpos", "qtune-hn3-percpos": "percpos", "st-hn1-1e-4": "percpos"}
+MINED_ROWS = {"qtune-hn1-percpos": "percpos", "qtune-hn3-percpos": "percpos", "st-hn1-1e-4": "percpos",
+              "qtune-round2-hn1": "percpos"}
+# Rows whose negatives the TUNED model mines (a second round): the row whose best/ (same seed) mines them.
+MINED_BY = {"qtune-round2-hn1": "qtune"}
 
 
 def run(command: list[str], log: Path) -> tuple[float, float]:
@@ -64,9 +69,10 @@ def scores(path: Path) -> dict:
     return {k: round(float(metrics[k]), 4) for k in METRICS}
 
 
-def mined_file(recipe: str, args, model: str, log: Path) -> str:
-    """The training file with negatives mined by `recipe` (mined on first use)."""
-    path = Path(args.work) / f"train.mined-{recipe}.jsonl"
+def mined_file(recipe: str, args, model: str, log: Path, by: str = "") -> str:
+    """The training file with negatives mined by `recipe` (mined on first use) with `model` (`by`
+    names it in the file name when it is a tuned model rather than the base)."""
+    path = Path(args.work) / f"train.mined-{recipe}{'-by-' + by if by else ''}.jsonl"
     if not path.exists():
         print(f"mining negatives ({recipe}) ...", flush=True)
         corpus = str(Path(args.test) / "corpus.jsonl")
@@ -79,13 +85,20 @@ def train_row(row: str, seed: int, args, model: str, folder: Path, log: Path) ->
     """Train one (row, seed) into `folder` and score it on the test folder."""
     runner, settings = ROWS[row]
     common = ["--epochs", str(args.epochs), "--batch-size", str(args.batch_size)]
-    train = mined_file(MINED_ROWS[row], args, model, log) if row in MINED_ROWS else args.train
+    train = args.train
+    if row in MINED_BY:
+        miner = Path(args.work) / f"{MINED_BY[row]}-seed{seed}" / "best"
+        if not miner.is_dir():
+            raise SystemExit(f"{row} needs the {MINED_BY[row]} row of seed {seed} first (its best/ mines the negatives)")
+        train = mined_file(MINED_ROWS[row], args, str(miner), log, by=f"{MINED_BY[row]}-seed{seed}")
+    elif row in MINED_ROWS:
+        train = mined_file(MINED_ROWS[row], args, model, log)
     if runner == "st":
         command = [sys.executable, "-m", "bench.quality.st_train", "--model", model, "--train", train,
                    "--output", str(folder), "--lr", str(settings["lr"]), "--seed", str(seed),
                    "--max-length", str(args.max_length), "--cached", str(settings.get("cached", 0)),
                    "--negatives", str(settings.get("negatives", 0)), "--max-steps", str(settings.get("max_steps", 0)),
-                   *common]
+                   "--device", args.device, *common]
         trained = folder
     else:
         command = qtune_command("train", "embedding", "--model", model, "--train", train, "--output", str(folder),

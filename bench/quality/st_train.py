@@ -32,7 +32,13 @@ def main() -> None:
     parser.add_argument("--negatives", type=int, default=0, help="mined negatives per pair from the file's "
                         "'neg' lists (0: in-batch negatives only)")
     parser.add_argument("--cached", type=int, default=0, help="CachedMNRL with this mini-batch size (0: plain MNRL)")
+    parser.add_argument("--device", default="auto", help="auto (a GPU when there is one), cpu or cuda[:N]; bf16 "
+                        "mixed precision on a GPU that supports it, as qtune's --precision auto")
     args = parser.parse_args()
+    import torch
+
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    on_gpu = device.startswith("cuda")
 
     from datasets import Dataset
     from sentence_transformers import SentenceTransformer, losses
@@ -48,7 +54,7 @@ def main() -> None:
         pairs = {"anchor": [r["query"] for r in rows], "positive": [r["pos"][0] for r in rows]}
         for i in range(args.negatives):
             pairs[f"negative_{i + 1}"] = [r["neg"][i] for r in rows]
-    model = SentenceTransformer(args.model, device="cpu")
+    model = SentenceTransformer(args.model, device=device)
     model.max_seq_length = args.max_length
     loss = (losses.CachedMultipleNegativesRankingLoss(model, mini_batch_size=args.cached) if args.cached
             else losses.MultipleNegativesRankingLoss(model))
@@ -56,7 +62,7 @@ def main() -> None:
         output_dir=str(Path(args.output) / "checkpoints"), num_train_epochs=args.epochs, max_steps=args.max_steps or -1,
         per_device_train_batch_size=args.batch_size, learning_rate=args.lr, warmup_ratio=0.1, seed=args.seed,
         batch_sampler=BatchSamplers.NO_DUPLICATES, save_strategy="no", logging_steps=10, report_to="none",
-        use_cpu=True)
+        use_cpu=not on_gpu, bf16=on_gpu and torch.cuda.is_bf16_supported())
     trainer = SentenceTransformerTrainer(model=model, args=settings, train_dataset=Dataset.from_dict(pairs), loss=loss)
     started = time.perf_counter()
     trainer.train()
