@@ -318,7 +318,7 @@ def test_metrics_need_the_api_key_unless_made_public(models):
 # --- 10. the OpenAPI document ------------------------------------------------------------------------
 
 def test_openapi_describes_every_endpoint_and_its_request_body(client):
-    from qtune.serving.app import MatchRequest
+    from qtune.serving.match import MatchRequest
     from qtune.tasks.embedding.serve import CohereEmbedRequest, EmbeddingRequest
     from qtune.tasks.extraction.serve import ExtractRequest
     from qtune.tasks.requests import ClassifyRequest
