@@ -20,8 +20,7 @@ def text_features(entry, value, settings) -> list[dict]:
     texts = check_texts(value, settings)
     check_chars(texts, entry.max_input_tokens)
     # Untruncated, to report too-long texts; within the limit this equals the truncating encoder.
-    encoder = entry.model.encoder(truncate=False)
-    features = [encoder.encode(text) for text in texts]
+    features = entry.model.features(texts, truncate=False)
     check_lengths(features, entry.max_input_tokens)
     check_total(features, settings)
     return features

@@ -24,8 +24,7 @@ def pair_features(entry, value, settings) -> list[dict]:
                                param="input", code="pairs_required")
         check_chars(pair, entry.max_input_tokens, item=f"input {i}, text")
     # Untruncated, to report too-long pairs; within the limit this equals the truncating encoder.
-    encoder = entry.model.encoder(truncate=False)
-    features = [dict(encoder.encode(a, b)) for a, b in value]
+    features = [dict(f) for f in entry.model.features(value, truncate=False)]
     check_lengths(features, entry.max_input_tokens)
     check_total(features, settings)
     return features
