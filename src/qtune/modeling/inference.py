@@ -22,10 +22,13 @@ class InferenceModel:
 
     Subclasses set `batch_calls` (the names of their length-sorted batch methods), `feature_options`
     (the keywords of those calls that change the features, e.g. the embedder's `is_query`) and
-    implement `features` and `forward`."""
+    `micro_batched`, and implement `features` and `forward`."""
 
     batch_calls: ClassVar[frozenset[str]] = frozenset()
     feature_options: ClassVar[tuple[str, ...]] = ()
+    # The server micro-batches requests' rows into `run_batch` calls; False: each request is one
+    # model call of its own (generation).
+    micro_batched: ClassVar[bool] = True
 
     def __init__(self, loaded):
         self.loaded = loaded

@@ -4,9 +4,10 @@ and `serve`, which runs it with uvicorn until SIGTERM.
 
 This module wires the parts together: the state and the model calls (`qtune.serving.state`), the
 gate every request passes and the body limits (`qtune.serving.gate`), the routes and the model each
-request goes to (`qtune.serving.routing`), FAQ matching (`qtune.serving.match`). Wrappers with a
-batch function (`run_batch`) are micro-batched (`qtune.serving.batcher`); every failure is answered
-in the one error shape `{"error": {message, type, param, code}}`.
+request goes to (`qtune.serving.routing`), FAQ matching (`qtune.serving.match`). Wrappers that
+declare `micro_batched` (`qtune.modeling.inference`) are micro-batched through `run_batch`
+(`qtune.serving.batcher`); every failure is answered in the one error shape
+`{"error": {message, type, param, code}}`.
 
 The event loop only moves bytes: parsing JSON, validating it, tokenizing and writing the answer run
 on a small pool of "prep" threads (not the model thread, where they would wait behind model calls),
@@ -56,10 +57,9 @@ def create_app(models: dict[str, object], settings: ServerSettings, matcher=None
         state.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="qtune-model")
         state.prep = ThreadPoolExecutor(max_workers=PREP_THREADS, thread_name_prefix="qtune-prep")
         for entry in served.values():
-            run_batch = getattr(entry.model, "run_batch", None)
-            if run_batch is None:
+            if not entry.model.micro_batched:
                 continue  # e.g. generation: one model call per request, not micro-batched
-            entry.batcher = MicroBatcher(run_batch, state.executor, max_batch_tokens=settings.max_batch_tokens,
+            entry.batcher = MicroBatcher(entry.model.run_batch, state.executor, max_batch_tokens=settings.max_batch_tokens,
                                          max_wait_ms=settings.max_wait_ms, max_queue=settings.max_queue,
                                          target_call_ms=settings.target_call_ms,
                                          on_call=lambda rows, name=entry.name: calls.counted(name, rows))

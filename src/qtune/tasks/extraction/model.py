@@ -90,6 +90,7 @@ class Extractor(InferenceModel):
     greedy generation over left-padded prompts (`generate`), not `forward`."""
 
     batch_calls = frozenset({"extract_examples"})
+    micro_batched = False  # the server runs one generate() per request
 
     def __init__(self, loaded):
         super().__init__(loaded)
