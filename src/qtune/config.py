@@ -12,7 +12,7 @@ import dataclasses
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar
 
 import yaml
 
@@ -21,11 +21,16 @@ from qtune.errors import QtuneError
 
 def opt(default: Any, help: str, choices: tuple | None = None, required: bool = False,
          low: float | None = None, low_open: bool = False, high: float | None = None, high_open: bool = False,
-         count: int | None = None, metavar: tuple | str | None = None):
+         count: int | None = None, metavar: tuple | str | None = None, flag: str | bool = True,
+         shown: Callable[[Any], str] = str, negatable: bool = True):
     """A setting; `low`/`high` bound numbers (`*_open`: the bound itself is not allowed); `count`:
-    a list setting takes exactly this many values."""
+    a list setting takes exactly this many values. For its command-line flag (`add_config_flags`):
+    `flag` names it when it is not the setting's name with - for _ (False: no flag, a setting of
+    the Python API only); `shown` writes the default in --help (e.g. `"{:g} ms".format`); a true/false
+    setting with `negatable=False` has no --no- form and --help names no default (the flag turns it on)."""
     meta = {"help": help, "choices": choices, "required": required,
-            "bounds": (low, low_open, high, high_open), "count": count, "metavar": metavar}
+            "bounds": (low, low_open, high, high_open), "count": count, "metavar": metavar,
+            "flag": flag, "shown": shown, "negatable": negatable}
     if isinstance(default, (list, tuple)):
         return field(default_factory=lambda: list(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -150,32 +155,46 @@ def flag_aliases(cls: type, name: str) -> list[str]:
     return ["--" + s for s in dict.fromkeys(spellings) if s != name.replace("_", "-")]
 
 
-def add_config_flags(parser: argparse.ArgumentParser, cls: type, recipe: bool = True) -> None:
-    """One flag per field, plus its hidden aliases (`flag_aliases`). Defaults are left out so only
-    flags the user typed override YAML (`recipe`: also a `--config YAML` flag)."""
+def add_config_flags(parser: argparse.ArgumentParser, cls: type, recipe: bool = True, aliases: bool = True) -> None:
+    """One flag per field (but those with `flag=False`), plus its hidden aliases (`flag_aliases`;
+    `aliases=False`: none, and no epilog saying so). Defaults are left out so only flags the user
+    typed override YAML (`recipe`: also a `--config YAML` flag). A field without help text has no
+    help line."""
     if recipe:
         parser.add_argument("--config", help="YAML recipe with any of these settings (flags override it)")
     for f in dataclasses.fields(cls):
+        flag = f.metadata.get("flag", True)
+        if flag is False:
+            continue
         kind, item = _field_type(cls, f)
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        help_text = f.metadata.get("help", "") + ("" if default in (None, "") else f" (default: {default})")
+        switch = kind is bool and not f.metadata.get("negatable", True)  # turns the setting on, nothing else
+        help_text = f.metadata.get("help", "")
+        if help_text and default not in (None, "") and not switch:
+            help_text += f" (default: {f.metadata.get('shown', str)(default)})"
         settings = dict(dest=f.name, default=argparse.SUPPRESS)
-        if kind is bool:
+        if switch:
+            settings["action"] = "store_true"
+        elif kind is bool:
             settings["action"] = argparse.BooleanOptionalAction
         elif kind is list:
             settings.update(nargs=f.metadata.get("count") or "+", type=item,
                             metavar=f.metadata.get("metavar") or f.name.upper())
         else:
             settings.update(type=kind, choices=f.metadata.get("choices"))
-        parser.add_argument("--" + f.name.replace("_", "-"), help=help_text, **settings)
+            if isinstance(flag, str) and not f.metadata.get("choices"):  # the placeholder follows the flag
+                settings["metavar"] = flag.replace("-", "_").upper()
+        parser.add_argument("--" + (flag if isinstance(flag, str) else f.name.replace("_", "-")), help=help_text,
+                            **settings)
         # One action per alias, so an error names the spelling typed. A spelling some other flag
         # already has (a task's own setting) stays that flag's: argparse refuses the duplicate.
-        for alias in flag_aliases(cls, f.name):
+        for alias in flag_aliases(cls, f.name) if aliases else ():
             try:
                 parser.add_argument(alias, help=argparse.SUPPRESS, **settings)
             except argparse.ArgumentError:
                 pass
-    parser.epilog = parser.epilog or (TRAIN_ALIASES_NOTE if issubclass(cls, TrainConfig) else UNDERSCORES_NOTE)
+    if aliases:
+        parser.epilog = parser.epilog or (TRAIN_ALIASES_NOTE if issubclass(cls, TrainConfig) else UNDERSCORES_NOTE)
 
 
 def load_yaml(path: str | Path) -> dict:
