@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import difflib
 import json
 import re
@@ -12,6 +13,7 @@ from qtune import __version__
 from qtune.config import add_config_flags, config_from_args
 from qtune.distributed import quiet_other_ranks
 from qtune.errors import QtuneError, RegressionError
+from qtune.serving import ServerSettings
 from qtune.tasks import TASKS, Command, get, serve_roles
 
 
@@ -257,15 +259,11 @@ def cmd_serve(args) -> None:
     if not any(roles.values()):
         flags = [f"--{role}" for role in roles]
         raise QtuneError(f"nothing to serve: give {', '.join(flags[:-1])} and/or {flags[-1]}")
-    check_port(args.host, args.port)  # before the models load, which takes minutes
+    settings = config_from_args(ServerSettings, args)  # the flags given, over ServerSettings' defaults
+    check_port(settings.host, settings.port)  # before the models load, which takes minutes
+    settings = dataclasses.replace(settings, target_call_ms=settings.target_call_ms or None)  # 0: no target
     serve(**roles, separate_adapters=args.separate_adapters, kb=args.kb, kb_token=args.kb_token,
-          threshold=args.threshold, device=args.device, precision=args.precision, host=args.host, port=args.port,
-          max_batch_tokens=args.max_batch_tokens, target_call_ms=args.target_call_ms or None,
-          max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
-          max_inputs=args.max_inputs, max_body_bytes=args.max_body_bytes, max_new_tokens=args.max_new_tokens,
-          max_request_tokens=args.max_request_tokens, max_top_k=args.max_top_k, body_timeout_s=args.body_timeout,
-          header_timeout_s=args.header_timeout,
-          shutdown_timeout_s=args.shutdown_timeout, api_key=args.api_key, metrics_public=args.metrics_public)
+          threshold=args.threshold, device=args.device, precision=args.precision, **dataclasses.asdict(settings))
 
 
 KB_EMBEDDING_HELP = ("the KB's embedding model, at any path: a moved or copied folder is recognised by its weights "
@@ -435,29 +433,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--kb", help="knowledge base for /v1/match: Milvus Lite file or Milvus server URI")
     sub.add_argument("--kb-token", help="token for a Milvus server")
     sub.add_argument("--threshold", type=float, help="FAQ match threshold (default: 0.5 with a classifier, else 0.8)")
-    sub.add_argument("--host", default="127.0.0.1")
-    sub.add_argument("--port", type=int, default=8000)
-    sub.add_argument("--max-batch-tokens", type=int, default=16384, help="tokens per model call (default: 16384)")
-    sub.add_argument("--target-call-ms", type=float, default=250.0, help="size model calls from the model's "
-                     "measured speed to take about this long; 0: --max-batch-tokens alone (default: 250)")
-    sub.add_argument("--max-wait-ms", type=float, default=5.0, help="wait for more requests (default: 5 ms)")
-    sub.add_argument("--max-queue", type=int, default=1024, help="waiting requests before 429 (default: 1024)")
-    sub.add_argument("--max-inputs", type=int, default=2048, help="inputs per request (default: 2048)")
-    sub.add_argument("--max-body-bytes", type=int, default=8 * 2**20, help="request body limit (default: 8 MiB)")
-    sub.add_argument("--max-new-tokens", type=int, default=512,
-                     help="/v1/extract: the most tokens a request may ask to generate (default: 512)")
-    sub.add_argument("--max-request-tokens", type=int, default=262144,
-                     help="tokens of all inputs of one request; more -> 422 (default: 262144)")
-    sub.add_argument("--max-top-k", type=int, default=100, help="/v1/match: the largest top_k (default: 100)")
-    sub.add_argument("--body-timeout", type=float, default=30.0,
-                     help="seconds for a request body to arrive; later -> 408 (default: 30)")
-    sub.add_argument("--header-timeout", type=float, default=10.0,
-                     help="seconds for a request's headers to arrive; later -> 408 and the connection closes "
-                          "(default: 10)")
-    sub.add_argument("--shutdown-timeout", type=float, default=30.0,
-                     help="after SIGTERM, seconds in-flight requests get before they are cancelled (default: 30)")
-    sub.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (for /v1/* and /metrics)")
-    sub.add_argument("--metrics-public", action="store_true", help="serve /metrics without the API key")
+    add_config_flags(sub, ServerSettings, recipe=False, aliases=False)  # --host ... --metrics-public
     sub.add_argument("--device", default="auto")
     sub.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"))
     _quantize_flag(sub)

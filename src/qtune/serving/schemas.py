@@ -5,33 +5,45 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from qtune.config import opt
 from qtune.errors import ERROR_TYPES, RequestError, error_body
 
 ApiError = RequestError  # an error the client caused (or a state it must wait out), answered as JSON
 
 __all__ = ["ERROR_TYPES", "ApiError", "ServerSettings", "error_body"]
 
+_number = "{:g}".format  # --help writes 250.0 as 250
+
 
 @dataclass(frozen=True)
 class ServerSettings:
-    host: str = "127.0.0.1"
-    port: int = 8000
-    max_batch_tokens: int = 16384  # padded tokens (rows x longest row) per model call, at most
+    """`qtune serve`'s settings: the defaults of the Python API (`qtune.serving.serve`) and, with
+    their help texts, the flags of `qtune serve` (`qtune.config.add_config_flags`)."""
+
+    host: str = opt("127.0.0.1", "")  # no help text: --help shows the flag alone
+    port: int = opt(8000, "")
+    # padded tokens (rows x longest row) per model call, at most
+    max_batch_tokens: int = opt(16384, "tokens per model call")
     # Model calls are sized from the model's measured speed to take about this long, so that a request
     # of another model (or a small one of this model) waits about this long for the model thread,
-    # whatever the size of the request being computed; None: `max_batch_tokens` alone.
-    target_call_ms: float | None = 250.0
-    max_wait_ms: float = 5.0  # how long the first waiting request may wait for company
-    max_queue: int = 1024  # waiting requests per model; more -> 429
-    max_inputs: int = 2048  # inputs per request
-    max_input_tokens: int | None = None  # None: the model's max_length
-    max_body_bytes: int = 8 * 1024 * 1024
-    max_new_tokens: int = 512  # /v1/extract: the most a request may ask for; more -> 422
-    extract_batch_size: int = 16  # /v1/extract: prompts per generate() call
-    api_key: str | None = None
-    metrics_public: bool = False  # /metrics without the API key
-    max_top_k: int = 100  # /v1/match: the most candidates a request may ask for; more -> 422
-    max_request_tokens: int = 262144  # tokens of all inputs of one request; more -> 422
-    body_timeout_s: float = 30.0  # the whole body must arrive within this; else 408
-    header_timeout_s: float = 10.0  # a request's headers must arrive within this; else 408 and the connection closes
-    shutdown_timeout_s: float = 30.0  # SIGTERM: in-flight requests get this long, then are cancelled
+    # whatever the size of the request being computed; None (the flag's 0): `max_batch_tokens` alone.
+    target_call_ms: float | None = opt(250.0, "size model calls from the model's measured speed to take about "
+                                       "this long; 0: --max-batch-tokens alone", shown=_number)
+    # how long the first waiting request may wait for company
+    max_wait_ms: float = opt(5.0, "wait for more requests", shown="{:g} ms".format)
+    max_queue: int = opt(1024, "waiting requests before 429")  # per model
+    max_inputs: int = opt(2048, "inputs per request")
+    max_input_tokens: int | None = opt(None, "tokens per input, at most (None: the model's max_length)", flag=False)
+    max_body_bytes: int = opt(8 * 1024 * 1024, "request body limit", shown=lambda size: f"{size / 2**20:g} MiB")
+    max_new_tokens: int = opt(512, "/v1/extract: the most tokens a request may ask to generate")  # more -> 422
+    extract_batch_size: int = opt(16, "/v1/extract: prompts per generate() call", flag=False)
+    max_request_tokens: int = opt(262144, "tokens of all inputs of one request; more -> 422")
+    max_top_k: int = opt(100, "/v1/match: the largest top_k")  # more -> 422
+    body_timeout_s: float = opt(30.0, "seconds for a request body to arrive; later -> 408", flag="body-timeout",
+                                shown=_number)
+    header_timeout_s: float = opt(10.0, "seconds for a request's headers to arrive; later -> 408 and the "
+                                  "connection closes", flag="header-timeout", shown=_number)
+    shutdown_timeout_s: float = opt(30.0, "after SIGTERM, seconds in-flight requests get before they are "
+                                    "cancelled", flag="shutdown-timeout", shown=_number)
+    api_key: str | None = opt(None, "require 'Authorization: Bearer KEY' (for /v1/* and /metrics)")
+    metrics_public: bool = opt(False, "serve /metrics without the API key", negatable=False)
