@@ -191,6 +191,20 @@ def test_min_steps_trains_more_epochs_of_small_data(still_bert_dir, mapping_data
     assert (said in stdout) == (epochs[-1] > 1)
 
 
+def test_resume_may_switch_gradcache(still_bert_dir, mapping_data, tmp_path, capsys):
+    """GradCache gives the plain batch's gradients: a resume may add it or change its mini-batch (as
+    the memory check may choose on another machine), saying so."""
+    out = tmp_path / "run"
+    common = ["train", "embedding", "--model", still_bert_dir, "--train", mapping_data["train"], "--output", str(out),
+              "--batch-size", str(BATCH), "--max-length", "16", "--device", "cpu", "--report-to", "none"]
+    code, _, err = run(capsys, *common, "--epochs", "1")
+    assert code == 0, err
+    code, stdout, err = run(capsys, *common, "--epochs", "2", "--cached", "--mini-batch-size", "4", "--resume")
+    assert code == 0, err
+    assert "resuming with --epochs 2 (saved: 1), --cached on (saved: off), --mini-batch-size 4 (saved: 32)" in stdout
+    assert json.loads((out / "metrics.json").read_text(encoding="utf-8"))["train"]["steps"] == 2 * GROUPS // BATCH
+
+
 def test_cached_training_gives_the_model_of_plain_training(still_bert_dir, mapping_data, tmp_path, capsys):
     """GradCache computes the same gradients in mini-batches, so (LoRA, no dropout anywhere, same
     seed) both runs end with the same weights, hence the same embeddings."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 from qtune.config import InferenceConfig, TrainConfig, opt
 
@@ -44,6 +45,11 @@ class EmbeddingConfig(TrainConfig):
     matryoshka_dims: list[int] | None = opt(None, "also train these leading dimensions (e.g. 256 128 64)")
     query_instruction: str | None = opt(None, "instruction for queries (default: the model family's; '' for none)")
     eval_top_k: int = opt(100, "passages retrieved per query when evaluating", low=1)
+
+    # GradCache computes the gradients of the plain batch, so a resume may run the same batch with
+    # or without it, in other mini-batches (as the memory check may choose on another machine).
+    resume_may_change: ClassVar[frozenset[str]] = TrainConfig.resume_may_change | {
+        "cached", "mini_batch_size", "memory_check"}
 
 
 @dataclass(kw_only=True)
