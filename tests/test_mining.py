@@ -392,28 +392,37 @@ def test_default_settings_and_summary():
                                     "(ranks 20-50 after the rules, max score 0.8, margin 0.1)")
 
 
-def test_mine_flags_reach_the_settings():
+def mine_settings(argv: list[str]):
+    """`qtune mine ARGV`'s settings as the command resolves them (flags over the defaults)."""
     from qtune.cli import build_parser
+    from qtune.config import config_from_args
+    from qtune.tasks.embedding.config import MineConfig
 
+    return config_from_args(MineConfig, build_parser().parse_args(argv))
+
+
+def test_mine_flags_reach_the_settings():
     base = ["mine", "--model", "m", "--queries", "q.jsonl", "--corpus", "c.jsonl", "--output", "o.jsonl"]
-    args = build_parser().parse_args(base + ["--relative-margin", "0.05", "--min-score", "0.1",
-                                             "--max-score", "off", "--absolute-margin", "0.2",
-                                             "--rescore-with", "rr", "--no-vector-cache"])
+    args = mine_settings(base + ["--relative-margin", "0.05", "--min-score", "0.1", "--max-score", "off",
+                                 "--absolute-margin", "0.2", "--rescore-with", "rr", "--no-vector-cache"])
     assert (args.relative_margin, args.min_score, args.max_score, args.margin) == (0.05, 0.1, None, 0.2)
     assert args.rescore_with == "rr" and args.no_vector_cache and args.vector_cache == "auto"
-    defaults = build_parser().parse_args(base)
+    assert args.rules() == MiningSettings(relative_margin=0.05, min_score=0.1, max_score=None, margin=0.2)
+    defaults = mine_settings(base)
     assert (defaults.relative_margin, defaults.min_score, defaults.rescore_with, defaults.no_vector_cache) == \
         (None, None, None, False)
+    assert defaults.rules() == MiningSettings()  # the defaults are MiningSettings' own, written once
+    # --quantize reaches the loader (it was accepted and ignored before)
+    assert (defaults.load_precision, mine_settings(base + ["--quantize", "int8"]).load_precision) == ("auto", "int8")
+    assert mine_settings(base + ["--range_min", "3"]).range_min == 3  # the underscore spelling, as for every command
 
 
 def test_mined_negatives_fill_the_default_reranker_group():
     # `qtune mine` then `train reranker` with defaults: nothing is repeated or unused
-    from qtune.cli import build_parser
     from qtune.tasks.embedding.config import EmbeddingConfig
     from qtune.tasks.reranker.config import RerankerConfig
 
-    cli = build_parser().parse_args(["mine", "--model", "m", "--queries", "q.jsonl", "--corpus", "c.jsonl",
-                                     "--output", "o.jsonl"])
+    cli = mine_settings(["mine", "--model", "m", "--queries", "q.jsonl", "--corpus", "c.jsonl", "--output", "o.jsonl"])
     assert cli.num_negatives == MiningSettings().num_negatives
     assert MiningSettings().num_negatives == RerankerConfig.group_size - 1
     # embeddings train on in-batch negatives by default (the measured recipe), the mined ones on request

@@ -90,14 +90,6 @@ def _spelling(flag: str) -> str:
     return flag.split("=", 1)[0].lower().replace("_", "-")
 
 
-def _device_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--batch-size", type=int, default=64, help="rows per forward pass (default: 64)")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
-    parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"),
-                        help="auto: bf16 on a GPU that supports it, else fp32")
-    _quantize_flag(parser)
-
-
 def _quantize_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quantize", choices=("int8",),
                         help="int8: run BERT-family encoders on the CPU through ONNX Runtime with int8 weights "
@@ -147,33 +139,6 @@ def cmd_data_pii_sft(args) -> None:
     print(f"wrote {args.output}/train.jsonl ({counts['train']} rows) and {args.output}/eval.jsonl "
           f"({counts['eval']} rows) from {counts['records']} records"
           + (f"; skipped {counts['skipped']} with a missing field" if counts["skipped"] else ""))
-
-
-def _score_or_off(text: str) -> float | None:
-    """A number, or 'off'/'none' for a mining rule that does not apply."""
-    if text.strip().lower() in ("off", "none"):
-        return None
-    try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number or 'off', got {text!r}") from None
-
-
-def cmd_mine(args) -> None:
-    from qtune.api import mine
-    from qtune.mining import MiningSettings
-
-    try:
-        settings = MiningSettings(range_min=args.range_min, range_max=args.range_max, max_score=args.max_score,
-                                  min_score=args.min_score, margin=args.margin,
-                                  relative_margin=args.relative_margin, num_negatives=args.num_negatives,
-                                  sampling=args.sampling, seed=args.seed)
-    except ValueError as e:
-        raise QtuneError(str(e)) from None
-    print(mine(args.model, args.queries, args.corpus, args.output, settings, fmt=args.format,
-               batch_size=args.batch_size, device=args.device, precision=args.precision,
-               rescore_with=args.rescore_with, vector_cache=None if args.no_vector_cache else args.vector_cache))
-    print(f"wrote {args.output}")
 
 
 def cmd_train(args) -> None:
@@ -348,45 +313,6 @@ def build_parser() -> argparse.ArgumentParser:
     pii.add_argument("--seed", type=int, default=42)
     pii.set_defaults(func=cmd_data_pii_sft)
 
-    sub = commands.add_parser("mine", help="hard negatives for retrieval training, from a base embedder")
-    sub.add_argument("--model", required=True, help="embedding model used to rank the corpus")
-    sub.add_argument("--queries", required=True, help="training JSONL: {query, pos} or {query, response}")
-    sub.add_argument("--corpus", required=True, help="BEIR corpus (.jsonl, .parquet, datasets folder) or one "
-                     "passage per line")
-    sub.add_argument("--output", required=True,
-                     help="JSONL with the mined negatives and the scores used (pos_scores, neg_scores)")
-    # The rules remove candidates first; the ranks then count what is left (sentence-transformers' meaning).
-    sub.add_argument("--range-min", type=int, default=20,
-                     help="skip the best N candidates left after the rules (default: 20)")
-    sub.add_argument("--range-max", type=int, default=50,
-                     help="search the top N candidates (plus room for the positives); negatives are the "
-                          "ones the rules leave, from the (range-min + 1)-th on (default: 50)")
-    sub.add_argument("--max-score", type=_score_or_off, default=0.8,
-                     help="drop candidates scoring above this; 'off': no limit (default: 0.8)")
-    sub.add_argument("--min-score", type=_score_or_off, default=None,
-                     help="drop candidates scoring below this (default: off)")
-    sub.add_argument("--margin", "--absolute-margin", dest="margin", type=_score_or_off, default=0.1,
-                     help="drop candidates with score + M > the positive's score (its lowest positive); "
-                          "'off': no such rule (default: 0.1)")
-    sub.add_argument("--relative-margin", type=_score_or_off, default=None,
-                     help="drop candidates with score > positive - |positive| x M, e.g. 0.05 (default: off)")
-    sub.add_argument("--rescore-with", metavar="RERANKER", default=None,
-                     help="a qtune reranker or cross-encoder folder (or a base model used as a reranker): "
-                          "rescore the search window and the positives with it and apply the rules to its "
-                          "scores; the written pos_scores/neg_scores are then its scores")
-    sub.add_argument("--vector-cache", metavar="DIR", default="auto",
-                     help="folder caching the corpus vectors by model, corpus, max length and pooling, so "
-                          "mining the same corpus again skips embedding it (default: .qtune-vectors/ beside "
-                          "--output)")
-    sub.add_argument("--no-vector-cache", action="store_true", help="embed the corpus without the cache")
-    sub.add_argument("--num-negatives", type=int, default=7,
-                     help="negatives per query (default: 7, a full reranker group of 8 and --hard-negatives 7)")
-    sub.add_argument("--sampling", choices=("top", "random"), default="top")
-    sub.add_argument("--seed", type=int, default=42)
-    sub.add_argument("--format", choices=("flagembedding", "swift"), default="flagembedding",
-                     help="{query,pos,neg} or {query,response,rejected_response}")
-    _device_flags(sub)
-    sub.set_defaults(func=cmd_mine)
 
     train = commands.add_parser("train", help="fine-tune a model").add_subparsers(dest="task", required=True)
     for task in TASKS.values():
@@ -433,7 +359,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--kb", help="knowledge base for /v1/match: Milvus Lite file or Milvus server URI")
     sub.add_argument("--kb-token", help="token for a Milvus server")
     sub.add_argument("--threshold", type=float, help="FAQ match threshold (default: 0.5 with a classifier, else 0.8)")
-    add_config_flags(sub, ServerSettings, recipe=False, aliases=False)  # --host ... --metrics-public
+    add_config_flags(sub, ServerSettings, recipe=False)  # --host ... --metrics-public
     sub.add_argument("--device", default="auto")
     sub.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"))
     _quantize_flag(sub)

@@ -22,15 +22,19 @@ from qtune.errors import QtuneError
 def opt(default: Any, help: str, choices: tuple | None = None, required: bool = False,
          low: float | None = None, low_open: bool = False, high: float | None = None, high_open: bool = False,
          count: int | None = None, metavar: tuple | str | None = None, flag: str | bool = True,
-         shown: Callable[[Any], str] = str, negatable: bool = True):
+         shown: Callable[[Any], str] = str, negatable: bool = True, parse: Callable[[str], Any] | None = None,
+         also: tuple[str, ...] = ()):
     """A setting; `low`/`high` bound numbers (`*_open`: the bound itself is not allowed); `count`:
     a list setting takes exactly this many values. For its command-line flag (`add_config_flags`):
     `flag` names it when it is not the setting's name with - for _ (False: no flag, a setting of
     the Python API only); `shown` writes the default in --help (e.g. `"{:g} ms".format`); a true/false
-    setting with `negatable=False` has no --no- form and --help names no default (the flag turns it on)."""
+    setting with `negatable=False` has no --no- form and --help names no default (the flag turns it on);
+    `parse` turns a flag's text (or a string in a YAML recipe) into the value where the type alone
+    does not (e.g. a number or "off"), raising ValueError with what it expected; `also`: more flag
+    names, shown beside the flag (e.g. "absolute-margin")."""
     meta = {"help": help, "choices": choices, "required": required,
             "bounds": (low, low_open, high, high_open), "count": count, "metavar": metavar,
-            "flag": flag, "shown": shown, "negatable": negatable}
+            "flag": flag, "shown": shown, "negatable": negatable, "parse": parse, "also": also}
     if isinstance(default, (list, tuple)):
         return field(default_factory=lambda: list(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -155,11 +159,10 @@ def flag_aliases(cls: type, name: str) -> list[str]:
     return ["--" + s for s in dict.fromkeys(spellings) if s != name.replace("_", "-")]
 
 
-def add_config_flags(parser: argparse.ArgumentParser, cls: type, recipe: bool = True, aliases: bool = True) -> None:
-    """One flag per field (but those with `flag=False`), plus its hidden aliases (`flag_aliases`;
-    `aliases=False`: none, and no epilog saying so). Defaults are left out so only flags the user
-    typed override YAML (`recipe`: also a `--config YAML` flag). A field without help text has no
-    help line."""
+def add_config_flags(parser: argparse.ArgumentParser, cls: type, recipe: bool = True) -> None:
+    """One flag per field (but those with `flag=False`), plus its hidden aliases (`flag_aliases`),
+    which the epilog names. Defaults are left out so only flags the user typed override YAML
+    (`recipe`: also a `--config YAML` flag). A field without help text has no help line."""
     if recipe:
         parser.add_argument("--config", help="YAML recipe with any of these settings (flags override it)")
     for f in dataclasses.fields(cls):
@@ -181,20 +184,33 @@ def add_config_flags(parser: argparse.ArgumentParser, cls: type, recipe: bool = 
             settings.update(nargs=f.metadata.get("count") or "+", type=item,
                             metavar=f.metadata.get("metavar") or f.name.upper())
         else:
-            settings.update(type=kind, choices=f.metadata.get("choices"))
+            parse = f.metadata.get("parse")
+            settings.update(type=_flag_parser(parse) if parse else kind, choices=f.metadata.get("choices"))
             if isinstance(flag, str) and not f.metadata.get("choices"):  # the placeholder follows the flag
                 settings["metavar"] = flag.replace("-", "_").upper()
-        parser.add_argument("--" + (flag if isinstance(flag, str) else f.name.replace("_", "-")), help=help_text,
+        names = ["--" + (flag if isinstance(flag, str) else f.name.replace("_", "-"))]
+        parser.add_argument(*names, *("--" + name for name in f.metadata.get("also", ())), help=help_text,
                             **settings)
         # One action per alias, so an error names the spelling typed. A spelling some other flag
         # already has (a task's own setting) stays that flag's: argparse refuses the duplicate.
-        for alias in flag_aliases(cls, f.name) if aliases else ():
+        for alias in flag_aliases(cls, f.name):
             try:
                 parser.add_argument(alias, help=argparse.SUPPRESS, **settings)
             except argparse.ArgumentError:
                 pass
-    if aliases:
-        parser.epilog = parser.epilog or (TRAIN_ALIASES_NOTE if issubclass(cls, TrainConfig) else UNDERSCORES_NOTE)
+    parser.epilog = parser.epilog or (TRAIN_ALIASES_NOTE if issubclass(cls, TrainConfig) else UNDERSCORES_NOTE)
+
+
+def _flag_parser(parse: Callable[[str], Any]) -> Callable[[str], Any]:
+    """`parse` as an argparse type: its ValueError becomes argparse's "invalid value" message."""
+    def flag_value(text: str):
+        try:
+            return parse(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+    flag_value.__name__ = getattr(parse, "__name__", "value")
+    return flag_value
 
 
 def load_yaml(path: str | Path) -> dict:
@@ -218,6 +234,12 @@ def build_config(cls: type, values: dict, source: str = "config") -> Any:
     checked = {}
     for name, value in values.items():
         kind, item = _field_type(cls, names[name])
+        parse = names[name].metadata.get("parse")
+        if parse is not None and isinstance(value, str):  # "off" in a recipe, as on the command line
+            try:
+                value = parse(value)
+            except ValueError as e:
+                raise QtuneError(f"{source}: '{name}' {e}") from None
         checked[name] = _coerce(value, kind, item, f"{source}: '{name}'")
         choices = names[name].metadata.get("choices")
         if choices and checked[name] not in choices:

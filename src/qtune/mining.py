@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from qtune.config import opt
 from qtune.vector_search import as_matrix, exact_search, is_int, scores_of
 
 SAMPLING = ("top", "random")
@@ -34,17 +35,36 @@ SAMPLING = ("top", "random")
 RULES = ("positive", "margin", "relative_margin", "max_score", "min_score")
 
 
+def number_or_off(text: str) -> float | None:
+    """A rule's threshold as typed: a number, or "off" / "none" for a rule that does not apply."""
+    if text.strip().lower() in ("off", "none"):
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise ValueError(f"expected a number or 'off', got {text!r}") from None
+
+
 @dataclass(frozen=True)
 class MiningSettings:
-    range_min: int = 20      # skip the best range_min candidates left after the rules (likely unlabelled positives)
-    range_max: int = 50      # search the top range_max candidates (plus room for the positives)
-    max_score: float | None = 0.8   # drop candidates scoring above this (likely false negatives); None: off
-    margin: float | None = 0.1      # absolute margin: drop when score + margin > positive score; None: off
-    num_negatives: int = 7   # fills a default reranker group (--group-size 8) and --hard-negatives 7
-    sampling: str = "top"    # "top": the best remaining candidates; "random": a seeded sample of them
-    seed: int = 42
-    min_score: float | None = None        # drop candidates scoring below this; None: off
-    relative_margin: float | None = None  # drop when score > positive - |positive| x relative_margin; None: off
+    """The rules of `qtune mine` (sentence-transformers' `mine_hard_negatives` meaning; see above).
+    The ranks count the candidates the rules leave."""
+
+    range_min: int = opt(20, "skip the best N candidates left after the rules (likely unlabelled positives)")
+    range_max: int = opt(50, "search the top N candidates (plus room for the positives); negatives are the ones "
+                             "the rules leave, from the (range-min + 1)-th on")
+    max_score: float | None = opt(0.8, "drop candidates scoring above this (likely false negatives); 'off': no "
+                                       "limit", parse=number_or_off)
+    margin: float | None = opt(0.1, "drop candidates with score + M > the positive's score (its lowest positive); "
+                                    "'off': no such rule", parse=number_or_off, also=("absolute-margin",))
+    # fills a default reranker group (--group-size 8) and --hard-negatives 7
+    num_negatives: int = opt(7, "negatives per query (7: a full reranker group of 8 and --hard-negatives 7)")
+    sampling: str = opt("top", "top: the best remaining candidates; random: a seeded sample of them",
+                        choices=SAMPLING)
+    seed: int = opt(42, "seed of --sampling random")
+    min_score: float | None = opt(None, "drop candidates scoring below this (default: off)", parse=number_or_off)
+    relative_margin: float | None = opt(None, "drop candidates with score > positive - |positive| x M, e.g. 0.05 "
+                                              "(default: off)", parse=number_or_off)
 
     def __post_init__(self):
         # Checked on construction so the CLI can turn a bad flag into a message before any model loads.

@@ -53,7 +53,7 @@ class Command:
     module: str
     run_name: str = "evaluate"
     show_name: str = "show_evaluation"
-    top_level: bool = False  # also `qtune NAME` (e.g. `qtune extract`, `qtune calibrate`)
+    top_level: bool = False  # also (or only, for a kind no group takes: "mining") `qtune NAME`: `qtune extract`, `qtune mine`
 
     @property
     def help(self) -> str:

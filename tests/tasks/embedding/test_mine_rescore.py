@@ -23,6 +23,7 @@ from conftest import (
 
 import qtune
 from qtune.data.retrieval import read_query_groups, write_query_groups
+from qtune.modeling.inference import InferenceModel
 from qtune.mining import MiningSettings
 from qtune.records import QueryGroup
 from qtune.tasks.embedding import mine as mine_module
@@ -85,14 +86,20 @@ def test_written_scores_are_the_embedders_cosines(embedder, mine_data, tmp_path)
         assert record["neg_scores"] == sorted(record["neg_scores"], reverse=True)
 
 
-class _TrapScorer:
-    """A stand-in reranker: 0.9 for passages ending in "car" (every query's positive, so also other
-    queries' positives: false negatives the margin must catch) and outside the corpus, 0.99 for other
-    passages with "tiger" (traps for max_score), else a score that reverses the corpus order.
-    Keeps the pairs it scored."""
+class _TrapScorer(InferenceModel):
+    """A stand-in reranker (the inference interface, no model): 0.9 for passages ending in "car"
+    (every query's positive, so also other queries' positives: false negatives the margin must
+    catch) and outside the corpus, 0.99 for other passages with "tiger" (traps for max_score), else
+    a score that reverses the corpus order. Keeps the pairs it scored."""
+
+    batch_calls = frozenset({"score"})
 
     def __init__(self):
+        super().__init__(loaded=None)
         self.pairs: list[tuple[str, str]] = []
+
+    def features(self, pairs, *, truncate=True):
+        return [[0] * len(f"{q} {d}".split()) for q, d in pairs]  # its "tokens": the words
 
     def score(self, pairs, *, batch_size=32, progress=False):
         self.pairs += list(pairs)
@@ -240,8 +247,16 @@ def test_rescoring_in_blocks_of_queries_gives_the_same_scores():
     groups = [QueryGroup(f"q{i}", tuple(f"p{i}-{j}" for j in range(i % 3 + 1))) for i in range(7)]
     texts = [f"the {a} is near the {v}" for a in ANIMALS for v in VEHICLES[:2]]
     indices = np.random.default_rng(0).integers(0, len(texts), (7, 5))
-    scorer = SimpleNamespace(score=lambda pairs, **_: np.array([len(q) * 0.01 + len(d) * 0.001 for q, d in pairs],
-                                                               dtype=np.float32))
+    class Scorer(InferenceModel):
+        batch_calls = frozenset({"score"})
+
+        def features(self, pairs, *, truncate=True):
+            return [[0] * len(d) for _, d in pairs]
+
+        def score(self, pairs, **_):
+            return np.array([len(q) * 0.01 + len(d) * 0.001 for q, d in pairs], dtype=np.float32)
+
+    scorer = Scorer(loaded=None)
     whole = mine_module._rescore(scorer, groups, texts, indices, batch_size=4)
     blocks = mine_module._rescore(scorer, groups, texts, indices, batch_size=4, block=3)
     np.testing.assert_array_equal(blocks[0], whole[0])

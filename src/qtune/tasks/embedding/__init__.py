@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from qtune.modeling.family import Family
 from qtune.tasks.base import Command, Endpoint, Task
-from qtune.tasks.embedding.config import EmbeddingConfig, RetrievalEvalConfig, StsEvalConfig
+from qtune.tasks.embedding.config import EmbeddingConfig, MineConfig, RetrievalEvalConfig, StsEvalConfig
 
 RUNNERS = "qtune.tasks.embedding.evaluate"  # eval/predict runners, imported when a command runs
 
@@ -21,7 +21,9 @@ class EmbeddingTask(Task):
     trainer = "qtune.tasks.embedding.train:train"
     wrapper = "qtune.tasks.embedding.model:Embedder"
     commands = {"evaluation": (Command("retrieval", RetrievalEvalConfig, RUNNERS),
-                               Command("sts", StsEvalConfig, RUNNERS, "evaluate_sts", "show_sts"))}
+                               Command("sts", StsEvalConfig, RUNNERS, "evaluate_sts", "show_sts")),
+                "mining": Command("mine", MineConfig, "qtune.tasks.embedding.mine", "run_mine", "show_mine",
+                                  top_level=True)}
     int8_output = "last_hidden_state"
     export_formats = ("sentence-transformers", "transformers")
     exporter = "qtune.tasks.embedding.export"

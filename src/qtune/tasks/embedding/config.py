@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import ClassVar
 
 from qtune.config import InferenceConfig, TrainConfig, opt
+from qtune.mining import MiningSettings
 
 
 @dataclass(kw_only=True)
@@ -83,3 +85,43 @@ class StsEvalConfig(InferenceConfig):
     text_columns: list[str] = opt(["sentence1", "sentence2"], "the two text columns", count=2,
                                   metavar=("COL1", "COL2"))
     score_column: str | None = opt(None, "the gold column (default: score, else label)")
+
+
+def _rule(name: str):
+    """A mining rule's setting, with the default and help `MiningSettings` gives it (written once)."""
+    rule = MiningSettings.__dataclass_fields__[name]
+    return dataclasses.field(default=rule.default, metadata=rule.metadata)
+
+
+@dataclass(kw_only=True)
+class MineConfig(InferenceConfig):
+    """`qtune mine`: hard negatives for retrieval training, from a base (or tuned) embedder."""
+
+    model: str = opt("", "embedding model used to rank the corpus", required=True)
+    queries: str = opt("", "training JSONL: {query, pos} or {query, response}", required=True)
+    corpus: str = opt("", "BEIR corpus (.jsonl, .parquet, datasets folder) or one passage per line", required=True)
+    output: str = opt("", "JSONL with the mined negatives and the scores used (pos_scores, neg_scores)",
+                      required=True)
+    # The rules remove candidates first; the ranks then count what is left (sentence-transformers' meaning).
+    range_min: int = _rule("range_min")
+    range_max: int = _rule("range_max")
+    max_score: float | None = _rule("max_score")
+    min_score: float | None = _rule("min_score")
+    margin: float | None = _rule("margin")
+    relative_margin: float | None = _rule("relative_margin")
+    rescore_with: str | None = opt(None, "a qtune reranker or cross-encoder folder (or a base model used as a "
+                                   "reranker): rescore the search window and the positives with it and apply the "
+                                   "rules to its scores; the written pos_scores/neg_scores are then its scores")
+    vector_cache: str = opt("auto", "folder caching the corpus vectors by model, corpus, max length and pooling, "
+                            "so mining the same corpus again skips embedding it (auto: .qtune-vectors/ beside "
+                            "--output)")
+    no_vector_cache: bool = opt(False, "embed the corpus without the cache", negatable=False)
+    num_negatives: int = _rule("num_negatives")
+    sampling: str = _rule("sampling")
+    seed: int = _rule("seed")
+    format: str = opt("flagembedding", "flagembedding: {query,pos,neg}; swift: {query,response,rejected_response}",
+                      choices=("flagembedding", "swift"))
+
+    def rules(self) -> MiningSettings:
+        """The mining rules these settings give (ValueError for a combination that cannot work)."""
+        return MiningSettings(**{name: getattr(self, name) for name in MiningSettings.__dataclass_fields__})

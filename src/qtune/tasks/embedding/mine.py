@@ -200,3 +200,24 @@ def _read_cached(path: Path, shape: tuple[int, int]) -> np.ndarray | None:
     except (OSError, ValueError):
         return None  # unreadable: embed again and replace it
     return vecs if vecs.shape == shape and vecs.dtype == np.float32 else None
+
+
+def run_mine(config, load) -> dict:
+    """`qtune mine` (a `qtune.tasks.embedding.config.MineConfig`): the rules checked before anything
+    is read or loaded, then `mine_file`. `load(name, task, device=, precision=)` is `qtune.load`."""
+    try:
+        rules = config.rules()
+    except ValueError as e:
+        raise QtuneError(str(e)) from None
+    precision = config.load_precision
+    rescorer = (lambda: load(config.rescore_with, "reranker", device=config.device, precision=precision)) \
+        if config.rescore_with else None
+    summary = mine_file(lambda: load(config.model, "embedding", device=config.device, precision=precision),
+                        config.queries, config.corpus, config.output, rules, fmt=config.format,
+                        batch_size=config.batch_size, model_name=config.model, load_rescorer=rescorer,
+                        cache_dir=None if config.no_vector_cache else config.vector_cache)
+    return {"summary": summary}
+
+
+def show_mine(config, results: dict) -> str:
+    return f"{results['summary']}\nwrote {config.output}"
