@@ -412,7 +412,7 @@ def test_mine_flags_reach_the_settings():
     assert (defaults.relative_margin, defaults.min_score, defaults.rescore_with, defaults.no_vector_cache) == \
         (None, None, None, False)
     assert defaults.rules() == MiningSettings()  # the defaults are MiningSettings' own, written once
-    # --quantize reaches the loader (it was accepted and ignored before)
+    # --quantize reaches the loader
     assert (defaults.load_precision, mine_settings(base + ["--quantize", "int8"]).load_precision) == ("auto", "int8")
     assert mine_settings(base + ["--range_min", "3"]).range_min == 3  # the underscore spelling, as for every command
 

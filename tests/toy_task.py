@@ -16,7 +16,7 @@ import numpy as np
 from pydantic import StrictStr
 
 from qtune.config import InferenceConfig, TrainConfig, opt
-from qtune.errors import QtuneError
+from qtune.errors import QtuneError, RequestError
 from qtune.modeling.heads import class_probs
 from qtune.modeling.inference import InferenceModel
 from qtune.tasks import Command, Endpoint, TrainedRun
@@ -106,12 +106,23 @@ def show_evaluation(config: ToyEvalConfig, results: dict) -> str:
     return f"accuracy {results['accuracy']:.4f}"
 
 
+@dataclass(frozen=True, kw_only=True)
+class ToyServerSettings:
+    """The toy task's own server setting: `qtune serve --toy-max-texts N`."""
+
+    toy_max_texts: int = opt(64, "/v1/toy: texts per request, at most")
+
+
 class ToyRequest(Request):
     input: list[StrictStr]
     model: StrictStr | None = None
 
 
 async def handle(call, entry, body: ToyRequest) -> dict:
+    # (a task registered in a running process, after qtune.serving was imported, has no settings there)
+    limit = getattr(call.settings, "toy_max_texts", ToyServerSettings.toy_max_texts)
+    if len(body.input) > limit:
+        raise RequestError(422, f"at most {limit} texts, got {len(body.input)}", param="input")
     features = await call.tokenize(lambda served: served.model.features(body.input), entry)
     scores = await call.submit(entry, features)  # (n, 1)
     return {"object": "list", "model": entry.name,
@@ -123,6 +134,7 @@ class ToyTask(SequenceClassificationTask):
     kind = "a toy polarity scorer"
     serve_role = "toy-scorer"
     serve_help = "toy polarity scorers: DIR or NAME=DIR"
+    server_settings = ToyServerSettings
     config = ToyConfig
     trainer = "toy_task:train"
     wrapper = "toy_task:ToyScorer"

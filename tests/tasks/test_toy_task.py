@@ -114,3 +114,16 @@ def test_a_task_that_cannot_be_loaded_is_named():
                           timeout=60)
     assert done.returncode != 0
     assert "qtune task 'toy_task:NoSuchTask'" in done.stderr and "cannot be loaded" in done.stderr
+
+
+def test_its_server_setting_is_a_serve_flag_and_a_server_setting():
+    """A task's own server settings join ServerSettings and `qtune serve`'s flags (in a process where
+    the task is registered before qtune.serving is imported, as with an installed package)."""
+    env = {**os.environ, "QTUNE_TASKS": "toy_task:ToyTask", "PYTHONPATH": str(TESTS)}
+    code = ("from qtune.cli import build_parser\n"
+            "from qtune.serving import ServerSettings\n"
+            "args = build_parser().parse_args(['serve', '--toy-scorer', 'x', '--toy-max-texts', '3'])\n"
+            "print(args.toy_max_texts, ServerSettings().toy_max_texts, ServerSettings(toy_max_texts=5).toy_max_texts)")
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split() == ["3", "64", "5"]

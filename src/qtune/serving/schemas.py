@@ -3,6 +3,8 @@ live with its handlers (`qtune/tasks/<task>/serve.py`)."""
 
 from __future__ import annotations
 
+import dataclasses
+import typing
 from dataclasses import dataclass
 
 from qtune.config import opt
@@ -10,15 +12,15 @@ from qtune.errors import ERROR_TYPES, RequestError, error_body
 
 ApiError = RequestError  # an error the client caused (or a state it must wait out), answered as JSON
 
-__all__ = ["ERROR_TYPES", "ApiError", "ServerSettings", "error_body"]
+__all__ = ["ERROR_TYPES", "ApiError", "CommonServerSettings", "ServerSettings", "error_body"]
 
 _number = "{:g}".format  # --help writes 250.0 as 250
 
 
-@dataclass(frozen=True)
-class ServerSettings:
-    """`qtune serve`'s settings: the defaults of the Python API (`qtune.serving.serve`) and, with
-    their help texts, the flags of `qtune serve` (`qtune.config.add_config_flags`)."""
+@dataclass(frozen=True, kw_only=True)
+class CommonServerSettings:
+    """`qtune serve`'s settings for every model: the defaults of the Python API (`qtune.serving.serve`)
+    and, with their help texts, the flags of `qtune serve` (`qtune.config.add_config_flags`)."""
 
     host: str = opt("127.0.0.1", "")  # no help text: --help shows the flag alone
     port: int = opt(8000, "")
@@ -35,8 +37,6 @@ class ServerSettings:
     max_inputs: int = opt(2048, "inputs per request")
     max_input_tokens: int | None = opt(None, "tokens per input, at most (None: the model's max_length)", flag=False)
     max_body_bytes: int = opt(8 * 1024 * 1024, "request body limit", shown=lambda size: f"{size / 2**20:g} MiB")
-    max_new_tokens: int = opt(512, "/v1/extract: the most tokens a request may ask to generate")  # more -> 422
-    extract_batch_size: int = opt(16, "/v1/extract: prompts per generate() call", flag=False)
     max_request_tokens: int = opt(262144, "tokens of all inputs of one request; more -> 422")
     max_top_k: int = opt(100, "/v1/match: the largest top_k")  # more -> 422
     body_timeout_s: float = opt(30.0, "seconds for a request body to arrive; later -> 408", flag="body-timeout",
@@ -47,3 +47,29 @@ class ServerSettings:
                                     "cancelled", flag="shutdown-timeout", shown=_number)
     api_key: str | None = opt(None, "require 'Authorization: Bearer KEY' (for /v1/* and /metrics)")
     metrics_public: bool = opt(False, "serve /metrics without the API key", negatable=False)
+
+
+def _server_settings() -> type:
+    """`ServerSettings`: the common settings and every registered task's own (`Task.server_settings`,
+    e.g. the extractor's max_new_tokens), one flat frozen dataclass, so that `ServerSettings(
+    max_new_tokens=64)` and `qtune serve --max-new-tokens 64` need no task named."""
+    from qtune.tasks import TASKS
+
+    fields, owner = [], {f.name: "the common settings" for f in dataclasses.fields(CommonServerSettings)}
+    for task in TASKS.values():
+        if task.server_settings is None:
+            continue
+        hints = typing.get_type_hints(task.server_settings)
+        for f in dataclasses.fields(task.server_settings):
+            if f.name in owner:
+                raise TypeError(f"server setting {f.name!r} of task {task.name!r} is taken by {owner[f.name]}")
+            owner[f.name] = f"task {task.name!r}"
+            fields.append((f.name, hints[f.name], dataclasses.field(default=f.default, metadata=f.metadata)))
+    cls = dataclasses.make_dataclass("ServerSettings", fields, bases=(CommonServerSettings,), frozen=True,
+                                     kw_only=True)
+    cls.__module__ = __name__
+    cls.__doc__ = CommonServerSettings.__doc__ + " With every task's own settings (`Task.server_settings`)."
+    return cls
+
+
+ServerSettings = _server_settings()

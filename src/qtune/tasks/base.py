@@ -170,6 +170,9 @@ class Task:
     # being the one used; None: it does neither.
     serve_role: ClassVar[str | None] = None
     serve_help: ClassVar[str] = ""
+    # The task's own server settings: a dataclass of `qtune.config.opt` fields that
+    # `qtune.serving.ServerSettings` (and so `qtune serve`'s flags) takes in beside the common ones.
+    server_settings: ClassVar[type | None] = None
     kb_recall: ClassVar[bool] = False
     kb_rescore_rank: ClassVar[int | None] = None
 

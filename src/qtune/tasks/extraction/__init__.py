@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from qtune.modeling.family import Family
 from qtune.tasks.base import Command, Endpoint, Task
-from qtune.tasks.extraction.config import ExtractConfig, ExtractEvalConfig, ExtractPredictConfig
+from qtune.tasks.extraction.config import ExtractConfig, ExtractEvalConfig, ExtractPredictConfig, ExtractServerSettings
 
 RUNNERS = "qtune.tasks.extraction.evaluate"  # eval/predict runners, imported when a command runs
 
@@ -15,6 +15,7 @@ class ExtractionTask(Task):
     kind = "an extractor"
     serve_role = "extractor"
     serve_help = "extraction models for /v1/extract"
+    server_settings = ExtractServerSettings
     pipeline_tag = "text-generation"
     config = ExtractConfig
     trainer = "qtune.tasks.extraction.train:train"

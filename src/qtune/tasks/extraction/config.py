@@ -48,3 +48,11 @@ class ExtractPredictConfig(InferenceConfig):
     output: str = opt("", "JSONL: each row with output (JSON or null) and error", required=True)
     max_new_tokens: int = opt(256, "longest answer", low=1)
     batch_size: int = opt(16, "prompts per generation batch", low=1)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ExtractServerSettings:
+    """What `qtune serve` (`qtune.serving.ServerSettings`) adds for extractors."""
+
+    max_new_tokens: int = opt(512, "/v1/extract: the most tokens a request may ask to generate")  # more -> 422
+    extract_batch_size: int = opt(16, "/v1/extract: prompts per generate() call", flag=False)
