@@ -292,3 +292,20 @@ def test_aliases_stay_out_of_the_option_list_of_help():
         assert alias not in options
     assert "--learning-rate" in epilog and "_ for -" in epilog  # one short note, not one line per alias
     assert len(epilog.splitlines()) <= 4
+
+
+@pytest.mark.parametrize("flag, value", [("--lr", "nan"), ("--lr", "inf"), ("--weight-decay", "nan"),
+                                         ("--warmup-ratio", "-inf")])
+def test_a_setting_that_is_not_a_finite_number_is_refused(flag, value):
+    # nan passes every bound check (every comparison is false) and inf every lower one
+    with pytest.raises(QtuneError) as info:
+        config(REQUIRED + [f"{flag}={value}"])
+    name = flag[2:].replace("-", "_")
+    assert str(info.value) == f"flags: '{name}' must be a finite number, got {float(value)!r}"
+
+
+def test_a_recipe_value_that_is_not_a_finite_number_is_refused(tmp_path):
+    recipe = write_yaml(tmp_path, "lr: .nan\n")
+    with pytest.raises(QtuneError) as info:
+        config(REQUIRED + ["--config", str(recipe)])
+    assert str(info.value) == f"{recipe}: 'lr' must be a finite number, got nan"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -279,6 +280,8 @@ def _coerce(value: Any, kind: type, item: type | None, where: str) -> Any:
     if kind in (int, float) and isinstance(value, bool):
         raise QtuneError(f"{where} must be {kind.__name__}, got {value!r}")
     if kind is float and isinstance(value, (int, float)):
+        if not math.isfinite(value):  # nan passes every bound check, inf every lower one
+            raise QtuneError(f"{where} must be a finite number, got {value!r}")
         return float(value)
     if kind is int and isinstance(value, float):
         if not value.is_integer():
