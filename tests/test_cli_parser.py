@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import run
+from support import run
 
 TOP_USAGE = "usage: qtune [-h] [--version] COMMAND"
 TRAIN = ["train", "pair-cls", "--model", "m", "--train", "t.csv", "--output", "o"]

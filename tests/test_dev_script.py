@@ -9,7 +9,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from conftest import qwen_tokenizer_dir
+from support import qwen_tokenizer_dir
 
 ROOT = Path(__file__).resolve().parent.parent
 

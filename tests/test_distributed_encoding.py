@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import ANIMALS, VEHICLES, free_port, write_lines
+from support import ANIMALS, VEHICLES, free_port, write_lines
 
 from qtune.cli import main
 

@@ -14,7 +14,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import read_jsonl, run, write_lines
+from support import read_jsonl, run, write_lines
 from datasets import Dataset
 from sentence_transformers.util import cos_sim, pairwise_cos_sim
 from sentence_transformers.util import mine_hard_negatives as st_mine

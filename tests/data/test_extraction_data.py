@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import BOM, assert_located, data_error, jsonl, read_jsonl, write
+from support import BOM, assert_located, data_error, jsonl, read_jsonl, write
 from qtune.data.extraction import (
     PII_INSTRUCTION,
     pii_to_sft,

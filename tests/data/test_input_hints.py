@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import assert_located, assert_user_error, data_error, run, synthetic_pairs, write, write_pairs_csv
+from support import assert_located, assert_user_error, data_error, run, synthetic_pairs, write, write_pairs_csv
 
 from qtune.data.pairs import read_pairs
 from qtune.data.stats import PLOT_SOFTWARE
@@ -81,7 +81,7 @@ def test_three_label_values_suggest_train_classify(tmp_path):
 
 
 def test_train_pair_cls_with_yes_no_labels_is_refused_with_the_flag_to_pass(tmp_path, capsys):
-    from conftest import MISSING_MODEL
+    from support import MISSING_MODEL
 
     train = write(tmp_path / "train.csv", "sentence1,sentence2,label\nthe cat,a dog,yes\nthe cat,a bus,no\n")
     code, _, err = run(capsys, "train", "pair-cls", "--model", MISSING_MODEL, "--train", train,

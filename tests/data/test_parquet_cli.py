@@ -9,7 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from datasets import Dataset, DatasetDict
 
-from conftest import run, synthetic_pairs
+from support import run, synthetic_pairs
 
 
 def pair_rows(n: int, seed: int) -> list[dict]:

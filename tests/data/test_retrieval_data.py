@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import BOM, assert_located, data_error, jsonl, read_jsonl, write
+from support import BOM, assert_located, data_error, jsonl, read_jsonl, write
 from qtune.data.retrieval import (qa_table_to_retrieval, read_beir, read_corpus, read_query_groups, write_beir,
                                   write_query_groups)
 from qtune.errors import DataError, QtuneError

@@ -8,7 +8,7 @@ import json
 import shutil
 
 import pytest
-from conftest import assert_located, assert_user_error, data_error, run, write
+from support import assert_located, assert_user_error, data_error, run, write
 
 from qtune.data.extraction import pii_to_sft, read_extraction
 from qtune.data.pairs import read_pairs

@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import ANIMALS, FILLER, VEHICLES, run, write_lines, write_pairs_csv, synthetic_pairs
+from support import ANIMALS, FILLER, VEHICLES, run, write_lines, write_pairs_csv, synthetic_pairs
 
 from qtune.data.retrieval import write_beir
 from qtune.evaluation.metrics import calibrate_threshold, threshold_warning

@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from conftest import assert_located, assert_user_error, data_error, run, write
+from support import assert_located, assert_user_error, data_error, run, write
 from qtune.evaluation.sts import (average_ranks, best_accuracy_threshold, is_binary, pearson, read_scored_pairs,
                                   roc_auc, spearman, sts_metrics)
 from qtune.tasks.embedding.config import StsEvalConfig

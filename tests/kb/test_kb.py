@@ -23,7 +23,7 @@ from qtune.kb import (
 )
 from qtune.kb.faq import question_id
 
-from conftest import FAQ_QUESTIONS
+from support import FAQ_QUESTIONS
 
 E = [FaqEntry("a", "how do I reset my password", "Use the reset link."),
      FaqEntry("b", "where is my parcel", "Track it on the orders page."),

@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
-from conftest import assert_user_error, run
+from support import assert_user_error, run
 from qtune.kb.faq import question_id
 from qtune.kb.store import KnowledgeBase
 
-# Only words of the tiny BERT vocabulary (conftest), so no question collapses into [UNK]s.
+# Only words of the tiny BERT vocabulary (support.data), so no question collapses into [UNK]s.
 FAQ = [("q1", "the cat is here", "Cats live upstairs."),
        ("q2", "a red bus now", "The bus leaves at nine."),
        ("q3", "my old horse", "Horses are in the barn."),

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import assert_user_error, run
+from support import assert_user_error, run
 from qtune.kb.faq import embedder_fingerprint
 from qtune.kb.store import META, META_ID, KnowledgeBase
 

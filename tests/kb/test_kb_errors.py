@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import assert_user_error, run
+from support import assert_user_error, run
 from qtune.kb.store import MILVUS_LOGGERS, KnowledgeBase
 
 FAQ = [("q1", "the cat is here", "Cats live upstairs."),

@@ -11,7 +11,7 @@ import shutil
 
 import pytest
 
-from conftest import assert_user_error, qwen_tokenizer_dir, run
+from support import assert_user_error, qwen_tokenizer_dir, run
 from export_cases import lora_source
 from qtune.modeling.export import append_to_template, difference_table, keep_tokenizer_settings, read_export_note
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from conftest import assert_user_error, run, synthetic_pairs, write_pairs_csv
+from support import assert_user_error, run, synthetic_pairs, write_pairs_csv
 from qtune import api
 from qtune.errors import QtuneError
 from qtune.modeling.int8 import OnnxModel, quantize_int8

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import assert_user_error, data_error, run
+from support import assert_user_error, data_error, run
 from qtune.errors import QtuneError
 from qtune.modeling.checkpoint import save_model_files
 from qtune.modeling.loading import MAX_LABELS, MAX_LENGTH_CAP, LoraSettings, read_meta

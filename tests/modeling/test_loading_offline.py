@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import assert_user_error, run
+from support import assert_user_error, run
 from qtune.errors import QtuneError
 from qtune.modeling.loading import check_sources, load_model
 from qtune.tasks import get

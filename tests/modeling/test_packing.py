@@ -16,7 +16,7 @@ from qtune.modeling.loading import LoraSettings
 from qtune.tasks import load_model
 from qtune.records import ExtractionExample, QueryGroup
 
-from conftest import synthetic_pairs
+from support import synthetic_pairs
 
 NO_DROPOUT = LoraSettings(r=4, alpha=8, dropout=0.0)  # both paths see the same network
 TEXTS = ["the cat", "a much longer sentence about my old red bus that is here now", "x",

@@ -9,7 +9,7 @@ import socket
 import threading
 import time
 
-from conftest import FAQ_QUESTIONS, free_port
+from support import FAQ_QUESTIONS, free_port
 
 MATCH_DB = "faq.db"
 

@@ -11,7 +11,7 @@ import time
 
 import httpx
 import pytest
-from conftest import MISSING_MODEL, assert_api_error, assert_user_error, run
+from support import MISSING_MODEL, assert_api_error, assert_user_error, run
 from fastapi.testclient import TestClient
 from served_models import every_task, faq_matcher, free_port, wait_until
 

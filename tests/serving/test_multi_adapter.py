@@ -22,7 +22,7 @@ from qtune.modeling.loading import LoraSettings
 from qtune.serving import ServerSettings, create_app
 from qtune.tasks import get, load_model
 
-from conftest import ANIMALS, VEHICLES, assert_user_error, run
+from support import ANIMALS, VEHICLES, assert_user_error, run
 
 TEXTS = ["the cat is here", "a big red bus", "my old dog", "train"]
 

@@ -10,7 +10,7 @@ import qtune
 import qtune.serving
 from qtune.modeling.checkpoint import save_model_files
 
-from conftest import assert_user_error, run
+from support import assert_user_error, run
 
 
 @pytest.fixture(scope="module")

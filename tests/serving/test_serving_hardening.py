@@ -16,7 +16,7 @@ import time
 
 import httpx
 import pytest
-from conftest import assert_api_error
+from support import assert_api_error
 from fastapi.testclient import TestClient
 from served_models import (
     every_task,

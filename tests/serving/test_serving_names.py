@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import assert_user_error, run
+from support import assert_user_error, run
 from fastapi.testclient import TestClient
 
 from qtune.errors import QtuneError

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from conftest import FAQ_QUESTIONS, assert_api_error
+from support import FAQ_QUESTIONS, assert_api_error
 from qtune.api import load
 from qtune.kb import FaqMatcher
 from qtune.tasks.reranker.model import Reranker

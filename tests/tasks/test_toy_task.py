@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import free_port, run
+from support import free_port, run
 
 import qtune
 from qtune.serving import ServerSettings

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import assert_user_error, run
+from support import assert_user_error, run
 
 SHORT = ["cat", "dog", "bus", "car", "cow"]
 # 20 words (one token each): over --max-length 8 (16 for the reranker, whose prompt needs more)

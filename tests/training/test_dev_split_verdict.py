@@ -7,7 +7,7 @@ import json
 
 import pytest
 import yaml
-from conftest import assert_user_error, run
+from support import assert_user_error, run
 
 from qtune.data.retrieval import held_out_retrieval_set
 from qtune.data.split import MAX_AUTO_DEV, dev_split, resolve_dev_fraction

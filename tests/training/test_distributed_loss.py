@@ -13,7 +13,7 @@ import torch
 
 from qtune.records import QueryGroup
 
-from conftest import free_port
+from support import free_port
 
 WORDS = ["cat", "dog", "horse", "cow", "sheep", "goat", "mouse", "tiger", "car", "bus", "train", "truck", "bike",
          "plane", "boat", "tram"]

@@ -24,7 +24,7 @@ from safetensors.torch import load_file
 from qtune.data.retrieval import write_query_groups
 from qtune.records import QueryGroup
 
-from conftest import ANIMALS, FILLER, VEHICLES, free_port, jsonl, train_losses, write
+from support import ANIMALS, FILLER, VEHICLES, free_port, jsonl, train_losses, write
 
 PAIR_FLAGS = ["--full", "--lr", "2e-3", "--epochs", "1", "--max-length", "32", "--device", "cpu", "--seed", "3",
               "--logging-steps", "1"]

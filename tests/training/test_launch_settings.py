@@ -13,7 +13,7 @@ from qtune import distributed
 from qtune.errors import QtuneError
 from qtune.training import memory, replica
 
-from conftest import assert_user_error, run
+from support import assert_user_error, run
 
 
 def test_a_plain_process_is_rank_0_of_1(monkeypatch):
@@ -127,7 +127,7 @@ def test_the_process_group_is_left_before_exit(monkeypatch):
     registers leaving at exit (it does nothing where none was joined)."""
     import torch.distributed as dist
 
-    from conftest import free_port
+    from support import free_port
 
     distributed.leave_process_group()  # none joined: a no-op
     at_exit = []

@@ -19,7 +19,7 @@ from qtune.training import memory
 from qtune.training.memory import (ModelShape, activation_bytes, embedding_bytes, optimizer_bytes, padded_width,
                                    pass_size, plan_embedding, plan_groups, step_bytes)
 
-from conftest import ANIMALS, VEHICLES, assert_user_error, run, train_losses
+from support import ANIMALS, VEHICLES, assert_user_error, run, train_losses
 
 # all-MiniLM-L6-v2 in fp32 on a CPU, no trainable parameters: with every text 128 tokens long one
 # row needs 128 x 6 x (16 x 384 + 2 x 1536 + 3 x 12 x 128) x 4 = 42,467,328 bytes

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import assert_user_error, run
+from support import assert_user_error, run
 from qtune.errors import QtuneError
 from qtune.io import atomic_dir, atomic_path, write_json, write_text
 from qtune.tasks import get

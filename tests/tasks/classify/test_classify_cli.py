@@ -12,7 +12,7 @@ import pytest
 
 import qtune
 from classify_helpers import LABELS, synthetic_texts, write_csv, write_jsonl
-from conftest import assert_user_error, read_jsonl, run, write_lines
+from support import assert_user_error, read_jsonl, run, write_lines
 from qtune.cli import main
 
 CHECK = ["a cow is here", "my old red bus", "the plane now", "goat", "a big green truck there", "tram"]

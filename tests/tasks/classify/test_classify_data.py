@@ -9,8 +9,8 @@ import sys
 import pytest
 
 from classify_helpers import synthetic_texts, write_csv, write_jsonl
-from conftest import (MISSING_MODEL, assert_data_accepted_up_to_the_model, assert_located,
-                      assert_refused_before_the_model_loads, assert_user_error, data_error, run, write_lines)
+from support import (MISSING_MODEL, assert_data_accepted_up_to_the_model, assert_located,
+                     assert_refused_before_the_model_loads, assert_user_error, data_error, run, write_lines)
 from qtune.errors import DataError
 from qtune.tasks.classify.data import TextExample, read_labelled, read_texts
 

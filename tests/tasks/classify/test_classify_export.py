@@ -9,7 +9,7 @@ import shutil
 
 import numpy as np
 import pytest
-from conftest import assert_user_error, run
+from support import assert_user_error, run
 from export_cases import LABELS, drop_tokenizer_template, edit_json, exported_case
 
 # mixed lengths, two languages; the last is cut at 24 tokens

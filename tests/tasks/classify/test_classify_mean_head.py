@@ -18,7 +18,7 @@ import torch
 
 import qtune
 from classify_helpers import LABELS, PROBE, mean_pooled_copy, synthetic_texts, write_csv
-from conftest import assert_user_error, run
+from support import assert_user_error, run
 from qtune.errors import QtuneError
 from qtune.modeling import heads
 from qtune.modeling.packing import head_model

@@ -10,7 +10,7 @@ import torch
 
 import qtune
 from classify_helpers import LABELS, PROBE, synthetic_texts, write_csv
-from conftest import run, write_lines
+from support import run, write_lines
 from qtune.errors import DataError, QtuneError
 from qtune.modeling import packing
 from qtune.tasks import get, load_model

@@ -14,7 +14,7 @@ from fastapi.testclient import TestClient
 
 import qtune
 from classify_helpers import LABELS
-from conftest import assert_api_error
+from support import assert_api_error
 from qtune.serving import ServerSettings, create_app
 
 TEXTS = ["a cow is here", "my old red bus", "plane", "the big green tram is there now"]

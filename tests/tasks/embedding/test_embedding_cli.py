@@ -8,8 +8,8 @@ solve feeds the evaluation, mining and loading tests. Bad input must stop with e
 Two deliberate choices keep this file fast and meaningful on a small, busy CPU:
 - torch runs on one thread while this module runs (restored afterwards): the tiny models are far
   faster that way than with threads competing for two cores.
-- Training uses a copy of the conftest tiny BERT with its dropout set to 0 (same weights, same
-  vocabulary). With hidden size 32, BERT's own 0.1 dropout drowns the signal and the model
+- Training uses a copy of the tiny BERT (the tiny_bert_dir fixture) with its dropout set to 0 (same weights,
+  same vocabulary). With hidden size 32, BERT's own 0.1 dropout drowns the signal and the model
   learns nothing in dozens of steps; and without dropout a GradCache (`--cached`) run must give
   exactly the model the plain run gives, which is checked below.
 """
@@ -32,9 +32,9 @@ from qtune.cli import main
 from qtune.data.retrieval import write_beir, write_query_groups
 from qtune.records import QueryGroup
 
-from conftest import (ANIMALS, MISSING_MODEL, VEHICLES, assert_data_accepted_up_to_the_model,
-                      assert_refused_before_the_model_loads, assert_user_error,
-                      read_jsonl, run, train_losses, write_lines)
+from support import (ANIMALS, MISSING_MODEL, VEHICLES, assert_data_accepted_up_to_the_model,
+                     assert_refused_before_the_model_loads, assert_user_error,
+                     read_jsonl, run, train_losses, write_lines)
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

@@ -20,8 +20,8 @@ from qtune.tasks import load_model
 from qtune.tasks.embedding import encode, loss as contrastive
 from qtune.tasks.embedding.model import Embedder
 
-from conftest import (ANIMALS, MISSING_MODEL, VEHICLES, assert_refused_before_the_model_loads, assert_user_error,
-                      run, train_losses)
+from support import (ANIMALS, MISSING_MODEL, VEHICLES, assert_refused_before_the_model_loads, assert_user_error,
+                     run, train_losses)
 
 TEACHER = (1.0, 0.5, 0.25)  # the positive's score, then the two negatives'
 

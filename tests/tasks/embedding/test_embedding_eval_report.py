@@ -9,7 +9,7 @@ import math
 import numpy as np
 import pytest
 
-from conftest import assert_user_error, read_jsonl, run
+from support import assert_user_error, read_jsonl, run
 from qtune.data.retrieval import write_beir
 from qtune.errors import QtuneError
 from qtune.tasks.embedding.config import RetrievalEvalConfig

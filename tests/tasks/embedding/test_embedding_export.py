@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import qtune
-from conftest import assert_user_error, run
+from support import assert_user_error, run
 from export_cases import drop_tokenizer_template, edit_json, lora_source
 from qtune.api import check_export, export
 

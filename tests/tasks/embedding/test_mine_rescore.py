@@ -11,7 +11,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from conftest import (
+from support import (
     ANIMALS,
     VEHICLES,
     assert_located,

@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 
-from conftest import (assert_refused_before_the_model_loads, assert_user_error, jsonl, qwen_tokenizer_dir,
-                      read_jsonl, run, save_tiny_qwen, write, write_lines)
+from support import (assert_refused_before_the_model_loads, assert_user_error, jsonl, qwen_tokenizer_dir,
+                     read_jsonl, run, save_tiny_qwen, write, write_lines)
 from qtune.errors import QtuneError
 from qtune.records import ExtractionExample
 from qtune.tasks.extraction.encode import DEFAULT_INSTRUCTION, PromptBuilder, collate

@@ -10,7 +10,7 @@ import json
 
 import pytest
 import torch
-from conftest import run
+from support import run
 
 import qtune
 from qtune.errors import QtuneError

@@ -10,7 +10,7 @@ import pytest
 
 from qtune.cli import main
 
-from conftest import synthetic_pairs
+from support import synthetic_pairs
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 TINY = ["--epochs", "1", "--batch-size", "16", "--max-length", "32", "--device", "cpu"]

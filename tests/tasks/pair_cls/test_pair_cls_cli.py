@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 
-from conftest import assert_user_error, read_jsonl, run
+from support import assert_user_error, read_jsonl, run
 
 from pair_cls_cases import (PNG_SIGNATURE, PROBE_COLUMNS, TINY, best_predictions, probe_csv, probe_rows,  # noqa: F401
                            read_csv, trained, write_rows)

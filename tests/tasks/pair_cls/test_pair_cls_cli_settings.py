@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 
-from conftest import MISSING_MODEL, assert_user_error, run, synthetic_pairs, write_pairs_csv
+from support import MISSING_MODEL, assert_user_error, run, synthetic_pairs, write_pairs_csv
 
 from pair_cls_cases import (PNG_SIGNATURE, PROBE_COLUMNS, TINY, best_predictions, probe_csv, probe_rows,  # noqa: F401
                            read_csv, trained, write_rows)

@@ -11,7 +11,7 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
-from conftest import assert_user_error, run
+from support import assert_user_error, run
 from export_cases import LABELS, drop_tokenizer_template, edit_json, exported_case
 
 PAIRS = [("the cat is here", "a dog"), ("my old red bus", "the big green train is there now"),

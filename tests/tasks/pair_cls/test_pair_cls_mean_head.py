@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import qtune
-from conftest import assert_user_error, run
+from support import assert_user_error, run
 from export_cases import lora_source
 from qtune.modeling import heads
 from qtune.modeling.packing import head_model

@@ -16,7 +16,7 @@ from qtune.tasks.pair_cls.model import PairClassifier
 
 _train_pair_cls = get("pair-cls").train
 
-from conftest import synthetic_pairs
+from support import synthetic_pairs
 
 PROBE = [(a, b) for a, b, _ in synthetic_pairs(24, seed=7)]
 

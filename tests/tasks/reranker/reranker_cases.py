@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import (
+from support import (
     ANIMALS,
     FILLER,
     SPECIALS,
@@ -96,7 +96,7 @@ def group_mrr(reranker: Reranker, groups) -> dict:
 @pytest.fixture(scope="module")
 def ce_dir(tmp_path_factory) -> str:
     """A tiny BERT cross-encoder saved WITH its one-logit head (so a reload is not random), dropout 0,
-    and the conftest vocabulary plus "animal" and "vehicle"."""
+    and the tiny_bert_dir fixture's vocabulary plus "animal" and "vehicle"."""
     from transformers import (
         BertConfig,
         BertForSequenceClassification,

@@ -7,7 +7,7 @@ from dataclasses import replace
 
 import pytest
 import torch
-from conftest import MISSING_MODEL, assert_refused_before_the_model_loads, assert_user_error, run, train_losses
+from support import MISSING_MODEL, assert_refused_before_the_model_loads, assert_user_error, run, train_losses
 from hand_math import kl, softmax
 from reranker_cases import ce_dir, make_groups  # noqa: F401
 

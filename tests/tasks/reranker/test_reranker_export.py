@@ -11,7 +11,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import run
+from support import run
 from reranker_cases import (  # noqa: F401 (fixtures)
     EXPECTED_PROMPT,
     PAIRS,
