@@ -11,6 +11,7 @@ import pytest
 from support import assert_located, assert_user_error, data_error, run, write
 from qtune.evaluation.sts import (average_ranks, best_accuracy_threshold, is_binary, pearson, read_scored_pairs,
                                   roc_auc, spearman, sts_metrics)
+from qtune.modeling.inference import InferenceModel
 from qtune.tasks.embedding.config import StsEvalConfig
 from qtune.tasks.embedding.evaluate import evaluate_sts, show_sts
 
@@ -108,11 +109,18 @@ def test_reader_takes_score_or_label_and_locates_problems(tmp_path):
     assert picked.gold.tolist() == [1.0]
 
 
-class WordVectors:
-    """A stub embedder: a fixed unit vector per text."""
+class WordVectors(InferenceModel):
+    """A stub embedder (the inference interface, no model): a fixed unit vector per text."""
+
+    batch_calls = frozenset({"embed"})
+    feature_options = ("is_query",)
 
     def __init__(self, vectors: dict[str, list[float]]):
+        super().__init__(loaded=None)
         self.vectors = {t: np.asarray(v, dtype=np.float32) / np.linalg.norm(v) for t, v in vectors.items()}
+
+    def features(self, texts, is_query=False, *, truncate=True):
+        return [[0] * len(t.split()) for t in texts]  # its "tokens": the words
 
     def embed(self, texts, *, is_query=False, batch_size=64, progress=False):
         return np.stack([self.vectors[t] for t in texts])

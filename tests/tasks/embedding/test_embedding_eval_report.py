@@ -12,6 +12,7 @@ import pytest
 from support import assert_user_error, read_jsonl, run
 from qtune.data.retrieval import write_beir
 from qtune.errors import QtuneError
+from qtune.modeling.inference import InferenceModel
 from qtune.tasks.embedding.config import RetrievalEvalConfig
 from qtune.tasks.embedding.evaluate import evaluate, show_evaluation
 
@@ -26,11 +27,19 @@ TUNED = {"query one": E[0], "query two": E[1], "query three": 0.6 * E[3] + 0.5 *
 BASE = {"query one": 0.8 * E[1] + 0.6 * E[0], "query two": E[1], "query three": E[2]}
 
 
-class VectorEmbedder:
-    """A stub embedder: passages are unit vectors e_i, queries come from a table."""
+class VectorEmbedder(InferenceModel):
+    """A stub embedder (the inference interface, no model): passages are unit vectors e_i, queries
+    come from a table."""
+
+    batch_calls = frozenset({"embed"})
+    feature_options = ("is_query",)
 
     def __init__(self, queries: dict[str, np.ndarray]):
+        super().__init__(loaded=None)
         self.queries = queries
+
+    def features(self, texts, is_query=False, *, truncate=True):
+        return [[0] * len(t.split()) for t in texts]  # its "tokens": the words
 
     def embed(self, texts, *, is_query=False, batch_size=64, progress=False):
         rows = [self.queries[t] if is_query else E[int(t.split()[-1]) - 1] for t in texts]

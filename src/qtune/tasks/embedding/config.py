@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from qtune.config import InferenceConfig, TrainConfig, opt
-from qtune.mining import MiningSettings
+from qtune.mining_settings import MiningSettings
 
 
 @dataclass(kw_only=True)
