@@ -160,7 +160,7 @@ def embedding_data(tmp_path_factory) -> Path:
 
 def embedding_run(model: str, data: Path, output: Path, nproc: int, *extra: str):
     torchrun("train", "embedding", "--model", model, "--train", str(data), "--full", "--lr", "5e-3", "--epochs", "2",
-             "--hard-negatives", "2", "--max-length", "16", "--device", "cpu", "--seed", "1",
+             "--min-steps", "0", "--hard-negatives", "2", "--max-length", "16", "--device", "cpu", "--seed", "1",
              "--false-negative-offset", "0.1", "--no-memory-check", "--logging-steps", "1", "--output", str(output),
              *extra, nproc=nproc)
     return train_losses(output), weights(output)

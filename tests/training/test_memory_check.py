@@ -263,8 +263,8 @@ def test_train_embedding_switches_to_cached_when_memory_is_low(still_bert_dir, g
     """8 groups x 3 texts do not fit, 3 rows of --max-length tokens do: the run says so, trains with
     GradCache (config.yaml records it) and ends with the plain run's losses."""
     common = ["train", "embedding", "--model", still_bert_dir, "--train", groups_file, "--lr", "5e-3",
-              "--epochs", "2", "--batch-size", "8", "--hard-negatives", "1", "--max-length", "16",
-              "--lora-dropout", "0", "--logging-steps", "1", "--device", "cpu", "--seed", "3"]
+              "--epochs", "2", "--min-steps", "0", "--batch-size", "8", "--hard-negatives", "1",
+              "--max-length", "16", "--lora-dropout", "0", "--logging-steps", "1", "--device", "cpu", "--seed", "3"]
     code, _, err = run(capsys, *common, "--output", tmp_path / "plain", "--no-memory-check")
     assert code == 0, err
     seen = _low_memory(monkeypatch, rows_that_fit=3, tokens=16)

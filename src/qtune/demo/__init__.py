@@ -110,8 +110,9 @@ def run_embedding_demo(output: Path, model: str) -> dict:
     print(f"\n== 6. retrieval data: customer paraphrases -> the 40 FAQ entries -> {output / 'retrieval'}")
     files = write_demo_retrieval(output / "retrieval")
 
-    # The README's recipe (full fine-tuning, lr 1e-4, in-batch negatives) for six epochs of the 162
-    # paraphrases (66 steps; with three, "my parcel still hasnt come" went to the sibling entry).
+    # The README's recipe (full fine-tuning, lr 1e-4, in-batch negatives): at least six epochs of the
+    # 162 paraphrases, and at least --min-steps' 100 steps (11 an epoch: about nine epochs; with three,
+    # "my parcel still hasnt come" went to the sibling entry).
     # A batch holds each FAQ entry at most once, so 16 queries a batch (of 40 entries) fill every
     # batch; the other 15 answers in it are the negatives. 162 queries are too few for a dev split
     # and the test paraphrases are not used to choose: best/ is the last epoch.

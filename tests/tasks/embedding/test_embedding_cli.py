@@ -47,7 +47,7 @@ GROUPS = len(MAPPING) * len(QUERY_TEMPLATES)  # 32 training groups
 BATCH = 8  # one group per distinct positive fits a batch: 4 batches of 8 per epoch
 EPOCHS = 8
 STEPS = EPOCHS * GROUPS // BATCH
-TRAIN_FLAGS = ["--full", "--lr", "5e-3", "--epochs", str(EPOCHS), "--batch-size", str(BATCH),
+TRAIN_FLAGS = ["--full", "--lr", "5e-3", "--epochs", str(EPOCHS), "--min-steps", "0", "--batch-size", str(BATCH),
                "--hard-negatives", "0", "--max-length", "16", "--device", "cpu", "--seed", "1"]
 EVAL_METRICS = ("ndcg@1", "ndcg@3", "ndcg@5", "ndcg@10", "recall@1", "recall@10", "recall@100", "mrr@10",
                 "map@100")
@@ -196,7 +196,8 @@ def test_resume_may_switch_gradcache(still_bert_dir, mapping_data, tmp_path, cap
     the memory check may choose on another machine), saying so."""
     out = tmp_path / "run"
     common = ["train", "embedding", "--model", still_bert_dir, "--train", mapping_data["train"], "--output", str(out),
-              "--batch-size", str(BATCH), "--max-length", "16", "--device", "cpu", "--report-to", "none"]
+              "--batch-size", str(BATCH), "--max-length", "16", "--device", "cpu", "--report-to", "none",
+              "--min-steps", "0"]
     code, _, err = run(capsys, *common, "--epochs", "1")
     assert code == 0, err
     code, stdout, err = run(capsys, *common, "--epochs", "2", "--cached", "--mini-batch-size", "4", "--resume")
@@ -209,8 +210,8 @@ def test_cached_training_gives_the_model_of_plain_training(still_bert_dir, mappi
     """GradCache computes the same gradients in mini-batches, so (LoRA, no dropout anywhere, same
     seed) both runs end with the same weights, hence the same embeddings."""
     common = ["train", "embedding", "--model", still_bert_dir, "--train", mapping_data["train"], "--lr", "5e-3",
-              "--epochs", "2", "--batch-size", str(BATCH), "--hard-negatives", "0", "--max-length", "16",
-              "--no-full", "--lora-dropout", "0", "--logging-steps", "1", "--device", "cpu", "--seed", "3"]
+              "--epochs", "2", "--min-steps", "0", "--batch-size", str(BATCH), "--hard-negatives", "0",
+              "--max-length", "16", "--no-full", "--lora-dropout", "0", "--logging-steps", "1", "--device", "cpu", "--seed", "3"]
     plain, cached = tmp_path / "plain", tmp_path / "cached"
     code, _, err = run(capsys, *common, "--output", plain)
     assert code == 0, err
@@ -241,8 +242,8 @@ def test_matryoshka_dims_run(still_bert_dir, mapping_data, tmp_path, capsys):
     out = tmp_path / "matryoshka"
     code, stdout, err = run(capsys, "train", "embedding", "--model", still_bert_dir, "--train", mapping_data["train"],
                             "--eval", mapping_data["eval"], "--output", out, "--matryoshka-dims", "16",
-                            "--epochs", "1", "--batch-size", str(BATCH), "--hard-negatives", "0",
-                            "--max-length", "16", "--device", "cpu", "--seed", "1")
+                            "--epochs", "1", "--min-steps", "0", "--batch-size", str(BATCH), "--hard-negatives",
+                            "0", "--max-length", "16", "--device", "cpu", "--seed", "1")
     assert code == 0, err
     assert re.search(r"best ndcg@10: .*ndcg@10=\d\.\d{4}", stdout), stdout
     assert yaml.safe_load((out / "config.yaml").read_text(encoding="utf-8"))["matryoshka_dims"] == [16]

@@ -123,8 +123,8 @@ def test_gradcache_gives_the_plain_gradients_with_distillation_and_the_improved_
     assert_gradcache_matches_plain(loaded.model, batch, settings)
 
 
-FLAGS = ["--full", "--lr", "5e-3", "--epochs", "3", "--batch-size", "4", "--hard-negatives", "2", "--max-length",
-         "16", "--logging-steps", "1", "--device", "cpu", "--seed", "1"]
+FLAGS = ["--full", "--lr", "5e-3", "--epochs", "3", "--min-steps", "0", "--batch-size", "4", "--hard-negatives", "2",
+         "--max-length", "16", "--logging-steps", "1", "--device", "cpu", "--seed", "1"]
 
 
 @pytest.mark.parametrize("cached", [False, True])
