@@ -34,7 +34,8 @@ ROWS = {
     "st-1e-4": ("st", {"lr": 1e-4}),
     "st-2e-4": ("st", {"lr": 2e-4}),
     "st-cached-1e-4": ("st", {"lr": 1e-4, "cached": 32}),
-    "qtune": ("qtune", []),
+    "qtune": ("qtune", []),  # the defaults (at least 100 optimizer steps since --min-steps 100)
+    "qtune-1-epoch": ("qtune", ["--min-steps", "0"]),  # exactly --epochs: the defaults before --min-steps
     "qtune-no-dev": ("qtune", ["--dev-fraction", "0"]),
     "qtune-lr2e-4": ("qtune", ["--lr", "2e-4"]),
     "qtune-3-epochs": ("qtune", ["--epochs", "3"]),  # best/ by the dev split among the 3 epochs
