@@ -85,13 +85,11 @@ def mine(model: str, queries: str, corpus: str, output: str, settings=None, *, f
     Returns two lines: the summary (how many queries got fewer negatives than asked) and what each
     rule removed, with the mean scores."""
     from qtune.mining import MiningSettings
-    from qtune.tasks.embedding.mine import mine_file
+    from qtune.tasks.embedding.mine import mine_with
 
-    rescorer = (lambda: load(rescore_with, task="reranker", device=device, precision=precision)) \
-        if rescore_with else None
-    return mine_file(lambda: load(model, task="embedding", device=device, precision=precision), queries, corpus,
-                     output, settings or MiningSettings(), fmt=fmt, batch_size=batch_size, model_name=model,
-                     load_rescorer=rescorer, cache_dir=vector_cache)
+    return mine_with(load, model, queries, corpus, output, settings or MiningSettings(), fmt=fmt,
+                     batch_size=batch_size, device=device, precision=precision, rescore_with=rescore_with,
+                     cache_dir=vector_cache)
 
 
 def export(model_dir: str, output: str, fmt: str = "auto", test_report: str | None = None) -> Path:

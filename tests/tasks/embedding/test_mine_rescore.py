@@ -158,6 +158,14 @@ def test_cli_rescore_with_a_cross_encoder_writes_its_scores(tiny_bert_dir, cross
         assert record["neg_scores"] == sorted(record["neg_scores"], reverse=True)
     assert sum(len(r["neg"]) for r in records) == 3 * len(records)
     assert not list(tmp_path.glob(".qtune-vectors"))  # --no-vector-cache
+    # the Python API (qtune.api.mine) with the same settings writes the same file
+    from qtune.api import mine
+
+    again = tmp_path / "api.jsonl"
+    mine(tiny_bert_dir, str(mine_data["queries"]), str(mine_data["corpus"]), str(again),
+         MiningSettings(range_min=1, range_max=10, num_negatives=3, max_score=None, margin=None),
+         rescore_with=cross_encoder_dir, device="cpu", vector_cache=None)
+    assert again.read_bytes() == output.read_bytes()
 
 
 # ---------------------------------------------------------------- the corpus-vector cache

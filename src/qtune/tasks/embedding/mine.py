@@ -202,19 +202,27 @@ def _read_cached(path: Path, shape: tuple[int, int]) -> np.ndarray | None:
     return vecs if vecs.shape == shape and vecs.dtype == np.float32 else None
 
 
+def mine_with(load, model: str, queries: str, corpus: str, output: str, rules: MiningSettings, *,
+              fmt: str = "flagembedding", batch_size: int = 64, device: str = "auto", precision: str = "auto",
+              rescore_with: str | None = None, cache_dir: str | Path | None = "auto") -> str:
+    """`mine_file` with the embedder `model` (and the reranker `rescore_with`) loaded by `load(name,
+    task, device=, precision=)` (`qtune.load`) when it needs them: `qtune mine` and `qtune.api.mine`."""
+    rescorer = (lambda: load(rescore_with, "reranker", device=device, precision=precision)) if rescore_with else None
+    return mine_file(lambda: load(model, "embedding", device=device, precision=precision), queries, corpus, output,
+                     rules, fmt=fmt, batch_size=batch_size, model_name=model, load_rescorer=rescorer,
+                     cache_dir=cache_dir)
+
+
 def run_mine(config, load) -> dict:
     """`qtune mine` (a `qtune.tasks.embedding.config.MineConfig`): the rules checked before anything
-    is read or loaded, then `mine_file`. `load(name, task, device=, precision=)` is `qtune.load`."""
+    is read or loaded, then `mine_with`."""
     try:
         rules = config.rules()
     except ValueError as e:
         raise QtuneError(str(e)) from None
-    precision = config.load_precision
-    rescorer = (lambda: load(config.rescore_with, "reranker", device=config.device, precision=precision)) \
-        if config.rescore_with else None
-    summary = mine_file(lambda: load(config.model, "embedding", device=config.device, precision=precision),
-                        config.queries, config.corpus, config.output, rules, fmt=config.format,
-                        batch_size=config.batch_size, model_name=config.model, load_rescorer=rescorer,
+    summary = mine_with(load, config.model, config.queries, config.corpus, config.output, rules, fmt=config.format,
+                        batch_size=config.batch_size, device=config.device, precision=config.load_precision,
+                        rescore_with=config.rescore_with,
                         cache_dir=None if config.no_vector_cache else config.vector_cache)
     return {"summary": summary}
 
