@@ -60,3 +60,31 @@ def test_hugging_face_spellings_reach_the_training_config(capsys, monkeypatch):
     assert (config.model, config.output, config.lr, config.epochs, config.batch_size) == ("m", "o", 3e-5, 2.0, 4)
     assert (config.grad_accum, config.max_length, config.warmup_ratio, config.weight_decay, config.seed) == (
         2, 96, 0.05, 0.0, 7)
+
+
+def test_every_flag_takes_its_underscore_spelling_and_a_prefix_of_one_setting(capsys, monkeypatch, tmp_path):
+    from qtune.cli import build_parser
+
+    args = build_parser().parse_args(["kb", "search", "--kb", "k.db", "q", "--top_k", "3"])
+    assert args.top_k == 3
+    args = build_parser().parse_args(["data", "retrieval-split", "t.csv", "--output", "o", "--test_fraction", "0.2",
+                                      "--question_column", "q", "--skip_empty"])
+    assert (args.test_fraction, args.question_column, args.skip_empty) == (0.2, "q", True)
+    # a prefix of --output (and its alias --output_dir) only is --output; argparse alone calls it ambiguous
+    args = build_parser().parse_args(["train", "embedding", "--model", "m", "--train", "t.jsonl", "--out", "o",
+                                      "--learning-r=2e-5", "--no-memory_c"])
+    assert (args.output, args.lr, args.memory_check) == ("o", 2e-5, False)
+    err = parse_error(capsys, "kb", "search", "--kb", "k.db", "q", "--t", "3")
+    assert err.rstrip().endswith("error: ambiguous option: --t could match --token, --top-k, --threshold"), err
+
+
+def test_a_required_flag_is_met_by_its_underscore_spelling_and_missed_by_name():
+    from qtune.cli import Parser
+
+    parser = Parser(prog="tool")
+    parser.add_argument("--input-file", required=True)
+    assert parser.parse_args(["--input_file", "a"]).input_file == "a"
+    assert parser.parse_args(["--input-file", "b"]).input_file == "b"
+    with pytest.raises(SystemExit):
+        parser.parse_args([])
+    assert "--input_file" not in parser.format_help() and "--input-file INPUT_FILE" in parser.format_help()

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from qtune.cli import Parser
 from qtune.config import add_config_flags, build_config, config_from_args, config_to_yaml, load_yaml
 from qtune.errors import QtuneError
 from qtune.tasks.pair_cls.config import PairClsConfig
@@ -17,7 +18,7 @@ REQUIRED = ["--model", "m", "--train", "train.csv", "--output", "out"]
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="qtune train pair-cls")
+    parser = Parser(prog="qtune train pair-cls")
     add_config_flags(parser, PairClsConfig)
     return parser.parse_args(argv)
 
@@ -282,7 +283,7 @@ def test_aliases_are_checked_like_the_flag_they_stand_for(capsys):
 
 
 def test_aliases_stay_out_of_the_option_list_of_help():
-    parser = argparse.ArgumentParser(prog="qtune train pair-cls")
+    parser = Parser(prog="qtune train pair-cls")
     add_config_flags(parser, PairClsConfig)
     text = parser.format_help()
     options, _, epilog = text.partition("Also accepted")

@@ -10,7 +10,7 @@ import re
 import sys
 
 from qtune import __version__
-from qtune.config import add_config_flags, config_from_args
+from qtune.config import UNDERSCORES_NOTE, add_config_flags, config_from_args
 from qtune.distributed import quiet_other_ranks
 from qtune.errors import QtuneError, RegressionError
 from qtune.serving import ServerSettings
@@ -24,27 +24,77 @@ NEGATIVE_NUMBER = re.compile(r"-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 class Parser(argparse.ArgumentParser):
     """argparse with mistakes answered where they were made: an unknown flag is reported by the
     subcommand that got it (its usage, not the top-level one) with the flags it probably meant; a
-    negative number is the value of the flag before it (`--lr -1e-4`), so a bound check can answer it."""
+    negative number is the value of the flag before it (`--lr -1e-4`), so a bound check can answer it.
+    Every `--a-b` flag is also accepted as `--a_b` (a hidden alias), and a prefix is a flag when it
+    starts the spellings of one setting only (`--out`: --output and its alias --output_dir)."""
 
     def __init__(self, *args, **kwargs):
         self.one_value_flags: set[str] = set()
         self.flag_actions: list[argparse.Action] = []  # every flag's action, in the order added
+        self.has_subcommands = False
+        self.required_flags: list[argparse.Action] = []  # required flags that have an alias
+        kwargs.setdefault("epilog", UNDERSCORES_NOTE)
+        kwargs["allow_abbrev"] = False  # prefixes are resolved by setting (`_whole_flags`)
         super().__init__(*args, **kwargs)
 
     def add_argument(self, *args, **kwargs):
         action = super().add_argument(*args, **kwargs)
+        self._remember(action)
+        switch = isinstance(action, argparse.BooleanOptionalAction)  # makes its own --no-a_b
+        aliases = ["--" + f[2:].replace("-", "_") for f in action.option_strings
+                   if f.startswith("--") and "-" in f[2:] and not (switch and f.startswith("--no-"))]
+        if aliases and kwargs.get("help") != argparse.SUPPRESS and kwargs.get("action") != "version":
+            if action.required:  # either spelling satisfies it: checked after parsing (`parse_known_args`)
+                action.required = False
+                self.required_flags.append(action)
+            alias = {**kwargs, "dest": action.dest, "help": argparse.SUPPRESS, "required": False}
+            for spelling in aliases:  # one action each, so an error names the spelling typed
+                self._remember(super().add_argument(spelling, **alias))
+        return action
+
+    def _remember(self, action: argparse.Action) -> None:
         if action.option_strings:
             self.flag_actions.append(action)
         if action.nargs is None:  # the flag takes exactly one value
             self.one_value_flags.update(action.option_strings)
-        return action
+
+    def add_subparsers(self, **kwargs):
+        self.has_subcommands = True
+        return super().add_subparsers(**kwargs)
 
     def parse_known_args(self, args=None, namespace=None):
-        args = self._negative_values_attached(sys.argv[1:] if args is None else list(args))
+        args = self._whole_flags(sys.argv[1:] if args is None else list(args))
+        args = self._negative_values_attached(args)
         namespace, extras = super().parse_known_args(args, namespace)
-        if extras and self._subparsers is None:  # a leaf command: nothing after it could take these
+        if extras and not self.has_subcommands:  # a leaf command: nothing after it could take these
             self.error(f"unrecognized arguments: {' '.join(extras)}{self._suggestions(extras)}")
+        missing = [a.option_strings[0] for a in self.required_flags if getattr(namespace, a.dest, None) is None]
+        if missing:
+            self.error(f"the following arguments are required: {', '.join(missing)}")
         return namespace, extras
+
+    def _whole_flags(self, args: list[str]) -> list[str]:
+        """Each prefix of this command's flags written out (`--out x` as `--output x`) where it
+        starts the spellings of one setting only; one that starts several settings' is refused by
+        name. A command with subcommands reads its own flags only, those before the subcommand."""
+        out: list[str] = []
+        for i, arg in enumerate(args):
+            if arg == "--" or (self.has_subcommands and not arg.startswith("-")):
+                return out + args[i:]
+            typed, eq, value = arg.partition("=")
+            known = {flag: a for a in self.flag_actions for flag in a.option_strings}
+            if typed.startswith("--") and typed not in known:
+                by_setting: dict[str, list[str]] = {}
+                for flag, action in known.items():
+                    if flag.startswith(typed):
+                        by_setting.setdefault(action.dest, []).append(flag)
+                if len(by_setting) > 1:
+                    shown = ", ".join(flags[0] for flags in by_setting.values())
+                    self.error(f"ambiguous option: {typed} could match {shown}")
+                if by_setting:
+                    arg = next(iter(by_setting.values()))[0] + eq + value
+            out.append(arg)
+        return out
 
     def _negative_values_attached(self, args: list[str]) -> list[str]:
         """`--lr -1e-4` as `--lr=-1e-4`: argparse takes "-1e-4" for a flag (its pattern of a negative
@@ -78,12 +128,6 @@ class Parser(argparse.ArgumentParser):
         if len(answers) == 1:
             return f" (did you mean {answers[0][1]}?)"
         return " (did you mean " + ", ".join(f"{meant} for {typed}" for typed, meant in answers) + "?)"
-
-    def _get_option_tuples(self, option_string):
-        # A prefix matching only one setting's spellings (--out: --output, --output-dir) is that
-        # setting, as it was before the aliases existed; argparse would call it ambiguous.
-        matches = super()._get_option_tuples(option_string)
-        return list({match[0].dest: match for match in reversed(matches)}.values())[::-1]
 
 
 def _spelling(flag: str) -> str:

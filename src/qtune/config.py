@@ -154,10 +154,10 @@ TRAIN_ALIASES_NOTE = ("Also accepted: Hugging Face spellings (--learning-rate, -
 
 
 def flag_aliases(cls: type, name: str) -> list[str]:
-    """The hidden spellings of setting `name`'s flag: with _ for -, and the Hugging Face names."""
-    names = [name.replace("_", "-")] + list(TRAIN_FLAG_ALIASES.get(name, ()) if issubclass(cls, TrainConfig) else ())
-    spellings = [spelling for n in names for spelling in (n, n.replace("-", "_"))]
-    return ["--" + s for s in dict.fromkeys(spellings) if s != name.replace("_", "-")]
+    """The hidden Hugging Face spellings of setting `name`'s flag (a training setting's), each also
+    with _ for - (the command line's parser adds that spelling of every shown flag itself)."""
+    names = TRAIN_FLAG_ALIASES.get(name, ()) if issubclass(cls, TrainConfig) else ()
+    return ["--" + s for n in names for s in dict.fromkeys((n, n.replace("-", "_")))]
 
 
 def add_config_flags(parser: argparse.ArgumentParser, cls: type, recipe: bool = True) -> None:
@@ -199,7 +199,8 @@ def add_config_flags(parser: argparse.ArgumentParser, cls: type, recipe: bool = 
                 parser.add_argument(alias, help=argparse.SUPPRESS, **settings)
             except argparse.ArgumentError:
                 pass
-    parser.epilog = parser.epilog or (TRAIN_ALIASES_NOTE if issubclass(cls, TrainConfig) else UNDERSCORES_NOTE)
+    if issubclass(cls, TrainConfig):
+        parser.epilog = TRAIN_ALIASES_NOTE
 
 
 def _flag_parser(parse: Callable[[str], Any]) -> Callable[[str], Any]:
