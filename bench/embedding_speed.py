@@ -152,7 +152,7 @@ def run_encoding(model_dir: str, texts: list[str], args, device, precision: str)
     # decoders: qtune packs batches by default; the padded path is timed beside it
     padded = Embedder(load_model(model_dir, task="embedding", max_length=args.max_length, device=str(device),
                                  precision=precision, packing=False)) if loaded.packed else None
-    st = st_model(model_dir, loaded.meta.pooling, is_decoder, args.max_length, device,
+    st = st_model(model_dir, loaded.meta.settings.pooling, is_decoder, args.max_length, device,
                   dtype=torch.bfloat16 if precision == "bf16" else None)
     # qtune appends `<|endoftext|>` to every decoder text (after truncation) and pools that token;
     # the ST stack built here appends nothing, so it gets the same suffix in the text: both sides

@@ -141,7 +141,7 @@ def probe(case: dict) -> dict:
                        len(lengths) * max(lengths), "packed": packed, "estimated_width": width,
                        "estimated_tokens": tokens})
 
-    settings = ContrastiveSettings(pooling=loaded.meta.pooling)
+    settings = ContrastiveSettings(pooling=loaded.meta.settings.pooling)
     model = loaded.model
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-5, fused=loaded.device.type == "cuda")

@@ -24,8 +24,10 @@ def lora_source(base: str, task: str, folder: Path, *, max_length: int = 24, met
     labels = None if task == "embedding" else LABELS
     loaded = load_model(base, task=task, labels=labels, max_length=max_length, lora=LoraSettings(), device="cpu",
                         precision="fp32")
-    for name, value in (meta or {}).items():
-        setattr(loaded.meta, name, value)
+    for name, value in (meta or {}).items():  # a shared field of qtune.json, or one of the task's own
+        holder = loaded.meta if name in loaded.meta.__dataclass_fields__ else loaded.meta.settings
+        assert name in holder.__dataclass_fields__, name
+        setattr(holder, name, value)
     generator = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for name, parameter in loaded.model.named_parameters():

@@ -177,9 +177,10 @@ def test_calibrate_warns_and_records_a_threshold_that_accepts_every_pair(reranke
 
 def test_a_card_without_a_calibration_warning_has_none(tmp_path):
     from qtune.modeling.loading import CheckpointMeta
+    from qtune.tasks.reranker.config import RerankerSaved
     from qtune.training.card import model_card
 
-    meta = CheckpointMeta(task="reranker", base_model="base", adapter=False, threshold=0.25)
+    meta = CheckpointMeta(task="reranker", base_model="base", adapter=False, settings=RerankerSaved(threshold=0.25))
     card = model_card(tmp_path, meta=meta, pipeline_tag="text-ranking", library_name="transformers")
     assert "a score of at least 0.250000 marks a document relevant" in card and "Warning" not in card
 

@@ -62,7 +62,7 @@ def test_adapters_share_one_base_and_answer_with_their_own_vectors(adapters, ser
     models = serve_flags(capsys, served, "--embedding", f"a={adapters['a']}", f"b={adapters['b']}")
     a, b = models["a"], models["b"]
     assert a.loaded.model is b.loaded.model  # one copy of the base weights
-    assert (a.loaded.meta.pooling, b.loaded.meta.pooling, b.loaded.meta.max_length) == ("mean", "cls", 16)
+    assert (a.loaded.meta.settings.pooling, b.loaded.meta.settings.pooling, b.loaded.meta.max_length) == ("mean", "cls", 16)
     alone = {name: qtune.load(folder, device="cpu").embed(TEXTS) for name, folder in adapters.items()}
     assert np.abs(alone["a"] - alone["b"]).max() > 0.1  # the adapters differ: the test can tell them apart
     with TestClient(create_app(models, ServerSettings())) as client:

@@ -29,7 +29,8 @@ SETTINGS = ServerSettings(max_inputs=6, max_input_tokens=100, max_body_bytes=409
 def calibrated(reranker: Reranker, threshold: float) -> Reranker:
     """The same weights with a threshold stored in its metadata, as `qtune calibrate` leaves it."""
     loaded = reranker.loaded
-    return Reranker(dataclasses.replace(loaded, meta=dataclasses.replace(loaded.meta, threshold=threshold)))
+    settings = dataclasses.replace(loaded.meta.settings, threshold=threshold)
+    return Reranker(dataclasses.replace(loaded, meta=dataclasses.replace(loaded.meta, settings=settings)))
 
 
 @pytest.fixture(scope="module")

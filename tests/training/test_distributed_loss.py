@@ -57,7 +57,7 @@ def _step(replica, loaded, batch, name: str, cross_device: bool):
     """One case's loss and the gradients after DDP's averaging (what the optimizer steps on)."""
     from qtune.tasks.embedding import loss as contrastive
 
-    settings = contrastive.ContrastiveSettings(pooling=loaded.meta.pooling, cross_device=cross_device,
+    settings = contrastive.ContrastiveSettings(pooling=loaded.meta.settings.pooling, cross_device=cross_device,
                                                **CASES[name])
     if "mini_batch_size" in CASES[name]:
         value = contrastive.cached_backward(replica, batch, settings, 1.0, True)

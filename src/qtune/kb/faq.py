@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Sequence
+from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
@@ -142,7 +143,7 @@ def embedder_fingerprint(name_or_path: str) -> str | None:
         digest.update(b"pooling\0" + pooling.read_bytes())
     meta = read_meta(folder)
     if meta is not None:
-        settings = {"pooling": meta.pooling, "query_instruction": meta.query_instruction}
+        settings = asdict(meta.settings)  # an embedder's: pooling, query_instruction
         digest.update(b"settings\0" + json.dumps(settings, sort_keys=True).encode("utf-8"))
         if meta.adapter:
             base = embedder_fingerprint(meta.base_model) or meta.base_model

@@ -74,7 +74,7 @@ def load_adapters(folders: Sequence[str], spec: ModelSpec, *, device: str = "aut
     shared = {f.name: getattr(first, f.name) for f in fields(LoadedModel) if f.name != "meta"}
     lock = threading.RLock()
     views = [AdapterView(**shared, meta=first.meta, adapter_name=FIRST_ADAPTER, lock=lock)]
-    first_head = spec.prepare(read_meta(folders[0]), folders[0], first.tokenizer, first.family)
+    first_head = spec.prepare(read_meta(folders[0], spec.saved_settings), folders[0], first.tokenizer, first.family)
     for i, (folder, meta) in enumerate(zip(folders[1:], metas[1:]), start=1):
         tokenizer = load_tokenizer(folder, first.family)
         _check_tokenizer(folder, tokenizer, folders[0], first.tokenizer)
@@ -92,7 +92,7 @@ def load_adapters(folders: Sequence[str], spec: ModelSpec, *, device: str = "aut
 
 
 def _adapter_meta(folder: str, spec: ModelSpec) -> CheckpointMeta:
-    meta = read_meta(folder)
+    meta = read_meta(folder, spec.saved_settings)
     if meta is None or not meta.adapter:
         raise QtuneError(f"{folder} is not a qtune LoRA adapter folder (qtune.json with adapter: true); only "
                          "adapters share one base model")

@@ -150,7 +150,7 @@ def write_classifier_export(loaded: LoadedModel, output: Path, end: Sequence[int
     appends; `pair_separator`: what it puts between a pair's texts) the tokenizer template that
     encodes texts as qtune does. A head over the mean of the last hidden state is refused: the
     transformers head would classify BERT's pooler output instead (see `write_mean_classifier_export`)."""
-    if loaded.meta.pooling == "mean":
+    if loaded.meta.settings.pooling == "mean":
         raise QtuneError("this classifier's head reads the mean of the last hidden state, which transformers' "
                          "BERT head cannot (it reads the pooler): export it with --format sentence-transformers")
     tokenizer, config = loaded.tokenizer, loaded.model.config
@@ -215,7 +215,7 @@ def write_mean_classifier_export(loaded: LoadedModel, output: Path, kind: str, e
     so `qtune.load(OUT)` works as on the source. `example`: the `encode` argument in the README."""
     from safetensors.torch import save_file
 
-    if loaded.meta.pooling != "mean":
+    if loaded.meta.settings.pooling != "mean":
         raise QtuneError(f"a {kind} with a transformers head exports as transformers, not sentence-transformers")
     tokenizer, config = loaded.tokenizer, loaded.model.config
     keep_tokenizer_settings(tokenizer, loaded.meta.max_length)
@@ -238,7 +238,7 @@ def write_mean_classifier_export(loaded: LoadedModel, output: Path, kind: str, e
     if head.bias is not None:
         weights["linear.bias"] = head.bias.detach().float().contiguous()
     save_file(weights, str(output / "2_Dense" / "model.safetensors"))
-    labels = ", ".join(loaded.meta.labels)
+    labels = ", ".join(loaded.meta.settings.labels)
     (output / "README.md").write_text(USAGE.format(kind=kind, labels=labels, example=example), encoding="utf-8")
 
 

@@ -86,18 +86,18 @@ def classifier_head_kwargs(meta, source: str, tokenizer, family) -> dict:
     from qtune.errors import QtuneError
 
     if not Path(source, "qtune.json").is_file():  # a base model, not a qtune folder
-        meta.pooling = classifier_pooling(source, family)
-    kwargs = label_head_kwargs(meta.labels, tokenizer)
-    if meta.pooling is None:
+        meta.settings.pooling = classifier_pooling(source, family)
+    kwargs = label_head_kwargs(meta.settings.labels, tokenizer)
+    if meta.settings.pooling is None:
         return kwargs
-    if meta.pooling != "mean" or family.is_decoder or family.model_type not in MEAN_HEAD_TYPES:
-        raise QtuneError(f"'{source}': qtune.json says the classifier pools {meta.pooling!r}, which a "
+    if meta.settings.pooling != "mean" or family.is_decoder or family.model_type not in MEAN_HEAD_TYPES:
+        raise QtuneError(f"'{source}': qtune.json says the classifier pools {meta.settings.pooling!r}, which a "
                          f"{family.model_type} classification head cannot take (mean on "
                          f"{', '.join(sorted(MEAN_HEAD_TYPES))} encoders, or null)")
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(meta.base_model if meta.adapter else source, **kwargs)
-    setattr(config, POOLING_ATTR, meta.pooling)
+    setattr(config, POOLING_ATTR, meta.settings.pooling)
     return {"config": config}
 
 
@@ -210,7 +210,7 @@ class LabelledClassifier(InferenceModel):
 
     @property
     def labels(self) -> list[str]:
-        return list(self.loaded.meta.labels)
+        return list(self.loaded.meta.settings.labels)
 
     def forward(self, batch: dict) -> np.ndarray:
         """(rows, num_labels) class probabilities of one collated batch: the batch function."""

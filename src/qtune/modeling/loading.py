@@ -18,7 +18,7 @@ import os
 import pickle
 import re
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Protocol, Sequence
 
@@ -39,6 +39,7 @@ class ModelSpec(Protocol):
 
     name: str
     int8_output: str | None  # the output an int8 ONNX export returns ("logits", ...); None: no int8
+    saved_settings: type[SavedSettings]  # its own fields of qtune.json
 
     def auto_class(self, family: Family) -> str: ...
 
@@ -52,31 +53,48 @@ class ModelSpec(Protocol):
 
 
 @dataclass
+class SavedSettings:
+    """A task's own fields of qtune.json (its `Task.saved_settings`, a dataclass deriving from this
+    one): stored beside `CheckpointMeta`'s shared fields, each field checked on load by the function
+    in its metadata "check" (value -> None where usable, else what is allowed). This one has none."""
+
+    def card_lines(self) -> list[str]:
+        """Markdown lines the model card adds about these settings (none by default)."""
+        return []
+
+
+@dataclass
 class CheckpointMeta:
-    """What qtune needs to use a saved model exactly as it was trained (stored as qtune.json)."""
+    """What qtune needs to use a saved model exactly as it was trained (stored as qtune.json): the
+    fields every task has, and `settings`, the task's own (pooling, instruction, labels, ...)."""
 
     task: str
     base_model: str
     adapter: bool
-    labels: list[str] = field(default_factory=list)
     max_length: int = 512
-    # embedding models: how a text becomes one vector (see qtune.modeling.pooling); classifiers:
-    # "mean" for a head over the mean of the last hidden state, None for the transformers head's own
-    # pooling (see qtune.modeling.heads)
-    pooling: str | None = None  # "last", "mean" or "cls"
-    query_instruction: str | None = None
-    # rerankers (decoders) and extractors: the instruction put in every prompt unless a row has one
-    instruction: str | None = None
-    # rerankers: the calibrated score threshold below which there is "no good answer"
-    threshold: float | None = None
-    # why that threshold does not separate relevant from not relevant pairs, when it does not
-    # (`qtune calibrate` found so; the model card repeats it)
-    threshold_warning: str | None = None
+    settings: SavedSettings = field(default_factory=SavedSettings)
     qtune_version: str = __version__
 
     def save(self, folder: str | os.PathLike) -> None:
-        Path(folder, META_FILE).write_text(json.dumps(asdict(self), indent=2, ensure_ascii=False) + "\n",
-                                           encoding="utf-8")
+        shared = {k: v for k, v in asdict(self).items() if k != "settings"}
+        data = {**{k: shared.pop(k) for k in REQUIRED_FIELDS}, **asdict(self.settings), **shared}
+        Path(folder, META_FILE).write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+# Each task's SavedSettings class by task name, filled as the task registry (qtune.tasks) loads.
+SETTINGS_BY_TASK: dict[str, type[SavedSettings]] = {}
+
+
+def register_saved_settings(task: str, cls: type[SavedSettings]) -> None:
+    if not (isinstance(cls, type) and issubclass(cls, SavedSettings)):
+        raise TypeError(f"task {task!r}: saved_settings must be a qtune.modeling.loading.SavedSettings dataclass")
+    SETTINGS_BY_TASK[task] = cls
+
+
+def new_settings(cls: type[SavedSettings], **values) -> SavedSettings:
+    """Settings of class `cls` at their defaults, but `values` (those the class has)."""
+    names = {f.name for f in fields(cls)}
+    return cls(**{k: v for k, v in values.items() if k in names})
 
 
 # Bounds of qtune.json values. Every value qtune writes lies inside them; a value outside was typed
@@ -86,9 +104,11 @@ MAX_LABELS = 10_000  # a classifier head with more outputs is no small classifie
 RESTORE_HINT = "restore the qtune.json written by training (or export), or correct it"
 
 
-def read_meta(name_or_path: str | os.PathLike) -> CheckpointMeta | None:
+def read_meta(name_or_path: str | os.PathLike, settings: type[SavedSettings] | None = None) -> CheckpointMeta | None:
     """The qtune.json of a folder (None where there is none), checked field by field: a value qtune
-    cannot use is a DataError naming the file, the field, the value and what is allowed."""
+    cannot use is a DataError naming the file, the field, the value and what is allowed. The shared
+    fields are checked here, every task's own by its SavedSettings; the saved task's fields become
+    `settings` (of class `settings`, by default the registered class of the task the file names)."""
     path = Path(name_or_path, META_FILE)
     if not path.is_file():
         return None
@@ -107,15 +127,28 @@ def read_meta(name_or_path: str | os.PathLike) -> CheckpointMeta | None:
         if name not in data:
             raise DataError(f"missing; every qtune.json names {', '.join(REQUIRED_FIELDS)}; {RESTORE_HINT}",
                             path=where, field=name)
-    for name, check in FIELD_CHECKS.items():
+    for name, check in field_checks(settings).items():
         if name in data:
             allowed = check(data[name])
             if allowed is not None:
                 raise DataError(f"{_shown(data[name])} is not allowed: {allowed}; {RESTORE_HINT}",
                                 path=where, field=name)
-    # Fields this qtune does not know come from a newer one: they are left out, not refused.
-    known = CheckpointMeta.__dataclass_fields__
-    return CheckpointMeta(**{k: v for k, v in data.items() if k in known})
+    # Fields this qtune does not know come from a newer one (or another task): left out, not refused.
+    shared = {k: v for k, v in data.items() if k in CheckpointMeta.__dataclass_fields__ and k != "settings"}
+    cls = settings or SETTINGS_BY_TASK.get(data["task"], SavedSettings)
+    return CheckpointMeta(**shared, settings=new_settings(cls, **data))
+
+
+def field_checks(settings: type[SavedSettings] | None = None) -> dict:
+    """field -> check(value) for the shared fields and for every registered task's own (and those of
+    `settings`): a value is checked wherever it appears, so a damaged field is named even in another
+    task's file."""
+    checks = dict(SHARED_CHECKS)
+    for cls in [*([settings] if settings else []), *SETTINGS_BY_TASK.values()]:
+        for f in fields(cls):
+            if "check" in f.metadata:
+                checks.setdefault(f.name, f.metadata["check"])
+    return checks
 
 
 def _is_int(value) -> bool:
@@ -126,7 +159,7 @@ def _text(value, what: str) -> str | None:
     return None if isinstance(value, str) and value else f"expected {what}"
 
 
-def _optional_text(value) -> str | None:
+def check_optional_text(value) -> str | None:
     return None if value is None or isinstance(value, str) else "expected a string or null"
 
 
@@ -136,7 +169,7 @@ def _check_max_length(value) -> str | None:
     return f"expected a whole number of tokens from 1 to {MAX_LENGTH_CAP}"
 
 
-def _check_labels(value) -> str | None:
+def check_labels(value) -> str | None:
     expected = (f"expected a list of 2 to {MAX_LABELS} distinct, non-empty label strings (or [] for a "
                 f"task without labels)")
     if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
@@ -147,7 +180,7 @@ def _check_labels(value) -> str | None:
     return f"{expected}; repeated: {repeated[:5]}" if repeated else None
 
 
-def _check_pooling(value) -> str | None:
+def check_pooling(value) -> str | None:
     from qtune.modeling.pooling import POOLING_MODES
 
     if value is None or value in POOLING_MODES:
@@ -155,25 +188,20 @@ def _check_pooling(value) -> str | None:
     return f"expected one of {', '.join(POOLING_MODES)} or null"
 
 
-def _check_threshold(value) -> str | None:
+def check_threshold(value) -> str | None:
     if value is None or ((_is_int(value) or isinstance(value, float)) and math.isfinite(value)):
         return None
     return "expected a finite number or null"
 
 
 REQUIRED_FIELDS = ("task", "base_model", "adapter")
-# field -> check(value): None where the value is usable, else what is allowed
-FIELD_CHECKS = {
+# shared field -> check(value): None where the value is usable, else what is allowed
+SHARED_CHECKS = {
     "task": lambda v: _text(v, "a task name (a non-empty string)"),
     "base_model": lambda v: _text(v, "a model folder or hub id (a non-empty string)"),
     "adapter": lambda v: None if isinstance(v, bool) else "expected true or false",
-    "labels": _check_labels,
     "max_length": _check_max_length,
-    "pooling": _check_pooling,
-    "query_instruction": _optional_text,
-    "instruction": _optional_text,
-    "threshold": _check_threshold,
-    "qtune_version": _optional_text,
+    "qtune_version": check_optional_text,
 }
 
 
@@ -404,7 +432,7 @@ def load_model(name_or_path: str | os.PathLike, spec: ModelSpec, *, labels: Sequ
     import torch
 
     name_or_path = str(name_or_path)
-    saved = read_meta(name_or_path)
+    saved = read_meta(name_or_path, spec.saved_settings)
     meta = saved
     if meta is not None and meta.task != spec.name:
         raise QtuneError(f"'{name_or_path}' was trained for {meta.task}, not {spec.name}")
@@ -420,9 +448,9 @@ def load_model(name_or_path: str | os.PathLike, spec: ModelSpec, *, labels: Sequ
     family = family_of(config)
     tokenizer = load_tokenizer(name_or_path, family)
     if meta is None:
-        labels = list(labels or ("0", "1"))
-        meta = CheckpointMeta(task=spec.name, base_model=name_or_path, adapter=lora is not None, labels=labels,
-                              max_length=max_length or default_max_length(name_or_path, tokenizer))
+        meta = CheckpointMeta(task=spec.name, base_model=name_or_path, adapter=lora is not None,
+                              max_length=max_length or default_max_length(name_or_path, tokenizer),
+                              settings=new_settings(spec.saved_settings, labels=list(labels or ("0", "1"))))
     elif max_length is not None:
         meta.max_length = max_length
     head_kwargs = spec.prepare(meta, name_or_path, tokenizer, family)
@@ -504,7 +532,7 @@ def _from_pretrained(auto_class, base: str, saved: CheckpointMeta | None, meta: 
         raise QtuneError(_refused_pickle(base, "model", e)) from None
     except RuntimeError as e:
         # a full checkpoint's head has the outputs its config.json counts
-        if saved is None or "mismatch" not in str(e) or len(meta.labels) == config.num_labels:
+        if saved is None or "mismatch" not in str(e) or len(meta.settings.labels) == config.num_labels:
             raise
         raise QtuneError(_head_mismatch(base, meta, config.num_labels)) from None
     except (OSError, ValueError) as e:
@@ -591,7 +619,7 @@ def _refused_pickle(folder: str, kind: str, error: Exception) -> str:
 def _head_mismatch(folder: str, meta: CheckpointMeta, outputs: int | None) -> str:
     """A qtune.json whose labels do not fit the classification head saved beside it."""
     head = f"has {outputs} outputs" if outputs is not None else "has another number of outputs"
-    return (f"{Path(folder, META_FILE)}, field 'labels': {len(meta.labels)} labels, but the classification head "
+    return (f"{Path(folder, META_FILE)}, field 'labels': {len(meta.settings.labels)} labels, but the classification head "
             f"saved in {folder} {head}: the labels must be those the model was trained with; {RESTORE_HINT}")
 
 

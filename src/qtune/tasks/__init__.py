@@ -11,6 +11,7 @@ import os
 from typing import TYPE_CHECKING
 
 from qtune.errors import QtuneError
+from qtune.modeling.loading import register_saved_settings
 from qtune.tasks.base import Command, Endpoint, Task, TrainedRun, resolve
 
 if TYPE_CHECKING:
@@ -51,6 +52,10 @@ def _registry() -> dict[str, Task]:
             raise ImportError(f"qtune task {path!r} is not a qtune.tasks.Task")
         if task.name in tasks:
             raise ImportError(f"qtune task {path!r}: the task name {task.name!r} is taken")
+        try:
+            register_saved_settings(task.name, task.saved_settings)
+        except TypeError as error:
+            raise ImportError(f"qtune task {path!r}: {error}") from None
         tasks[task.name] = task
     return tasks
 

@@ -19,8 +19,10 @@ and `qtune --help` stay light. No task imports another task.
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, ClassVar, NamedTuple
+
+from qtune.modeling.loading import SavedSettings, check_labels, check_pooling
 
 if TYPE_CHECKING:
     from qtune.modeling.family import Family
@@ -92,6 +94,8 @@ class Task:
     name: ClassVar[str]  # as in `qtune train NAME` and qtune.json
     kind: ClassVar[str]  # what a model of this task is called in messages: "a pair classifier"
     config: ClassVar[type]  # the training settings dataclass (a `qtune.config.TrainConfig`)
+    # its own fields of qtune.json (a `SavedSettings` dataclass, each field checked on load)
+    saved_settings: ClassVar[type[SavedSettings]] = SavedSettings
     pipeline_tag: ClassVar[str] = "feature-extraction"  # the Hugging Face pipeline tag of its model cards
     # The model output an int8 ONNX export returns ("logits", "last_hidden_state"); None: no int8.
     int8_output: ClassVar[str | None] = None
@@ -113,9 +117,8 @@ class Task:
         return family.attention_targets
 
     def prepare(self, meta: CheckpointMeta, source: str, tokenizer, family: Family) -> dict:
-        """Fill `meta`'s task defaults for a model being loaded from `source`; return the head's
-        `from_pretrained` keyword arguments. Tasks without labels keep none."""
-        meta.labels = []
+        """Fill `meta.settings`' task defaults for a model being loaded from `source`; return the
+        head's `from_pretrained` keyword arguments."""
         return {}
 
     # -- training and inference
@@ -183,10 +186,21 @@ class Task:
         return f"<task {self.name}>"
 
 
+@dataclass
+class ClassifierSaved(SavedSettings):
+    """A classifier's own fields of qtune.json: its labels (the head's outputs, in order) and which
+    vector its head reads ("mean": the mean of the last hidden state; None: the transformers head's
+    own pooling; see `qtune.modeling.heads`)."""
+
+    labels: list[str] = field(default_factory=lambda: ["0", "1"], metadata={"check": check_labels})
+    pooling: str | None = field(default=None, metadata={"check": check_pooling})
+
+
 class SequenceClassificationTask(Task):
     """A task whose model is a sequence-classification head with named labels (pair and text
     classification): `*ForSequenceClassification`, LoRA of type SEQ_CLS, int8 on encoders."""
 
+    saved_settings = ClassifierSaved
     int8_output = "logits"
     export_formats = ("transformers", "sentence-transformers")  # per model: see `formats_of`
 
@@ -205,7 +219,7 @@ class SequenceClassificationTask(Task):
     def formats_of(self, meta: CheckpointMeta | None) -> tuple[str, ...]:
         """A head over the mean of the last hidden state is no transformers head (BERT's reads the
         pooler): such a classifier exports as sentence-transformers (Pooling mean, then Dense)."""
-        return ("sentence-transformers",) if meta is not None and meta.pooling == "mean" else ("transformers",)
+        return ("sentence-transformers",) if meta is not None and meta.settings.pooling == "mean" else ("transformers",)
 
     def fit(self, config, loaded: LoadedModel, features: list[dict], eval_features: list[dict] | None,
             on_step=None, dev=None) -> TrainedRun:
@@ -230,16 +244,16 @@ class SequenceClassificationTask(Task):
             def evaluate(model: LoadedModel) -> dict:
                 probs = heads.LabelledClassifier(model).predict_features(eval_features,
                                                                          batch_size=config.eval_batch_size)
-                return metrics_from_probs(y_true, probs, model.meta.labels)
+                return metrics_from_probs(y_true, probs, model.meta.settings.labels)
 
             majority = Counter(f["labels"] for f in features).most_common(1)[0][0]
 
             def majority_class(model: LoadedModel) -> dict:
-                probs = np.zeros((len(y_true), len(model.meta.labels)), dtype=np.float32)
+                probs = np.zeros((len(y_true), len(model.meta.settings.labels)), dtype=np.float32)
                 probs[:, majority] = 1.0
-                return metrics_from_probs(y_true, probs, model.meta.labels)
+                return metrics_from_probs(y_true, probs, model.meta.settings.labels)
 
-            baseline = (f"majority class '{loaded.meta.labels[majority]}'", majority_class)
+            baseline = (f"majority class '{loaded.meta.settings.labels[majority]}'", majority_class)
 
         hooks = TaskHooks(collate=partial(heads.collate_labelled, loaded.tokenizer, packed=loaded.packs),
                           loss=heads.class_loss, evaluate=evaluate, best_metric="macro_f1", dev=dev,

@@ -106,20 +106,7 @@ def model_card(checkpoint: str | os.PathLike, *, meta, pipeline_tag: str, librar
     else:
         lines += ["No test figures were given to the export (`qtune export --test-report DIR`, the `--output` "
                   "of `qtune eval ... --compare BASE`).", ""]
-    lines += _threshold_section(meta)
+    lines += meta.settings.card_lines()
     if body:
         lines += [body.strip(), ""]
     return "\n".join(lines)
-
-
-def _threshold_section(meta) -> list[str]:
-    """The calibrated threshold a server applies, and the calibration's warning when it had one: a
-    threshold that accepts every pair makes the server mark unrelated documents relevant."""
-    threshold = meta.threshold
-    if threshold is None:
-        return []
-    lines = ["## Relevance threshold", "",
-             f"Calibrated with `qtune calibrate`: a score of at least {threshold:.6f} marks a document relevant.", ""]
-    if meta.threshold_warning:
-        lines += [f"**Warning:** {meta.threshold_warning}.", ""]
-    return lines

@@ -58,7 +58,7 @@ def _batch(clf: TextClassifier, texts) -> dict:
 
 def test_the_head_classifies_the_mean_of_the_last_hidden_state(trained):
     loaded, output = trained
-    assert loaded.meta.pooling == "mean"
+    assert loaded.meta.settings.pooling == "mean"
     for folder in ("best", "last"):
         assert json.loads((output / folder / "qtune.json").read_text(encoding="utf-8"))["pooling"] == "mean"
     clf = TextClassifier(loaded)
@@ -80,7 +80,7 @@ def test_reloads_batches_and_the_servers_batch_function_agree(trained):
     assert np.ptp(in_process[:, 0]) > 1e-2  # the texts score differently
     for folder in ("best", "last"):
         reloaded = qtune.load(output / folder, device="cpu")
-        assert reloaded.loaded.meta.pooling == "mean" and heads.mean_pooled(reloaded.loaded.model)
+        assert reloaded.loaded.meta.settings.pooling == "mean" and heads.mean_pooled(reloaded.loaded.model)
     last = qtune.load(output / "last", device="cpu")
     np.testing.assert_allclose(last.predict_proba(PROBE), in_process, atol=1e-5)
     # padding stays out of the mean: a text scores the same alone and in any padded batch
@@ -147,14 +147,14 @@ def test_plain_encoders_decoders_and_older_folders_keep_the_transformers_head(ti
                                                                               mean_bert_dir, tmp_path):
     for base in (tiny_bert_dir, tiny_qwen_dir):
         loaded = load_model(base, task="classify", labels=LABELS, device="cpu")
-        assert loaded.meta.pooling is None and not heads.mean_pooled(loaded.model)
+        assert loaded.meta.settings.pooling is None and not heads.mean_pooled(loaded.model)
         assert not hasattr(head_model(loaded.model).config, heads.POOLING_ATTR)
     # a folder saved before mean heads (qtune.json pooling null) on a mean-pooled base reads the pooler
     from qtune.modeling.checkpoint import save_checkpoint
     from qtune.modeling.loading import LoraSettings
 
     loaded = load_model(mean_bert_dir, task="classify", labels=LABELS, lora=LoraSettings(), device="cpu")
-    loaded.meta.pooling = None
+    loaded.meta.settings.pooling = None
     save_checkpoint(loaded, tmp_path / "old")
     assert not heads.mean_pooled(qtune.load(tmp_path / "old", device="cpu").loaded.model)
     assert get("classify").formats_of(loaded.meta) == ("transformers",)

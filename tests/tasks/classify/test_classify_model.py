@@ -149,6 +149,6 @@ def test_continuing_from_a_text_classifier_keeps_its_labels(tiny_bert_dir, files
     # --resume reads the labels of last/ too, and continues the run
     loaded, result = train_classify(_config(tiny_bert_dir, tmp_path / "first", files, eval=None, epochs=1.0,
                                             resume=True))
-    assert loaded.meta.labels == order
+    assert loaded.meta.settings.labels == order
     assert (half["train"]["steps"], result["train"]["steps"]) == (4, 8)
     assert half["train"]["samples"] + result["train"]["samples"] == 120  # the rest of the epoch, once

@@ -148,7 +148,9 @@ def test_train_writes_config_checkpoints_and_metrics(trained, still_bert_dir, ma
         assert meta["max_length"] == 16
         assert meta["base_model"] == still_bert_dir
         assert meta["query_instruction"] is None  # BERT queries carry no instruction
-        assert meta["labels"] == []
+        # an embedder's own fields only: no classifier labels, no reranker threshold
+        assert set(meta) == {"task", "base_model", "adapter", "max_length", "pooling", "query_instruction",
+                             "qtune_version"}
         assert (folder / "model.safetensors").is_file()
         assert not (folder / "adapter_config.json").exists()
         assert (folder / "tokenizer_config.json").is_file()

@@ -117,7 +117,7 @@ def test_gradcache_gives_the_plain_gradients_with_distillation_and_the_improved_
         encode.group_features(_groups(), Embedder(loaded).features, hard_negatives=2),
         [(g.pos_scores, g.neg_scores) for g in _groups()])
     batch = contrastive.collate_for_loss(lambda f: encode.collate(loaded.tokenizer, f), features[:5])
-    settings = contrastive.ContrastiveSettings(pooling=loaded.meta.pooling, temperature=0.05, mini_batch_size=3,
+    settings = contrastive.ContrastiveSettings(pooling=loaded.meta.settings.pooling, temperature=0.05, mini_batch_size=3,
                                                matryoshka_dims=(16,), improved_contrastive=True,
                                                false_negative_offset=0.1, distill_weight=2.0, distill_temperature=0.1)
     assert_gradcache_matches_plain(loaded.model, batch, settings)

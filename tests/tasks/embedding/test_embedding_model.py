@@ -36,7 +36,7 @@ def test_a_text_alone_and_inside_a_padded_batch_embed_the_same(family, tiny_bert
 def test_qwen_texts_carry_instruction_end_token_and_left_padding(tiny_qwen_dir):
     embedder = _embedder(tiny_qwen_dir)
     tok = embedder.loaded.tokenizer
-    assert embedder.loaded.meta.pooling == "last"
+    assert embedder.loaded.meta.settings.pooling == "last"
     assert tok.padding_side == "left"
     query = embedder.features(["what is a cat"], is_query=True)[0]["input_ids"]
     doc = embedder.features(["a cat is an animal"], is_query=False)[0]["input_ids"]
@@ -50,14 +50,14 @@ def test_qwen_texts_carry_instruction_end_token_and_left_padding(tiny_qwen_dir):
 def test_bert_pooling_comes_from_the_sentence_transformers_config(tiny_bert_dir, tmp_path):
     import shutil
 
-    assert _embedder(tiny_bert_dir).loaded.meta.pooling == "cls"  # no pooling config: [CLS], as bge
+    assert _embedder(tiny_bert_dir).loaded.meta.settings.pooling == "cls"  # no pooling config: [CLS], as bge
     folder = tmp_path / "mean-model"
     shutil.copytree(tiny_bert_dir, folder)
     (folder / "1_Pooling").mkdir()
     (folder / "1_Pooling" / "config.json").write_text(json.dumps({"pooling_mode_mean_tokens": True,
                                                                   "pooling_mode_cls_token": False}))
     embedder = _embedder(str(folder))
-    assert embedder.loaded.meta.pooling == "mean"
+    assert embedder.loaded.meta.settings.pooling == "mean"
     assert embedder.loaded.tokenizer.padding_side == "right"
     # mean pooling by hand over the last hidden states
     enc = embedder.loaded.tokenizer(["the cat is here"], return_tensors="pt")
@@ -91,7 +91,7 @@ def test_gradcache_gives_the_gradients_of_the_plain_loss(family, tiny_bert_dir, 
               for w in ["cat", "dog", "cow", "goat", "tiger", "horse", "mouse"]]
     features = encode.group_features(groups, embedder.features, hard_negatives=1)
     batch = encode.collate(loaded.tokenizer, features)
-    settings = contrastive.ContrastiveSettings(pooling=loaded.meta.pooling, temperature=0.05, mini_batch_size=3,
+    settings = contrastive.ContrastiveSettings(pooling=loaded.meta.settings.pooling, temperature=0.05, mini_batch_size=3,
                                         matryoshka_dims=(16,))
     assert_gradcache_matches_plain(loaded.model, batch, settings)
 

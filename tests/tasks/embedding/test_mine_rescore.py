@@ -216,7 +216,7 @@ def test_a_second_mine_of_the_same_corpus_reads_its_vectors_from_the_cache(tiny_
 
 def test_the_cache_key_follows_the_model_files_max_length_pooling_and_corpus(tiny_bert_dir, tmp_path):
     def fake(max_length=512, pooling="mean", precision="fp32"):
-        meta = SimpleNamespace(max_length=max_length, pooling=pooling)
+        meta = SimpleNamespace(max_length=max_length, settings=SimpleNamespace(pooling=pooling))
         return SimpleNamespace(loaded=SimpleNamespace(meta=meta, precision=precision))
 
     identity = model_identity(tiny_bert_dir)

@@ -16,6 +16,7 @@ from qtune.evaluation.report import (
 )
 from qtune.evaluation.sharded import is_main, sharded_call
 from qtune.modeling.loading import read_meta
+from qtune.tasks.base import ClassifierSaved
 from qtune.tasks.classify.config import ClassifyEvalConfig, ClassifyPredictConfig
 from qtune.tasks.classify.data import read_labelled, read_texts
 from qtune.tasks.classify.model import check_texts
@@ -31,10 +32,10 @@ def evaluate(config: ClassifyEvalConfig, load) -> dict:
     # The data is checked against every model's labels before any model loads.
     runs = []
     for name in [config.model] + ([config.compare] if config.compare else []):
-        meta = read_meta(name)
+        meta = read_meta(name, ClassifierSaved)
         if meta is not None and meta.task != TASK:
             raise QtuneError(f"'{name}' was trained for {meta.task}, not {TASK}")
-        saved = list(meta.labels) if meta is not None else None
+        saved = list(meta.settings.labels) if meta is not None else None
         examples, labels = read_labelled(config.data, text_column=config.text_column,
                                          label_column=config.label_column, labels=saved)
         runs.append((name, examples, labels, saved is None))

@@ -18,7 +18,7 @@ def model_labels(config: ClassifyConfig, task_name: str) -> list[str] | None:
     """The labels of the text classifier training continues from (last/ with --resume, or a
     trained --model), read from its qtune.json without loading it; None for a base model."""
     meta = read_meta(Path(config.output, "last") if config.resume else config.model)
-    return list(meta.labels) if meta is not None and meta.task == task_name else None
+    return list(meta.settings.labels) if meta is not None and meta.task == task_name else None
 
 
 def train(task, config: ClassifyConfig, on_step=None) -> TrainedRun:
@@ -33,8 +33,8 @@ def train(task, config: ClassifyConfig, on_step=None) -> TrainedRun:
         dev = eval_dev_set(config, len(eval_examples or ()), "texts")
 
     def validate(loaded: LoadedModel) -> None:
-        if list(loaded.meta.labels) != labels:
-            raise QtuneError(f"the model has labels {list(loaded.meta.labels)}, the data {labels}; "
+        if list(loaded.meta.settings.labels) != labels:
+            raise QtuneError(f"the model has labels {list(loaded.meta.settings.labels)}, the data {labels}; "
                              "train with the model's labels (--labels) or from a base model")
         lengths = TextEncoder(loaded.tokenizer, loaded.family.is_decoder).untruncated_lengths(train_examples)
         check_truncation(lengths, config.max_length, "texts")

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from qtune.modeling.family import Family
 from qtune.tasks.base import Command, Endpoint, Task
-from qtune.tasks.embedding.config import EmbeddingConfig, MineConfig, RetrievalEvalConfig, StsEvalConfig
+from qtune.tasks.embedding.config import EmbeddingConfig, EmbeddingSaved, MineConfig, RetrievalEvalConfig, StsEvalConfig
 
 RUNNERS = "qtune.tasks.embedding.evaluate"  # eval/predict runners, imported when a command runs
 
@@ -18,6 +18,7 @@ class EmbeddingTask(Task):
     kb_recall = True
     pipeline_tag = "sentence-similarity"
     config = EmbeddingConfig
+    saved_settings = EmbeddingSaved
     trainer = "qtune.tasks.embedding.train:train"
     wrapper = "qtune.tasks.embedding.model:Embedder"
     commands = {"evaluation": (Command("retrieval", RetrievalEvalConfig, RUNNERS),
@@ -35,13 +36,12 @@ class EmbeddingTask(Task):
         return "FEATURE_EXTRACTION"
 
     def prepare(self, meta, source, tokenizer, family) -> dict:
-        meta.labels = []
-        if meta.pooling is None:
+        if meta.settings.pooling is None:
             from qtune.modeling.pooling import default_pooling
             from qtune.tasks.embedding.encode import default_query_instruction
 
-            meta.pooling = default_pooling(source, family)
-            meta.query_instruction = default_query_instruction(family)
+            meta.settings.pooling = default_pooling(source, family)
+            meta.settings.query_instruction = default_query_instruction(family)
         return {}
 
     def endpoints(self) -> list[Endpoint]:

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 from qtune.config import InferenceConfig, TrainConfig, opt
+from qtune.modeling.loading import SavedSettings, check_optional_text, check_pooling
 from qtune.mining_settings import MiningSettings
 
 
@@ -129,3 +130,11 @@ class MineConfig(InferenceConfig):
     def rules(self) -> MiningSettings:
         """The mining rules these settings give (ValueError for a combination that cannot work)."""
         return MiningSettings(**{name: getattr(self, name) for name in MiningSettings.__dataclass_fields__})
+
+
+@dataclass
+class EmbeddingSaved(SavedSettings):
+    """An embedder's own fields of qtune.json: how a text becomes one vector."""
+
+    pooling: str | None = field(default=None, metadata={"check": check_pooling})  # "last", "mean" or "cls"
+    query_instruction: str | None = field(default=None, metadata={"check": check_optional_text})

@@ -36,7 +36,7 @@ ALL_POOLING_FLAGS = ("pooling_mode_cls_token", "pooling_mode_mean_tokens", "pool
 
 def query_prompt(loaded) -> str:
     """What qtune puts before every query (empty without an instruction)."""
-    return format_text("", is_query=True, instruction=loaded.meta.query_instruction,
+    return format_text("", is_query=True, instruction=loaded.meta.settings.query_instruction,
                        is_decoder=loaded.family.is_decoder)
 
 
@@ -61,7 +61,7 @@ def write_sentence_transformers_files(loaded, output: Path) -> None:
                {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
                {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"}]
     pooling = {"word_embedding_dimension": int(loaded.model.config.hidden_size),
-               **{flag: flag == POOLING_FLAGS[meta.pooling] for flag in ALL_POOLING_FLAGS},
+               **{flag: flag == POOLING_FLAGS[meta.settings.pooling] for flag in ALL_POOLING_FLAGS},
                "include_prompt": True}
     settings = {"model_type": "SentenceTransformer", "prompts": {"query": query_prompt(loaded), "document": ""},
                 "default_prompt_name": None, "similarity_fn_name": "cosine"}
@@ -77,7 +77,7 @@ def model_card(loaded, matryoshka_dims) -> str:
     """How to use the export, with the Matryoshka dimensions the run trained (if any)."""
     meta = loaded.meta
     lines = ["# qtune embedding export", "",
-             (f"Pooling: {POOLING_NAMES[meta.pooling]}, L2-normalised; max length {meta.max_length} tokens; "
+             (f"Pooling: {POOLING_NAMES[meta.settings.pooling]}, L2-normalised; max length {meta.max_length} tokens; "
               "similarity: cosine."), "",
              "```python", "from sentence_transformers import SentenceTransformer", "",
              'model = SentenceTransformer("PATH")', "docs = model.encode(passages)",
@@ -123,7 +123,7 @@ def plain_transformers(output: Path, model, texts: list[str]):
     batch = tokenizer(texts, padding=True, truncation=True, return_tensors="pt")
     with torch.no_grad():
         hidden = encoder(**batch).last_hidden_state  # (texts, seq, hidden)
-    return normalize(pool(hidden, batch["attention_mask"], model.loaded.meta.pooling)).numpy()
+    return normalize(pool(hidden, batch["attention_mask"], model.loaded.meta.settings.pooling)).numpy()
 
 
 def _write_json(path: Path, value) -> None:

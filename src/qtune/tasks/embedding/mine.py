@@ -162,7 +162,7 @@ def vector_cache_key(model_key: str, embedder, texts: Sequence[str]) -> str:
     length, pooling, precision) and the corpus content, in order."""
     loaded = embedder.loaded
     digest = hashlib.sha256(json.dumps({"model": model_key, "max_length": loaded.meta.max_length,
-                                        "pooling": loaded.meta.pooling, "precision": loaded.precision},
+                                        "pooling": loaded.meta.settings.pooling, "precision": loaded.precision},
                                        sort_keys=True).encode("utf-8"))
     for text in texts:
         data = text.encode("utf-8")

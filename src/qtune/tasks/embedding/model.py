@@ -51,14 +51,14 @@ class Embedder(InferenceModel):
         """Unpadded features exactly as training and inference see them (`truncate=False`: nothing
         cut, to count tokens)."""
         meta, family = self.loaded.meta, self.loaded.family
-        formatted = [format_text(t, is_query=is_query, instruction=meta.query_instruction,
+        formatted = [format_text(t, is_query=is_query, instruction=meta.settings.query_instruction,
                                  is_decoder=family.is_decoder) for t in texts]
         return tokenize_texts(self.loaded.tokenizer, formatted, max_length=meta.max_length if truncate else 10 ** 9,
                               is_decoder=family.is_decoder)
 
     def forward(self, batch: dict) -> np.ndarray:
         """(rows, dim) float32 unit vectors of one collated batch: the batch function."""
-        return forward_embeddings(self.loaded.model, batch, self.loaded.meta.pooling).cpu().numpy()
+        return forward_embeddings(self.loaded.model, batch, self.loaded.meta.settings.pooling).cpu().numpy()
 
     def check_dimensions(self, dimensions: int | None) -> None:
         if dimensions is not None and not 0 < dimensions <= self.dimension:

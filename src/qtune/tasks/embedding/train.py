@@ -43,7 +43,7 @@ def train(task, config: EmbeddingConfig, on_step=None) -> TrainedRun:
         if config.matryoshka_dims and not all(0 < d <= width for d in config.matryoshka_dims):
             raise QtuneError(f"--matryoshka-dims must be between 1 and the model's {width} dimensions")
         if config.query_instruction is not None and not config.resume:
-            model.meta.query_instruction = config.query_instruction or None
+            model.meta.settings.query_instruction = config.query_instruction or None
         lengths = untruncated_lengths(groups, Embedder(model).features, config.hard_negatives)
         check_truncation(lengths, config.max_length, "texts")
         if config.memory_check:  # the settings the run trains with, and writes to config.yaml
@@ -56,7 +56,7 @@ def train(task, config: EmbeddingConfig, on_step=None) -> TrainedRun:
     loaded = start_run(config, task, validate=validate, held_out=bool(held))
     embedder = Embedder(loaded)
     features = group_features(groups, embedder.features, config.hard_negatives)
-    settings = ContrastiveSettings(pooling=loaded.meta.pooling, temperature=config.temperature,
+    settings = ContrastiveSettings(pooling=loaded.meta.settings.pooling, temperature=config.temperature,
                                    false_negative_offset=config.false_negative_offset,
                                    matryoshka_dims=tuple(config.matryoshka_dims or ()),
                                    mini_batch_size=config.mini_batch_size, symmetric=config.symmetric,

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from qtune.modeling.family import Family
 from qtune.tasks.base import Command, Endpoint, Task
-from qtune.tasks.extraction.config import ExtractConfig, ExtractEvalConfig, ExtractPredictConfig, ExtractServerSettings
+from qtune.tasks.extraction.config import ExtractConfig, ExtractEvalConfig, ExtractPredictConfig, ExtractServerSettings, ExtractionSaved
 
 RUNNERS = "qtune.tasks.extraction.evaluate"  # eval/predict runners, imported when a command runs
 
@@ -18,6 +18,7 @@ class ExtractionTask(Task):
     server_settings = ExtractServerSettings
     pipeline_tag = "text-generation"
     config = ExtractConfig
+    saved_settings = ExtractionSaved
     trainer = "qtune.tasks.extraction.train:train"
     wrapper = "qtune.tasks.extraction.model:Extractor"
     commands = {"evaluation": Command("extract", ExtractEvalConfig, RUNNERS),

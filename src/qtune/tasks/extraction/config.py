@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from qtune.config import InferenceConfig, TrainConfig, opt
+from qtune.modeling.loading import SavedSettings, check_optional_text
 
 
 @dataclass(kw_only=True)
@@ -56,3 +57,10 @@ class ExtractServerSettings:
 
     max_new_tokens: int = opt(512, "/v1/extract: the most tokens a request may ask to generate")  # more -> 422
     extract_batch_size: int = opt(16, "/v1/extract: prompts per generate() call", flag=False)
+
+
+@dataclass
+class ExtractionSaved(SavedSettings):
+    """An extractor's own field of qtune.json: the instruction put in every prompt unless a row has one."""
+
+    instruction: str | None = field(default=None, metadata={"check": check_optional_text})

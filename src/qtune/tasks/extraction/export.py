@@ -64,7 +64,7 @@ def write_export(loaded, output: Path, fmt: str) -> None:
     # the padding side only: qtune cuts no extraction prompt, so the tokenizer's own limit stays
     keep_tokenizer_settings(tokenizer, tokenizer.model_max_length)
     save_model_files(loaded, output)
-    spec = {"user_message": USER_MESSAGE, "instruction": loaded.meta.instruction or DEFAULT_INSTRUCTION,
+    spec = {"user_message": USER_MESSAGE, "instruction": loaded.meta.settings.instruction or DEFAULT_INSTRUCTION,
             "max_length": loaded.meta.max_length, "padding_side": "left"}
     (output / PROMPT_FILE).write_text(json.dumps(spec, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 

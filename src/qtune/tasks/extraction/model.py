@@ -94,7 +94,7 @@ class Extractor(InferenceModel):
 
     def __init__(self, loaded):
         super().__init__(loaded)
-        self.builder = PromptBuilder(loaded.tokenizer, loaded.meta.instruction)
+        self.builder = PromptBuilder(loaded.tokenizer, loaded.meta.settings.instruction)
 
     def features(self, examples: Sequence[ExtractionExample], *, truncate: bool = True) -> list[list[int]]:
         """The prompt token ids of each example (its input with its own instruction), as trained;

@@ -26,10 +26,10 @@ def train(task, config: ExtractConfig, on_step=None) -> TrainedRun:
     loaded = start_run(config, task, validate=lambda m: PromptBuilder(m.tokenizer))
     if not config.resume:
         given = Counter(e.instruction for e in examples if e.instruction)
-        loaded.meta.instruction = config.instruction or (given.most_common(1)[0][0] if given else None)
+        loaded.meta.settings.instruction = config.instruction or (given.most_common(1)[0][0] if given else None)
     if config.gradient_checkpointing:
         loaded.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    builder = PromptBuilder(loaded.tokenizer, loaded.meta.instruction)
+    builder = PromptBuilder(loaded.tokenizer, loaded.meta.settings.instruction)
     features, too_long = encode_examples(builder, examples, config.max_length, config.train)
     if too_long:
         shown = ", ".join(str(line) for line in too_long[:10]) + (" ..." if len(too_long) > 10 else "")

@@ -12,6 +12,7 @@ from qtune.evaluation.metrics import metrics_from_probs
 from qtune.evaluation.report import classification_report_md, mark_untrained, write_classification_outputs
 from qtune.evaluation.sharded import is_main, sharded_call
 from qtune.modeling.loading import read_meta
+from qtune.tasks.base import ClassifierSaved
 from qtune.tasks.pair_cls.config import PairClsEvalConfig, PairClsPredictConfig
 
 
@@ -21,8 +22,8 @@ def evaluate(config: PairClsEvalConfig, load) -> dict:
     results = {}
     init_process_group()  # under a launcher: the ranks share the predictions
     for name in [config.model] + ([config.compare] if config.compare else []):
-        meta = read_meta(name)
-        labels = meta.labels if meta else ["0", "1"]
+        meta = read_meta(name, ClassifierSaved)
+        labels = meta.settings.labels if meta else ["0", "1"]
         pairs = read_pairs(config.data, text_columns=config.text_columns, label_column=config.label_column,
                            labels=labels, labels_flag=None)
         clf = load(name, "pair-cls", device=config.device, precision=config.load_precision)

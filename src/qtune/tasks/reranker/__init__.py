@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from qtune.modeling.family import Family
 from qtune.tasks.base import Command, Endpoint, Task
-from qtune.tasks.reranker.config import CalibrateConfig, RerankerConfig, RerankEvalConfig
+from qtune.tasks.reranker.config import CalibrateConfig, RerankEvalConfig, RerankerConfig, RerankerSaved
 
 RUNNERS = "qtune.tasks.reranker.evaluate"  # eval/predict runners, imported when a command runs
 
@@ -22,6 +22,7 @@ class RerankerTask(Task):
     kb_rescore_rank = 0
     pipeline_tag = "text-ranking"
     config = RerankerConfig
+    saved_settings = RerankerSaved
     trainer = "qtune.tasks.reranker.train:train"
     wrapper = "qtune.tasks.reranker.model:Reranker"
     commands = {"evaluation": Command("rerank", RerankEvalConfig, RUNNERS),
@@ -39,12 +40,11 @@ class RerankerTask(Task):
         return "CAUSAL_LM" if family.is_decoder else "SEQ_CLS"
 
     def prepare(self, meta, source, tokenizer, family) -> dict:
-        meta.labels = []
         if family.is_decoder:
-            if meta.instruction is None:
+            if meta.settings.instruction is None:
                 from qtune.tasks.reranker.encode import DEFAULT_INSTRUCTION
 
-                meta.instruction = DEFAULT_INSTRUCTION
+                meta.settings.instruction = DEFAULT_INSTRUCTION
             return {}
         return dict(num_labels=1, pad_token_id=tokenizer.pad_token_id)
 

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from qtune.config import InferenceConfig, TrainConfig, opt
+from qtune.modeling.loading import SavedSettings, check_optional_text, check_threshold
 
 
 @dataclass(kw_only=True)
@@ -59,3 +60,27 @@ class CalibrateConfig(InferenceConfig):
     text_columns: list[str] = opt(["sentence1", "sentence2"], "the query and document columns", count=2,
                                   metavar=("COL1", "COL2"))
     label_column: str = opt("label", "the label column")
+
+
+@dataclass
+class RerankerSaved(SavedSettings):
+    """A reranker's own fields of qtune.json."""
+
+    # decoders: the instruction put in every prompt unless a row has one
+    instruction: str | None = field(default=None, metadata={"check": check_optional_text})
+    # the calibrated score threshold below which there is "no good answer" (`qtune calibrate`)
+    threshold: float | None = field(default=None, metadata={"check": check_threshold})
+    # why that threshold does not separate relevant from not relevant pairs, when it does not
+    # (`qtune calibrate` found so; the model card repeats it)
+    threshold_warning: str | None = field(default=None, metadata={"check": check_optional_text})
+
+    def card_lines(self) -> list[str]:
+        """The calibrated threshold a server applies, and the calibration's warning when it had one: a
+        threshold that accepts every pair makes the server mark unrelated documents relevant."""
+        if self.threshold is None:
+            return []
+        lines = ["## Relevance threshold", "", f"Calibrated with `qtune calibrate`: a score of at least "
+                 f"{self.threshold:.6f} marks a document relevant.", ""]
+        if self.threshold_warning:
+            lines += [f"**Warning:** {self.threshold_warning}.", ""]
+        return lines

@@ -77,8 +77,9 @@ def calibrate(config: CalibrateConfig, load) -> dict:
     found["warning"] = threshold_warning(found)
     if not is_main():
         return found
-    replace(reranker.loaded.meta, threshold=found["threshold"], threshold_warning=found["warning"],
-            adapter=reranker.loaded.is_adapter).save(folder)
+    meta = reranker.loaded.meta
+    settings = replace(meta.settings, threshold=found["threshold"], threshold_warning=found["warning"])
+    replace(meta, settings=settings, adapter=reranker.loaded.is_adapter).save(folder)
     if config.output:
         write_json(Path(config.output) / "metrics.json", {"model": config.model, "data": str(config.data), **found})
     return found

@@ -112,7 +112,7 @@ def write_prompt(loaded, output: Path) -> None:
     prompt = decoder_prompt(tokenizer)
     decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
     spec = {"prefix": decode(prompt.prefix), "pair": pair_text("{query}", "{document}", "{instruction}"),
-            "suffix": decode(prompt.suffix), "instruction": loaded.meta.instruction,
+            "suffix": decode(prompt.suffix), "instruction": loaded.meta.settings.instruction,
             "max_length": loaded.meta.max_length, "padding_side": "left",
             "yes_token": tokenizer.convert_ids_to_tokens(prompt.yes_id), "yes_id": prompt.yes_id,
             "no_token": tokenizer.convert_ids_to_tokens(prompt.no_id), "no_id": prompt.no_id,

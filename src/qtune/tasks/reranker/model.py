@@ -41,12 +41,12 @@ class Reranker(InferenceModel):
     def __init__(self, loaded):
         super().__init__(loaded)
         self.formatter = PairFormatter(loaded.tokenizer, loaded.family.is_decoder, loaded.meta.max_length,
-                                       loaded.meta.instruction)
+                                       loaded.meta.settings.instruction)
 
     @property
     def threshold(self) -> float | None:
         """The calibrated threshold stored with the model (`qtune calibrate`), if any."""
-        return self.loaded.meta.threshold
+        return self.loaded.meta.settings.threshold
 
     # -- as the FAQ matcher's rescorer (`qtune.kb.faq.ScoresPairs`)
     scorer_kind = "reranker"

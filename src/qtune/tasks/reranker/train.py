@@ -38,7 +38,7 @@ def train(task, config: RerankerConfig, on_step=None) -> TrainedRun:
 
     def validate(model: LoadedModel) -> None:  # checks that need the tokenizer, before anything is written
         if config.instruction is not None and not config.resume and model.family.is_decoder:
-            model.meta.instruction = config.instruction
+            model.meta.settings.instruction = config.instruction
         reranker = Reranker(model)
         reranker.formatter.encode("query", "document")
         whole = reranker.features(training_pairs(groups, config.group_size), truncate=False)
