@@ -1,7 +1,7 @@
 """The memory check's estimate vs the measured peak: one embedding training step per (model,
 tuning, batch, lengths), each in a fresh process.
 
-The estimate is what `qtune train embedding` plans with (`qtune.training.memory.embedding_bytes`
+The estimate is what `qtune train embedding` plans with (`qtune.tasks.embedding.memory.embedding_bytes`
 of the model as loaded, the batch's own token counts). The measured step is qtune's own: the
 model loaded as `qtune train embedding` loads it (full fine-tuning, or LoRA r=8, alpha 32, dropout
 0.1 on the attention projections: `--no-full`), the batch collated by `qtune.tasks.embedding.encode.collate`
@@ -107,6 +107,7 @@ def probe(case: dict) -> dict:
     from qtune.tasks import load_model
     from qtune.tasks.embedding.encode import collate
     from qtune.tasks.embedding.loss import ContrastiveSettings, collate_for_loss, loss
+    from qtune.tasks.embedding.memory import embedding_bytes
     from qtune.training import memory
 
     rng = random.Random(SEED)
@@ -131,7 +132,7 @@ def probe(case: dict) -> dict:
 
     shape = memory.model_shape(loaded)
     texts = 2 + case["negatives"]
-    estimate = memory.embedding_bytes(shape, query_lengths, passage_lengths, groups=groups, texts_per_group=texts,
+    estimate = embedding_bytes(shape, query_lengths, passage_lengths, groups=groups, texts_per_group=texts,
                                       max_length=max_length)
     passes = []
     for prefix, lengths in (("q_", query_lengths), ("p_", passage_lengths)):

@@ -16,8 +16,9 @@ from qtune.data.retrieval import write_query_groups
 from qtune.errors import QtuneError
 from qtune.records import QueryGroup
 from qtune.training import memory
-from qtune.training.memory import (ModelShape, activation_bytes, embedding_bytes, optimizer_bytes, padded_width,
-                                   pass_size, plan_embedding, plan_groups, step_bytes)
+from qtune.tasks.embedding.memory import embedding_bytes, plan_embedding
+from qtune.tasks.reranker.memory import plan_groups
+from qtune.training.memory import ModelShape, activation_bytes, optimizer_bytes, padded_width, pass_size, step_bytes
 
 from support import ANIMALS, VEHICLES, assert_user_error, run, train_losses
 

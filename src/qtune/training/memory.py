@@ -1,6 +1,8 @@
 """Will a run's training batches fit in memory? Checked before the first step, so a default run
-that the kernel would kill at its largest batch instead picks settings that fit
-(GradCache for embeddings, gradient accumulation for rerankers) or stops with the flags to change.
+that the kernel would kill at its largest batch instead picks settings that fit or stops with the
+flags to change. This module estimates a forward pass and the optimizer and reads the free memory;
+each task plans its own batches from them (`plan_for_device`): GradCache for embeddings
+(`qtune.tasks.embedding.memory`), gradient accumulation for rerankers (`qtune.tasks.reranker.memory`).
 
 What a step holds at its peak follows from how qtune runs a batch:
 
@@ -82,9 +84,8 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Protocol, Sequence
 
-from qtune.errors import QtuneError
 
 
 @dataclass(frozen=True)
@@ -186,28 +187,11 @@ def step_bytes(shape: ModelShape, rows: int, width: int, tokens: int | None = No
     return activation_bytes(shape, rows, width, tokens) + optimizer_bytes(shape)
 
 
-def _pass_bytes(shape: ModelShape, lengths: Sequence[int], rows: int, max_length: int) -> int:
+def pass_bytes(shape: ModelShape, lengths: Sequence[int], rows: int, max_length: int) -> int:
     return activation_bytes(shape, rows, *pass_size(shape, lengths, rows, max_length)) if rows else 0
 
 
-def embedding_bytes(shape: ModelShape, query_lengths: Sequence[int], passage_lengths: Sequence[int], *,
-                    groups: int, texts_per_group: int, max_length: int, mini_batch_size: int | None = None) -> int:
-    """Memory of one embedding training step of `groups` query groups of `texts_per_group` texts
-    (the query, its positive, hard negatives), beyond the loaded weights.
-
-    Plain (`mini_batch_size` None): the query pass and the passage pass, each padded to its own
-    longest row (`encode.collate`), both kept until the backward. GradCache: one chunk of
-    `mini_batch_size` rows of one side at a time (the larger of the two), plus every vector and
-    its gradient."""
-    passages = groups * (texts_per_group - 1)
-    sides = ((query_lengths, groups), (passage_lengths, passages))
-    if mini_batch_size is None:
-        return optimizer_bytes(shape) + sum(_pass_bytes(shape, lengths, rows, max_length) for lengths, rows in sides)
-    chunk = max(_pass_bytes(shape, lengths, min(mini_batch_size, rows), max_length) for lengths, rows in sides)
-    return optimizer_bytes(shape) + chunk + (groups + passages) * shape.hidden * 4 * 2
-
-
-def _size(n: float) -> str:
+def size_text(n: float) -> str:
     return f"{n / GB:.1f} GB" if n >= GB else f"{n / 1e6:.0f} MB"
 
 
@@ -215,131 +199,22 @@ def fits(needed: int, free: int) -> bool:
     return needed <= USABLE_SHARE * free
 
 
-@dataclass(frozen=True)
-class EmbeddingPlan:
-    """How an embedding batch is run: plainly, or with GradCache in `mini_batch_size`-row passes."""
+class Plan(Protocol):
+    """A task's plan for its training batches: `note` is the line to print when it differs from the flags."""
 
-    cached: bool
-    mini_batch_size: int
-    needed: int  # bytes the chosen way needs
-    note: str | None = None  # the line to print when the plan differs from the flags
+    note: str | None
 
 
-def plan_embedding(shape: ModelShape, query_lengths: Sequence[int], passage_lengths: Sequence[int], *,
-                   groups: int, texts_per_group: int, max_length: int, free: int, cached: bool,
-                   mini_batch_size: int) -> EmbeddingPlan:
-    """Keep the flags when the batch fits in `free` bytes; else, unless the user chose --cached,
-    switch to GradCache with the largest power-of-two --mini-batch-size that fits (the same loss
-    and gradients, `qtune.tasks.embedding.loss.cached_backward`): GradCache embeds the batch twice,
-    so it is chosen only when the plain batch does not fit. Raises when nothing fits.
-
-    `query_lengths`, `passage_lengths`: token counts of the training queries and of the passages
-    (positives and the hard negatives used); a batch holds `groups` x `texts_per_group` texts."""
-    rows = groups * texts_per_group
-    what = f"a batch of {groups} query groups x {texts_per_group} texts"
-
-    def needed(per_pass: int | None) -> int:
-        return embedding_bytes(shape, query_lengths, passage_lengths, groups=groups, texts_per_group=texts_per_group,
-                               max_length=max_length, mini_batch_size=per_pass)
-
-    if cached:
-        need = needed(mini_batch_size)
-        if fits(need, free):
-            return EmbeddingPlan(True, mini_batch_size, need)
-        smaller = _largest_power_of_two(lambda n: fits(needed(n), free), below=mini_batch_size)
-        hint = f"--mini-batch-size {smaller}" if smaller else "a lower --max-length or --batch-size"
-        raise QtuneError(f"{what} with --cached --mini-batch-size {mini_batch_size} needs ~{_size(need)}, "
-                         f"{_size(free)} free: use {hint} (or --no-memory-check to try anyway)")
-    need = needed(None)
-    if fits(need, free):
-        return EmbeddingPlan(False, mini_batch_size, need)
-    size = _largest_power_of_two(lambda n: fits(needed(n), free), below=rows)
-    if not size:
-        raise QtuneError(f"{what} needs ~{_size(need)}, {_size(free)} free, and even --cached --mini-batch-size 1 "
-                         f"needs ~{_size(needed(1))}: lower --max-length, free memory, or pass --no-memory-check "
-                         "to try anyway")
-    return EmbeddingPlan(True, size, needed(size),
-                         f"{what} needs ~{_size(need)}, {_size(free)} free: using --cached --mini-batch-size {size} "
-                         "(same loss and gradients)")
-
-
-@dataclass(frozen=True)
-class AccumulationPlan:
-    """How a group batch is run: `batch_size` groups per forward pass, `grad_accum` passes per step."""
-
-    batch_size: int
-    grad_accum: int
-    needed: int
-    note: str | None = None
-
-
-def plan_groups(shape: ModelShape, lengths: Sequence[int], *, batch_size: int, group_size: int, grad_accum: int,
-                max_length: int, free: int, data_groups: int | None = None) -> AccumulationPlan:
-    """Keep the flags when `batch_size` groups of `group_size` rows (one forward pass) fit in
-    `free` bytes; else split each batch into the largest divisor of `batch_size` groups that fits,
-    accumulating gradients over the parts (the same groups per optimizer step, the same mean loss).
-    Raises when one group does not fit. `data_groups`: the training groups there are (no batch
-    holds more)."""
-
-    def needed(groups: int) -> int:
-        rows = min(groups, data_groups or groups) * group_size
-        return optimizer_bytes(shape) + _pass_bytes(shape, lengths, rows, max_length)
-
-    need = needed(batch_size)
-    if fits(need, free):
-        return AccumulationPlan(batch_size, grad_accum, need)
-    what = f"a batch of {batch_size} groups x {group_size} pairs"
-    part = next((d for d in range(batch_size - 1, 0, -1) if batch_size % d == 0 and fits(needed(d), free)), None)
-    if part is None:
-        raise QtuneError(f"{what} needs ~{_size(need)}, {_size(free)} free, and even one group needs "
-                         f"~{_size(needed(1))}: lower --group-size or --max-length, free memory, or pass "
-                         "--no-memory-check to try anyway")
-    accum = grad_accum * batch_size // part
-    return AccumulationPlan(part, accum, needed(part),
-                            f"{what} needs ~{_size(need)}, {_size(free)} free: using --batch-size {part} "
-                            f"--grad-accum {accum} (the same {batch_size * grad_accum} groups per optimizer step)")
-
-
-def fit_embedding_batch(loaded, query_lengths: Sequence[int], passage_lengths: Sequence[int], *, groups: int,
-                        texts_per_group: int, max_length: int, cached: bool, mini_batch_size: int) -> tuple[bool, int]:
-    """`plan_embedding` against the free memory of the model's device: the (--cached,
-    --mini-batch-size) to train with, said in one line when they differ from the flags. The flags
-    unchanged when the model's config does not name its sizes."""
+def plan_for_device(loaded, plan: Callable[[ModelShape, int], Plan]) -> Plan | None:
+    """`plan(shape, free bytes)` for the loaded model on its device, its note printed; None when the
+    model's config does not name its sizes (the flags stay as they are)."""
     shape = model_shape(loaded)
     if shape is None:
-        return cached, mini_batch_size
-    plan = plan_embedding(shape, query_lengths, passage_lengths, groups=groups, texts_per_group=texts_per_group,
-                          max_length=max_length, free=free_memory(loaded.device), cached=cached,
-                          mini_batch_size=mini_batch_size)
-    if plan.note:
-        print(plan.note)
-    return plan.cached, plan.mini_batch_size
-
-
-def fit_group_batch(loaded, lengths: Sequence[int], *, batch_size: int, group_size: int, grad_accum: int,
-                    max_length: int, data_groups: int) -> tuple[int, int]:
-    """`plan_groups` against the free memory of the model's device: the (--batch-size,
-    --grad-accum) to train with, said in one line when they differ from the flags."""
-    shape = model_shape(loaded)
-    if shape is None:
-        return batch_size, grad_accum
-    plan = plan_groups(shape, lengths, batch_size=batch_size, group_size=group_size, grad_accum=grad_accum,
-                       max_length=max_length, free=free_memory(loaded.device), data_groups=data_groups)
-    if plan.note:
-        print(plan.note)
-    return plan.batch_size, plan.grad_accum
-
-
-def _largest_power_of_two(ok, below: int) -> int | None:
-    """The largest power of two under `below` for which `ok(n)`; None when not even 1."""
-    n = 1
-    while n * 2 < below:
-        n *= 2
-    while n >= 1 and n < below:
-        if ok(n):
-            return n
-        n //= 2
-    return None
+        return None
+    chosen = plan(shape, free_memory(loaded.device))
+    if chosen.note:
+        print(chosen.note)
+    return chosen
 
 
 def free_memory(device) -> int:

@@ -16,8 +16,8 @@ from qtune.tasks.embedding.encode import (collate, group_features, short_batches
                                           untruncated_lengths)
 from qtune.tasks.embedding.loss import (ContrastiveSettings, cached_backward, collate_for_loss, loss,
                                         with_teacher_scores)
+from qtune.tasks.embedding.memory import fit_embedding_batch
 from qtune.tasks.embedding.model import Embedder
-from qtune.training.memory import fit_embedding_batch
 from qtune.training.run import check_truncation, eval_dev_set, hold_out, resume_state, start_run
 from qtune.training.trainer import TaskHooks, fit
 

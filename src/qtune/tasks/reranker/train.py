@@ -15,8 +15,8 @@ from qtune.tasks.base import TrainedRun
 from qtune.tasks.reranker.config import RerankerConfig
 from qtune.tasks.reranker.groups import (collate, group_features, group_ranking_metrics, loss, random_order_metrics,
                                          short_groups, training_pairs)
+from qtune.tasks.reranker.memory import fit_group_batch
 from qtune.tasks.reranker.model import Reranker
-from qtune.training.memory import fit_group_batch
 from qtune.training.run import check_truncation, eval_dev_set, hold_out, resume_state, start_run
 from qtune.training.trainer import TaskHooks, fit
 
