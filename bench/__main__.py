@@ -209,7 +209,7 @@ BENCHMARKS = [
     Benchmark("memory_estimate", "the memory check's estimate vs the measured peak of one training step, 20 cases",
               cpu=_memory_cpu, cpu_minutes=7),
     Benchmark("shared_cpu", "quiet vs beside 2 busy processes: qtune's slowdown vs the peer's",
-              cpu=_shared_cpu, cpu_minutes=4),
+              cpu=_shared_cpu, cpu_minutes=6),
     # Quality experiments and quick starts: hours of training or a check of the README's commands,
     # not speed figures; they take their own arguments (python -m bench NAME ARGS...).
     Benchmark("quality", "embedding quality: qtune vs sentence-transformers rows over seeds (bench/quality)",

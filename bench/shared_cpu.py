@@ -6,6 +6,7 @@ the peer a user would run instead, each in its own fresh process.
 Workloads (all-MiniLM-L6-v2 by default):
 - encode: 512 synthetic texts of ~60 words, qtune's `Embedder.embed` against
   `SentenceTransformer.encode`, batch 32;
+- one-text: one short text per call (a served request's model call at concurrency 1), the same two;
 - train-step: a forward + backward + AdamW step of the encoder on a (32, 128) batch; the qtune side
   imports qtune first, as every qtune command does, the peer side is the same PyTorch code as
   sentence-transformers' trainer runs it (PyTorch's own thread settings).
@@ -27,7 +28,7 @@ import sys
 import time
 
 SIDES = ("qtune", "peer")
-WORKLOADS = ("encode", "train-step")
+WORKLOADS = ("encode", "one-text", "train-step")
 WORDS = ("revenue margin quarter fiscal growth operating income segment customers cash flow debt "
          "interest expense company products services market share risk factors tax lease capital "
          "inventory supply chain demand pricing cloud data center employees dividends").split()
@@ -46,8 +47,8 @@ def child(workload: str, side: str, model: str, seconds: float) -> dict:
         import qtune  # noqa: F401  (what every qtune command imports first)
     import torch
 
-    if workload == "encode":
-        data = texts()
+    if workload in ("encode", "one-text"):
+        data = texts() if workload == "encode" else ["what was the operating margin in the fourth quarter"]
         if side == "qtune":
             from qtune.tasks import load_model
             from qtune.tasks.embedding.model import Embedder
@@ -161,8 +162,10 @@ def headline(report: dict) -> list[dict]:
     rate) for qtune and for the peer; the ratio is the peer's slowdown over qtune's."""
     from bench.common import figure, headline_row
 
-    peers = {"encode": "sentence-transformers `encode`", "train-step": "PyTorch defaults"}
-    work = {"encode": "encoding 512 texts", "train-step": "a MiniLM training step"}
+    peers = {"encode": "sentence-transformers `encode`", "one-text": "sentence-transformers `encode`",
+             "train-step": "PyTorch defaults"}
+    work = {"encode": "encoding 512 texts", "one-text": "encoding one short text per call",
+            "train-step": "a MiniLM training step"}
     out = []
     for workload in WORKLOADS:
         qtune, peer = report["rows"].get(f"{workload} qtune"), report["rows"].get(f"{workload} peer")
