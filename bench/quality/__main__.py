@@ -132,23 +132,26 @@ def summarise(per_seed: dict[str, dict]) -> dict:
 
 
 def verdicts(summary: dict[str, dict]) -> dict[str, str]:
-    """Each qtune row against the best peer row by mean nDCG@10."""
-    peers = {r: s for r, s in summary.items() if ROWS.get(r, ("",))[0] == "st"}
-    if not peers:
-        return {}
-    best = max(peers, key=lambda r: peers[r]["mean ndcg@10"])
+    """Each qtune row against the best peer row (by mean nDCG@10) among those trained on the same
+    file: in-batch rows against in-batch peers, rows with mined negatives against peers given the
+    same negatives."""
     out = {}
     for row, s in summary.items():
         if ROWS.get(row, ("",))[0] != "qtune":
             continue
+        peers = {r: p for r, p in summary.items() if ROWS.get(r, ("",))[0] == "st"
+                 and MINED_ROWS.get(r) == MINED_ROWS.get(row) and (r in MINED_BY) == (row in MINED_BY)}
+        if not peers:
+            continue
+        best = max(peers, key=lambda r: peers[r]["mean ndcg@10"])
         delta = s["mean ndcg@10"] - peers[best]["mean ndcg@10"]
         noise = max(s["spread ndcg@10"], peers[best]["spread ndcg@10"])
         if min(s["seeds"], peers[best]["seeds"]) < 2:  # one seed measures no spread: nothing is counted
             word = "not judged (a single seed): against"
         else:
             word = "better than" if delta > noise else ("worse than" if delta < -noise else "within the seed spread of")
-        out[row] = (f"{word} {best} (the peer's best mean): {delta:+.4f} nDCG@10, spread {noise:.4f}, "
-                    f"{min(s['seeds'], peers[best]['seeds'])} seed(s)")
+        out[row] = (f"{word} {best} (the peer's best mean on the same training file): {delta:+.4f} nDCG@10, "
+                    f"spread {noise:.4f}, {min(s['seeds'], peers[best]['seeds'])} seed(s)")
     return out
 
 
