@@ -78,11 +78,11 @@ class Parser(argparse.ArgumentParser):
         starts the spellings of one setting only; one that starts several settings' is refused by
         name. A command with subcommands reads its own flags only, those before the subcommand."""
         out: list[str] = []
+        known = {flag: action for action in self.flag_actions for flag in action.option_strings}
         for i, arg in enumerate(args):
             if arg == "--" or (self.has_subcommands and not arg.startswith("-")):
                 return out + args[i:]
             typed, eq, value = arg.partition("=")
-            known = {flag: a for a in self.flag_actions for flag in a.option_strings}
             if typed.startswith("--") and typed not in known:
                 by_setting: dict[str, list[str]] = {}
                 for flag, action in known.items():
