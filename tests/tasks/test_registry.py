@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import subprocess
 import sys
 
@@ -69,3 +70,31 @@ def test_import_qtune_and_the_cli_parser_load_no_torch_or_transformers():
     assert out.strip() == "[]"
     help_run = subprocess.run([sys.executable, "-m", "qtune.cli", "--help"], capture_output=True, text=True)
     assert help_run.returncode == 0 and "fine-tune a model" in help_run.stdout
+
+
+def test_a_task_s_saved_settings_must_be_a_saved_settings_dataclass_without_shared_names():
+    from dataclasses import dataclass
+
+    from qtune.modeling.loading import SavedSettings, register_saved_settings
+
+    @dataclass
+    class Clashing(SavedSettings):
+        max_length: int = 3
+
+    with pytest.raises(TypeError, match="must be a qtune.modeling.loading.SavedSettings dataclass"):
+        register_saved_settings("x", dict)
+    with pytest.raises(TypeError, match="field\\(s\\) max_length are qtune.json's shared fields"):
+        register_saved_settings("x", Clashing)
+
+
+def test_each_task_writes_and_reads_its_own_fields_of_qtune_json(tmp_path):
+    from qtune.modeling.loading import CheckpointMeta, read_meta
+    from qtune.tasks.reranker.config import RerankerSaved
+
+    CheckpointMeta(task="reranker", base_model="m", adapter=True,
+                   settings=RerankerSaved(instruction="judge", threshold=0.5)).save(tmp_path)
+    saved = json.loads((tmp_path / "qtune.json").read_text())
+    assert list(saved)[:3] == ["task", "base_model", "adapter"]
+    assert {"instruction", "threshold", "threshold_warning"} <= set(saved) and "labels" not in saved
+    meta = read_meta(tmp_path)
+    assert meta.settings == RerankerSaved(instruction="judge", threshold=0.5)

@@ -88,6 +88,9 @@ SETTINGS_BY_TASK: dict[str, type[SavedSettings]] = {}
 def register_saved_settings(task: str, cls: type[SavedSettings]) -> None:
     if not (isinstance(cls, type) and issubclass(cls, SavedSettings)):
         raise TypeError(f"task {task!r}: saved_settings must be a qtune.modeling.loading.SavedSettings dataclass")
+    taken = sorted({f.name for f in fields(cls)} & set(CheckpointMeta.__dataclass_fields__))
+    if taken:
+        raise TypeError(f"task {task!r}: saved_settings field(s) {', '.join(taken)} are qtune.json's shared fields")
     SETTINGS_BY_TASK[task] = cls
 
 
