@@ -54,6 +54,7 @@ SENTENCES = [
 ]
 
 BATCHED, UNBATCHED, INFINITY = "batched (defaults)", "unbatched (--max-batch-tokens 1)", "infinity_emb"
+NO_WAIT = "no-wait (--max-wait-ms 0)"
 QTUNE_RERANK = "qtune (defaults)"
 DEFAULT_INFINITY = "/work/venv-infinity/bin/infinity_emb"
 
@@ -168,8 +169,14 @@ def infinity_server(executable: str, model: str, device: str, batch_size: int) -
     return Server(INFINITY, argv, port, "/health", {"model": "bench"})
 
 
+# The environment as the caller set it, taken before anything here imports qtune (which sets its
+# OpenMP wait settings in this process): each server then runs with its own defaults, qtune's set
+# by `import qtune` in its process, the peer's its libraries' own.
+CALLER_ENV = dict(os.environ)
+
+
 def server_env(threads: int) -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
+    env = dict(CALLER_ENV, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
                HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", INFINITY_ANONYMOUS_USAGE_STATS="0",
                DO_NOT_TRACK="1", TOKENIZERS_PARALLELISM="false")
     return env
@@ -331,6 +338,8 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=os.cpu_count(),
                         help="OMP_NUM_THREADS and MKL_NUM_THREADS of every server (default: all cores)")
     parser.add_argument("--no-unbatched", action="store_true", help="skip qtune --max-batch-tokens 1")
+    parser.add_argument("--no-wait-row", action="store_true", help="also qtune --max-wait-ms 0 (a request that "
+                        "finds the model idle is computed at once instead of waiting for company)")
     parser.add_argument("--no-rerank", action="store_true", help="skip the /v1/rerank part")
     parser.add_argument("--cross-encoder", help="cross-encoder folder for /v1/rerank (default: MiniLM + a fresh head)")
     parser.add_argument("--rerank-docs", type=int, default=16, help="documents per /v1/rerank request")
@@ -354,6 +363,8 @@ def main(argv=None) -> int:
     servers = [qtune_server(BATCHED, "embedding", model, args.device, [])]
     if not args.no_unbatched:
         servers.append(qtune_server(UNBATCHED, "embedding", model, args.device, ["--max-batch-tokens", "1"]))
+    if args.no_wait_row:
+        servers.append(qtune_server(NO_WAIT, "embedding", model, args.device, ["--max-wait-ms", "0"]))
     if infinity:
         servers.append(infinity_server(args.infinity, model, args.device, args.infinity_batch_size))
     rerank_rows: list[dict] = []
