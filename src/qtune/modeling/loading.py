@@ -451,9 +451,10 @@ def load_model(name_or_path: str | os.PathLike, spec: ModelSpec, *, labels: Sequ
     family = family_of(config)
     tokenizer = load_tokenizer(name_or_path, family)
     if meta is None:
+        given = {"labels": list(labels)} if labels else {}  # else the task's default labels, if it has any
         meta = CheckpointMeta(task=spec.name, base_model=name_or_path, adapter=lora is not None,
                               max_length=max_length or default_max_length(name_or_path, tokenizer),
-                              settings=new_settings(spec.saved_settings, labels=list(labels or ("0", "1"))))
+                              settings=new_settings(spec.saved_settings, **given))
     elif max_length is not None:
         meta.max_length = max_length
     head_kwargs = spec.prepare(meta, name_or_path, tokenizer, family)
