@@ -2,8 +2,8 @@
 (2 CPU processes, gloo): the ranks share the model work, and rank 0 writes exactly the files one
 process writes; the other rank writes nothing.
 
-One torchrun launch runs every command (a small driver calling `qtune.cli.main` once per command,
-so the 2 processes start once), another runs `python -m qtune.cli mine` itself; the one-process
+One torchrun launch runs every command (`support.launch`'s driver calling `qtune.cli.main` once per
+command, so the 2 processes start once), another runs `python -m qtune.cli mine` itself; the one-process
 references run here, in-process, on one torch thread (as the launched ranks do). The corpus (7
 passages), the queries (5) and the prediction inputs (7 rows) do not split evenly over 2 ranks,
 and small batch sizes give each rank several batches (or, with the default sizes, one rank none).
@@ -12,16 +12,14 @@ and small batch sizes give each rank several batches (or, with the default sizes
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import numpy as np
 import pytest
-from support import ANIMALS, VEHICLES, free_port, write_lines
+from support import ANIMALS, VEHICLES, write_lines
+from support.launch import launch_env, launcher, run_commands
 
 from qtune.cli import main
 
@@ -33,56 +31,11 @@ PASSAGES = ["the cat is near the car", "a dog is here", "the old horse is near t
             "my cow", "the sheep is near the train", "a small goat is there", "the tiger is near the boat now"]
 QUERIES = ["my cat", "the dog", "a horse and a bus", "the sheep", "tiger"]
 
-# The driver the ranks run: `qtune.cli.main(argv)` for each command, stopping at the first that
-# fails. Every rank records the files it opens for writing (and renames, creates or removes) below
-# ROOT, with an audit hook, and prints them to standard error (not muted on ranks > 0).
-DRIVER = textwrap.dedent("""
-    import json, os, sys
-
-    root = os.path.abspath(sys.argv[1])
-    commands = json.loads(open(sys.argv[2], encoding="utf-8").read())
-    rank = int(os.environ["RANK"])
-    writes = []
-    WRITING = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
-
-    def under_root(path):
-        if isinstance(path, int):
-            return None
-        path = os.path.abspath(os.fsdecode(path))
-        return path if path == root or path.startswith(root + os.sep) else None
-
-    def hook(event, args):
-        if event == "open" and args[2] is not None and args[2] & WRITING:
-            paths = [args[0]]
-        elif event in ("os.rename", "os.mkdir", "os.remove", "os.rmdir", "os.truncate"):
-            paths = [a for a in args[:2] if isinstance(a, (str, bytes, os.PathLike))]
-        else:
-            return
-        for path in paths:
-            inside = under_root(path)
-            if inside is not None:
-                writes.append([event, os.path.relpath(inside, root)])
-
-    sys.addaudithook(hook)
-    from qtune.cli import main
-
-    for argv in commands:
-        code = main(argv)
-        if code:
-            sys.exit(code)
-    sys.stdout.flush()
-    print(f"RANK {rank} WRITES " + json.dumps(writes), file=sys.stderr, flush=True)
-""")
-
 
 def torchrun(*args, cwd: Path) -> subprocess.CompletedProcess:
     """`python -m torch.distributed.run --nproc_per_node 2 ARGS` on CPUs (gloo), one thread per rank."""
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT",
-                                                             "MASTER_ADDR")}
-    env.update(OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(free_port()), *map(str, args)]
-    done = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=TIMEOUT)
+    cmd = [*launcher(2), *map(str, args)]
+    done = subprocess.run(cmd, cwd=cwd, env=launch_env(), capture_output=True, text=True, timeout=TIMEOUT)
     assert done.returncode == 0, f"{' '.join(cmd)}\nexit {done.returncode}\n{done.stderr[-6000:]}"
     return done
 
@@ -170,21 +123,13 @@ def runs(tmp_path_factory, data, tiny_bert_dir, tiny_qwen_dir, heads) -> dict:
     """Every command once under torchrun (2 ranks, one launch) and once in this process."""
     root = tmp_path_factory.mktemp("runs")
     launched, single = root / "launched", root / "single"
-    work = tmp_path_factory.mktemp("driver")
-    (work / "driver.py").write_text(DRIVER, encoding="utf-8")
     for side in (launched, single):  # `qtune calibrate` writes into the model folder: one copy each
         shutil.copytree(heads["cross_encoder"], side / "calibrated")
-    todo = commands(launched, data, tiny_bert_dir, tiny_qwen_dir, heads)
-    (work / "commands.json").write_text(json.dumps(list(todo.values())), encoding="utf-8")
-    done = torchrun(work / "driver.py", launched, work / "commands.json", cwd=work)
-    writes = {}
-    for line in done.stderr.splitlines():
-        if line.startswith("RANK "):
-            rank, _, listed = line[len("RANK "):].split(" ", 2)
-            writes[int(rank)] = json.loads(listed)
+    done = run_commands(list(commands(launched, data, tiny_bert_dir, tiny_qwen_dir, heads).values()), launched,
+                        tmp_path_factory.mktemp("driver"), timeout=TIMEOUT)
     for name, argv in commands(single, data, tiny_bert_dir, tiny_qwen_dir, heads).items():
         assert main(argv) == 0, name
-    return {"launched": launched, "single": single, "writes": writes, "stderr": done.stderr}
+    return {"launched": launched, "single": single, "writes": done.writes, "stderr": done.stderr}
 
 
 # ---------------------------------------------------------------- the same files as one process

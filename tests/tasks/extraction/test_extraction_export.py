@@ -117,11 +117,17 @@ def test_an_extractor_exports_only_as_causal_lm(source, tmp_path):
         write_export(merge_lora(loaded), tmp_path, "onnx")
 
 
-def test_export_and_check_export_commands(source, tmp_path, capsys):
+def test_export_and_check_export_commands(source, tmp_path, capsys, monkeypatch):
+    """The commands' plumbing: answers of 16 tokens (the export's generation config says how many
+    `check-export` generates; the default 256 is checked above)."""
+    import qtune.tasks.extraction.export as export
+
+    monkeypatch.setattr(export, "default_max_new_tokens", lambda: 16)
     out = tmp_path / "out"
     code, stdout, err = run(capsys, "export", "--model", source, "--output", out)
     assert code == 0, err
     assert "causal-lm" in stdout and (out / "generation_config.json").is_file()
+    assert json.loads((out / "generation_config.json").read_text(encoding="utf-8"))["max_new_tokens"] == 16
     code, stdout, err = run(capsys, "check-export", out)
     assert code == 0, err
     assert "transformers: answers differing (share)" in stdout and "OVER" not in stdout
