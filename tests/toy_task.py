@@ -24,6 +24,7 @@ from qtune.tasks.base import SequenceClassificationTask
 from qtune.tasks.requests import Request
 
 LABELS = ["neg", "pos"]
+PLANNED: list[tuple[int, int, int]] = []  # the memory planner's calls: (texts, longest, --batch-size)
 
 
 @dataclass(kw_only=True)
@@ -70,6 +71,11 @@ class ToyScorer(InferenceModel):
                                       desc="toy", progress=progress)[:, 0]
 
 
+def plan_memory(config: ToyConfig, loaded, lengths, rows) -> None:
+    """The toy's memory planner: it records what it was given and keeps the batch."""
+    PLANNED.append((len(rows), max(lengths), config.batch_size))
+
+
 def train(task, config: ToyConfig, on_step=None) -> TrainedRun:
     from qtune.training.run import eval_dev_set, start_run
 
@@ -77,6 +83,7 @@ def train(task, config: ToyConfig, on_step=None) -> TrainedRun:
     loaded = start_run(config, task, labels=LABELS)
     features = [{**dict(loaded.tokenizer(t, truncation=True, max_length=config.max_length)), "labels": y}
                 for t, y in zip(texts, labels)]
+    task.plan_memory(config, loaded, [len(f["input_ids"]) for f in features], texts)
     eval_features = None
     if config.eval:
         eval_texts, eval_labels = read_rows(config.eval)
@@ -137,6 +144,7 @@ class ToyTask(SequenceClassificationTask):
     server_settings = ToyServerSettings
     config = ToyConfig
     trainer = "toy_task:train"
+    memory_planner = "toy_task:plan_memory"
     wrapper = "toy_task:ToyScorer"
     commands = {"evaluation": Command("toy", ToyEvalConfig, "toy_task")}
     export_formats = ("transformers",)

@@ -26,6 +26,16 @@ def test_every_task_has_a_training_config_a_trainer_and_a_wrapper():
             assert command.help.startswith("`qtune "), (task, command)
 
 
+def test_the_tasks_that_plan_their_memory_declare_a_planner_that_resolves():
+    from qtune.tasks.base import resolve
+
+    planned = {name for name, task in TASKS.items() if task.memory_planner}
+    assert planned == {"embedding", "reranker"}  # the others train the batch asked for
+    for name in planned:
+        assert callable(resolve(TASKS[name].memory_planner)), name
+        assert any(f.name == "memory_check" for f in dataclasses.fields(TASKS[name].config)), name
+
+
 def test_the_cli_is_built_from_the_registry():
     parser = build_parser()
     for task in TASKS.values():

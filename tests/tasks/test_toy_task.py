@@ -55,6 +55,9 @@ def test_train_writes_a_run_of_the_toy_task(toy):
     assert meta["task"] == "toy" and meta["labels"] == ["neg", "pos"]
     metrics = json.loads((toy["run"] / "metrics.json").read_text(encoding="utf-8"))
     assert metrics["train"]["steps"] == 4  # 7 rows, batch 4: 2 steps an epoch, 2 epochs
+    import toy_task  # its declared memory planner saw the 7 rows as tokenized ("bad and sad and worse": 7 tokens)
+
+    assert toy_task.PLANNED == [(7, 7, 4)]
 
 
 def test_eval_and_load_give_the_same_scores(toy, capsys):

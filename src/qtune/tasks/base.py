@@ -140,6 +140,17 @@ class Task:
     def train(self, config, on_step=None) -> TrainedRun:
         return resolve(self.trainer)(self, config, on_step)
 
+    # -- memory: "module:function" called (config, loaded, lengths, groups) before a run trains
+    # (`plan_memory`, unless the config's `memory_check` is off): it sets the settings the run trains with (e.g.
+    # --cached, --batch-size) so that one batch fits the device's free memory, or stops with a
+    # clear error; `lengths` are the tokens of every training text as the task encodes it. None:
+    # the task trains as asked.
+    memory_planner: ClassVar[str | None] = None
+
+    def plan_memory(self, config, loaded: LoadedModel, lengths, groups) -> None:
+        if self.memory_planner and getattr(config, "memory_check", True):
+            resolve(self.memory_planner)(config, loaded, lengths, groups)
+
     def wrap(self, loaded: LoadedModel):
         """The inference wrapper (`qtune.load` returns it)."""
         from qtune.modeling.inference import InferenceModel

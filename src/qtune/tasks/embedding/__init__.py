@@ -20,6 +20,7 @@ class EmbeddingTask(Task):
     config = EmbeddingConfig
     saved_settings = EmbeddingSaved
     trainer = "qtune.tasks.embedding.train:train"
+    memory_planner = "qtune.tasks.embedding.memory:plan_run"
     wrapper = "qtune.tasks.embedding.model:Embedder"
     commands = {"evaluation": (Command("retrieval", RetrievalEvalConfig, RUNNERS),
                                Command("sts", StsEvalConfig, RUNNERS, "evaluate_sts", "show_sts")),

@@ -91,6 +91,17 @@ def _largest_power_of_two(ok, below: int) -> int | None:
     return None
 
 
+def plan_run(config, loaded, lengths: Sequence[int], groups: Sequence) -> None:
+    """The embedding task's memory planner (`Task.memory_planner`): `lengths` are the queries'
+    tokens, then the candidates' (positives, then the hard negatives trained with); sets the run's
+    --cached and --mini-batch-size."""
+    negatives = min(config.hard_negatives, max((len(g.negatives) for g in groups), default=0))
+    config.cached, config.mini_batch_size = fit_embedding_batch(
+        loaded, lengths[:len(groups)], lengths[len(groups):], groups=min(config.batch_size, len(groups)),
+        texts_per_group=2 + negatives, max_length=config.max_length, cached=config.cached,
+        mini_batch_size=config.mini_batch_size)
+
+
 def fit_embedding_batch(loaded, query_lengths: Sequence[int], passage_lengths: Sequence[int], *, groups: int,
                         texts_per_group: int, max_length: int, cached: bool, mini_batch_size: int) -> tuple[bool, int]:
     """`plan_embedding` against the free memory of the model's device: the (--cached,

@@ -16,7 +16,6 @@ from qtune.tasks.embedding.encode import (collate, group_features, short_batches
                                           untruncated_lengths)
 from qtune.tasks.embedding.loss import (ContrastiveSettings, cached_backward, collate_for_loss, loss,
                                         with_teacher_scores)
-from qtune.tasks.embedding.memory import fit_embedding_batch
 from qtune.tasks.embedding.model import Embedder
 from qtune.training.run import check_truncation, eval_dev_set, hold_out, resume_state, start_run
 from qtune.training.trainer import TaskHooks, fit
@@ -46,12 +45,7 @@ def train(task, config: EmbeddingConfig, on_step=None) -> TrainedRun:
             model.meta.settings.query_instruction = config.query_instruction or None
         lengths = untruncated_lengths(groups, Embedder(model).features, config.hard_negatives)
         check_truncation(lengths, config.max_length, "texts")
-        if config.memory_check:  # the settings the run trains with, and writes to config.yaml
-            negatives = min(config.hard_negatives, max((len(g.negatives) for g in groups), default=0))
-            config.cached, config.mini_batch_size = fit_embedding_batch(  # queries, then passages
-                model, lengths[:len(groups)], lengths[len(groups):], groups=min(config.batch_size, len(groups)),
-                texts_per_group=2 + negatives, max_length=config.max_length, cached=config.cached,
-                mini_batch_size=config.mini_batch_size)
+        task.plan_memory(config, model, lengths, groups)  # the settings the run trains with, and writes to config.yaml
 
     loaded = start_run(config, task, validate=validate, held_out=bool(held))
     embedder = Embedder(loaded)

@@ -24,6 +24,7 @@ class RerankerTask(Task):
     config = RerankerConfig
     saved_settings = RerankerSaved
     trainer = "qtune.tasks.reranker.train:train"
+    memory_planner = "qtune.tasks.reranker.memory:plan_run"
     wrapper = "qtune.tasks.reranker.model:Reranker"
     commands = {"evaluation": Command("rerank", RerankEvalConfig, RUNNERS),
                 "calibration": Command("calibrate", CalibrateConfig, RUNNERS, "calibrate", "show_calibration",

@@ -48,6 +48,14 @@ def plan_groups(shape: ModelShape, lengths: Sequence[int], *, batch_size: int, g
                             f"--grad-accum {accum} (the same {batch_size * grad_accum} groups per optimizer step)")
 
 
+def plan_run(config, loaded, lengths: Sequence[int], groups: Sequence) -> None:
+    """The reranker task's memory planner (`Task.memory_planner`): `lengths` are the tokens of
+    every (query, document) pair trained on; sets the run's --batch-size and --grad-accum."""
+    config.batch_size, config.grad_accum = fit_group_batch(
+        loaded, lengths, batch_size=config.batch_size, group_size=config.group_size, grad_accum=config.grad_accum,
+        max_length=config.max_length, data_groups=len(groups))
+
+
 def fit_group_batch(loaded, lengths: Sequence[int], *, batch_size: int, group_size: int, grad_accum: int,
                     max_length: int, data_groups: int) -> tuple[int, int]:
     """`plan_groups` against the free memory of the model's device: the (--batch-size,

@@ -15,7 +15,6 @@ from qtune.tasks.base import TrainedRun
 from qtune.tasks.reranker.config import RerankerConfig
 from qtune.tasks.reranker.groups import (collate, group_features, group_ranking_metrics, loss, random_order_metrics,
                                          short_groups, training_pairs)
-from qtune.tasks.reranker.memory import fit_group_batch
 from qtune.tasks.reranker.model import Reranker
 from qtune.training.run import check_truncation, eval_dev_set, hold_out, resume_state, start_run
 from qtune.training.trainer import TaskHooks, fit
@@ -44,10 +43,7 @@ def train(task, config: RerankerConfig, on_step=None) -> TrainedRun:
         whole = reranker.features(training_pairs(groups, config.group_size), truncate=False)
         lengths = [len(f["input_ids"]) for f in whole]
         check_truncation(lengths, config.max_length, "pairs")
-        if config.memory_check:  # the settings the run trains with, and writes to config.yaml
-            config.batch_size, config.grad_accum = fit_group_batch(
-                model, lengths, batch_size=config.batch_size, group_size=config.group_size,
-                grad_accum=config.grad_accum, max_length=config.max_length, data_groups=len(groups))
+        task.plan_memory(config, model, lengths, groups)  # the settings the run trains with, and writes to config.yaml
 
     loaded = start_run(config, task, validate=validate, held_out=bool(held))
     reranker = Reranker(loaded)
