@@ -310,3 +310,12 @@ def test_a_recipe_value_that_is_not_a_finite_number_is_refused(tmp_path):
     with pytest.raises(QtuneError) as info:
         config(REQUIRED + ["--config", str(recipe)])
     assert str(info.value) == f"{recipe}: 'lr' must be a finite number, got nan"
+
+
+def test_is_integer_takes_numpy_integers_and_refuses_bools_and_floats():
+    import numpy as np
+
+    from qtune.config import is_integer
+
+    assert is_integer(3) and is_integer(np.int64(3)) and is_integer(-1)
+    assert not is_integer(True) and not is_integer(3.0) and not is_integer("3") and not is_integer(None)

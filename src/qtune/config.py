@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import numbers
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +19,11 @@ from typing import Any, Callable, ClassVar
 import yaml
 
 from qtune.errors import QtuneError
+
+
+def is_integer(value: Any) -> bool:
+    """An integer (numpy's too), and not a bool: JSON's and YAML's `true` is no count or length."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def opt(default: Any, help: str, choices: tuple | None = None, required: bool = False,

@@ -7,13 +7,9 @@ import math
 import numbers
 from dataclasses import dataclass
 
-from qtune.config import opt
+from qtune.config import is_integer, opt
 
 SAMPLING = ("top", "random")
-
-
-def _is_int(x) -> bool:
-    return isinstance(x, numbers.Integral) and not isinstance(x, bool)  # numpy integers too
 
 
 def _is_real(x) -> bool:
@@ -53,12 +49,12 @@ class MiningSettings:
 
     def __post_init__(self):
         # Checked on construction so the CLI can turn a bad flag into a message before any model loads.
-        if not _is_int(self.range_min) or self.range_min < 0:
+        if not is_integer(self.range_min) or self.range_min < 0:
             raise ValueError(f"range_min must be an integer >= 0, got {self.range_min!r}")
-        if not _is_int(self.range_max) or self.range_max <= self.range_min:
+        if not is_integer(self.range_max) or self.range_max <= self.range_min:
             raise ValueError(f"range_max must be an integer greater than range_min ({self.range_min}), "
                              f"got {self.range_max!r}")
-        if not _is_int(self.num_negatives) or self.num_negatives < 1:
+        if not is_integer(self.num_negatives) or self.num_negatives < 1:
             raise ValueError(f"num_negatives must be an integer >= 1, got {self.num_negatives!r}")
         if self.num_negatives > self.range_max - self.range_min:
             raise ValueError(f"num_negatives must fit in the {self.range_max - self.range_min} ranks left after "
@@ -76,5 +72,5 @@ class MiningSettings:
             raise ValueError(f"min_score must not exceed max_score ({self.max_score:g}), got {self.min_score:g}")
         if self.sampling not in SAMPLING:
             raise ValueError(f"sampling must be one of {', '.join(SAMPLING)}, got {self.sampling!r}")
-        if not _is_int(self.seed):
+        if not is_integer(self.seed):
             raise ValueError(f"seed must be an integer, got {self.seed!r}")

@@ -19,6 +19,7 @@ import json
 import random
 from pathlib import Path
 
+from qtune.config import is_integer
 from qtune.data.sources import COLUMNAR_TYPES, is_columnar, source_name
 from qtune.data.tables import _decode, iter_records, json_problem, required_text
 from qtune.errors import DataError, QtuneError
@@ -114,7 +115,7 @@ def _pii_value(record: dict, field: str, index: int, path: str | Path, *, allow_
     value = record.get(field)
     if value is None:
         return None
-    if allow_int and isinstance(value, int) and not isinstance(value, bool):
+    if allow_int and is_integer(value):
         return str(value)  # phone numbers are sometimes written as JSON numbers
     if not isinstance(value, str):
         expected = "text or an integer" if allow_int else "text"

@@ -238,7 +238,7 @@ def _read_queries(path: Path) -> dict[str, str]:
     return _texts_by_id(path, lambda obj, p, line: _required_text(obj, "text", p, line))
 
 
-def _is_int(text: str) -> bool:
+def _parses_as_int(text: str) -> bool:
     try:
         int(text)
     except ValueError:
@@ -265,7 +265,7 @@ def _qrels_rows(path: Path) -> Iterator[tuple[int, str, str, str]]:
                             path=str(path), line=line)
         if first:
             first = False
-            if not _is_int(values[2]):  # a header row, whatever its column names
+            if not _parses_as_int(values[2]):  # a header row, whatever its column names
                 continue
         query_id, doc_id, score = values
         yield line, query_id, doc_id, score
@@ -293,7 +293,7 @@ def _read_qrels(path: Path, queries: Mapping[str, str], corpus: Mapping[str, str
     qrels: dict[str, dict[str, int]] = {}
     graded: dict[tuple[str, str], tuple[int, int]] = {}  # (query id, doc id) -> (grade, line)
     for line, query_id, doc_id, score in _qrels_rows(path):
-        if not _is_int(score):
+        if not _parses_as_int(score):
             raise DataError(f"score must be an integer, got {score!r}", path=str(path), line=line, field="score")
         if query_id not in queries:
             raise DataError(f"unknown query id {query_id!r} (not in the queries)", path=str(path), line=line,

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Protocol, Sequence
 
 from qtune import __version__
+from qtune.config import is_integer
 from qtune.distributed import device_name
 from qtune.errors import DataError, QtuneError, held_logs
 from qtune.hub import hub_reachable
@@ -154,10 +155,6 @@ def field_checks(settings: type[SavedSettings] | None = None) -> dict:
     return checks
 
 
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)  # JSON true is no length
-
-
 def _text(value, what: str) -> str | None:
     return None if isinstance(value, str) and value else f"expected {what}"
 
@@ -167,7 +164,7 @@ def check_optional_text(value) -> str | None:
 
 
 def _check_max_length(value) -> str | None:
-    if _is_int(value) and 1 <= value <= MAX_LENGTH_CAP:
+    if is_integer(value) and 1 <= value <= MAX_LENGTH_CAP:
         return None
     return f"expected a whole number of tokens from 1 to {MAX_LENGTH_CAP}"
 
@@ -192,7 +189,7 @@ def check_pooling(value) -> str | None:
 
 
 def check_threshold(value) -> str | None:
-    if value is None or ((_is_int(value) or isinstance(value, float)) and math.isfinite(value)):
+    if value is None or ((is_integer(value) or isinstance(value, float)) and math.isfinite(value)):
         return None
     return "expected a finite number or null"
 
