@@ -204,3 +204,29 @@ def test_every_committed_result_has_headline_rows():
     names = [row["row"] for _, _, row in found["cpu"] + found["gpu"]]
     assert any(n.startswith("pair-cls training") for n in names)
     assert any(n.startswith("decoder reranking") for n in names)
+
+
+def test_quality_verdicts_count_a_gain_only_above_the_seed_spread():
+    quality = importlib.import_module("bench.quality.__main__")
+
+    def row(*values):
+        return {"mean ndcg@10": sum(values) / len(values), "spread ndcg@10": max(values) - min(values),
+                "seeds": len(values)}
+
+    summary = {"st-1e-4": row(0.820, 0.824), "st-2e-4": row(0.810, 0.812), "qtune": row(0.830, 0.832),
+               "qtune-1-epoch": row(0.824, 0.826), "qtune-lr2e-4": row(0.800, 0.802),
+               "qtune-hn1-percpos": row(0.835), "st-hn1-1e-4": row(0.833, 0.831),
+               "qtune-round2-hn1": row(0.845, 0.847)}
+    found = quality.verdicts(summary)
+    # the best peer is lr 1e-4 (mean 0.822); +0.009 is above its 0.004 spread, +0.003 is not
+    assert found["qtune"].startswith("better than st-1e-4 (the peer's best mean on the same training file): +0.0090")
+    assert found["qtune-1-epoch"].startswith("within the seed spread of st-1e-4")
+    assert found["qtune-lr2e-4"].startswith("worse than st-1e-4")
+    # mined negatives: against the peer given the same negatives (one seed: not judged), and against
+    # the in-batch peer; a second round has no peer on its file, only the in-batch one
+    assert found["qtune-hn1-percpos"].startswith("not judged (a single seed): against st-hn1-1e-4")
+    assert found["qtune-hn1-percpos vs in-batch"].startswith("not judged (a single seed): against st-1e-4")
+    assert "qtune-round2-hn1" not in found
+    assert found["qtune-round2-hn1 vs in-batch"].startswith("better than st-1e-4 (the peer's best mean on the user's "
+                                                            "file, in-batch negatives): +0.0240")
+    assert not [k for k in found if k.startswith("st-")]

@@ -132,27 +132,42 @@ def summarise(per_seed: dict[str, dict]) -> dict:
     return out
 
 
+def judge(row: str, s: dict, peers: dict[str, dict], against: str) -> str | None:
+    """One qtune row (its summary `s`) against the best of `peers` by mean nDCG@10: better or worse
+    only by more than the larger seed spread of the two, and never from one seed."""
+    if not peers:
+        return None
+    best = max(peers, key=lambda r: peers[r]["mean ndcg@10"])
+    delta = s["mean ndcg@10"] - peers[best]["mean ndcg@10"]
+    noise = max(s["spread ndcg@10"], peers[best]["spread ndcg@10"])
+    seeds = min(s["seeds"], peers[best]["seeds"])
+    if seeds < 2:  # one seed measures no spread: nothing is counted
+        word = "not judged (a single seed): against"
+    else:
+        word = "better than" if delta > noise else ("worse than" if delta < -noise else "within the seed spread of")
+    return f"{word} {best} ({against}): {delta:+.4f} nDCG@10, spread {noise:.4f}, {seeds} seed(s)"
+
+
 def verdicts(summary: dict[str, dict]) -> dict[str, str]:
-    """Each qtune row against the best peer row (by mean nDCG@10) among those trained on the same
-    file: in-batch rows against in-batch peers, rows with mined negatives against peers given the
-    same negatives."""
+    """Each qtune row against the best peer row among those trained on the same file: in-batch rows
+    against in-batch peers, rows with mined negatives against peers given the same negatives. A
+    row with mined negatives is also judged against the peer's best on the user's own file (in-batch,
+    `ROW vs in-batch`): what the user would get from the peer without the mining step."""
     out = {}
     for row, s in summary.items():
         if ROWS.get(row, ("",))[0] != "qtune":
             continue
-        peers = {r: p for r, p in summary.items() if ROWS.get(r, ("",))[0] == "st"
-                 and MINED_ROWS.get(r) == MINED_ROWS.get(row) and (r in MINED_BY) == (row in MINED_BY)}
-        if not peers:
-            continue
-        best = max(peers, key=lambda r: peers[r]["mean ndcg@10"])
-        delta = s["mean ndcg@10"] - peers[best]["mean ndcg@10"]
-        noise = max(s["spread ndcg@10"], peers[best]["spread ndcg@10"])
-        if min(s["seeds"], peers[best]["seeds"]) < 2:  # one seed measures no spread: nothing is counted
-            word = "not judged (a single seed): against"
-        else:
-            word = "better than" if delta > noise else ("worse than" if delta < -noise else "within the seed spread of")
-        out[row] = (f"{word} {best} (the peer's best mean on the same training file): {delta:+.4f} nDCG@10, "
-                    f"spread {noise:.4f}, {min(s['seeds'], peers[best]['seeds'])} seed(s)")
+        peers = {r: p for r, p in summary.items() if ROWS.get(r, ("",))[0] == "st"}
+        same = {r: p for r, p in peers.items()
+                if MINED_ROWS.get(r) == MINED_ROWS.get(row) and (r in MINED_BY) == (row in MINED_BY)}
+        line = judge(row, s, same, "the peer's best mean on the same training file")
+        if line:
+            out[row] = line
+        if row in MINED_ROWS:
+            line = judge(row, s, {r: p for r, p in peers.items() if r not in MINED_ROWS},
+                         "the peer's best mean on the user's file, in-batch negatives")
+            if line:
+                out[f"{row} vs in-batch"] = line
     return out
 
 
