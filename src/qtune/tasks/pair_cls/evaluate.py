@@ -22,8 +22,8 @@ def evaluate(config: PairClsEvalConfig, load) -> dict:
     results = {}
     init_process_group()  # under a launcher: the ranks share the predictions
     for name in [config.model] + ([config.compare] if config.compare else []):
-        meta = read_meta(name, ClassifierSaved)
-        labels = meta.settings.labels if meta else ["0", "1"]
+        meta = read_meta(name, ClassifierSaved)  # a base model without qtune.json: the saved default labels
+        labels = (meta.settings if meta else ClassifierSaved()).labels
         pairs = read_pairs(config.data, text_columns=config.text_columns, label_column=config.label_column,
                            labels=labels, labels_flag=None)
         clf = load(name, "pair-cls", device=config.device, precision=config.load_precision)
