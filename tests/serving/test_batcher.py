@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -31,6 +32,40 @@ def test_concurrent_requests_get_their_own_rows_in_order():
     for request, answer in zip(requests, answers):
         assert answer[:, 0].tolist() == [len(f["input_ids"]) for f in request]
     assert calls == 1  # all three waited for company and went in one model call
+
+
+def test_a_lone_request_is_not_held_for_company_after_a_lone_call():
+    """One request at a time (a client that waits for each answer): the first waits `max_wait_ms`
+    (no call has shown whether requests come alone), the ones after a lone call are computed at
+    once; requests submitted together still share one call."""
+    wait_s = 0.4
+
+    async def main():
+        with ThreadPoolExecutor(max_workers=1) as executor:
+            batcher = MicroBatcher(lengths_runner, executor, max_batch_tokens=10_000, max_wait_ms=wait_s * 1000,
+                                   max_queue=8)
+            batcher.start()
+            await asyncio.sleep(0.01)  # the worker idle, waiting for a request
+            seconds = []
+            for n in (2, 3, 4):
+                began = time.perf_counter()
+                await batcher.submit([{"input_ids": [0] * n}])
+                seconds.append(time.perf_counter() - began)
+            calls = batcher.model_calls
+            # 50 ms apart: two calls; submitted in the same turn of the event loop: one
+            first = asyncio.ensure_future(batcher.submit([{"input_ids": [1]}]))
+            await asyncio.sleep(0.05)
+            second = asyncio.ensure_future(batcher.submit([{"input_ids": [1, 1]}]))
+            await asyncio.gather(first, second)
+            together = await asyncio.gather(batcher.submit([{"input_ids": [5]}]), batcher.submit([{"input_ids": [6]}]))
+            await batcher.stop()
+            return seconds, calls, batcher.model_calls, together
+
+    seconds, calls, total, together = asyncio.run(main())
+    assert seconds[0] >= wait_s and max(seconds[1:]) < wait_s / 4, seconds
+    assert calls == 3
+    assert total == 3 + 2 + 1
+    assert [a[0, 0] for a in together] == [1, 1]
 
 
 def test_stopping_answers_requests_in_a_model_call_and_in_the_queue():

@@ -3,7 +3,10 @@
 One `MicroBatcher` per model, each with one worker task. Requests wait in a pool of rows. When the
 worker is idle and a request arrives, it waits up to `max_wait_ms` for company (or until the waiting
 rows reach `max_batch_tokens`), then makes model calls one at a time, each picked afresh from the
-rows still waiting:
+rows still waiting. It waits only while requests come together: after a call that served one
+request alone, the next request that finds the worker idle is computed at once (a client sending
+one request at a time would only wait for nobody); requests arriving during that call make the
+next call one of several requests, and waiting resumes:
 
 - fairness: requests are ordered by how many model calls they have already had, then by arrival,
   so a small request that arrives during a big one goes into the next call instead of waiting
@@ -94,6 +97,7 @@ class MicroBatcher:
         self.pending = 0  # requests submitted and not yet answered (waiting or being computed)
         self._pool: list[_Pending] = []  # requests with rows waiting or running, in arrival order
         self._arrivals = itertools.count()
+        self._alone = False  # the last call served one request: an idle worker does not wait for company
         self._wake: asyncio.Event | None = None
         self._worker: asyncio.Task | None = None
 
@@ -142,9 +146,13 @@ class MicroBatcher:
             if not self._prune():
                 self._wake.clear()
                 await self._wake.wait()
-                await self._gather(loop.time() + self.max_wait)
+                if self._alone:
+                    await asyncio.sleep(0)  # the requests submitted in the same turn of the event loop
+                else:
+                    await self._gather(loop.time() + self.max_wait)
             call = self.next_call()
             if call:
+                self._alone = len({id(item) for item, _ in call}) == 1
                 await self._run(call)
 
     def _prune(self) -> bool:
