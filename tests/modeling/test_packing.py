@@ -250,8 +250,43 @@ def test_without_the_gpu_kernel_only_batches_with_enough_padding_are_packed(tiny
     assert not loaded.packs(rows(10, 1))
 
 
-def test_bert_family_models_stay_padded(tiny_bert_dir):
-    assert not load_model(tiny_bert_dir, task="embedding", device="cpu").packed
+def test_bert_embedders_pack_and_other_encoder_models_stay_padded(tiny_bert_dir, tmp_path):
+    """A BERT embedder packs (single texts, token type 0, positions from 0); a BERT classifier or
+    cross-encoder reads its head from a padded batch, and an encoder whose positions do not start
+    at 0 for every sequence (XLM-R counts from its padding id) stays padded."""
+    assert load_model(tiny_bert_dir, task="embedding", device="cpu").packed
+    assert not load_model(tiny_bert_dir, task="embedding", device="cpu", packing=False).packed
+    for task in ("pair-cls", "reranker", "classify"):
+        assert not load_model(tiny_bert_dir, task=task, device="cpu").packed, task
+    assert "xlm-roberta" not in packing.PACKED_ENCODERS and "bert" in packing.PACKED_ENCODERS
+
+
+def test_bert_embeddings_and_training_signal_packed_equal_padded(tiny_bert_dir):
+    from qtune.tasks.embedding import encode
+    from qtune.tasks.embedding import loss as contrastive
+    from qtune.tasks.embedding.model import Embedder
+
+    packed = qtune.load(tiny_bert_dir, task="embedding", device="cpu")
+    padded = qtune.load(tiny_bert_dir, task="embedding", device="cpu", packing=False)
+    assert packed.loaded.packs(packed.features(TEXTS))
+    reference = padded.embed(TEXTS, batch_size=len(TEXTS))
+    assert np.ptp(reference[:, 0]) > 1e-3
+    for options in ({"batch_size": len(TEXTS)}, {"batch_size": 2}):
+        np.testing.assert_allclose(packed.embed(TEXTS, **options), reference, atol=1e-5)
+    # the contrastive loss and its gradients, plain and GradCache, on a model without dropout
+    loaded = load_model(tiny_bert_dir, task="embedding", device="cpu", trainable=True, lora=NO_DROPOUT)
+    loaded.model.eval()
+    groups = [QueryGroup(f"q {w}", (f"the {w} is here and there again",), (f"a {w}", "my old bus now"))
+              for w in ["cat", "dog", "cow", "goat", "tiger"]]
+    features = encode.group_features(groups, Embedder(loaded).features, hard_negatives=1)
+    settings = contrastive.ContrastiveSettings(pooling="mean", temperature=0.05, mini_batch_size=2)
+    padded_batch = encode.collate(loaded.tokenizer, features)
+    packed_batch = encode.collate(loaded.tokenizer, features, packed=True)
+    loss = lambda model, batch: contrastive.loss(model, batch, settings)  # noqa: E731
+    _assert_same_training_signal(loaded.model, loss, padded_batch, packed_batch)
+    loaded.model.zero_grad(set_to_none=True)
+    cached = contrastive.cached_backward(loaded.model, packed_batch, settings).item()
+    assert cached == pytest.approx(loss(loaded.model, padded_batch).item(), rel=1e-5)
 
 
 @pytest.mark.parametrize("new_signature", [True, False])

@@ -133,5 +133,6 @@ def quantize_int8(loaded, *, output: str | None, threads: int | None = None, int
         session = ort.InferenceSession(str(int8_path if int8 else fp32_path), options,
                                        providers=["CPUExecutionProvider"])
     loaded.model = OnnxModel(session, model.config, output)
+    loaded.packed = False  # the graph takes padded batches
     loaded.precision = "int8" if int8 else "fp32"
     return loaded

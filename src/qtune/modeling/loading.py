@@ -28,6 +28,7 @@ from qtune.distributed import device_name
 from qtune.errors import DataError, QtuneError, held_logs
 from qtune.hub import hub_reachable
 from qtune.modeling.family import Family, family_of
+from qtune.modeling.packing import PACKED_ENCODERS
 
 log = logging.getLogger(__name__)
 
@@ -463,7 +464,8 @@ def load_model(name_or_path: str | os.PathLike, spec: ModelSpec, *, labels: Sequ
     import transformers
 
     auto_class = getattr(transformers, spec.auto_class(family))
-    packed = packing and family.is_decoder and not quantize
+    packs_encoder = spec.encoder_packing and family.model_type in PACKED_ENCODERS
+    packed = packing and not quantize and (family.is_decoder or packs_encoder)
     if packed:
         from qtune.modeling.packing import register_attention
 

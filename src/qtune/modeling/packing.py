@@ -1,4 +1,4 @@
-"""Padding-free ("packed") batches for decoders.
+"""Padding-free ("packed") batches for decoders, and for BERT encoders where a task packs them.
 
 A packed batch lays its B sequences end to end in ONE row of N = sum(lengths) tokens:
 
@@ -6,6 +6,11 @@ A packed batch lays its B sequences end to end in ONE row of N = sum(lengths) to
   positions are exactly those of the padded batch);
 - `cu_seq_lens_q` / `cu_seq_lens_k` (B + 1,) int32 sequence boundaries and `max_length_q` /
   `max_length_k`, the names transformers forwards to the attention function of every layer.
+
+An encoder packs only for a task that declares `encoder_packing` (one text per sequence, pooled per
+sequence: embeddings) and only where its position ids start at 0 for every sequence as they do in
+a padded batch (`PACKED_ENCODERS`: BERT, so MiniLM, BGE and E5 among others; XLM-R counts positions
+from its padding id and is left padded). Its token type ids are then all 0, as a single text's are.
 
 No layer computes anything for padding. Attention must then keep the sequences apart: models
 loaded for packing use the attention implementation registered here (`ATTENTION`):
@@ -33,6 +38,7 @@ from qtune.errors import QtuneError
 log = logging.getLogger(__name__)
 
 ATTENTION = "qtune_varlen"
+PACKED_ENCODERS = frozenset({"bert"})  # encoder model types whose packed positions equal the padded ones
 PACKED_KEYS = ("input_ids", "position_ids", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
 
 
@@ -160,7 +166,13 @@ def packed_hidden(model, batch: dict, prefix: str = ""):
     if body.config._attn_implementation != ATTENTION:
         raise QtuneError(f"packed batches need attn_implementation={ATTENTION!r}, "
                          f"the model has {body.config._attn_implementation!r}")
-    return body(**packed_inputs(batch, prefix), use_cache=False).last_hidden_state[0]
+    inputs = packed_inputs(batch, prefix)
+    if getattr(body.config, "type_vocab_size", 0):  # an encoder: one text per sequence, segment 0
+        import torch
+
+        inputs["token_type_ids"] = torch.zeros_like(inputs["input_ids"])
+        return body(**inputs).last_hidden_state[0]
+    return body(**inputs, use_cache=False).last_hidden_state[0]
 
 
 def last_positions(cu):

@@ -21,6 +21,7 @@ class EmbeddingTask(Task):
     saved_settings = EmbeddingSaved
     trainer = "qtune.tasks.embedding.train:train"
     memory_planner = "qtune.tasks.embedding.memory:plan_run"
+    encoder_packing = True  # single texts, pooled per sequence
     wrapper = "qtune.tasks.embedding.model:Embedder"
     commands = {"evaluation": (Command("retrieval", RetrievalEvalConfig, RUNNERS),
                                Command("sts", StsEvalConfig, RUNNERS, "evaluate_sts", "show_sts")),
