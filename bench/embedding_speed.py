@@ -271,7 +271,9 @@ def run_qtune_training(model_dir: str, pairs, args, device, precision: str, full
                              packing=packing,
                              batch_size=args.train_batch_size, max_length=args.max_length, hard_negatives=0,
                              full=full, lr=args.lr, device=str(device), precision=precision,
-                             logging_steps=10**9, query_instruction="")  # '' = no query instruction
+                             logging_steps=10**9, query_instruction="",  # '' = no query instruction
+                             # one epoch over every pair, as the peer trains: no dev split, no --min-steps
+                             dev_fraction=0.0, min_steps=0)
     train("embedding", config, on_step=on_step)
     if end not in marks:
         raise SystemExit(f"qtune made fewer than {end} optimizer steps (batches held back?)")
