@@ -131,17 +131,20 @@ def test_pair_classification_packed_equals_padded(tiny_qwen_dir):
     np.testing.assert_allclose(probs, PairClassifier(loaded).predict_features(features, batch_size=4), atol=1e-5)
 
 
-def test_contrastive_loss_and_gradcache_packed_equal_padded(tiny_qwen_dir):
+@pytest.mark.parametrize("model, pooling", [("tiny_qwen_dir", "last"), ("tiny_bert_dir", "mean")])
+def test_contrastive_loss_and_gradcache_packed_equal_padded(request, model, pooling):
+    """A decoder and a BERT encoder (which packs as an embedder, with token type 0)."""
     from qtune.tasks.embedding import encode
     from qtune.tasks.embedding import loss as contrastive
     from qtune.tasks.embedding.model import Embedder
 
-    loaded = load_model(tiny_qwen_dir, task="embedding", device="cpu", trainable=True, lora=NO_DROPOUT)
+    loaded = load_model(request.getfixturevalue(model), task="embedding", device="cpu", trainable=True,
+                        lora=NO_DROPOUT)
     loaded.model.eval()
     groups = [QueryGroup(f"q {w}", (f"the {w} is here",), (f"a {w} there now", "my old bus"))
               for w in ["cat", "dog", "cow", "goat", "tiger"]]
     features = encode.group_features(groups, Embedder(loaded).features, hard_negatives=1)
-    settings = contrastive.ContrastiveSettings(pooling="last", temperature=0.05, mini_batch_size=2)
+    settings = contrastive.ContrastiveSettings(pooling=pooling, temperature=0.05, mini_batch_size=2)
     padded = encode.collate(loaded.tokenizer, features)
     packed = encode.collate(loaded.tokenizer, features, packed=True)
     assert packed["p_cu_seq_lens_q"].shape == (len(groups) * 2 + 1,)  # positives + one negative each
@@ -261,11 +264,7 @@ def test_bert_embedders_pack_and_other_encoder_models_stay_padded(tiny_bert_dir,
     assert "xlm-roberta" not in packing.PACKED_ENCODERS and "bert" in packing.PACKED_ENCODERS
 
 
-def test_bert_embeddings_and_training_signal_packed_equal_padded(tiny_bert_dir):
-    from qtune.tasks.embedding import encode
-    from qtune.tasks.embedding import loss as contrastive
-    from qtune.tasks.embedding.model import Embedder
-
+def test_bert_embeddings_packed_equal_padded(tiny_bert_dir):
     packed = qtune.load(tiny_bert_dir, task="embedding", device="cpu")
     padded = qtune.load(tiny_bert_dir, task="embedding", device="cpu", packing=False)
     assert packed.loaded.packs(packed.features(TEXTS))
@@ -273,20 +272,6 @@ def test_bert_embeddings_and_training_signal_packed_equal_padded(tiny_bert_dir):
     assert np.ptp(reference[:, 0]) > 1e-3
     for options in ({"batch_size": len(TEXTS)}, {"batch_size": 2}):
         np.testing.assert_allclose(packed.embed(TEXTS, **options), reference, atol=1e-5)
-    # the contrastive loss and its gradients, plain and GradCache, on a model without dropout
-    loaded = load_model(tiny_bert_dir, task="embedding", device="cpu", trainable=True, lora=NO_DROPOUT)
-    loaded.model.eval()
-    groups = [QueryGroup(f"q {w}", (f"the {w} is here and there again",), (f"a {w}", "my old bus now"))
-              for w in ["cat", "dog", "cow", "goat", "tiger"]]
-    features = encode.group_features(groups, Embedder(loaded).features, hard_negatives=1)
-    settings = contrastive.ContrastiveSettings(pooling="mean", temperature=0.05, mini_batch_size=2)
-    padded_batch = encode.collate(loaded.tokenizer, features)
-    packed_batch = encode.collate(loaded.tokenizer, features, packed=True)
-    loss = lambda model, batch: contrastive.loss(model, batch, settings)  # noqa: E731
-    _assert_same_training_signal(loaded.model, loss, padded_batch, packed_batch)
-    loaded.model.zero_grad(set_to_none=True)
-    cached = contrastive.cached_backward(loaded.model, packed_batch, settings).item()
-    assert cached == pytest.approx(loss(loaded.model, padded_batch).item(), rel=1e-5)
 
 
 @pytest.mark.parametrize("new_signature", [True, False])
