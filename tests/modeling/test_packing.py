@@ -161,11 +161,15 @@ def test_contrastive_loss_and_gradcache_packed_equal_padded(request, model, pool
         torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-4)
 
 
-def test_reranker_group_loss_packed_equals_padded(tiny_qwen_dir):
+@pytest.mark.parametrize("model", ["tiny_qwen_dir", "tiny_bert_dir"])
+def test_reranker_group_loss_packed_equals_padded(request, model):
+    """A yes/no decoder and a BERT cross-encoder (packed with each pair's token types, scored from
+    its [CLS] row)."""
     from qtune.tasks.reranker import groups as task
     from qtune.tasks.reranker.model import Reranker
 
-    loaded = load_model(tiny_qwen_dir, task="reranker", device="cpu", trainable=True, lora=NO_DROPOUT)
+    loaded = load_model(request.getfixturevalue(model), task="reranker", device="cpu", trainable=True,
+                        lora=NO_DROPOUT)
     loaded.model.eval()
     reranker = Reranker(loaded)
     groups = [QueryGroup("which animal", ("the cat is here",), ("my old bus", "a red car there now")),
@@ -254,14 +258,33 @@ def test_without_the_gpu_kernel_only_batches_with_enough_padding_are_packed(tiny
 
 
 def test_bert_embedders_pack_and_other_encoder_models_stay_padded(tiny_bert_dir, tmp_path):
-    """A BERT embedder packs (single texts, token type 0, positions from 0); a BERT classifier or
-    cross-encoder reads its head from a padded batch, and an encoder whose positions do not start
+    """A BERT embedder and cross-encoder pack (positions from 0); a BERT classifier reads its head
+    from a padded batch, and an encoder whose positions do not start
     at 0 for every sequence (XLM-R counts from its padding id) stays padded."""
     assert load_model(tiny_bert_dir, task="embedding", device="cpu").packed
     assert not load_model(tiny_bert_dir, task="embedding", device="cpu", packing=False).packed
-    for task in ("pair-cls", "reranker", "classify"):
+    assert load_model(tiny_bert_dir, task="reranker", device="cpu").packed  # a cross-encoder: its [CLS] rows
+    for task in ("pair-cls", "classify"):
         assert not load_model(tiny_bert_dir, task=task, device="cpu").packed, task
     assert "xlm-roberta" not in packing.PACKED_ENCODERS and "bert" in packing.PACKED_ENCODERS
+
+
+def test_bert_cross_encoder_scores_packed_equal_padded(tiny_bert_dir):
+    reranker = qtune.load(tiny_bert_dir, task="reranker", device="cpu")
+    torch.manual_seed(0)
+    with torch.no_grad():  # a sharper new head, so a wrong row or segment shows
+        packing.head_model(reranker.loaded.model).classifier.weight.normal_(0.0, 3.0)
+    pairs = [(q, d) for q in ("the cat", "a long question about my old red bus") for d in TEXTS]
+    features = reranker.features(pairs)
+    assert reranker.loaded.packs(features)
+    batch = reranker.loaded.collate(features)
+    assert batch["token_type_ids"].shape == batch["input_ids"].shape and batch["token_type_ids"].max() == 1
+    packed = [reranker.score(pairs, batch_size=size) for size in (len(pairs), 3)]
+    reranker.loaded.packed = False
+    reference = reranker.score(pairs, batch_size=len(pairs))
+    assert np.ptp(reference) > 1e-4  # the pairs score differently (by more than the tolerance)
+    for scores in packed:
+        np.testing.assert_allclose(scores, reference, atol=1e-5)
 
 
 def test_bert_embeddings_packed_equal_padded(tiny_bert_dir):

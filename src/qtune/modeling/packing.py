@@ -7,10 +7,12 @@ A packed batch lays its B sequences end to end in ONE row of N = sum(lengths) to
 - `cu_seq_lens_q` / `cu_seq_lens_k` (B + 1,) int32 sequence boundaries and `max_length_q` /
   `max_length_k`, the names transformers forwards to the attention function of every layer.
 
-An encoder packs only for a task that declares `encoder_packing` (one text per sequence, pooled per
-sequence: embeddings) and only where its position ids start at 0 for every sequence as they do in
-a padded batch (`PACKED_ENCODERS`: BERT, so MiniLM, BGE and E5 among others; XLM-R counts positions
-from its padding id and is left padded). Its token type ids are then all 0, as a single text's are.
+An encoder packs only for a task that declares `encoder_packing` (embeddings: one text per sequence,
+pooled per sequence; cross-encoders: a (query, document) pair per sequence, scored from its first
+token) and only where its position ids start at 0 for every sequence as they do in a padded batch
+(`PACKED_ENCODERS`: BERT, so MiniLM, BGE, E5 and the ms-marco cross-encoders among others; XLM-R
+counts positions from its padding id and is left padded). Token type ids are packed with the rows
+that carry them (a pair's second segment is 1), and are 0 for rows without them.
 
 No layer computes anything for padding. Attention must then keep the sequences apart: models
 loaded for packing use the attention implementation registered here (`ATTENTION`):
@@ -102,6 +104,9 @@ def pack(features: Sequence[dict], labels_key: str | None = None, ignore_index: 
         "position_ids": torch.cat([torch.arange(n) for n in lengths]).unsqueeze(0),
         "cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": longest, "max_length_k": longest,
     }
+    if all("token_type_ids" in f for f in features):
+        batch["token_type_ids"] = torch.tensor([t for f in features for t in f["token_type_ids"]],
+                                               dtype=torch.long).unsqueeze(0)
     if labels_key is not None:
         labels = torch.tensor([t for f in features for t in f[labels_key]], dtype=torch.long)
         labels[cu[:-1].long()] = ignore_index
@@ -127,9 +132,11 @@ def split_packed(batch: dict, size: int) -> list[dict]:
         start, end = bounds[first], bounds[last]
         part_cu = cu[first:last + 1] - start
         longest = max(b - a for a, b in zip(bounds[first:last], bounds[first + 1:last + 1]))
-        parts.append({"input_ids": batch["input_ids"][:, start:end], "position_ids": batch["position_ids"][:, start:end],
-                      "cu_seq_lens_q": part_cu, "cu_seq_lens_k": part_cu, "max_length_q": longest,
-                      "max_length_k": longest})
+        part = {"input_ids": batch["input_ids"][:, start:end], "position_ids": batch["position_ids"][:, start:end],
+                "cu_seq_lens_q": part_cu, "cu_seq_lens_k": part_cu, "max_length_q": longest, "max_length_k": longest}
+        if "token_type_ids" in batch:
+            part["token_type_ids"] = batch["token_type_ids"][:, start:end]
+        parts.append(part)
     return parts
 
 
@@ -167,10 +174,11 @@ def packed_hidden(model, batch: dict, prefix: str = ""):
         raise QtuneError(f"packed batches need attn_implementation={ATTENTION!r}, "
                          f"the model has {body.config._attn_implementation!r}")
     inputs = packed_inputs(batch, prefix)
-    if getattr(body.config, "type_vocab_size", 0):  # an encoder: one text per sequence, segment 0
+    if getattr(body.config, "type_vocab_size", 0):  # an encoder: the packed segments, else segment 0
         import torch
 
-        inputs["token_type_ids"] = torch.zeros_like(inputs["input_ids"])
+        types = batch.get(prefix + "token_type_ids")
+        inputs["token_type_ids"] = torch.zeros_like(inputs["input_ids"]) if types is None else types
         return body(**inputs).last_hidden_state[0]
     return body(**inputs, use_cache=False).last_hidden_state[0]
 

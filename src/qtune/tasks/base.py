@@ -104,8 +104,9 @@ class Task:
     stats_unit: ClassVar[str] = "row"
     over_length: ClassVar[str] = "truncated"
     token_lengths: ClassVar[Callable | None] = None  # (data, tokenizer, family, **settings) -> [tokens per row]
-    # Its batches of BERT encoders may be packed (`qtune.modeling.packing`): one text per sequence
-    # (token type 0), each read out per sequence. Decoders pack whatever the task.
+    # Its batches of BERT encoders may be packed (`qtune.modeling.packing`): its model reads each
+    # sequence out on its own (an embedder pools it, a cross-encoder scores its [CLS] row).
+    # Decoders pack whatever the task.
     encoder_packing: ClassVar[bool] = False
 
     # -- the model: which transformers class carries the head, how LoRA wraps it

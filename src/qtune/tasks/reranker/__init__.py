@@ -25,6 +25,7 @@ class RerankerTask(Task):
     saved_settings = RerankerSaved
     trainer = "qtune.tasks.reranker.train:train"
     memory_planner = "qtune.tasks.reranker.memory:plan_run"
+    encoder_packing = True  # BERT cross-encoders: a pair per sequence, scored from its [CLS] row
     wrapper = "qtune.tasks.reranker.model:Reranker"
     commands = {"evaluation": Command("rerank", RerankEvalConfig, RUNNERS),
                 "calibration": Command("calibrate", CalibrateConfig, RUNNERS, "calibrate", "show_calibration",

@@ -24,6 +24,8 @@ def forward_logits(model, batch: dict, prompt: RerankPrompt | None):
 
     if is_packed(batch):
         hidden = packed_hidden(model, batch)  # (tokens, hidden)
+        if prompt is None:  # a BERT cross-encoder: its head reads each pair's first token ([CLS])
+            return encoder_head_logits(head_model(model), hidden[batch["cu_seq_lens_q"][:-1].long()])
         logits = head_model(model).lm_head(hidden[last_positions(batch["cu_seq_lens_q"])]).float()  # (rows, vocab)
         return logits[:, prompt.yes_id] - logits[:, prompt.no_id]
     inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
@@ -31,6 +33,12 @@ def forward_logits(model, batch: dict, prompt: RerankPrompt | None):
         return model(**inputs).logits[:, 0].float()
     logits = model(**inputs, logits_to_keep=1).logits[:, -1, :].float()  # (rows, vocab)
     return logits[:, prompt.yes_id] - logits[:, prompt.no_id]
+
+
+def encoder_head_logits(hf, first):
+    """(rows,) logits of `BertForSequenceClassification`'s head on the rows' first hidden states
+    (rows, hidden): the pooler (dense, tanh), dropout, the classifier, as it reads a padded batch."""
+    return hf.classifier(hf.dropout(hf.bert.pooler(first.unsqueeze(1))))[:, 0].float()
 
 
 class Reranker(InferenceModel):
