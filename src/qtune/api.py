@@ -25,8 +25,8 @@ def load(name_or_path: str | Path, task: str | None = None, *, device: str = "au
     """Load a trained qtune folder (or a base model with `task=`) for inference: the task's wrapper
     (PairClassifier, Embedder, Reranker, Extractor, TextClassifier).
 
-    `packing=False` runs decoders (and BERT embedders) on padded batches instead of packed ones
-    (same results)."""
+    `packing=False` runs decoders (and BERT embedders and cross-encoders) on padded batches instead
+    of packed ones (same results)."""
     from qtune.modeling.loading import load_model as load_with_spec
 
     spec = task_of(name_or_path, task)

@@ -92,7 +92,7 @@ class TrainConfig:
     precision: str = opt("auto", "auto (bf16 on a GPU that supports it, else fp32), fp32 or bf16",
                           choices=("auto", "fp32", "bf16"))
     device: str = opt("auto", "auto, cpu, cuda or cuda:N")
-    packing: bool = opt(True, "decoders, and BERT encoders of embedding models: padding-free packed batches "
+    packing: bool = opt(True, "decoders, BERT embedders and cross-encoders: padding-free packed batches "
                         "(same results, no work spent on padding)")
     resume: bool = opt(False, "continue the run saved in --output (last/)")
     report_to: list[str] = opt(["tensorboard"], "experiment trackers for the training loss and eval metrics: "
