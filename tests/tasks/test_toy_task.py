@@ -16,7 +16,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from support import free_port, run
+from support import run
+from support.launch import launch_env, launcher
 
 import qtune
 from qtune.serving import ServerSettings
@@ -93,13 +94,10 @@ def test_served_under_its_own_flag_and_path(toy, served, capsys):
 def test_two_process_eval_equals_one_process(toy):
     """`qtune eval toy` under torchrun (2 CPU processes): the task comes from QTUNE_TASKS there."""
     out = toy["work"] / "eval-2"
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
-    env.update(OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", QTUNE_TASKS="toy_task:ToyTask",
-               PYTHONPATH=os.pathsep.join([str(TESTS), env.get("PYTHONPATH", "")]))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(free_port()), "-m", "qtune.cli", "eval", "toy", "--model",
-           str(toy["run"] / "best"), "--data", str(toy["data"]), "--output", str(out), "--device", "cpu",
-           "--batch-size", "3"]
+    env = launch_env()
+    env.update(QTUNE_TASKS="toy_task:ToyTask", PYTHONPATH=os.pathsep.join([str(TESTS), env.get("PYTHONPATH", "")]))
+    cmd = [*launcher(2), "-m", "qtune.cli", "eval", "toy", "--model", str(toy["run"] / "best"), "--data",
+           str(toy["data"]), "--output", str(out), "--device", "cpu", "--batch-size", "3"]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, done.stderr[-4000:]
     one = toy["work"] / "eval-1" / "metrics.json"

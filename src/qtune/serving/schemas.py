@@ -32,7 +32,8 @@ class CommonServerSettings:
     target_call_ms: float | None = opt(250.0, "size model calls from the model's measured speed to take about "
                                        "this long; 0: --max-batch-tokens alone", shown=_number)
     # how long the first waiting request may wait for company
-    max_wait_ms: float = opt(5.0, "wait for more requests (not after a call that served one request alone)", shown="{:g} ms".format)
+    max_wait_ms: float = opt(5.0, "wait for more requests (not after a call that served one request alone)",
+                             shown="{:g} ms".format)
     max_queue: int = opt(1024, "waiting requests before 429")  # per model
     max_inputs: int = opt(2048, "inputs per request")
     max_input_tokens: int | None = opt(None, "tokens per input, at most (None: the model's max_length)", flag=False)

@@ -145,9 +145,9 @@ class Task:
         return resolve(self.trainer)(self, config, on_step)
 
     # -- memory: "module:function" called (config, loaded, lengths, groups) before a run trains
-    # (`plan_memory`, unless the config's `memory_check` is off): it sets the settings the run trains with (e.g.
-    # --cached, --batch-size) so that one batch fits the device's free memory, or stops with a
-    # clear error; `lengths` are the tokens of every training text as the task encodes it. None:
+    # (`plan_memory`, unless the config's `memory_check` is off): it sets the settings the run
+    # trains with (e.g. --cached, --batch-size) so that one batch fits the device's free memory, or
+    # stops with a clear error; `lengths` are the tokens of every training text as the task encodes it. None:
     # the task trains as asked.
     memory_planner: ClassVar[str | None] = None
 

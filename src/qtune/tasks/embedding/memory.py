@@ -92,22 +92,15 @@ def _largest_power_of_two(ok, below: int) -> int | None:
 
 
 def plan_run(config, loaded, lengths: Sequence[int], groups: Sequence) -> None:
-    """The embedding task's memory planner (`Task.memory_planner`): `lengths` are the queries'
-    tokens, then the candidates' (positives, then the hard negatives trained with); sets the run's
-    --cached and --mini-batch-size."""
+    """The embedding task's memory planner (`Task.memory_planner`): `plan_embedding` against the
+    free memory of the model's device. `lengths` are the queries' tokens, then the candidates'
+    (positives, then the hard negatives trained with); sets the run's --cached and
+    --mini-batch-size, said in one line when they change; unchanged when the model's config does
+    not name its sizes."""
     negatives = min(config.hard_negatives, max((len(g.negatives) for g in groups), default=0))
-    config.cached, config.mini_batch_size = fit_embedding_batch(
-        loaded, lengths[:len(groups)], lengths[len(groups):], groups=min(config.batch_size, len(groups)),
-        texts_per_group=2 + negatives, max_length=config.max_length, cached=config.cached,
-        mini_batch_size=config.mini_batch_size)
-
-
-def fit_embedding_batch(loaded, query_lengths: Sequence[int], passage_lengths: Sequence[int], *, groups: int,
-                        texts_per_group: int, max_length: int, cached: bool, mini_batch_size: int) -> tuple[bool, int]:
-    """`plan_embedding` against the free memory of the model's device: the (--cached,
-    --mini-batch-size) to train with, said in one line when they differ from the flags. The flags
-    unchanged when the model's config does not name its sizes."""
     plan = plan_for_device(loaded, lambda shape, free: plan_embedding(
-        shape, query_lengths, passage_lengths, groups=groups, texts_per_group=texts_per_group,
-        max_length=max_length, free=free, cached=cached, mini_batch_size=mini_batch_size))
-    return (cached, mini_batch_size) if plan is None else (plan.cached, plan.mini_batch_size)
+        shape, lengths[:len(groups)], lengths[len(groups):], groups=min(config.batch_size, len(groups)),
+        texts_per_group=2 + negatives, max_length=config.max_length, free=free, cached=config.cached,
+        mini_batch_size=config.mini_batch_size))
+    if plan is not None:
+        config.cached, config.mini_batch_size = plan.cached, plan.mini_batch_size

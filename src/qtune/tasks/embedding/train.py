@@ -45,7 +45,7 @@ def train(task, config: EmbeddingConfig, on_step=None) -> TrainedRun:
             model.meta.settings.query_instruction = config.query_instruction or None
         lengths = untruncated_lengths(groups, Embedder(model).features, config.hard_negatives)
         check_truncation(lengths, config.max_length, "texts")
-        task.plan_memory(config, model, lengths, groups)  # the settings the run trains with, and writes to config.yaml
+        task.plan_memory(config, model, lengths, groups)  # the settings it trains with (and writes to config.yaml)
 
     loaded = start_run(config, task, validate=validate, held_out=bool(held))
     embedder = Embedder(loaded)

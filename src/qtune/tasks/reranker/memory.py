@@ -49,18 +49,11 @@ def plan_groups(shape: ModelShape, lengths: Sequence[int], *, batch_size: int, g
 
 
 def plan_run(config, loaded, lengths: Sequence[int], groups: Sequence) -> None:
-    """The reranker task's memory planner (`Task.memory_planner`): `lengths` are the tokens of
-    every (query, document) pair trained on; sets the run's --batch-size and --grad-accum."""
-    config.batch_size, config.grad_accum = fit_group_batch(
-        loaded, lengths, batch_size=config.batch_size, group_size=config.group_size, grad_accum=config.grad_accum,
-        max_length=config.max_length, data_groups=len(groups))
-
-
-def fit_group_batch(loaded, lengths: Sequence[int], *, batch_size: int, group_size: int, grad_accum: int,
-                    max_length: int, data_groups: int) -> tuple[int, int]:
-    """`plan_groups` against the free memory of the model's device: the (--batch-size,
-    --grad-accum) to train with, said in one line when they differ from the flags."""
+    """The reranker task's memory planner (`Task.memory_planner`): `plan_groups` against the free
+    memory of the model's device. `lengths` are the tokens of every (query, document) pair trained
+    on; sets the run's --batch-size and --grad-accum, said in one line when they change."""
     plan = plan_for_device(loaded, lambda shape, free: plan_groups(
-        shape, lengths, batch_size=batch_size, group_size=group_size, grad_accum=grad_accum,
-        max_length=max_length, free=free, data_groups=data_groups))
-    return (batch_size, grad_accum) if plan is None else (plan.batch_size, plan.grad_accum)
+        shape, lengths, batch_size=config.batch_size, group_size=config.group_size, grad_accum=config.grad_accum,
+        max_length=config.max_length, free=free, data_groups=len(groups)))
+    if plan is not None:
+        config.batch_size, config.grad_accum = plan.batch_size, plan.grad_accum

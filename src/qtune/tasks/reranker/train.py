@@ -43,7 +43,7 @@ def train(task, config: RerankerConfig, on_step=None) -> TrainedRun:
         whole = reranker.features(training_pairs(groups, config.group_size), truncate=False)
         lengths = [len(f["input_ids"]) for f in whole]
         check_truncation(lengths, config.max_length, "pairs")
-        task.plan_memory(config, model, lengths, groups)  # the settings the run trains with, and writes to config.yaml
+        task.plan_memory(config, model, lengths, groups)  # the settings it trains with (and writes to config.yaml)
 
     loaded = start_run(config, task, validate=validate, held_out=bool(held))
     reranker = Reranker(loaded)
