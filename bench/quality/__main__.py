@@ -46,6 +46,9 @@ ROWS = {
     # a second round: the default row's tuned model (same seed) mines TopK-PercPos negatives, the base retrains
     "qtune-round2-hn1": ("qtune", ["--hard-negatives", "1"]),
     "st-hn1-1e-4": ("st", {"lr": 1e-4, "negatives": 1}),
+    # the loss: GTE's improved contrastive (queries and passages negatives on both sides), symmetric InfoNCE
+    "qtune-gte": ("qtune", ["--improved-contrastive"]),
+    "qtune-symmetric": ("qtune", ["--symmetric"]),
 }
 # Rows that train on mined negatives, and the `qtune mine` settings that mine them (once per work
 # folder, by the base model, over the test folder's corpus: the passages a user's corpus holds).
