@@ -469,5 +469,12 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def run() -> None:
+    """The `qtune` command: `main`, then the process ends (see `qtune.distributed.exit_process`)."""
+    from qtune.distributed import exit_process
+
+    exit_process(main())
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

@@ -18,7 +18,7 @@ import datetime
 import os
 import sys
 from dataclasses import dataclass
-from typing import Callable, Sequence, TypeVar
+from typing import Callable, NoReturn, Sequence, TypeVar
 
 from qtune.errors import QtuneError
 
@@ -112,6 +112,32 @@ def leave_process_group() -> None:
 
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def exit_process(code: int) -> NoReturn:
+    """End this process with exit status `code` (what `qtune` and `python -m qtune.cli` do last).
+
+    A process that joined a process group ends without the interpreter's teardown: its exit
+    handlers run (leaving the group among them), its output is flushed, and it exits at once. At
+    teardown, gloo's threads and the objects they still hold can abort a process whose work is
+    done ("terminate called without an active exception", exit -6), which the launcher reports as
+    a failed rank and a user reads as a failed command. After success the ranks first wait for each
+    other, so none closes its connections while another still uses them."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is None or not dist.is_available() or not dist.is_initialized():
+        sys.exit(code)
+    if code == 0:
+        try:
+            dist.barrier()
+        except RuntimeError:  # a rank that failed has left: the launcher reports it, this rank is done
+            pass
+    atexit._run_exitfuncs()  # noqa: SLF001 - what a normal exit runs, while the interpreter is whole
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)
 
 
 def quiet_other_ranks() -> None:

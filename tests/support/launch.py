@@ -52,13 +52,15 @@ DRIVER = textwrap.dedent("""
 
     sys.addaudithook(hook)
     from qtune.cli import main
+    from qtune.distributed import exit_process
 
     for argv in commands:
         code = main(argv)
         if code:
-            sys.exit(code)
+            exit_process(code)
     with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), f"writes-{rank}.json"), "w") as f:
         json.dump(writes, f)
+    exit_process(0)
 """)
 
 LAUNCH_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_PORT", "MASTER_ADDR")
