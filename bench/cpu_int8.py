@@ -1,8 +1,10 @@
 """CPU int8 embedding: qtune's `--quantize int8` against fp32 PyTorch and the int8 paths of sentence-transformers.
 
-One run, same model, same texts, same thread count, four sides:
+One run, same model, same texts, same thread count, five sides:
 - fp32 PyTorch (qtune, no quantization), the reference for speed and quality;
-- qtune `--quantize int8` (ONNX Runtime, dynamic int8 MatMuls, src/qtune/modeling/int8.py);
+- qtune `--quantize int8` after `qtune quantize` (OpenVINO, static int8 calibrated by NNCF on the
+  same --calibration-texts passages as the OpenVINO peer, src/qtune/modeling/int8.py);
+- qtune `--quantize int8` without it (ONNX Runtime, dynamic int8 MatMuls, no calibration);
 - sentence-transformers `backend="onnx"` + `export_dynamic_quantized_onnx_model` (qint8 with the
   ONNX Runtime preset that fits this CPU: avx512_vnni, avx512, avx2 or arm64);
 - sentence-transformers `backend="openvino"` + `export_static_quantized_openvino_model` (static
@@ -45,7 +47,7 @@ from pathlib import Path
 
 from bench.common import default_model, device_name, environment, figure, headline_row, write_report
 
-FP32, QTUNE = "fp32 PyTorch", "int8 ONNX Runtime"
+FP32, QTUNE, DYNAMIC = "fp32 PyTorch", "int8 OpenVINO static (qtune quantize)", "int8 ONNX Runtime dynamic"
 PEERS = {"onnx": "sentence-transformers ONNX qint8", "openvino": "sentence-transformers OpenVINO static qint8"}
 PEER_PACKAGES = ("torch", "transformers", "sentence-transformers", "optimum", "optimum-onnx", "optimum-intel",
                  "onnxruntime", "openvino", "nncf", "datasets")
@@ -280,22 +282,33 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     model = args.model or default_model()
     data = read_beir(args.data)
-    fp32 = api.load(model, task="embedding", device="cpu", precision="fp32")
-    int8 = api.load(model, task="embedding", device="cpu", precision="int8")  # ONNX Runtime: torch's thread count
-    for e in (fp32, int8):
-        e.loaded.meta.max_length = args.max_length
-
+    if not Path(model).is_dir():
+        parser.error(f"--model {model}: a local folder (qtune quantize writes its int8 graph into a copy of it)")
     passages = list(data.corpus.values())
     texts = passages[:args.num_texts]
     calibration = passages[args.num_texts:args.num_texts + args.calibration_texts]
+    work = Path(tempfile.mkdtemp(prefix="cpu-int8-"))
+    # qtune's static int8: a copy of the model, calibrated on the same passages as the OpenVINO peer
+    calibrated = work / "model"
+    shutil.copytree(model, calibrated, ignore=shutil.ignore_patterns("openvino", "onnx"))
+    (work / "calibration.jsonl").write_text("".join(json.dumps({"_id": str(i), "text": t}) + "\n"
+                                                    for i, t in enumerate(calibration)), encoding="utf-8")
+    print(f"qtune quantize: calibrating on {len(calibration)} passages ...", flush=True)
+    api.quantize(calibrated, work / "calibration.jsonl", task="embedding", samples=len(calibration))
+    fp32 = api.load(model, task="embedding", device="cpu", precision="fp32")
+    int8 = api.load(calibrated, task="embedding", device="cpu", precision="int8")  # OpenVINO: torch's threads
+    dynamic = api.load(model, task="embedding", device="cpu", precision="int8")  # ONNX Runtime: torch's threads
+    for e in (fp32, int8, dynamic):
+        e.loaded.meta.max_length = args.max_length
+    assert int8.loaded.model.engine == "openvino" and dynamic.loaded.model.engine == "onnxruntime"
+
     tokens = sum(int(sum(f["attention_mask"])) for f in fp32.features(texts, is_query=False))
     check = texts[:256]
     reference = fp32.embed(check, batch_size=args.batch_size)
 
-    work = Path(tempfile.mkdtemp(prefix="cpu-int8-"))
     texts_file = work / "texts.json"
     texts_file.write_text(json.dumps({"texts": texts, "calibration": calibration}), encoding="utf-8")
-    sides: dict = {FP32: fp32, QTUNE: int8}
+    sides: dict = {FP32: fp32, QTUNE: int8, DYNAMIC: dynamic}
     peers: dict[str, Peer] = {}
     skipped: dict[str, str] = {}
     for kind in peers_wanted:
@@ -402,13 +415,14 @@ def headline(report: dict) -> list[dict]:
     """The README table's rows: int8 against fp32 PyTorch, then against each sentence-transformers
     int8 peer of the same run; speed by tokens/s, nDCG@10 beside it."""
     results = report["results"]
-    fp32, int8 = results[FP32], results[QTUNE]
+    fp32, int8 = results[FP32], results.get(QTUNE, results.get("int8 ONNX Runtime"))  # (the key before quantize)
 
     def quality(row: dict) -> str:
         return f", nDCG@10 {row['ndcg@10']:.4f}" if "ndcg@10" in row else ""
 
     model = "MiniLM" if "minilm" in str(report.get("model", "")).lower() else Path(report["model"]).name
-    name = f"{model} embedding, `--quantize int8`, {report['texts']} texts"
+    engine = "after `qtune quantize`" if QTUNE in results else "ONNX Runtime dynamic"
+    name = f"{model} embedding, `--quantize int8` ({engine}), {report['texts']} texts"
     qtune = f"{figure(int8['tokens_per_s'])} tokens/s{quality(int8)}"
     rows = [headline_row(name, qtune, f"fp32 PyTorch: {figure(fp32['tokens_per_s'])}{quality(fp32)}",
                          report["speedup"])]
@@ -418,6 +432,11 @@ def headline(report: dict) -> list[dict]:
             row = results[peer]
             rows.append(headline_row(name, qtune, f"{label}: {figure(row['tokens_per_s'])}{quality(row)}",
                                      round(row["seconds"] / int8["seconds"], 3)))
+    if DYNAMIC in results:
+        row = results[DYNAMIC]
+        rows.append(headline_row(name, qtune, f"qtune `--quantize int8` without `qtune quantize` (ONNX Runtime "
+                                 f"dynamic): {figure(row['tokens_per_s'])}{quality(row)}",
+                                 round(row["seconds"] / int8["seconds"], 3)))
     return rows
 
 

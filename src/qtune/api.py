@@ -122,6 +122,40 @@ def export(model_dir: str, output: str, fmt: str = "auto", test_report: str | No
                         card=lambda body: card(body=body))
 
 
+def quantize(model_dir: str | Path, calibration: str | Path, *, task: str | None = None, samples: int = 300) -> Path:
+    """Calibrate a static int8 graph of the embedding model folder `model_dir` on up to `samples`
+    texts of `calibration` (a BEIR folder, a query-group JSONL or a corpus file; queries and
+    passages in proportion, spread over the file) and write it into `model_dir`/openvino, where
+    `--quantize int8` finds it (see `qtune.modeling.int8`). Returns the note it wrote."""
+    from qtune.data.retrieval import read_calibration_texts
+    from qtune.modeling.int8 import write_openvino_int8
+
+    folder = Path(model_dir)
+    if not folder.is_dir():
+        raise QtuneError(f"qtune quantize writes into the model's folder and '{model_dir}' is not a local folder: "
+                         f"save the model to a folder first")
+    if samples < 1:
+        raise QtuneError(f"--samples must be at least 1, got {samples}")
+    spec = task_of(model_dir, task)
+    if spec.name != "embedding":
+        raise QtuneError(f"qtune quantize calibrates embedding models; '{model_dir}' is a {spec.name} model (its "
+                         f"--quantize int8 stays dynamic)")
+    passages, queries = read_calibration_texts(calibration)
+    take_queries = round(samples * len(queries) / (len(queries) + len(passages)))
+    passages, queries = _spread(passages, samples - take_queries), _spread(queries, take_queries)
+    model = load(folder, spec.name, device="cpu", precision="fp32")
+    features = model.features(passages, is_query=False) + model.features(queries, is_query=True)
+    source = {"file": str(Path(calibration).resolve()), "passages": len(passages), "queries": len(queries)}
+    return write_openvino_int8(model.loaded, folder, features, output=spec.int8_output, source=source)
+
+
+def _spread(items: list, count: int) -> list:
+    """`count` items spaced evenly over `items` (all of them when there are fewer)."""
+    if count >= len(items):
+        return list(items)
+    return [items[i * len(items) // count] for i in range(count)]
+
+
 def check_export(output: str | Path, model_dir: str | None = None, *,
                  texts: Sequence[str] | None = None) -> dict[str, float]:
     """Load the export `output` with each engine installed here and compare with qtune's own outputs

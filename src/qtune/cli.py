@@ -243,6 +243,15 @@ def cmd_export(args) -> None:
         show_export_check(output, args.model, args.tolerance)
 
 
+def cmd_quantize(args) -> None:
+    from qtune.api import quantize
+
+    note = quantize(args.model, args.calibration, task=args.task, samples=args.samples)
+    written = json.loads(note.read_text(encoding="utf-8"))
+    print(f"wrote a static int8 graph calibrated on {written['rows']} texts to {note.parent}; "
+          f"--quantize int8 runs it (OpenVINO)")
+
+
 def cmd_check_export(args) -> None:
     show_export_check(args.output, args.model, args.tolerance)
 
@@ -386,6 +395,16 @@ def build_parser() -> argparse.ArgumentParser:
                      "BASE` on your test set: its figures go in the model card (README.md)")
     _tolerance_flag(sub)
     sub.set_defaults(func=cmd_export)
+    sub = commands.add_parser("quantize", help="calibrate a static int8 graph of an embedding model on your texts "
+                              "(OpenVINO); --quantize int8 then runs it")
+    sub.add_argument("--model", required=True, help="the model's local folder (e.g. OUT/best); the graph is "
+                     "written into its openvino/ folder")
+    sub.add_argument("--calibration", required=True, help="texts like the ones it will embed: a BEIR folder, a "
+                     "query-group JSONL or a corpus file (BEIR corpus.jsonl or one passage per line)")
+    sub.add_argument("--samples", type=int, default=300, help="texts that calibrate it, spread over the file "
+                     "(default: 300)")
+    sub.add_argument("--task", choices=["embedding"], help="for a base model without qtune.json")
+    sub.set_defaults(func=cmd_quantize)
     sub = commands.add_parser("check-export", help="load an export with each engine installed here and print its "
                               "max difference from qtune")
     sub.add_argument("output", help="the export folder")

@@ -342,6 +342,27 @@ def read_beir(folder: str | Path, split: str = "test") -> RetrievalSet:
     return RetrievalSet(corpus, queries, {qid: qrels[qid] for qid in queries})
 
 
+def read_calibration_texts(path: str | Path) -> tuple[list[str], list[str]]:
+    """(passages, queries) an embedder's int8 calibration reads from `path`: a BEIR folder (its
+    corpus and, when there, its queries), a query-group JSONL (queries, positives, negatives), or a
+    corpus file (BEIR ``corpus.jsonl`` or one passage per line)."""
+    path = Path(path)
+    if path.is_dir():
+        corpus = read_corpus(_beir_file(path, "corpus", (".jsonl", ".parquet")))
+        queries_file = _beir_file(path, "queries", (".jsonl", ".parquet"))
+        queries = _read_queries(queries_file) if queries_file.is_file() else {}
+        return list(corpus.values()), list(queries.values())
+    if not path.is_file():
+        raise DataError("file not found", path=str(path))
+    if path.suffix.lower() in (".jsonl", ".json"):
+        first = next(_jsonl_objects(path), None)
+        if first is not None and "query" in first[1]:
+            groups = read_query_groups(path)
+            passages = list(dict.fromkeys(p for g in groups for p in (*g.positives, *g.negatives)))
+            return passages, [g.query for g in groups]
+    return list(read_corpus(path).values()), []
+
+
 def write_beir(folder: str | Path, corpus: Mapping[str, str], queries: Mapping[str, str],
                qrels: Mapping[str, Mapping[str, int]], split: str = "test") -> None:
     """Write ``corpus.jsonl`` (empty titles), ``queries.jsonl`` and ``qrels/<split>.tsv`` (with a

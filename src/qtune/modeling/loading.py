@@ -497,7 +497,7 @@ def load_model(name_or_path: str | os.PathLike, spec: ModelSpec, *, labels: Sequ
     if quantize:
         from qtune.modeling.int8 import quantize_int8
 
-        quantize_int8(loaded, output=spec.int8_output)
+        quantize_int8(loaded, output=spec.int8_output, source=name_or_path)
     return loaded
 
 
