@@ -348,3 +348,42 @@ def test_a_failing_flash_kernel_falls_back_to_padded_attention(monkeypatch, capl
     expected = packing._repadded(*(t[0].transpose(0, 1) for t in (q, k, v)), cu, 4, 0.5, True, 0.0)
     torch.testing.assert_close(out[0], expected)
     assert "fall back to padded sdpa" in caplog.text and packing._kernel() is None  # not tried again
+
+
+def test_length_buckets_keep_padding_within_the_slack():
+    lengths = [500, 30, 40, 100, 90, 480, 8, 8]
+    buckets = packing.length_buckets(lengths)
+    assert sorted(i for b in buckets for i in b) == list(range(len(lengths)))
+    assert buckets[0] == [0, 5] and [6, 7] in buckets
+    for bucket in buckets:
+        top = max(lengths[i] for i in bucket)
+        assert len(bucket) * top ** 2 <= packing.BUCKET_SLACK * sum(lengths[i] ** 2 for i in bucket)
+    assert packing.length_buckets([7, 7, 7]) == [[0, 1, 2]]
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_cpu_attention_in_length_buckets_equals_each_sequence_alone(causal):
+    """Mixed lengths (several buckets, some of one length, one of a single sequence): values and
+    gradients equal sdpa run on each sequence by itself, with shared key/value heads."""
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    lengths = [9, 1, 5, 5, 2, 30]
+    cu = torch.tensor([0, *np.cumsum(lengths)], dtype=torch.int32)
+    n = int(cu[-1])
+    q = torch.randn(n, 4, 8, requires_grad=True)
+    k, v = (torch.randn(n, 2, 8, requires_grad=True) for _ in range(2))
+    assert len(packing.length_buckets(lengths)) > 2
+    out = packing._repadded(q, k, v, cu, max(lengths), 0.3, causal, 0.0)
+    expected = []
+    for start, end in zip(cu[:-1].tolist(), cu[1:].tolist()):
+        kk, vv = (t[start:end].repeat_interleave(2, dim=1).transpose(0, 1) for t in (k, v))
+        expected.append(F.scaled_dot_product_attention(q[start:end].transpose(0, 1), kk, vv, is_causal=causal,
+                                                       scale=0.3).transpose(0, 1))
+    expected = torch.cat(expected)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    weights = torch.randn_like(out)
+    got = torch.autograd.grad((out * weights).sum(), (q, k, v))
+    want = torch.autograd.grad((expected * weights).sum(), (q, k, v))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)

@@ -18,7 +18,8 @@ from qtune.records import QueryGroup
 from qtune.training import memory
 from qtune.tasks.embedding.memory import embedding_bytes, plan_embedding
 from qtune.tasks.reranker.memory import plan_groups
-from qtune.training.memory import ModelShape, activation_bytes, optimizer_bytes, padded_width, pass_size, step_bytes
+from qtune.training.memory import (ModelShape, activation_bytes, optimizer_bytes, padded_width, pass_bytes, pass_size,
+                                   step_bytes)
 
 from support import ANIMALS, VEHICLES, assert_user_error, run, train_losses
 
@@ -114,6 +115,24 @@ def test_a_packing_model_counts_real_tokens_where_it_would_pack():
     assert pass_size(packer, [100] * 50, rows=64, max_length=512) == (100, 6400)  # no padding: padded
     # cut to 60: 64 x 55 + 3 x 5 x 8 = 3640 real tokens, 5% padding: padded
     assert pass_size(packer, spread, rows=64, max_length=60) == (60, 64 * 60)
+
+
+def test_a_packed_cpu_pass_counts_attention_scores_within_its_length_buckets():
+    """Packed on the CPU, attention pads only within length buckets: the score cells are about the
+    sum of squared lengths (the longest text's plus the drawn rows', with the buckets' slack), not
+    rows x width^2; an unpacked pass keeps the padded count."""
+    from qtune.modeling.packing import BUCKET_SLACK
+    from qtune.training.memory import score_area
+
+    spread = [20, 200] * 25  # squares 400 and 40000: mean 20200, standard deviation 19800
+    assert score_area(MINILM, spread, rows=64, max_length=512) == 64 * 200 * 200  # never packs
+    packer = ModelShape(**{**MINILM.__dict__, "packing": 0.1})
+    expected = math.ceil(BUCKET_SLACK * (200 * 200 + 63 * 20200 + 3 * 19800 * math.sqrt(63)))
+    assert score_area(packer, spread, rows=64, max_length=512) == expected < 64 * 200 * 200
+    assert score_area(packer, [100] * 50, rows=64, max_length=512) == 64 * 100 * 100  # padded: no buckets
+    width, tokens = pass_size(packer, spread, rows=64, max_length=512)
+    assert pass_bytes(packer, spread, 64, 512) == activation_bytes(packer, 64, width, tokens, area=expected)
+    assert activation_bytes(packer, 64, width, tokens, area=expected) < activation_bytes(packer, 64, width, tokens)
 
 
 def test_an_embedding_batch_is_a_query_pass_and_a_passage_pass():

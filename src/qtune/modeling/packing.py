@@ -300,24 +300,81 @@ def _flash_varlen(q, k, v, cu, longest: int, scaling, causal: bool):
     return kernel(q, k, v, cu, cu, longest, longest, **options)
 
 
+# A bucket of sequences shares one padded attention call while its padded area (sequences x the
+# longest's length squared) stays within this factor of its real area (the sum of squared lengths).
+BUCKET_SLACK = 1.3
+
+
+def length_buckets(lengths: Sequence[int], slack: float = BUCKET_SLACK) -> list[list[int]]:
+    """Sequence indices grouped for padded attention calls, longest first: a sequence joins the
+    current bucket while the bucket's padded area stays within `slack` of its real area."""
+    buckets: list[list[int]] = []
+    area = longest = 0
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        if buckets and (len(buckets[-1]) + 1) * longest ** 2 <= slack * (area + lengths[i] ** 2):
+            buckets[-1].append(i)
+            area += lengths[i] ** 2
+        else:
+            buckets.append([i])
+            longest = lengths[i]
+            area = longest ** 2
+    return buckets
+
+
 def _repadded(q, k, v, cu, longest: int, scaling, causal: bool, dropout: float):
-    """Attention only, on a padded copy: (N, heads, dim) rows gathered into (B, heads, longest, dim),
-    one masked sdpa call, and the real rows gathered back. Everything else stayed unpadded."""
+    """Attention only, on padded copies: (N, heads, dim) rows gathered into (B, heads, longest, dim)
+    and the real rows gathered back. Everything else stayed unpadded.
+
+    On a GPU: one masked sdpa call for the batch (its sizes need no device sync). On the CPU the
+    sequences go in length buckets (`length_buckets`), one call each, so attention and its dropout
+    (the math kernel, quadratic in the padded length) run on little more than the real tokens; a
+    bucket of one length needs no mask (then sdpa's fused CPU kernel runs where dropout is off)."""
+    import torch
+
+    if q.is_cuda:
+        return _padded_call(q, k, v, cu[:-1].long(), (cu[1:] - cu[:-1]).long(), longest, scaling, causal, dropout)
+    bounds = cu.tolist()
+    lengths = [b - a for a, b in zip(bounds, bounds[1:])]
+    buckets = length_buckets(lengths)
+    if len(buckets) == 1:
+        return _padded_call(q, k, v, cu[:-1].long(), (cu[1:] - cu[:-1]).long(), longest, scaling, causal, dropout,
+                            same_length=min(lengths) == longest)
+    outs, order = [], []
+    for bucket in buckets:
+        starts = torch.tensor([bounds[i] for i in bucket])
+        sizes = torch.tensor([lengths[i] for i in bucket])
+        top = lengths[bucket[0]]
+        outs.append(_padded_call(q, k, v, starts, sizes, top, scaling, causal, dropout,
+                                 same_length=lengths[bucket[-1]] == top))
+        order.extend(range(bounds[i], bounds[i + 1]) for i in bucket)
+    rows = torch.tensor([r for span in order for r in span])
+    out = torch.cat(outs)  # real rows, bucket by bucket
+    return out[torch.argsort(rows)]  # back to packed order
+
+
+def _padded_call(q, k, v, starts, lengths, longest: int, scaling, causal: bool, dropout: float,
+                 same_length: bool = False):
+    """One sdpa call over the sequences (starts, lengths) of the packed rows, padded to `longest`;
+    returns their real rows, sequence after sequence (N', heads, dim)."""
     import torch
     import torch.nn.functional as F
 
-    tokens = q.shape[0]
-    starts, lengths = cu[:-1].long(), (cu[1:] - cu[:-1]).long()
+    tokens = int(lengths.sum()) if not q.is_cuda else q.shape[0]
+    starts, lengths = starts.to(q.device), lengths.to(q.device)
     steps = torch.arange(longest, device=q.device)
-    real = steps.unsqueeze(0) < lengths.unsqueeze(1)  # (B, longest)
-    index = (starts.unsqueeze(1) + steps).clamp(max=tokens - 1)  # (B, longest); padding reads any row
+    index = (starts.unsqueeze(1) + steps).clamp(max=q.shape[0] - 1)  # (B, longest); padding reads any row
     qs, ks, vs = (t[index].transpose(1, 2) for t in (q, k, v))  # (B, heads, longest, dim)
-    mask = real[:, None, None, :]  # keys: real tokens only
-    if causal:
-        mask = mask & (steps.unsqueeze(0) <= steps.unsqueeze(1))  # (B, 1, longest, longest)
+    if same_length:  # nothing to mask but the future
+        mask, is_causal = None, causal
+    else:
+        real = steps.unsqueeze(0) < lengths.unsqueeze(1)  # (B, longest)
+        mask, is_causal = real[:, None, None, :], False  # keys: real tokens only
+        if causal:
+            mask = mask & (steps.unsqueeze(0) <= steps.unsqueeze(1))  # (B, 1, longest, longest)
     out = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, scale=scaling, dropout_p=dropout,
-                                         enable_gqa=qs.shape[1] != ks.shape[1])
-    # back to packed order by each token's (sequence, position): sizes known, so no device sync
+                                         is_causal=is_causal, enable_gqa=qs.shape[1] != ks.shape[1])
+    # the real rows by each token's (sequence, position): sizes known, so no device sync
+    first = torch.cumsum(lengths, 0) - lengths  # where each sequence starts among the real rows
     owner = torch.repeat_interleave(torch.arange(len(lengths), device=q.device), lengths, output_size=tokens)
-    flat = owner * longest + torch.arange(tokens, device=q.device) - starts[owner]
-    return out.transpose(1, 2).flatten(0, 1)[flat]  # (N, heads, dim)
+    flat = owner * longest + torch.arange(tokens, device=q.device) - first[owner]
+    return out.transpose(1, 2).flatten(0, 1)[flat]  # (N', heads, dim)

@@ -29,7 +29,8 @@ some batch: so `width` is the longest text's tokens, capped at --max-length (`pa
 K is ENCODER (LayerNorm, GELU MLP, dropout) or DECODER (RMSNorm, gated MLP, rotary positions,
 query and key norms); their `intermediate` counts the MLP tensors the backward keeps (the GELU's
 input and output; the gate, up and their product) and `hidden` was fitted. The attention-score
-term is the softmax output, its dropout and the product the math attention keeps; it is paid on
+term is the softmax output, its dropout and the product the math attention keeps, over the
+padded cells (a packed pass pads only within its length buckets: `score_area`); it is paid on
 a CPU where attention dropout is on (an encoder's 0.1): without dropout torch's CPU flash kernel
 keeps no scores (all-MiniLM-L6-v2's saved tensors at 256 tokens: 42.5 values per token, layer and
 hidden unit with dropout, 18.5 without), and CUDA's fused kernels keep none. LoRA keeps the same
@@ -167,14 +168,34 @@ def pass_size(shape: ModelShape, lengths: Sequence[int], rows: int, max_length: 
     return width, real if 1 - real / padded >= shape.packing else padded
 
 
-def activation_bytes(shape: ModelShape, rows: int, width: int, tokens: int | None = None) -> int:
+def score_area(shape: ModelShape, lengths: Sequence[int], rows: int, max_length: int) -> int:
+    """Attention-score cells per head of the largest pass (`pass_size`'s): rows x width^2 padded; a
+    packed pass on the CPU runs attention in length buckets (`qtune.modeling.packing.length_buckets`),
+    within their slack of the sum of squared lengths: the longest text's plus `rows` - 1 drawn ones
+    (their mean square plus 3 standard deviations of the sum)."""
+    width, tokens = pass_size(shape, lengths, rows, max_length)
+    padded = rows * width * width
+    if tokens == rows * width or rows < 2:
+        return padded
+    from qtune.modeling.packing import BUCKET_SLACK
+
+    squares = [min(n, max_length) ** 2 for n in lengths]
+    mean = sum(squares) / len(squares)
+    spread = math.sqrt(sum((n - mean) ** 2 for n in squares) / len(squares))
+    drawn = (rows - 1) * mean + 3 * spread * math.sqrt(rows - 1)
+    return min(math.ceil(BUCKET_SLACK * (width * width + drawn)), padded)
+
+
+def activation_bytes(shape: ModelShape, rows: int, width: int, tokens: int | None = None,
+                     area: int | None = None) -> int:
     """Activations one forward pass of `rows` rows padded to `width` keeps for its backward (module
-    docstring); `tokens`: what the layers run on, rows x width unless the pass is packed."""
+    docstring); `tokens`: what the layers run on, rows x width unless the pass is packed; `area`:
+    attention-score cells per head (`score_area`), rows x width^2 unless the pass is packed."""
     tokens = rows * width if tokens is None else tokens
     k = DECODER if shape.decoder else ENCODER
     values = tokens * (k.hidden * shape.hidden + k.intermediate * shape.intermediate)
     if shape.attention_scores:
-        values += K_SCORES * shape.heads * rows * width * width
+        values += K_SCORES * shape.heads * (rows * width * width if area is None else area)
     return int(values * shape.layers * shape.bytes_per_value * (LORA_FACTOR if shape.adapter else 1))
 
 
@@ -188,7 +209,10 @@ def step_bytes(shape: ModelShape, rows: int, width: int, tokens: int | None = No
 
 
 def pass_bytes(shape: ModelShape, lengths: Sequence[int], rows: int, max_length: int) -> int:
-    return activation_bytes(shape, rows, *pass_size(shape, lengths, rows, max_length)) if rows else 0
+    if not rows:
+        return 0
+    return activation_bytes(shape, rows, *pass_size(shape, lengths, rows, max_length),
+                            area=score_area(shape, lengths, rows, max_length))
 
 
 def size_text(n: float) -> str:
