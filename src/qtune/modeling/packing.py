@@ -19,8 +19,9 @@ loaded for packing use the attention implementation registered here (`ATTENTION`
 
 - a packed call on a GPU in bf16/fp16 runs torch's variable-length flash attention
   (`torch.nn.attention.varlen.varlen_attn`): one kernel over the whole row, no mask tensor;
-- elsewhere (CPU, fp32, dropout) attention alone runs padded: the rows are gathered into a
-  (sequences, longest) batch for one masked `scaled_dot_product_attention` call and gathered back;
+- elsewhere (CPU, fp32, dropout) attention alone runs padded: the rows are gathered into
+  (sequences, longest) batches for masked `scaled_dot_product_attention` calls and gathered back,
+  on a GPU one call, on the CPU one per length bucket (`length_buckets`);
 - an ordinary padded call (generation, a batch not worth packing) takes transformers' own sdpa
   mask and attention functions, so it computes exactly what `attn_implementation="sdpa"` does.
 
