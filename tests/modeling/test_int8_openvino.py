@@ -108,3 +108,17 @@ def test_calibration_texts_come_from_beir_folders_query_groups_and_corpus_files(
     lines = tmp_path / "corpus.txt"
     lines.write_text("one\n\ntwo\n", encoding="utf-8")
     assert read_calibration_texts(lines) == (["one", "two"], [])
+
+
+def test_the_openvino_model_serves_calls_from_several_threads(embedder_dir, tmp_path):
+    """The server computes batches in worker threads: calls at once give what calls one by one give."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    api.quantize(embedder_dir, tmp_path / "calibration.txt", task="embedding", samples=8)
+    int8 = api.load(embedder_dir, task="embedding", precision="int8")
+    batches = [TEXTS[i:] + TEXTS[:i] for i in range(len(TEXTS))]
+    alone = [int8.embed(b, batch_size=2) for b in batches]
+    with ThreadPoolExecutor(4) as pool:
+        together = list(pool.map(lambda b: int8.embed(b, batch_size=2), batches * 3))
+    for i, got in enumerate(together):
+        np.testing.assert_array_equal(got, alone[i % len(batches)])

@@ -28,6 +28,7 @@ import logging
 import shutil
 import sys
 import tempfile
+import threading
 import warnings
 from pathlib import Path
 from types import SimpleNamespace
@@ -86,10 +87,12 @@ class OpenVinoModel(OnnxModel):
         self.compiled, self.config, self.output = compiled, config, output
         self.input_names = [port.get_any_name() for port in compiled.inputs]
         self.request = compiled.create_infer_request()
+        self.lock = threading.Lock()  # an infer request serves one call at a time
         self.training = False
 
     def run(self, feed: dict) -> np.ndarray:
-        return self.request.infer(feed)[0]
+        with self.lock:
+            return np.array(self.request.infer(feed)[0])  # a copy: the request reuses its output memory
 
 
 def _export_module(model, output: str):
