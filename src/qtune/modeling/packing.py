@@ -304,6 +304,9 @@ def _flash_varlen(q, k, v, cu, longest: int, scaling, causal: bool):
 # A bucket of sequences shares one padded attention call while its padded area (sequences x the
 # longest's length squared) stays within this factor of its real area (the sum of squared lengths).
 BUCKET_SLACK = 1.3
+# Several calls replace the one padded call only when they cut the padded area by this factor (each
+# call costs its own gathers and kernel launches).
+BUCKETS_PAY = 1.5
 
 
 def length_buckets(lengths: Sequence[int], slack: float = BUCKET_SLACK) -> list[list[int]]:
@@ -337,7 +340,8 @@ def _repadded(q, k, v, cu, longest: int, scaling, causal: bool, dropout: float):
     bounds = cu.tolist()
     lengths = [b - a for a, b in zip(bounds, bounds[1:])]
     buckets = length_buckets(lengths)
-    if len(buckets) == 1:
+    bucketed_area = sum(len(b) * lengths[b[0]] ** 2 for b in buckets)
+    if len(buckets) == 1 or BUCKETS_PAY * bucketed_area > len(lengths) * longest ** 2:  # one call does as well
         return _padded_call(q, k, v, cu[:-1].long(), (cu[1:] - cu[:-1]).long(), longest, scaling, causal, dropout,
                             same_length=min(lengths) == longest)
     outs, order = [], []
