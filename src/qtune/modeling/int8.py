@@ -223,14 +223,14 @@ def write_openvino_int8(loaded, folder: str | Path, features: list[dict], *, out
     base = loaded.meta.base_model if loaded.is_adapter else None
     fingerprint = weights_fingerprint(folder, base)
     model = _fp32_model(loaded)
-    rows = [{name: np.asarray([row[name]], dtype=np.int64) for name in MODEL_INPUTS if name in row}
-            for row in features]
     with tempfile.TemporaryDirectory(prefix="qtune-int8-") as tmp:
         onnx_path = Path(tmp, "model.onnx")
         export_onnx(loaded, model, output, onnx_path)
         graph = ov.Core().read_model(str(onnx_path))
         names = [port.get_any_name() for port in graph.inputs]
-        rows = [{n: r[n] if n in r else np.zeros_like(r["input_ids"]) for n in names} for r in rows]
+        # one text a row, unpadded; an input the features lack (token types) is zeros, as in OnnxModel
+        rows = [{n: np.asarray([row[n] if n in row else [0] * len(row["input_ids"])], dtype=np.int64)
+                 for n in names} for row in features]
         quiet = logging.getLogger("nncf").level
         logging.getLogger("nncf").setLevel(logging.ERROR)  # its progress bars and advice
         try:

@@ -335,37 +335,34 @@ def _repadded(q, k, v, cu, longest: int, scaling, causal: bool, dropout: float):
     bucket of one length needs no mask (then sdpa's fused CPU kernel runs where dropout is off)."""
     import torch
 
+    starts, sizes = cu[:-1].long(), (cu[1:] - cu[:-1]).long()
     if q.is_cuda:
-        return _padded_call(q, k, v, cu[:-1].long(), (cu[1:] - cu[:-1]).long(), longest, scaling, causal, dropout)
+        return _padded_call(q, k, v, starts, sizes, q.shape[0], longest, scaling, causal, dropout)
     bounds = cu.tolist()
     lengths = [b - a for a, b in zip(bounds, bounds[1:])]
     buckets = length_buckets(lengths)
     bucketed_area = sum(len(b) * lengths[b[0]] ** 2 for b in buckets)
     if len(buckets) == 1 or BUCKETS_PAY * bucketed_area > len(lengths) * longest ** 2:  # one call does as well
-        return _padded_call(q, k, v, cu[:-1].long(), (cu[1:] - cu[:-1]).long(), longest, scaling, causal, dropout,
+        return _padded_call(q, k, v, starts, sizes, q.shape[0], longest, scaling, causal, dropout,
                             same_length=min(lengths) == longest)
     outs, order = [], []
     for bucket in buckets:
-        starts = torch.tensor([bounds[i] for i in bucket])
-        sizes = torch.tensor([lengths[i] for i in bucket])
         top = lengths[bucket[0]]
-        outs.append(_padded_call(q, k, v, starts, sizes, top, scaling, causal, dropout,
-                                 same_length=lengths[bucket[-1]] == top))
+        outs.append(_padded_call(q, k, v, starts[bucket], sizes[bucket], sum(lengths[i] for i in bucket), top,
+                                 scaling, causal, dropout, same_length=lengths[bucket[-1]] == top))
         order.extend(range(bounds[i], bounds[i + 1]) for i in bucket)
     rows = torch.tensor([r for span in order for r in span])
     out = torch.cat(outs)  # real rows, bucket by bucket
     return out[torch.argsort(rows)]  # back to packed order
 
 
-def _padded_call(q, k, v, starts, lengths, longest: int, scaling, causal: bool, dropout: float,
+def _padded_call(q, k, v, starts, lengths, tokens: int, longest: int, scaling, causal: bool, dropout: float,
                  same_length: bool = False):
-    """One sdpa call over the sequences (starts, lengths) of the packed rows, padded to `longest`;
-    returns their real rows, sequence after sequence (N', heads, dim)."""
+    """One sdpa call over the sequences (starts, lengths) of the packed rows, `tokens` real rows in
+    all, padded to `longest`; returns their real rows, sequence after sequence (tokens, heads, dim)."""
     import torch
     import torch.nn.functional as F
 
-    tokens = int(lengths.sum()) if not q.is_cuda else q.shape[0]
-    starts, lengths = starts.to(q.device), lengths.to(q.device)
     steps = torch.arange(longest, device=q.device)
     index = (starts.unsqueeze(1) + steps).clamp(max=q.shape[0] - 1)  # (B, longest); padding reads any row
     qs, ks, vs = (t[index].transpose(1, 2) for t in (q, k, v))  # (B, heads, longest, dim)
@@ -382,4 +379,4 @@ def _padded_call(q, k, v, starts, lengths, longest: int, scaling, causal: bool, 
     first = torch.cumsum(lengths, 0) - lengths  # where each sequence starts among the real rows
     owner = torch.repeat_interleave(torch.arange(len(lengths), device=q.device), lengths, output_size=tokens)
     flat = owner * longest + torch.arange(tokens, device=q.device) - first[owner]
-    return out.transpose(1, 2).flatten(0, 1)[flat]  # (N', heads, dim)
+    return out.transpose(1, 2).flatten(0, 1)[flat]  # (tokens, heads, dim)
