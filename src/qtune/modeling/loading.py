@@ -491,6 +491,10 @@ def load_model(name_or_path: str | os.PathLike, spec: ModelSpec, *, labels: Sequ
                 p.data = p.data.float()
     model.to(torch_device)
     model.train(trainable)
+    if torch_device.type == "cpu":
+        from qtune.modeling.cpu_fusion import fuse_feed_forward
+
+        fuse_feed_forward(model)  # inference on CPU: activations inside the matrix product
     loaded = LoadedModel(model=model, tokenizer=tokenizer, family=family, meta=meta, device=torch_device,
                          precision=chosen, packed=packed,
                          new_modules=tuple(new_modules))
