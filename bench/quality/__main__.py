@@ -52,6 +52,7 @@ ROWS = {
     # the InfoNCE temperature (the default 0.05 is the peer's scale 20)
     "qtune-t0.02": ("qtune", ["--temperature", "0.02"]),
     "qtune-t0.03": ("qtune", ["--temperature", "0.03"]),
+    "qtune-t0.1": ("qtune", ["--temperature", "0.1"]),
 }
 # Rows that train on mined negatives, and the `qtune mine` settings that mine them (once per work
 # folder, by the base model, over the test folder's corpus: the passages a user's corpus holds).

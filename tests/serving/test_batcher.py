@@ -194,3 +194,33 @@ def test_the_rows_of_a_cancelled_request_are_not_computed():
     assert after[:, 0].tolist() == [10]
     assert [tag for call in calls for tag, _ in call].count(1) <= 4  # one call in progress, maybe one more
     assert calls[-1] == [(2, 10)] and pending == 0
+
+
+def test_a_request_split_over_calls_is_not_overtaken_by_a_steady_stream():
+    """Round robin: the rest of a request that did not fit in a call waits only for the rows that
+    were in line when that call ended (here two calls' worth), however many new requests keep
+    arriving (ordered by calls had, it waited for a lull: the end of the stream)."""
+    async def main():
+        runner = RecordingRunner(delay=0.02)
+        with ThreadPoolExecutor(max_workers=1) as executor:
+            batcher = MicroBatcher(runner, executor, max_batch_tokens=40, max_wait_ms=0, max_queue=64)
+            batcher.start()
+            # a stream of one-row requests, 4 at each call: always a full call of fresh rows waiting
+            stream = [asyncio.ensure_future(batcher.submit(rows(9, 10))) for _ in range(4)]
+            while not runner.calls:
+                await asyncio.sleep(0.002)
+            split = asyncio.ensure_future(batcher.submit(rows(1, 10, 10, 10, 10, 10, 10)))  # more than a call
+            for _ in range(12):
+                seen = len(runner.calls)
+                stream += [asyncio.ensure_future(batcher.submit(rows(9, 10))) for _ in range(4)]
+                while len(runner.calls) == seen:
+                    await asyncio.sleep(0.002)
+            answer = await split
+            await asyncio.gather(*stream)
+            await batcher.stop()
+        return runner.calls, answer
+
+    calls, answer = asyncio.run(main())
+    assert answer[:, 0].tolist() == [10] * 6
+    holding = [i for i, call in enumerate(calls) if any(tag == 1 for tag, _ in call)]
+    assert len(holding) == 2 and holding[1] - holding[0] <= 3 and holding[1] < len(calls) - 5, calls

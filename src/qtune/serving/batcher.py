@@ -8,9 +8,12 @@ request alone, the next request that finds the worker idle is computed at once (
 one request at a time would only wait for nobody); requests arriving during that call make the
 next call one of several requests, and waiting resumes:
 
-- fairness: requests are ordered by how many model calls they have already had, then by arrival,
-  so a small request that arrives during a big one goes into the next call instead of waiting
-  for all of the big one's rows;
+- fairness: requests take turns (round robin): a request is in line from its arrival, and one whose
+  rows did not all fit in a call joins the line again when that call ends, behind the requests that
+  arrived during it. A small request that arrives during a big one goes into the next call instead
+  of waiting for all of the big one's rows, and a request split over calls never waits behind
+  requests that arrived after its last call (under a steady stream of new requests it would
+  otherwise wait for a lull);
 - padding: a call's longest row is the longest waiting row of the requests served least so far;
   the call takes rows no longer than that, at most `max_batch_tokens` padded tokens (rows x longest row), and leaves rows
   shorter than half its longest for a later call when that saves at least `min_split_saving`
@@ -66,6 +69,7 @@ class _Pending:
     features: Sequence[dict]
     future: asyncio.Future
     seq: int  # arrival order
+    turn: int = field(init=False)  # place in line: `seq`, then where it joined the line again after a call
     lengths: list[int] = field(init=False)
     tokens: int = field(init=False)
     waiting: list[int] = field(init=False)  # rows not yet in a model call, longest first
@@ -74,6 +78,7 @@ class _Pending:
     output: np.ndarray | None = None  # (rows, width), filled call by call
 
     def __post_init__(self):
+        self.turn = self.seq
         self.lengths = [len(f["input_ids"]) for f in self.features]
         self.tokens = sum(self.lengths)
         self.waiting = sorted(range(len(self.features)), key=lambda j: -self.lengths[j])
@@ -97,6 +102,7 @@ class MicroBatcher:
         self.pending = 0  # requests submitted and not yet answered (waiting or being computed)
         self._pool: list[_Pending] = []  # requests with rows waiting or running, in arrival order
         self._arrivals = itertools.count()
+        self._round = 0  # the place in line (see `_Pending.turn`) the last call's end gave
         self._alone = False  # the last call served one request: an idle worker does not wait for company
         self._wake: asyncio.Event | None = None
         self._worker: asyncio.Task | None = None
@@ -197,12 +203,13 @@ class MicroBatcher:
 
     def next_call(self) -> list[tuple[_Pending, int]]:
         """(request, row) pairs of the next model call, taken out of the waiting rows."""
-        ready = sorted((item for item in self._pool if item.live and item.waiting), key=lambda i: (i.calls, i.seq))
+        ready = sorted((item for item in self._pool if item.live and item.waiting), key=lambda i: i.turn)
         if not ready:
             return []
-        # The call is cut around the longest row of the requests served least so far; that
-        # request goes first, so the call surely holds the row its padding is sized for.
-        front = [item for item in ready if item.calls == ready[0].calls]
+        # The call is cut around the longest row of the requests in line since before the last
+        # call ended (this round); that request goes first, so the call surely holds the row its
+        # padding is sized for.
+        front = [item for item in ready if item.turn < self._round] or ready
         first = max(front, key=lambda item: item.lengths[item.waiting[0]])
         ready = [first, *(item for item in ready if item is not first)]
         longest = first.lengths[first.waiting[0]]
@@ -262,6 +269,11 @@ class MicroBatcher:
         for item in items:
             if item.live and not item.waiting and not item.running:
                 item.future.set_result(item.output)
+        # the line as it stands when this call ends: requests with rows left join it again at its end
+        self._round = next(self._arrivals)
+        for item in items:
+            if item.waiting:
+                item.turn = self._round
 
 
 def _fail(item: _Pending, error: BaseException) -> None:
