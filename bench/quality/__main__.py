@@ -40,6 +40,8 @@ ROWS = {
     "qtune-lr2e-4": ("qtune", ["--lr", "2e-4"]),
     "qtune-3-epochs": ("qtune", ["--epochs", "3"]),  # best/ by the dev split among the 3 epochs
     "qtune-min-100": ("qtune", ["--min-steps", "100"]),  # small data: more epochs up to 100 steps, best/ by dev
+    "qtune-min-200": ("qtune", ["--min-steps", "200"]),  # twice the default's steps, best/ by dev
+    "qtune-avg-0.5": ("qtune", ["--average-from", "0.5"]),  # the weights averaged over the second half
     "st-1e-4-100-steps": ("st", {"lr": 1e-4, "max_steps": 100}),  # the peer given the same 100 steps
     "qtune-hn1-percpos": ("qtune", ["--hard-negatives", "1"]),
     "qtune-hn3-percpos": ("qtune", ["--hard-negatives", "3"]),

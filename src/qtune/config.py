@@ -82,6 +82,10 @@ class TrainConfig:
     max_grad_norm: float = opt(1.0, "gradient clipping norm (0: off)", low=0)
     max_length: int = opt(128, "maximum tokens per example (see `qtune data stats`)", low=4)
     eval_steps: int = opt(0, "evaluate every N optimizer steps (0: once per epoch)", low=0)
+    average_from: float = opt(0.0, "also average the trained weights over every optimizer step from this share of "
+                              "the run on (0.5: the second half) and score the average on the dev set at the end: "
+                              "best/ becomes the average when it scores higher, or always without a dev set "
+                              "(0: off)", low=0, high=1, high_open=True)
     logging_steps: int = opt(10, "log training loss every N optimizer steps", low=1)
     seed: int = opt(42, "random seed (data order, initialisation, dropout)")
     full: bool = opt(False, "full fine-tuning instead of LoRA")

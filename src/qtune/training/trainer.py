@@ -76,6 +76,7 @@ class Progress:
     history: list[dict] = field(default_factory=list)
     baseline: dict | None = None  # the dev figures of the starting point (see `TaskHooks.baseline`)
     evals_without_gain: int = 0  # for --early-stopping
+    best_is_average: bool = False  # best/ holds the --average-from average, not a step's weights
 
 
 def global_batches(batches: list[list[int]], world_size: int) -> list[list[int]]:
@@ -133,6 +134,14 @@ class TrainingLoop:
                                grad_accum=config.grad_accum, max_grad_norm=config.max_grad_norm)
         self.optimizer = self.replica.optimizer
         self.main = self.replica.is_main
+        # --average-from: a running mean of the trainable weights over the steps after `average_start`
+        share = getattr(config, "average_from", 0.0) or 0.0
+        self.average_start = math.floor(self.total_steps * share) if share > 0 else None
+        if self.average_start is not None and getattr(config, "deepspeed", None):
+            raise QtuneError("--average-from keeps a copy of the whole trained weights in each process: it does not "
+                             "work with --deepspeed (sharded weights); leave one of them out")
+        self.average: dict | None = None
+        self.averaged_steps = 0
         self.trackers = None
         self.rng_state = None
         self.samples = self.tokens = 0  # this process's counts since the (re)start
@@ -195,6 +204,8 @@ class TrainingLoop:
             self.optimizer.load_state_dict(state["optimizer"])
             self.scheduler.load_state_dict(state["scheduler"])
             self.progress = Progress(**state["progress"])
+            if self.average_start is not None and state.get("average") is not None:
+                self.average, self.averaged_steps = state["average"], int(state["averaged_steps"])
             ranks_rng = state.get("torch_rng_ranks") or [state["torch_rng"]]
             torch.set_rng_state(ranks_rng[self.rank])
         self.rng_state = torch.get_rng_state()
@@ -303,6 +314,8 @@ class TrainingLoop:
             self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         progress.step += 1
+        if self.average_start is not None and progress.step > self.average_start:
+            self.accumulate_average()
         self.rng_state = torch.get_rng_state()
         if self.on_step is not None:
             self.on_step({"step": progress.step, "samples": self.samples, "tokens": self.tokens})
@@ -320,6 +333,54 @@ class TrainingLoop:
         self.bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", samples_s=f"{self.samples * world / elapsed:.1f}",
                              tok_s=f"{self.tokens * world / elapsed:.0f}")
 
+    # -- weight averaging (--average-from) --------------------------------------------------------
+
+    def _trained(self):
+        return [(name, p) for name, p in self.model.named_parameters() if p.requires_grad]
+
+    def accumulate_average(self) -> None:
+        """Fold this step's trainable weights into the running mean (kept in fp32)."""
+        import torch
+
+        self.averaged_steps += 1
+        with torch.no_grad():
+            if self.average is None:
+                self.average = {name: p.detach().float().clone() for name, p in self._trained()}
+                return
+            for name, p in self._trained():
+                self.average[name].lerp_(p.detach().float(), 1.0 / self.averaged_steps)
+
+    def score_average(self) -> None:
+        """Score the averaged weights on the dev set; best/ becomes them when they beat the best
+        step (or when nothing chooses: no dev set). The trained weights are put back after."""
+        import torch
+
+        hooks, progress = self.hooks, self.progress
+        first = progress.step - self.averaged_steps + 1
+        trained = {name: p.detach().clone() for name, p in self._trained()}
+        with torch.no_grad():
+            for name, p in self._trained():
+                p.copy_(self.average[name].to(p.dtype))
+        try:
+            metrics = hooks.evaluate(self.loaded) if hooks.evaluate and self.main else {}
+            metrics = broadcast_object(metrics)
+            value = metrics.get(hooks.best_metric)
+            record = {"step": progress.step, "average_of_steps": [first, progress.step], **metrics}
+            progress.history.append(record)
+            better = value is not None and (progress.best_value is None or value > progress.best_value)
+            if better or hooks.evaluate is None:
+                progress.best_value, progress.best_step, progress.best_is_average = value, progress.step, True
+                self.save(self.output / "best")
+            if self.main and value is not None:
+                kept = "best/ is the average" if better else f"best/ stays step {progress.best_step}'s weights"
+                print(f"weights averaged over steps {first}-{progress.step}: dev {hooks.best_metric} {value:.4f}; "
+                      f"{kept}")
+        finally:
+            with torch.no_grad():
+                for name, p in self._trained():
+                    p.copy_(trained[name])
+            self.model.train()
+
     # -- evaluation and checkpoints --------------------------------------------------------------
 
     def save(self, folder: Path, extra: dict | None = None) -> None:
@@ -336,7 +397,8 @@ class TrainingLoop:
         def write_state(path: Path) -> None:
             torch.save(plain_state({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                                     "progress": self.progress.__dict__, "torch_rng": rngs[0], "torch_rng_ranks": rngs,
-                                    "world_size": self.world}), path)
+                                    "world_size": self.world, "average": self.average,
+                                    "averaged_steps": self.averaged_steps}), path)
 
         self.save(self.output / "last", {STATE_FILE: write_state})
 
@@ -366,14 +428,16 @@ class TrainingLoop:
     def finish(self) -> dict:
         """best/ when nothing chose one, metrics.json (history, verdict, throughput), the verdict line."""
         hooks, progress, world = self.hooks, self.progress, self.world
-        if hooks.evaluate is None or progress.best_step is None:
+        if self.averaged_steps:
+            self.score_average()
+        if (hooks.evaluate is None and not progress.best_is_average) or progress.best_step is None:
             self.save(self.output / "best")
         elapsed = time.perf_counter() - self.started
         counts = all_gather_objects((self.samples, self.tokens))
         samples, tokens = sum(c[0] for c in counts), sum(c[1] for c in counts)
         result = {
-            "best": next((r for r in progress.history if r["step"] == progress.best_step), None),
-            "last": progress.history[-1] if progress.history else None,
+            "best": best_record(progress),
+            "last": next((r for r in reversed(progress.history) if "average_of_steps" not in r), None),
             "best_metric": hooks.best_metric,
             "history": progress.history,
             "baseline": progress.baseline,
@@ -392,6 +456,14 @@ class TrainingLoop:
         return result
 
 
+def best_record(progress: Progress) -> dict | None:
+    """The evaluation record of best/: a step's, or the --average-from average's."""
+    for record in reversed(progress.history):
+        if record["step"] == progress.best_step and ("average_of_steps" in record) == progress.best_is_average:
+            return record
+    return None
+
+
 def _baseline(hooks: TaskHooks, loaded: LoadedModel) -> dict:
     """The dev figures to beat, computed before step 1 (see `TaskHooks.baseline`)."""
     name, evaluate = hooks.baseline or ("base", hooks.evaluate)
@@ -405,7 +477,7 @@ def _baseline(hooks: TaskHooks, loaded: LoadedModel) -> dict:
 def _verdict(hooks: TaskHooks, progress: Progress) -> dict | None:
     """best/ against the baseline on the dev set; None without a dev set or when the run was resumed
     from a state saved before baselines were recorded."""
-    best = next((r for r in progress.history if r["step"] == progress.best_step), None)
+    best = best_record(progress)
     base = progress.baseline
     metric = hooks.best_metric
     if best is None or not base or metric not in best or metric not in base:
