@@ -275,3 +275,44 @@ def test_data_stats_counts_tokens_as_training_encodes_them(tokenizer, tmp_path, 
     code, out, err = run(capsys, "data", "stats", train, "--task", "extract", "--model", qwen_tokenizer_dir(),
                          "--plot", tmp_path / "len.png")
     assert "tokens per example (chat prompt, answer, EOS)" in out and "left out of training" in out
+
+
+def test_generate_gives_what_transformers_greedy_generate_gives(tiny_qwen_dir):
+    """qtune's greedy loop against `model.generate` one prompt at a time: the same tokens, also where
+    one row of a batch ends early (its end token made the model's) and the others go on."""
+    import torch
+    from transformers import GenerationConfig
+
+    from qtune.tasks import load_model
+    from qtune.tasks.extraction.model import generate
+
+    loaded = load_model(tiny_qwen_dir, task="extract", device="cpu", precision="fp32")
+    prompts = [[9707, 11, 1879, 13], [1, 2, 3, 4, 5, 6, 7, 8, 9], [42, 7], [5, 900, 31, 77, 12]]
+    model, tokenizer = loaded.model, loaded.tokenizer
+
+    def reference(prompt, eos):
+        config = GenerationConfig(max_new_tokens=10, do_sample=False, eos_token_id=eos,
+                                  pad_token_id=tokenizer.pad_token_id)
+        with torch.inference_mode():
+            out = model.generate(input_ids=torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt),
+                                 dtype=torch.long), generation_config=config)
+        row = out[0, len(prompt):].tolist()
+        end = next((k for k, t in enumerate(row) if t in eos), None)
+        return row if end is None else row[:end + 1]
+
+    eos = [tokenizer.eos_token_id]
+    first = [reference(p, eos) for p in prompts]
+    assert all(len(f) == 10 for f in first)  # random weights: no end token within 10
+    # a token some row makes first at step k and another row never makes: made the end token, that
+    # row ends after k + 1 tokens (its rest is padding) and the other goes on to 10
+    r, k, token = next((r, k, t) for r, row in enumerate(first) for k, t in enumerate(row)
+                       if t not in row[:k] and any(t not in f for f in first))
+    model.config.eos_token_id = token
+    eos = sorted({tokenizer.eos_token_id, token})
+    expected = [reference(p, eos) for p in prompts]
+    assert len(expected[r]) == k + 1 and max(len(e) for e in expected) == 10
+    got = generate(loaded, prompts, batch_size=4, max_new_tokens=10)
+    assert [g.tokens for g in got] == [len(e) for e in expected]
+    assert [g.text for g in got] == [tokenizer.decode(e[:-1] if e[-1] in eos else e, skip_special_tokens=True).strip()
+                                     for e in expected]
+    assert [g.finished for g in got] == [e[-1] in eos for e in expected]

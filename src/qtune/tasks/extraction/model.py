@@ -49,17 +49,22 @@ class Generation:
 def generate(loaded, prompts: Sequence[list[int]], *, batch_size: int = 16, max_new_tokens: int = 256,
              progress: bool = False) -> list[Generation]:
     """Greedy answers to token-id prompts, in input order; batches are length-sorted (longest
-    first), left-padded."""
-    import torch
-    from transformers import GenerationConfig
+    first), left-padded.
 
-    tokenizer = loaded.tokenizer
+    The loop `transformers`' greedy `generate` runs, with the same inputs (left padding, position
+    ids counted over the real tokens, a KV cache, only the last position's logits), so the same
+    tokens, less its per-step work: the argmax is taken on the logits as computed (no float32 copy
+    of them, no logits processors or stopping criteria), by `max`, which finds the same first
+    largest index faster than `argmax` on the CPU."""
+    import torch
+    from transformers import DynamicCache
+
+    tokenizer, model = loaded.tokenizer, loaded.model
     eos = tokenizer.eos_token_id
-    pad = tokenizer.pad_token_id
-    stop = sorted({eos, *([loaded.model.config.eos_token_id] if isinstance(loaded.model.config.eos_token_id, int)
-                          else loaded.model.config.eos_token_id or [])} - {None})
-    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stop, pad_token_id=pad,
-                              use_cache=True)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    stop = sorted({eos, *([model.config.eos_token_id] if isinstance(model.config.eos_token_id, int)
+                          else model.config.eos_token_id or [])} - {None})
+    stops = torch.tensor(stop, device=loaded.device)
     results: list[Generation | None] = [None] * len(prompts)
     with loaded.inference():
         for idx in loaded.sorted_batches([len(p) for p in prompts], batch_size=batch_size, desc="generate",
@@ -68,8 +73,25 @@ def generate(loaded, prompts: Sequence[list[int]], *, batch_size: int = 16, max_
             ids = torch.tensor([[pad] * (width - len(prompts[i])) + prompts[i] for i in idx], device=loaded.device)
             mask = torch.tensor([[0] * (width - len(prompts[i])) + [1] * len(prompts[i]) for i in idx],
                                 device=loaded.device)
-            out = loaded.model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
-            for row, i in zip(out[:, width:].tolist(), idx):
+            positions = (mask.cumsum(-1) - 1).masked_fill_(mask == 0, 1)
+            cache = DynamicCache(config=getattr(model, "config", None))
+            done = torch.zeros(len(idx), dtype=torch.bool, device=loaded.device)
+            new: list = []
+            step_ids = ids
+            for _ in range(max_new_tokens):
+                out = model(input_ids=step_ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                            use_cache=True, logits_to_keep=1)
+                token = out.logits[:, -1].max(-1).indices
+                token = torch.where(done, torch.full_like(token, pad), token)  # finished rows are padded
+                new.append(token)
+                done |= torch.isin(token, stops)
+                if len(new) == max_new_tokens or bool(done.all()):
+                    break
+                step_ids = token[:, None]
+                mask = torch.cat([mask, mask.new_ones(len(idx), 1)], dim=1)
+                positions = positions[:, -1:] + 1
+            rows = torch.stack(new, dim=1).tolist()
+            for row, i in zip(rows, idx):
                 end = next((k for k, t in enumerate(row) if t in stop), None)
                 tokens = row if end is None else row[:end + 1]
                 text = tokenizer.decode(tokens[:end] if end is not None else tokens, skip_special_tokens=True)
