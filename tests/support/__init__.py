@@ -8,7 +8,7 @@ rewriting, so a failed `assert` in a helper reports its values as one in a test 
 from support.cli import (MISSING_MODEL, assert_data_accepted_up_to_the_model, assert_refused_before_the_model_loads,
                          assert_user_error, run)
 from support.data import (ANIMALS, BOM, FAQ_QUESTIONS, FILLER, SPECIALS, VEHICLES, assert_located, data_error, jsonl,
-                          read_jsonl, synthetic_pairs, write, write_lines, write_pairs_csv)
+                          read_jsonl, synthetic_pairs, write, write_lines, write_pairs_csv, write_query_groups)
 from support.models import qwen_tokenizer_dir, save_tiny_qwen, train_losses
 from support.serving import assert_api_error, free_port
 
@@ -17,5 +17,5 @@ __all__ = [
     "assert_api_error", "assert_data_accepted_up_to_the_model", "assert_located",
     "assert_refused_before_the_model_loads", "assert_user_error", "data_error", "free_port", "jsonl",
     "qwen_tokenizer_dir", "read_jsonl", "run", "save_tiny_qwen", "synthetic_pairs", "train_losses", "write",
-    "write_lines", "write_pairs_csv",
+    "write_lines", "write_pairs_csv", "write_query_groups",
 ]

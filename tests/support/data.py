@@ -37,6 +37,19 @@ def synthetic_pairs(n: int, seed: int) -> list[tuple[str, str, int]]:
     return rows
 
 
+GROUP_WORDS = ["cat", "dog", "bus", "car", "cow", "goat", "train", "red", "green", "big", "small", "old"]
+
+
+def write_query_groups(path: Path, n: int) -> Path:
+    """`n` distinct queries as FlagEmbedding JSONL, each with one positive and one negative."""
+    rows = []
+    for i in range(n):
+        a, b, c = GROUP_WORDS[i % 12], GROUP_WORDS[(i * 5 + 1) % 12], GROUP_WORDS[(i * 7 + 3) % 12]
+        rows.append({"query": f"{a} {b} {i}", "pos": [f"{a} {b} {c}"], "neg": [f"{c} {c} {b}"]})
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
 def write_pairs_csv(path: Path, rows) -> Path:
     with open(path, "w", encoding="utf-8", newline="") as f:
         writer = csv.writer(f)

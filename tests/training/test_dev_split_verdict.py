@@ -7,7 +7,7 @@ import json
 
 import pytest
 import yaml
-from support import assert_user_error, run
+from support import assert_user_error, run, write_query_groups
 
 from qtune.data.retrieval import held_out_retrieval_set
 from qtune.data.split import MAX_AUTO_DEV, dev_split, resolve_dev_fraction
@@ -16,7 +16,6 @@ from qtune.records import QueryGroup
 from qtune.tasks.reranker.groups import group_ranking_metrics, random_order_metrics
 from qtune.training.verdict import DevSet, make_verdict, regression_warning, run_verdict
 
-WORDS = ["cat", "dog", "bus", "car", "cow", "goat", "train", "red", "green", "big", "small", "old"]
 
 
 def test_dev_split_is_seeded_by_key_and_keeps_a_key_on_one_side():
@@ -79,12 +78,7 @@ def test_verdict_lines():
 
 def _groups(path, n=220):
     """`n` distinct queries, each with one positive and one negative: enough for the default dev split."""
-    rows = []
-    for i in range(n):
-        a, b, c = WORDS[i % 12], WORDS[(i * 5 + 1) % 12], WORDS[(i * 7 + 3) % 12]
-        rows.append({"query": f"{a} {b} {i}", "pos": [f"{a} {b} {c}"], "neg": [f"{c} {c} {b}"]})
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    return path
+    return write_query_groups(path, n)
 
 
 def _train(capsys, tiny_bert_dir, data, output, *extra):

@@ -9,21 +9,11 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file
-from support import run
+from support import run, write_query_groups
 
 from qtune.training import trainer as trainer_module
 
 PARAM = "encoder.layer.0.attention.self.query.weight"
-
-
-def _groups(path, n):
-    words = ["cat", "dog", "bus", "car", "tiger", "plane", "train", "bike", "lion", "horse", "boat", "ship"]
-    rows = []
-    for i in range(n):
-        a, b, c = words[i % 12], words[(i * 5 + 1) % 12], words[(i * 7 + 3) % 12]
-        rows.append({"query": f"{a} {b} {i}", "pos": [f"{a} {b} {c}"], "neg": [f"{c} {c} {b}"]})
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    return path
 
 
 def _weights(folder):
@@ -52,7 +42,7 @@ def _train(capsys, model, data, output, *extra):
 
 
 def test_without_a_dev_set_best_is_the_mean_of_the_last_half(capsys, tmp_path, tiny_bert_dir, recorded):
-    data = _groups(tmp_path / "g.jsonl", 40)  # 5 batches of 8 an epoch, no default dev split under 200
+    data = write_query_groups(tmp_path / "g.jsonl", 40)  # 5 batches of 8 an epoch, no default dev split under 200
     code, out, err = _train(capsys, tiny_bert_dir, data, tmp_path / "run", "--epochs", "2", "--average-from", "0.5")
     assert code == 0, err
     assert len(recorded) == 10
@@ -66,7 +56,7 @@ def test_without_a_dev_set_best_is_the_mean_of_the_last_half(capsys, tmp_path, t
 
 def test_with_a_dev_set_the_average_is_scored_and_chosen_only_when_better(capsys, tmp_path, tiny_bert_dir,
                                                                           recorded):
-    data = _groups(tmp_path / "g.jsonl", 60)
+    data = write_query_groups(tmp_path / "g.jsonl", 60)
     code, out, err = _train(capsys, tiny_bert_dir, data, tmp_path / "run", "--epochs", "3", "--dev-fraction", "0.2",
                             "--average-from", "0.5")
     assert code == 0, err
@@ -88,7 +78,7 @@ def test_with_a_dev_set_the_average_is_scored_and_chosen_only_when_better(capsys
 
 
 def test_a_resumed_run_continues_the_same_average(capsys, tmp_path, tiny_bert_dir, recorded, monkeypatch):
-    data = _groups(tmp_path / "g.jsonl", 40)
+    data = write_query_groups(tmp_path / "g.jsonl", 40)
     whole = tmp_path / "whole"
     code, _, err = _train(capsys, tiny_bert_dir, data, whole, "--epochs", "3", "--average-from", "0.3")
     assert code == 0, err
