@@ -17,7 +17,6 @@ from qtune.tasks.reranker.groups import group_ranking_metrics, random_order_metr
 from qtune.training.verdict import DevSet, make_verdict, regression_warning, run_verdict
 
 
-
 def test_dev_split_is_seeded_by_key_and_keeps_a_key_on_one_side():
     keys = [f"q{i % 50}" for i in range(120)]  # 50 distinct queries, most repeated
     train, dev = dev_split(keys, 0.2, seed=1)
