@@ -43,6 +43,7 @@ ROWS = {
     "qtune-min-200": ("qtune", ["--min-steps", "200"]),  # twice the default's steps, best/ by dev
     "qtune-avg-0.5": ("qtune", ["--average-from", "0.5"]),  # the weights averaged over the second half
     "st-1e-4-100-steps": ("st", {"lr": 1e-4, "max_steps": 100}),  # the peer given the same 100 steps
+    "st-1e-4-200-steps": ("st", {"lr": 1e-4, "max_steps": 200}),
     "qtune-hn1-percpos": ("qtune", ["--hard-negatives", "1"]),
     "qtune-hn3-percpos": ("qtune", ["--hard-negatives", "3"]),
     # a second round: the default row's tuned model (same seed) mines TopK-PercPos negatives, the base retrains
