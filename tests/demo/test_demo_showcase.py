@@ -48,3 +48,24 @@ def test_the_served_questions_name_real_faq_entries_and_are_judged_as_a_customer
     assert not _answered_right({"matched": False, "id": "delivery-delay"}, "delivery-delay")
     assert _answered_right({"matched": False, "id": "delivery-delay"}, None)
     assert not _answered_right({"matched": True, "id": "delivery-delay"}, None)
+
+
+def test_a_rerun_removes_the_previous_knowledge_base_file_folder_or_link(tmp_path):
+    from qtune.demo import remove_previous_kb
+
+    folder = tmp_path / "kb.db"  # Milvus Lite 3 keeps a knowledge base as a folder
+    (folder / "collections").mkdir(parents=True)
+    (folder / "LOCK").write_text("")
+    remove_previous_kb(folder)
+    assert not folder.exists()
+    single = tmp_path / "old.db"
+    single.write_text("x")
+    remove_previous_kb(single)
+    assert not single.exists()
+    elsewhere = tmp_path / "elsewhere"
+    (elsewhere / "keep").mkdir(parents=True)
+    link = tmp_path / "linked.db"
+    link.symlink_to(elsewhere, target_is_directory=True)
+    remove_previous_kb(link)
+    assert not link.exists() and not link.is_symlink() and (elsewhere / "keep").is_dir()
+    remove_previous_kb(tmp_path / "never-made.db")  # nothing there: nothing to do

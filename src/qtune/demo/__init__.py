@@ -156,6 +156,15 @@ def _answered_right(answer: dict, expected: str | None) -> bool:
     return answer["id"] == expected if answer["matched"] else expected is None
 
 
+def remove_previous_kb(kb: Path) -> None:
+    """Delete the knowledge base an earlier demo run left at `kb`: a file, or the folder Milvus Lite
+    3 writes. A link there is removed itself, never what it points to."""
+    if kb.is_symlink() or kb.is_file():
+        kb.unlink()
+    elif kb.is_dir():
+        shutil.rmtree(kb)
+
+
 def run_serving_demo(output: Path, faq: Path, embedding: str, classifier: str) -> list[dict]:
     """Build the FAQ knowledge base, serve the tuned models on 127.0.0.1 and query them as a client would."""
     import socket
@@ -170,8 +179,7 @@ def run_serving_demo(output: Path, faq: Path, embedding: str, classifier: str) -
     from qtune.serving import ServerSettings, create_app
 
     kb = output / "kb.db"
-    if kb.exists():  # the demo's own knowledge base: a rerun rebuilds it
-        kb.unlink()
+    remove_previous_kb(kb)  # the demo's own knowledge base: a rerun rebuilds it
     count = api.kb_build(embedding, str(faq), str(kb), device="cpu")
     print(f"\n== 9. knowledge base: {count} FAQ entries embedded with the tuned model -> {kb} (Milvus Lite)")
 
