@@ -3,13 +3,13 @@
 A transformer's feed-forward block spends a pass over its largest activation (tokens x the
 intermediate size) on the activation function alone: BERT's `gelu(dense(x))`, Qwen3's
 `silu(gate_proj(x)) * up_proj(x)`. oneDNN applies the activation inside the matrix product
-(`torch.ops.mkldnn._linear_pointwise` with a GELU or swish post-op), with the same values as
-the two steps (erf GELU and SiLU are computed exactly, not approximated).
+(`torch.ops.mkldnn._linear_pointwise` with a GELU or swish post-op): erf GELU gives the same
+values as the two steps, bit for bit; SiLU differs from torch's by float rounding (about 1e-7).
 
 `fuse_feed_forward(model)` gives each such block of a loaded model a forward that takes the fused
-path only when it cannot change anything but speed: fp32 tensors on the CPU, no gradient being
-recorded, the module in eval mode, and no tracer or exporter (TorchScript, ONNX, torch.compile)
-running, since those need the plain operations. Anything else runs the block's own forward.
+path only where it changes nothing but speed and that rounding: fp32 tensors on the CPU, no
+gradient being recorded, the module in eval mode, and no tracer or exporter (TorchScript, ONNX,
+torch.compile) running, since those need the plain operations. Anything else runs the block's own forward.
 Blocks whose linear layers are not plain `nn.Linear` (a LoRA adapter wraps them) are left alone.
 """
 
@@ -45,7 +45,7 @@ def _silu(act) -> bool:
 
 
 def _fusable(module, x) -> bool:
-    """The fused path changes nothing here but speed (see the module's docstring)."""
+    """The fused path may run here: inference in fp32 on the CPU, no tracer (see the module's docstring)."""
     import torch
 
     return (not module.training and not torch.is_grad_enabled() and x.device.type == "cpu"

@@ -74,7 +74,7 @@ def generate(loaded, prompts: Sequence[list[int]], *, batch_size: int = 16, max_
             mask = torch.tensor([[0] * (width - len(prompts[i])) + [1] * len(prompts[i]) for i in idx],
                                 device=loaded.device)
             positions = (mask.cumsum(-1) - 1).masked_fill_(mask == 0, 1)
-            cache = DynamicCache(config=getattr(model, "config", None))
+            cache = DynamicCache(config=model.config)
             done = torch.zeros(len(idx), dtype=torch.bool, device=loaded.device)
             new: list = []
             step_ids = ids
