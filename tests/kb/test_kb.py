@@ -315,3 +315,19 @@ def test_reads_and_deletes_of_control_character_ids_answer_instead_of_failing(kb
                                 "answer": e.answer} for e in old])
     assert kb.get([e.id for e in old]) == old
     assert kb.delete([e.id for e in old]) == 3 and kb.count() == 3
+
+
+def test_an_index_file_left_empty_by_a_killed_writer_is_rebuilt(kb, kb_path):
+    """Milvus Lite writes its per-segment index cache in place; a kill at that moment leaves it
+    empty and loading failed. Opening drops the empty cache, Milvus Lite rebuilds it from the rows."""
+    from pathlib import Path
+
+    kb.upsert(E, V)
+    kb.close()
+    indexes = sorted(Path(kb_path, "collections").glob("*/partitions/*/indexes/*.idx"))
+    entries = [p for p in indexes if "_meta" not in str(p.relative_to(kb_path))]
+    assert entries
+    entries[0].write_bytes(b"")  # as the kill leaves it
+    with KnowledgeBase.open(kb_path, model="tiny/model", dimension=4) as again:
+        assert again.count() == len(E)
+        assert entries[0].stat().st_size > 0  # rebuilt

@@ -246,8 +246,8 @@ class KnowledgeBase:
             collections = set(client.list_collections())
             if META not in collections or ENTRIES not in collections:
                 raise QtuneError(f"{uri} is not a qtune knowledge base (no {META!r}/{ENTRIES!r} collections)")
-            client.load_collection(META)
-            client.load_collection(ENTRIES)
+            _load_collection(client, str(uri), META)
+            _load_collection(client, str(uri), ENTRIES)
             rows = client.get(META, ids=[META_ID], output_fields=["value"])
             if not rows:
                 raise QtuneError(f"{uri}: the knowledge base has lost its metadata row")
@@ -398,6 +398,39 @@ def _id_filter(ids: Sequence[str]) -> str:
 def _check_bytes(text: str, limit: int, field: str, entry_id: str) -> None:
     if len(text.encode("utf-8")) > limit:
         raise QtuneError(f"entry {entry_id[:80]!r}: {field} is longer than Milvus allows ({limit} UTF-8 bytes)")
+
+
+def _load_collection(client, uri: str, name: str) -> None:
+    """Load collection `name`. Milvus Lite keeps a per-segment index file beside the stored vectors,
+    a cache it rebuilds from them when the file is missing, and writes it in place: a writer killed
+    at that moment leaves it empty, and loading then fails ("No data left in file"). For a local
+    knowledge base those empty cache files are removed and the load is tried once more; the rows
+    themselves are in the data files, so nothing acknowledged is lost."""
+    from pymilvus.exceptions import MilvusException
+
+    try:
+        client.load_collection(name)
+    except MilvusException:
+        if not is_local(uri) or not _drop_empty_index_files(Path(uri) / "collections" / name):
+            raise
+        client.load_collection(name)
+
+
+def _drop_empty_index_files(folder: Path) -> int:
+    """Remove the empty `*.idx` files under `folder`'s `indexes` folders; how many. Nothing is
+    removed through a link: a linked folder on the way is left alone, links are never followed."""
+    if any(p.is_symlink() for p in (folder.parent.parent, folder.parent, folder)) or not folder.is_dir():
+        return 0
+    removed = 0
+    for root, _dirs, files in os.walk(folder):  # does not descend into linked folders
+        if Path(root).name != "indexes":
+            continue
+        for name in files:
+            path = Path(root, name)
+            if name.endswith(".idx") and not path.is_symlink() and path.stat().st_size == 0:
+                path.unlink()
+                removed += 1
+    return removed
 
 
 def _close_client(client, uri: str) -> None:
