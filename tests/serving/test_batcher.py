@@ -224,3 +224,46 @@ def test_a_request_split_over_calls_is_not_overtaken_by_a_steady_stream():
     assert answer[:, 0].tolist() == [10] * 6
     holding = [i for i, call in enumerate(calls) if any(tag == 1 for tag, _ in call)]
     assert len(holding) == 2 and holding[1] - holding[0] <= 3 and holding[1] < len(calls) - 5, calls
+
+
+def test_a_padding_free_runner_gets_rows_of_any_length_in_turn_order():
+    """Packed calls cost their real tokens: a short row is not left for a later call (its request
+    would wait a call longer), and the budget counts real tokens, not rows x the longest."""
+    async def main(padding_free: bool, budget: int):
+        runner = RecordingRunner()
+        with ThreadPoolExecutor(max_workers=1) as executor:
+            batcher = MicroBatcher(runner, executor, max_batch_tokens=budget, max_wait_ms=0, max_queue=8,
+                                   padding_free=padding_free)
+            batcher.start()
+            answer = await batcher.submit(rows(1, *[10] * 10, 300, *[10] * 10))
+            await batcher.stop()
+        return [[n for _, n in call] for call in runner.calls], answer
+
+    calls, answer = asyncio.run(main(True, 10_000))
+    assert answer[:, 0].tolist() == [10] * 10 + [300] + [10] * 10
+    assert calls == [[300] + [10] * 20]  # one call of 500 real tokens (padded it would be 6,300)
+    assert asyncio.run(main(False, 10_000))[0] == [[300], [10] * 20]  # padded: the short rows wait
+    calls, _ = asyncio.run(main(True, 400))
+    assert calls == [[300] + [10] * 10, [10] * 10]  # 400 real tokens a call, the first row always in
+    assert all(sum(call) <= 400 for call in calls)
+
+
+def test_a_padding_free_call_follows_the_line_of_requests():
+    async def main():
+        runner = RecordingRunner(delay=0.02)
+        with ThreadPoolExecutor(max_workers=1) as executor:
+            batcher = MicroBatcher(runner, executor, max_batch_tokens=50, max_wait_ms=0, max_queue=8,
+                                   padding_free=True)
+            batcher.start()
+            first = asyncio.ensure_future(batcher.submit(rows(1, 30)))
+            while not runner.calls:
+                await asyncio.sleep(0.002)
+            # arriving during the first call, in this order: the next call takes them in turn
+            later = [asyncio.ensure_future(batcher.submit(rows(tag, n))) for tag, n in ((2, 5), (3, 40), (4, 5))]
+            answers = await asyncio.gather(first, *later)
+            await batcher.stop()
+        return runner.calls, answers
+
+    calls, answers = asyncio.run(main())
+    assert [a[:, 0].tolist() for a in answers] == [[30], [5], [40], [5]]
+    assert calls == [[(1, 30)], [(2, 5), (3, 40), (4, 5)]]

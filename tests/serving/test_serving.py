@@ -281,6 +281,7 @@ def test_200_concurrent_requests_are_batched(live, bert):
     words = ["cat", "dog", "horse", "car", "bus", "train", "the", "big", "red", "old"]
     requests = [[" ".join(words[(i + k) % 10] for k in range(1 + i % 7))] * (1 + i % 3) for i in range(200)]
     calls_before = batcher.model_calls
+    assert bert.padding_free and batcher.padding_free  # a packed BERT: calls sized by real tokens
 
     async def send_all():
         limits = httpx.Limits(max_connections=64)

@@ -43,6 +43,12 @@ class InferenceModel:
         """The batch function: one collated batch -> one numpy row per input."""
         raise NotImplementedError
 
+    @property
+    def padding_free(self) -> bool:
+        """Whether `run_batch` packs rows of mixed lengths (`LoadedModel.packed`), so a call costs
+        about its real tokens and rows of any lengths may share it."""
+        return bool(getattr(self.loaded, "packed", False))
+
     def run_batch(self, features: list[dict]) -> np.ndarray:
         """`forward` of the batch made of these unpadded features (the server's micro-batcher calls this)."""
         return self.loaded.infer_batch(features, self.forward)

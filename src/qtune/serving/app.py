@@ -61,7 +61,7 @@ def create_app(models: dict[str, object], settings: ServerSettings, matcher=None
                 continue  # e.g. generation: one model call per request, not micro-batched
             entry.batcher = MicroBatcher(entry.model.run_batch, state.executor, max_batch_tokens=settings.max_batch_tokens,
                                          max_wait_ms=settings.max_wait_ms, max_queue=settings.max_queue,
-                                         target_call_ms=settings.target_call_ms,
+                                         target_call_ms=settings.target_call_ms, padding_free=entry.model.padding_free,
                                          on_call=lambda rows, name=entry.name: calls.counted(name, rows))
             entry.batcher.start()
         state.draining, state.ready = False, True

@@ -18,7 +18,9 @@ next call one of several requests, and waiting resumes:
   the call takes rows no longer than that, at most `max_batch_tokens` padded tokens (rows x longest row), and leaves rows
   shorter than half its longest for a later call when that saves at least `min_split_saving`
   padded tokens (one short text among long ones, or one long text among short ones, no longer
-  pads every row of the call);
+  pads every row of the call). A `padding_free` runner (packed batches: its cost follows the real
+  tokens) needs none of that: its calls take rows in turn order up to `max_batch_tokens` real
+  tokens, so no request's short rows wait a call longer than its long ones;
 - abandonment: a request whose caller went away (its future cancelled) is dropped from the pool,
   its rows not yet computed never are;
 - call time: with `target_call_ms`, a call holds at most the padded tokens the model computes in
@@ -91,8 +93,9 @@ class _Pending:
 class MicroBatcher:
     def __init__(self, run: Runner, executor, *, max_batch_tokens: int, max_wait_ms: float, max_queue: int,
                  on_call: Callable[[int], None] | None = None, min_split_saving: int = MIN_SPLIT_SAVING,
-                 target_call_ms: float | None = None):
+                 target_call_ms: float | None = None, padding_free: bool = False):
         self.run, self.executor, self.on_call = run, executor, on_call
+        self.padding_free = padding_free  # calls cost their real tokens (`run` packs rows): see `next_call`
         self.max_batch_tokens, self.max_wait = max_batch_tokens, max_wait_ms / 1000
         self.target_call_s = None if target_call_ms is None else target_call_ms / 1000
         self.seconds_per_token: float | None = None  # measured on the calls so far (a moving average)
@@ -195,17 +198,46 @@ class MicroBatcher:
         if not self._warm:
             self._warm = True
             return result
-        padded = len(features) * max((len(f["input_ids"]) for f in features), default=1)
-        measured = (time.perf_counter() - began) / max(padded, 1)
+        measured = (time.perf_counter() - began) / max(self._cost([len(f["input_ids"]) for f in features]), 1)
         previous = self.seconds_per_token
         self.seconds_per_token = measured if previous is None else (previous + measured) / 2
         return result
+
+    def _cost(self, lengths: Sequence[int]) -> int:
+        """A call's size in the tokens `max_batch_tokens` counts: real ones for a padding-free
+        runner, else rows x the longest row."""
+        return sum(lengths) if self.padding_free else len(lengths) * max(lengths, default=0)
 
     def next_call(self) -> list[tuple[_Pending, int]]:
         """(request, row) pairs of the next model call, taken out of the waiting rows."""
         ready = sorted((item for item in self._pool if item.live and item.waiting), key=lambda i: i.turn)
         if not ready:
             return []
+        call = self._padding_free_call(ready) if self.padding_free else self._padded_call(ready)
+        taken: dict[int, set[int]] = {}
+        for item, j in call:
+            taken.setdefault(id(item), set()).add(j)
+        for item in ready:
+            rows = taken.get(id(item))
+            if rows:
+                item.waiting = [j for j in item.waiting if j not in rows]
+                item.running += len(rows)
+                item.calls += 1
+        return call
+
+    def _padding_free_call(self, ready: list[_Pending]) -> list[tuple[_Pending, int]]:
+        """Rows in turn order while their real tokens fit the call (its first row always does)."""
+        budget, used, call = self.call_tokens, 0, []
+        for item in ready:
+            for j in item.waiting:
+                if call and used + item.lengths[j] > budget:
+                    return call
+                call.append((item, j))
+                used += item.lengths[j]
+        return call
+
+    def _padded_call(self, ready: list[_Pending]) -> list[tuple[_Pending, int]]:
+        """Rows of about one length, sized by padded tokens (see the module's notes on padding)."""
         # The call is cut around the longest row of the requests in line since before the last
         # call ended (this round); that request goes first, so the call surely holds the row its
         # padding is sized for.
@@ -230,17 +262,7 @@ class MicroBatcher:
                 break
         short = [item.lengths[j] for item, j in every if 2 * item.lengths[j] < longest]
         saving = len(short) * (longest - max(short)) if short else 0
-        call = alike if saving >= self.min_split_saving else every
-        taken: dict[int, set[int]] = {}
-        for item, j in call:
-            taken.setdefault(id(item), set()).add(j)
-        for item in ready:
-            rows = taken.get(id(item))
-            if rows:
-                item.waiting = [j for j in item.waiting if j not in rows]
-                item.running += len(rows)
-                item.calls += 1
-        return call
+        return alike if saving >= self.min_split_saving else every
 
     async def _run(self, call: list[tuple[_Pending, int]]) -> None:
         loop = asyncio.get_running_loop()

@@ -24,7 +24,8 @@ class CommonServerSettings:
 
     host: str = opt("127.0.0.1", "")  # no help text: --help shows the flag alone
     port: int = opt(8000, "")
-    # padded tokens (rows x longest row) per model call, at most
+    # tokens per model call, at most: padded ones (rows x longest row), or the real ones where the
+    # model packs rows of mixed lengths (`InferenceModel.padding_free`)
     max_batch_tokens: int = opt(16384, "tokens per model call")
     # Model calls are sized from the model's measured speed to take about this long, so that a request
     # of another model (or a small one of this model) waits about this long for the model thread,
