@@ -267,3 +267,33 @@ def test_a_padding_free_call_follows_the_line_of_requests():
     calls, answers = asyncio.run(main())
     assert [a[:, 0].tolist() for a in answers] == [[30], [5], [40], [5]]
     assert calls == [[(1, 30)], [(2, 5), (3, 40), (4, 5)]]
+
+
+def test_a_request_cut_by_the_end_of_a_call_heads_the_next_one():
+    """A request that fits in a call but was cut by the end of one keeps its place in line: its
+    rest goes into the next call, not behind every request that arrived meanwhile. A request bigger
+    than a call still takes turns with the others."""
+    async def main():
+        runner = RecordingRunner(delay=0.02)
+        with ThreadPoolExecutor(max_workers=1) as executor:
+            batcher = MicroBatcher(runner, executor, max_batch_tokens=50, max_wait_ms=0, max_queue=16,
+                                   padding_free=True)
+            batcher.start()
+            first = asyncio.ensure_future(batcher.submit(rows(1, 10)))
+            while not runner.calls:
+                await asyncio.sleep(0.002)
+            later = [asyncio.ensure_future(batcher.submit(rows(tag, *sizes)))
+                     for tag, sizes in ((2, (20, 10)), (3, (15, 10)), (4, (20, 20, 20)), (5, (10,)))]
+            while len(runner.calls) < 2:
+                await asyncio.sleep(0.002)
+            # arriving during the call that cut request 3: it still goes after 3's rest
+            later.append(asyncio.ensure_future(batcher.submit(rows(6, 10))))
+            answers = await asyncio.gather(first, *later)
+            await batcher.stop()
+        return [[tag for tag, _ in call] for call in runner.calls], answers
+
+    calls, answers = asyncio.run(main())
+    assert [a[:, 0].tolist() for a in answers] == [[10], [20, 10], [15, 10], [20, 20, 20], [10], [10]]
+    # call 2 is full at 50 tokens: 2, and 3's 15-token row; 3's rest heads call 3, where 4 (60
+    # tokens, bigger than a call) is cut too and, being big, joins the line again behind 5 and 6
+    assert calls == [[1], [2, 2, 3], [3, 4, 4], [5, 6, 4]], calls

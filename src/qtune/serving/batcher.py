@@ -8,10 +8,11 @@ request alone, the next request that finds the worker idle is computed at once (
 one request at a time would only wait for nobody); requests arriving during that call make the
 next call one of several requests, and waiting resumes:
 
-- fairness: requests take turns (round robin): a request is in line from its arrival, and one whose
-  rows did not all fit in a call joins the line again when that call ends, behind the requests that
-  arrived during it. A small request that arrives during a big one goes into the next call instead
-  of waiting for all of the big one's rows, and a request split over calls never waits behind
+- fairness: requests take turns (round robin): a request is in line from its arrival, and one
+  bigger than a call joins the line again when a call that held some of its rows ends, behind the
+  requests that arrived during it (a request the end of a call merely cut keeps its place: its
+  rest heads the next call). A small request that arrives during a big one goes into the next
+  call instead of waiting for all of the big one's rows, and a request split over calls never waits behind
   requests that arrived after its last call (under a steady stream of new requests it would
   otherwise wait for a lull);
 - padding: a call's longest row is the longest waiting row of the requests served least so far;
@@ -291,10 +292,12 @@ class MicroBatcher:
         for item in items:
             if item.live and not item.waiting and not item.running:
                 item.future.set_result(item.output)
-        # the line as it stands when this call ends: requests with rows left join it again at its end
+        # the line as it stands when this call ends: requests with rows left that are bigger than a
+        # call join it again at its end; a request the call's end merely cut keeps its place (its
+        # rest heads the next call rather than waiting behind every request now in line)
         self._round = next(self._arrivals)
         for item in items:
-            if item.waiting:
+            if item.waiting and self._cost(item.lengths) > self.call_tokens:
                 item.turn = self._round
 
 
