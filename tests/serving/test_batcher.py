@@ -248,27 +248,6 @@ def test_a_padding_free_runner_gets_rows_of_any_length_in_turn_order():
     assert all(sum(call) <= 400 for call in calls)
 
 
-def test_a_padding_free_call_follows_the_line_of_requests():
-    async def main():
-        runner = RecordingRunner(delay=0.02)
-        with ThreadPoolExecutor(max_workers=1) as executor:
-            batcher = MicroBatcher(runner, executor, max_batch_tokens=50, max_wait_ms=0, max_queue=8,
-                                   padding_free=True)
-            batcher.start()
-            first = asyncio.ensure_future(batcher.submit(rows(1, 30)))
-            while not runner.calls:
-                await asyncio.sleep(0.002)
-            # arriving during the first call, in this order: the next call takes them in turn
-            later = [asyncio.ensure_future(batcher.submit(rows(tag, n))) for tag, n in ((2, 5), (3, 40), (4, 5))]
-            answers = await asyncio.gather(first, *later)
-            await batcher.stop()
-        return runner.calls, answers
-
-    calls, answers = asyncio.run(main())
-    assert [a[:, 0].tolist() for a in answers] == [[30], [5], [40], [5]]
-    assert calls == [[(1, 30)], [(2, 5), (3, 40), (4, 5)]]
-
-
 def test_a_request_cut_by_the_end_of_a_call_heads_the_next_one():
     """A request that fits in a call but was cut by the end of one keeps its place in line: its
     rest goes into the next call, not behind every request that arrived meanwhile. A request bigger
