@@ -49,6 +49,8 @@ ROWS = {
     # a second round: the default row's tuned model (same seed) mines TopK-PercPos negatives, the base retrains
     "qtune-round2-hn1": ("qtune", ["--hard-negatives", "1"]),
     "qtune-round2-hn1-200": ("qtune", ["--hard-negatives", "1", "--min-steps", "200"]),  # the same, 200 steps
+    # the same, its negatives mined by the 200-step model (`qtune-min-200`'s best/)
+    "qtune-round2b-hn1-200": ("qtune", ["--hard-negatives", "1", "--min-steps", "200"]),
     "st-hn1-1e-4": ("st", {"lr": 1e-4, "negatives": 1}),
     # the loss: GTE's improved contrastive (queries and passages negatives on both sides), symmetric InfoNCE
     "qtune-gte": ("qtune", ["--improved-contrastive"]),
@@ -65,10 +67,11 @@ ROWS = {
 MINING = {"percpos": ["--range-min", "0", "--range-max", "30", "--margin", "off", "--max-score", "off",
                       "--relative-margin", "0.05", "--num-negatives", "7", "--sampling", "top"]}
 MINED_ROWS = {"qtune-hn1-percpos": "percpos", "qtune-hn3-percpos": "percpos", "st-hn1-1e-4": "percpos",
-              "qtune-round2-hn1": "percpos", "qtune-round2-hn1-200": "percpos"}
+              "qtune-round2-hn1": "percpos", "qtune-round2-hn1-200": "percpos", "qtune-round2b-hn1-200": "percpos"}
 # Rows whose negatives the TUNED model mines (a second round): the row whose best/ (same seed) mines them
 # (`qtune-min-100` spells out the defaults, so its runs are the default model's).
-MINED_BY = {"qtune-round2-hn1": "qtune-min-100", "qtune-round2-hn1-200": "qtune-min-100"}
+MINED_BY = {"qtune-round2-hn1": "qtune-min-100", "qtune-round2-hn1-200": "qtune-min-100",
+            "qtune-round2b-hn1-200": "qtune-min-200"}
 
 
 def run(command: list[str], log: Path) -> tuple[float, float]:
