@@ -52,6 +52,8 @@ ROWS = {
     # the same, its negatives mined by the 200-step model (`qtune-min-200`'s best/)
     "qtune-round2b-hn1-200": ("qtune", ["--hard-negatives", "1", "--min-steps", "200"]),
     "st-hn1-1e-4": ("st", {"lr": 1e-4, "negatives": 1}),
+    # the peer given qtune-round2-hn1-200's training file (the tuned model's negatives) and steps
+    "st-round2-hn1-200": ("st", {"lr": 1e-4, "negatives": 1, "max_steps": 200}),
     # the loss: GTE's improved contrastive (queries and passages negatives on both sides), symmetric InfoNCE
     "qtune-gte": ("qtune", ["--improved-contrastive"]),
     "qtune-symmetric": ("qtune", ["--symmetric"]),
@@ -67,11 +69,12 @@ ROWS = {
 MINING = {"percpos": ["--range-min", "0", "--range-max", "30", "--margin", "off", "--max-score", "off",
                       "--relative-margin", "0.05", "--num-negatives", "7", "--sampling", "top"]}
 MINED_ROWS = {"qtune-hn1-percpos": "percpos", "qtune-hn3-percpos": "percpos", "st-hn1-1e-4": "percpos",
-              "qtune-round2-hn1": "percpos", "qtune-round2-hn1-200": "percpos", "qtune-round2b-hn1-200": "percpos"}
+              "qtune-round2-hn1": "percpos", "qtune-round2-hn1-200": "percpos", "qtune-round2b-hn1-200": "percpos",
+              "st-round2-hn1-200": "percpos"}
 # Rows whose negatives the TUNED model mines (a second round): the row whose best/ (same seed) mines them
 # (`qtune-min-100` spells out the defaults, so its runs are the default model's).
 MINED_BY = {"qtune-round2-hn1": "qtune-min-100", "qtune-round2-hn1-200": "qtune-min-100",
-            "qtune-round2b-hn1-200": "qtune-min-200"}
+            "qtune-round2b-hn1-200": "qtune-min-200", "st-round2-hn1-200": "qtune-min-100"}
 
 
 def run(command: list[str], log: Path) -> tuple[float, float]:
@@ -173,7 +176,7 @@ def verdicts(summary: dict[str, dict]) -> dict[str, str]:
             continue
         peers = {r: p for r, p in summary.items() if ROWS.get(r, ("",))[0] == "st"}
         same = {r: p for r, p in peers.items()
-                if MINED_ROWS.get(r) == MINED_ROWS.get(row) and (r in MINED_BY) == (row in MINED_BY)}
+                if MINED_ROWS.get(r) == MINED_ROWS.get(row) and MINED_BY.get(r) == MINED_BY.get(row)}
         line = judge(row, s, same, "the peer's best mean on the same training file")
         if line:
             out[row] = line
