@@ -12,9 +12,9 @@ next call one of several requests, and waiting resumes:
   bigger than a call joins the line again when a call that held some of its rows ends, behind the
   requests that arrived during it (a request the end of a call merely cut keeps its place: its
   rest heads the next call). A small request that arrives during a big one goes into the next
-  call instead of waiting for all of the big one's rows, and a request split over calls never waits behind
-  requests that arrived after its last call (under a steady stream of new requests it would
-  otherwise wait for a lull);
+  call instead of waiting for all of the big one's rows, and a request split over calls never
+  waits behind requests that arrived after its last call (under a steady stream of new requests
+  it would otherwise wait for a lull);
 - padding: a call's longest row is the longest waiting row of the requests served least so far;
   the call takes rows no longer than that, at most `max_batch_tokens` padded tokens (rows x longest row), and leaves rows
   shorter than half its longest for a later call when that saves at least `min_split_saving`
@@ -24,8 +24,8 @@ next call one of several requests, and waiting resumes:
   tokens, so no request's short rows wait a call longer than its long ones;
 - abandonment: a request whose caller went away (its future cancelled) is dropped from the pool,
   its rows not yet computed never are;
-- call time: with `target_call_ms`, a call holds at most the padded tokens the model computes in
-  that time, at the speed measured on its earlier calls (the first call holds at most
+- call time: with `target_call_ms`, a call holds at most the tokens (as `max_batch_tokens` counts
+  them) the model computes in that time, at the speed measured on its earlier calls (the first call holds at most
   `FIRST_CALL_TOKENS`): one big request is many short calls, and the model thread, which every
   model shares, is never held for long by one of them.
 
@@ -50,10 +50,10 @@ Runner = Callable[[list[dict]], np.ndarray]  # unpadded features -> (rows, width
 # A model call costs about as much as this many padded tokens whatever its size (kernel launches,
 # pooling, copies): splitting rows into two calls to save less padding than that is not worth it.
 MIN_SPLIT_SAVING = 256
-# Before a model's speed is measured its first call holds at most this many padded tokens: small on
+# Before a model's speed is measured its first call holds at most this many tokens: small on
 # any machine, and enough for most requests. Later calls are sized from the measured speed.
 FIRST_CALL_TOKENS = 2048
-# Calls are never sized below this many padded tokens: a call costs about MIN_SPLIT_SAVING tokens
+# Calls are never sized below this many tokens: a call costs about MIN_SPLIT_SAVING tokens
 # whatever its size, and a small call timed while the machine was busy elsewhere would otherwise
 # shrink the next ones.
 MIN_CALL_TOKENS = 256
@@ -185,7 +185,7 @@ class MicroBatcher:
 
     @property
     def call_tokens(self) -> int:
-        """The most padded tokens of the next model call."""
+        """The most tokens of the next model call (as `_cost` counts them)."""
         if self.target_call_s is None:
             return self.max_batch_tokens
         if self.seconds_per_token is None:
