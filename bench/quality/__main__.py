@@ -42,6 +42,8 @@ ROWS = {
     "qtune-min-100": ("qtune", ["--min-steps", "100"]),  # small data: more epochs up to 100 steps, best/ by dev
     "qtune-min-200": ("qtune", ["--min-steps", "200"]),  # twice the default's steps, best/ by dev
     "qtune-avg-0.5": ("qtune", ["--average-from", "0.5"]),  # the weights averaged over the second half
+    # a larger in-batch: 128 query groups a step (fits without GradCache here), 100 steps = the examples of 200 x 64
+    "qtune-batch128-100": ("qtune", ["--batch-size", "128", "--min-steps", "100"]),
     "st-1e-4-100-steps": ("st", {"lr": 1e-4, "max_steps": 100}),  # the peer given the same 100 steps
     "st-1e-4-200-steps": ("st", {"lr": 1e-4, "max_steps": 200}),
     "qtune-hn1-percpos": ("qtune", ["--hard-negatives", "1"]),
@@ -51,6 +53,11 @@ ROWS = {
     "qtune-round2-hn1-200": ("qtune", ["--hard-negatives", "1", "--min-steps", "200"]),  # the same, 200 steps
     # the same, its negatives mined by the 200-step model (`qtune-min-200`'s best/)
     "qtune-round2b-hn1-200": ("qtune", ["--hard-negatives", "1", "--min-steps", "200"]),
+    # distillation: 3 negatives a query with a cross-encoder teacher's scores (TEACHER below), KL + InfoNCE;
+    # the teacher's scores are probabilities (0..1): divided by 0.05, the student's InfoNCE temperature,
+    # its softmax is as sharp as the student's
+    "qtune-distill-hn3": ("qtune", ["--hard-negatives", "3", "--distill", "--distill-temperature", "0.05",
+                                    "--min-steps", "100"]),
     "st-hn1-1e-4": ("st", {"lr": 1e-4, "negatives": 1}),
     # the peer given qtune-round2-hn1-200's training file (the tuned model's negatives) and steps
     "st-round2-hn1-200": ("st", {"lr": 1e-4, "negatives": 1, "max_steps": 200}),
@@ -67,10 +74,17 @@ ROWS = {
 # "percpos": NV-Retriever's TopK-PercPos, the top 30 candidates less any scoring above 95% of the
 # query's positive, no absolute margin or score cap.
 MINING = {"percpos": ["--range-min", "0", "--range-max", "30", "--margin", "off", "--max-score", "off",
-                      "--relative-margin", "0.05", "--num-negatives", "7", "--sampling", "top"]}
+                      "--relative-margin", "0.05", "--num-negatives", "7", "--sampling", "top"],
+          # the base model's top 10 rescored by the teacher, the same rule on the teacher's scores
+          "distill": ["--range-min", "0", "--range-max", "10", "--margin", "off", "--max-score", "off",
+                      "--relative-margin", "0.05", "--num-negatives", "3", "--sampling", "top"]}
+# The distillation teacher: the base model with a scoring head, fully tuned as a cross-encoder on the
+# base model's TopK-PercPos groups (a positive and 3 negatives, listwise, one epoch); trained once per
+# work folder (seed 42) and shared by every seed of the distilled rows.
+TEACHER = ["--full", "--lr", "5e-5", "--group-size", "4", "--batch-size", "16", "--seed", "42"]
 MINED_ROWS = {"qtune-hn1-percpos": "percpos", "qtune-hn3-percpos": "percpos", "st-hn1-1e-4": "percpos",
               "qtune-round2-hn1": "percpos", "qtune-round2-hn1-200": "percpos", "qtune-round2b-hn1-200": "percpos",
-              "st-round2-hn1-200": "percpos"}
+              "st-round2-hn1-200": "percpos", "qtune-distill-hn3": "distill"}
 # Rows whose negatives the TUNED model mines (a second round): the row whose best/ (same seed) mines them
 # (`qtune-min-100` spells out the defaults, so its runs are the default model's).
 MINED_BY = {"qtune-round2-hn1": "qtune-min-100", "qtune-round2-hn1-200": "qtune-min-100",
@@ -93,11 +107,30 @@ def mined_file(recipe: str, args, model: str, log: Path, by: str = "") -> str:
     names it in the file name when it is a tuned model rather than the base)."""
     path = Path(args.work) / f"train.mined-{recipe}{'-by-' + by if by else ''}.jsonl"
     if not path.exists():
+        rescore = []
+        if recipe == "distill":
+            rescore = ["--rescore-with", teacher(args, model, log)]
         print(f"mining negatives ({recipe}) ...", flush=True)
         corpus = str(Path(args.test) / "corpus.jsonl")
         run(qtune_command("mine", "--model", model, "--queries", args.train, "--corpus", corpus, "--output", str(path),
-                      "--device", args.device, *MINING[recipe]), log)
+                      "--device", args.device, *MINING[recipe], *rescore), log)
     return str(path)
+
+
+def teacher(args, model: str, log: Path) -> str:
+    """The distillation teacher's best/ (trained on first use, see TEACHER), and its reranking of the
+    base model's top 10 on the test folder in `teacher-eval/` (what the student learns from)."""
+    folder = Path(args.work) / "teacher"
+    if not (folder / "best").is_dir():
+        print("training the distillation teacher ...", flush=True)
+        groups = mined_file("percpos", args, model, log)
+        wall, peak = run(qtune_command("train", "reranker", "--model", model, "--train", groups, "--output", str(folder),
+                                       "--max-length", str(args.max_length), "--report-to", "none",
+                                       "--device", args.device, *TEACHER), log)
+        (folder / "bench.json").write_text(json.dumps({"train_wall_seconds": wall, "train_peak_rss_gb": peak}))
+        run(qtune_command("eval", "rerank", "--model", str(folder / "best"), "--retriever", model, "--data", args.test,
+                          "--top-k", "10", "--output", str(folder / "teacher-eval"), "--device", args.device), log)
+    return str(folder / "best")
 
 
 def train_row(row: str, seed: int, args, model: str, folder: Path, log: Path) -> dict:
