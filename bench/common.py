@@ -177,7 +177,8 @@ def summary(lengths: list[int]) -> dict:
 
 def environment() -> dict:
     """Where a result came from: the commit (and whether the tree had uncommitted changes), the
-    machine, torch's thread count, the load average at the start and the libraries' versions."""
+    machine and its CPU model, torch's thread count, the load average at the start and the libraries'
+    versions."""
     import importlib.metadata
     import os
     import subprocess
@@ -196,9 +197,24 @@ def environment() -> dict:
     return {"commit": git("rev-parse", "HEAD") or None,
             "uncommitted_changes": bool(git("status", "--porcelain", "--untracked-files=no")),
             "machine": platform.platform(), "processor": platform.processor() or platform.machine(),
+            "cpu_model": cpu_model(),
             "cpus": os.cpu_count(), "threads": torch.get_num_threads(),
             "load_average_at_start": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
             "versions": versions}
+
+
+def cpu_model() -> str | None:
+    """The CPU's model name as Linux reports it (/proc/cpuinfo), None elsewhere: the same benchmark
+    on two machines of one kind can differ by their CPUs."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() in ("model name", "Model"):
+                    return value.strip()
+    except OSError:
+        pass
+    return None
 
 
 def timed_command(command: list[str], log, ok_codes: tuple[int, ...] = (0,)) -> tuple[float, float]:

@@ -230,3 +230,17 @@ def test_quality_verdicts_count_a_gain_only_above_the_seed_spread():
     assert found["qtune-round2-hn1 vs in-batch"].startswith("better than st-1e-4 (the peer's best mean on the user's "
                                                             "file, in-batch negatives): +0.0240")
     assert not [k for k in found if k.startswith("st-")]
+
+
+def test_results_name_the_cpu_model_they_ran_on(tmp_path, monkeypatch):
+    """Two machines of one kind can carry different CPUs: every result records the model name."""
+    common = importlib.import_module("bench.common")
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\nmodel name\t: AMD EPYC 9B14\nflags\t\t: fpu\n")
+    real_open = open
+    monkeypatch.setattr("builtins.open", lambda path, *a, **k: real_open(cpuinfo if path == "/proc/cpuinfo" else path,
+                                                                         *a, **k))
+    assert common.cpu_model() == "AMD EPYC 9B14"
+    assert common.environment()["cpu_model"] == "AMD EPYC 9B14"
+    cpuinfo.write_text("processor\t: 0\n")  # no model line (some ARM kernels): None, not an error
+    assert common.cpu_model() is None
