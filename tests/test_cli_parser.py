@@ -88,3 +88,16 @@ def test_a_required_flag_is_met_by_its_underscore_spelling_and_missed_by_name():
     with pytest.raises(SystemExit):
         parser.parse_args([])
     assert "--input_file" not in parser.format_help() and "--input-file INPUT_FILE" in parser.format_help()
+
+
+@pytest.mark.parametrize("task, extra, min_steps", [
+    ("embedding", ["--train", "g.jsonl"], 200),  # the measured embedding recipe: at least 200 optimizer steps
+    ("pair-cls", ["--train", "t.csv"], 0),  # other tasks train exactly --epochs
+])
+def test_embeddings_train_at_least_200_steps_by_default(capsys, monkeypatch, task, extra, min_steps):
+    seen = {}
+    monkeypatch.setattr("qtune.api.train", lambda task, config: seen.setdefault("config", config) and {
+        "best_metric": "ndcg@10", "best": {}})
+    code, out, err = run(capsys, "train", task, "--model", "m", "--output", "o", *extra)
+    assert code == 0, err
+    assert seen["config"].min_steps == min_steps
