@@ -34,7 +34,7 @@ ROWS = {
     "st-1e-4": ("st", {"lr": 1e-4}),
     "st-2e-4": ("st", {"lr": 2e-4}),
     "st-cached-1e-4": ("st", {"lr": 1e-4, "cached": 32}),
-    "qtune": ("qtune", []),  # the defaults (at least 100 optimizer steps since --min-steps 100)
+    "qtune": ("qtune", []),  # today's defaults (at least 200 optimizer steps since --min-steps 200)
     "qtune-1-epoch": ("qtune", ["--min-steps", "0"]),  # exactly --epochs: the defaults before --min-steps
     "qtune-no-dev": ("qtune", ["--dev-fraction", "0"]),
     "qtune-lr2e-4": ("qtune", ["--lr", "2e-4"]),
@@ -86,7 +86,7 @@ MINED_ROWS = {"qtune-hn1-percpos": "percpos", "qtune-hn3-percpos": "percpos", "s
               "qtune-round2-hn1": "percpos", "qtune-round2-hn1-200": "percpos", "qtune-round2b-hn1-200": "percpos",
               "st-round2-hn1-200": "percpos", "qtune-distill-hn3": "distill"}
 # Rows whose negatives the TUNED model mines (a second round): the row whose best/ (same seed) mines them
-# (`qtune-min-100` spells out the defaults, so its runs are the default model's).
+# (`qtune-min-100` spells out the 100-step defaults the second rounds were measured with).
 MINED_BY = {"qtune-round2-hn1": "qtune-min-100", "qtune-round2-hn1-200": "qtune-min-100",
             "qtune-round2b-hn1-200": "qtune-min-200", "st-round2-hn1-200": "qtune-min-100"}
 
