@@ -58,6 +58,8 @@ ROWS = {
     # its softmax is as sharp as the student's
     "qtune-distill-hn3": ("qtune", ["--hard-negatives", "3", "--distill", "--distill-temperature", "0.05",
                                     "--min-steps", "100"]),
+    # its control: the same file and steps without the KL term
+    "qtune-hn3-distill-file": ("qtune", ["--hard-negatives", "3", "--min-steps", "100"]),
     "st-hn1-1e-4": ("st", {"lr": 1e-4, "negatives": 1}),
     # the peer given qtune-round2-hn1-200's training file (the tuned model's negatives) and steps
     "st-round2-hn1-200": ("st", {"lr": 1e-4, "negatives": 1, "max_steps": 200}),
@@ -84,7 +86,8 @@ MINING = {"percpos": ["--range-min", "0", "--range-max", "30", "--margin", "off"
 TEACHER = ["--full", "--lr", "5e-5", "--group-size", "4", "--batch-size", "16", "--seed", "42"]
 MINED_ROWS = {"qtune-hn1-percpos": "percpos", "qtune-hn3-percpos": "percpos", "st-hn1-1e-4": "percpos",
               "qtune-round2-hn1": "percpos", "qtune-round2-hn1-200": "percpos", "qtune-round2b-hn1-200": "percpos",
-              "st-round2-hn1-200": "percpos", "qtune-distill-hn3": "distill"}
+              "st-round2-hn1-200": "percpos", "qtune-distill-hn3": "distill",
+              "qtune-hn3-distill-file": "distill"}
 # Rows whose negatives the TUNED model mines (a second round): the row whose best/ (same seed) mines them
 # (`qtune-min-100` spells out the 100-step defaults the second rounds were measured with).
 MINED_BY = {"qtune-round2-hn1": "qtune-min-100", "qtune-round2-hn1-200": "qtune-min-100",
