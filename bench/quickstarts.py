@@ -49,7 +49,7 @@ LOCAL_ROOTS = ("runs", "data", "models", "reports")
 QUICK_FLAGS = {
     ("train", "pair-cls"): ["--epochs", "0.01"],
     ("train", "classify"): ["--epochs", "0.5"],
-    ("train", "embedding"): ["--epochs", "0.02"],
+    ("train", "embedding"): ["--epochs", "0.02", "--min-steps", "0"],  # else at least 200 steps
     ("train", "reranker"): ["--epochs", "0.01"],
     ("train", "extract"): ["--epochs", "0.02", "--max-new-tokens", "8"],
     ("eval", "extract"): ["--max-new-tokens", "8"],

@@ -44,7 +44,7 @@ def _groups_jsonl(path, long_rows: int, rows: int = 10, negatives: int = 1):
 TASKS = {
     "pair-cls": (_pairs_csv, "data.csv", "pairs", 10, 8, []),
     "classify": (_texts_csv, "data.csv", "texts", 10, 8, []),
-    "embedding": (_groups_jsonl, "data.jsonl", "texts", 30, 8, ["--hard-negatives", "1"]),
+    "embedding": (_groups_jsonl, "data.jsonl", "texts", 30, 8, ["--hard-negatives", "1", "--min-steps", "0"]),
     "reranker": (_groups_jsonl, "data.jsonl", "pairs", 20, 16, ["--group-size", "2"]),
 }
 

@@ -94,7 +94,7 @@ def unchanged_run(tmp_path_factory, tiny_bert_dir):
     data = _groups(folder / "groups.jsonl")
     code = main(["train", "embedding", "--model", tiny_bert_dir, "--train", str(data), "--output",
                  str(folder / "run"), "--batch-size", "16", "--max-length", "16", "--device", "cpu", "--report-to",
-                 "none", "--no-full", "--lr", "1e-12", "--epochs", "1", "--fail-on-regression"])
+                 "none", "--no-full", "--lr", "1e-12", "--epochs", "1", "--min-steps", "0", "--fail-on-regression"])
     return folder, code
 
 
