@@ -126,7 +126,8 @@ def main() -> None:
         if not done.exists():
             seconds[f"train {row}"], peak_gb[row] = qtune(
                 "train", "embedding", "--model", model, "--train", str(train[kind]), "--output", str(run),
-                "--batch-size", str(args.batch_size), "--epochs", "1", "--device", args.device, *flags, log=log)
+                "--batch-size", str(args.batch_size), "--epochs", "1", "--min-steps", "0",  # its rows: one epoch
+                "--device", args.device, *flags, log=log)
             seconds[f"eval {row}"] = qtune("eval", "retrieval", "--model", str(run / "best"), "--data",
                                            str(split / "test"), "--output", str(run / "eval"), "--device",
                                            args.device, log=log)[0]
