@@ -40,7 +40,7 @@ ROWS = {
     "qtune-lr2e-4": ("qtune", ["--lr", "2e-4"]),
     "qtune-3-epochs": ("qtune", ["--epochs", "3"]),  # best/ by the dev split among the 3 epochs
     "qtune-min-100": ("qtune", ["--min-steps", "100"]),  # small data: more epochs up to 100 steps, best/ by dev
-    "qtune-min-200": ("qtune", ["--min-steps", "200"]),  # twice the default's steps, best/ by dev
+    "qtune-min-200": ("qtune", ["--min-steps", "200"]),  # the defaults since --min-steps 200, spelled out
     "qtune-avg-0.5": ("qtune", ["--average-from", "0.5"]),  # the weights averaged over the second half
     # a larger in-batch: 128 query groups a step (fits without GradCache here), 100 steps = the examples of 200 x 64
     "qtune-batch128-100": ("qtune", ["--batch-size", "128", "--min-steps", "100"]),
@@ -121,8 +121,9 @@ def mined_file(recipe: str, args, model: str, log: Path, by: str = "") -> str:
 
 
 def teacher(args, model: str, log: Path) -> str:
-    """The distillation teacher's best/ (trained on first use, see TEACHER), and its reranking of the
-    base model's top 10 on the test folder in `teacher-eval/` (what the student learns from)."""
+    """The distillation teacher's best/ (trained on first use, see TEACHER). Its reranking of the
+    base model's top 10 on the test folder goes to `teacher-eval/`, for the report only: the student
+    learns from its scores of the training questions, and nothing is chosen on the test folder."""
     folder = Path(args.work) / "teacher"
     if not (folder / "best").is_dir():
         print("training the distillation teacher ...", flush=True)
